@@ -345,8 +345,18 @@ def from_wire(error: Mapping[str, Any]) -> FerryError:
     if not isinstance(details, Mapping):
         details = {}
     cls = _REGISTRY.get(code) if isinstance(code, str) else None
+    # Details are merged after construction: a peer's detail named
+    # "message" or "self" must not collide with the constructor's arguments.
+    exc = (cls or FerryError)(message)
+    exc.details.update({str(k): v for k, v in details.items()})
     if cls is None:
-        exc = FerryError(message, **{str(k): v for k, v in details.items()})
         exc.details.setdefault("remote_code", code)
-        return exc
-    return cls(message, **{str(k): v for k, v in details.items()})
+    return exc
+
+class StateFileError(FerryError):
+    """A state file on disk (domain status, job record) is unreadable or corrupt."""
+
+    code = "state-file"
+
+
+__all__ += ["StateFileError"]

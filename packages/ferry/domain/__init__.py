@@ -1,1 +1,134 @@
-"""Ferry."""
+"""Domain XML: parse, validate, format, check ABI stability, build the qemu argv.
+
+Ferry reads a subset of libvirt's domain XML, with libvirt's names. The
+rule is simple: what Ferry reads it models, formats back and (where it has a
+meaning for qemu) turns into argv; what it does not read it refuses with
+:class:`~ferry.errors.XMLUnsupported` naming the element path and source
+line (``domain/devices/hostdev``). Nothing is silently dropped, with the few
+exceptions listed under "accepted and ignored".
+
+Modelled (parsed, formatted, compared, and used in the argv)
+    ``<domain type='kvm|qemu'>``, name, uuid, title, description;
+    ``<metadata>`` (kept verbatim, opaque); memory and currentMemory with
+    units (b, k/KiB, KB, M/MiB, MB, G/GiB, ... default KiB); ``<memoryBacking>``
+    with only ``<allocation mode='immediate|ondemand' threads=N/>``; vcpu
+    (placement, cpuset); ``<os>`` type hvm with arch x86_64/i686 and machine
+    pc/q35/pc-i440fx-*/pc-q35-*, kernel, initrd, cmdline, boot dev
+    (hd/cdrom/network), bootmenu; ``<cpu>`` modes custom/host-model/
+    host-passthrough/maximum with model, features, topology, migratable;
+    ``<features>`` acpi, apic (eoi), pae; ``<clock>`` offset utc/localtime and
+    timers rtc/pit/hpet/kvmclock; on_poweroff/on_reboot/on_crash; ``<pm>``.
+    Devices: emulator; disk (file/block, disk/cdrom, driver qemu raw/qcow2
+    with cache, io, discard, error_policy, rerror_policy, event_idx; target
+    on virtio/ide/scsi/sata/usb; readonly; shareable; address); controller
+    (usb, ide, sata, scsi, virtio-serial, pci-root/pcie-root); interface
+    (user, bridge, network; mac, model, mtu, tune/sndbuf, address); graphics
+    vnc and spice (port, autoport, tlsPort, websocket, listen attribute and
+    ``<listen type='address'>``, keymap, sharePolicy, defaultMode, spice
+    channel/image/jpeg/zlib/playback/streaming/clipboard/filetransfer/mouse);
+    video (vga, cirrus, qxl, virtio, bochs, none; only with graphics); serial
+    and console (pty, file, unix bind/connect, null; isa-serial, virtio
+    console); channel (pty/unix/file/null, virtio target name); input
+    (mouse/keyboard/tablet on ps2/usb/virtio); audio (id, type);
+    memballoon (virtio/none); rng (virtio, backend random or builtin, rate).
+
+Defaults filled in on parse, the way libvirt does on define (so the
+formatted XML is explicit and round-trips): a random UUID; random
+52:54:00 MACs; currentMemory = memory; machine pc and arch x86_64; boot from
+hd when there is neither kernel nor boot device; clock offset utc;
+lifecycle destroy/restart/destroy; disk bus from the target name
+(hd→ide, sd→scsi, vd→virtio); cdroms are read-only; serial ports numbered
+in order; console target serial; unix channels bind; a virtio memballoon
+when none is given; a vga video device when graphics have none.
+
+Accepted and ignored
+    ``<domain id=…>`` (libvirt's runtime id); the ``<source path>`` of a pty
+    chardev (libvirt's live XML shows the allocated /dev/pts/N); XML
+    comments and processing instructions outside ``<metadata>``.
+
+Modelled but not in the argv (see :mod:`ferry.domain.argv`): emulator,
+audio, vcpu cpuset/placement, sndbuf, ps2 inputs and built-in
+controllers; interface type 'network' is refused at argv time (Ferry has
+no virtual networks).
+
+Refused (``XMLUnsupported``, with element path and line): every element
+and attribute not listed above, e.g. hostdev, filesystem, tpm, sound,
+watchdog, redirdev, smartcard, hub, panic, shmem, iommu, vsock, numatune,
+hugepages and any other memoryBacking child, iothreads, cputune, memtune,
+blkiotune, seclabel, resource, sysinfo, launchSecurity, os loader/nvram/
+shim/dtb, disk type network/volume/dir/nvme, floppy and lun devices,
+per-device ``<boot order>``, ``<alias>``, disk serial/wwn/iotune,
+interface types other than user/bridge/network, chardev types other than
+pty/file/unix/null, channel targets other than virtio, video without
+graphics, PCI addresses off the root bus, and any namespaced element
+outside ``<metadata>`` (such as ``qemu:commandline``).
+
+Hostile input: DOCTYPE and ENTITY declarations are refused outright, the
+document is limited to :data:`~ferry.domain.parse.MAX_XML_BYTES`, lxml runs
+without entity resolution, network or DTD loading; every host path (kernel,
+initrd, disk sources, chardev paths, emulator) must be absolute,
+normalised, free of control characters and outside /proc, /sys and /dev
+(block disks may be under /dev). Only :class:`~ferry.errors.XMLError` and
+its subclasses escape :func:`parse_domain`.
+"""
+
+from ferry.domain.abi import check_abi_stability
+from ferry.domain.argv import GraphicsPorts, RuntimePaths, kvm_usable, qemu_disk_ids, to_qemu_argv
+from ferry.domain.format import format_domain
+from ferry.domain.model import (
+    OS,
+    PM,
+    Address,
+    Audio,
+    CharDev,
+    Clock,
+    Controller,
+    Cpu,
+    CpuFeature,
+    CpuTopology,
+    Disk,
+    Domain,
+    Features,
+    Graphics,
+    GraphicsOption,
+    Input,
+    Interface,
+    Memballoon,
+    Rng,
+    Timer,
+    Video,
+)
+from ferry.domain.parse import MAX_XML_BYTES, parse_domain
+
+__all__ = [
+    "MAX_XML_BYTES",
+    "OS",
+    "PM",
+    "Address",
+    "Audio",
+    "CharDev",
+    "Clock",
+    "Controller",
+    "Cpu",
+    "CpuFeature",
+    "CpuTopology",
+    "Disk",
+    "Domain",
+    "Features",
+    "Graphics",
+    "GraphicsOption",
+    "GraphicsPorts",
+    "Input",
+    "Interface",
+    "Memballoon",
+    "Rng",
+    "RuntimePaths",
+    "Timer",
+    "Video",
+    "check_abi_stability",
+    "format_domain",
+    "kvm_usable",
+    "parse_domain",
+    "qemu_disk_ids",
+    "to_qemu_argv",
+]

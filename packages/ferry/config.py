@@ -1,0 +1,423 @@
+"""Agent configuration: one TOML file, loaded once into frozen dataclasses.
+
+Every path comes from here so that two "hosts" (network namespaces) can run
+on one machine, each with its own state directories.  Unknown keys are an
+error rather than silently ignored: a typo in a security setting must not
+leave it at its default unnoticed.
+
+Example::
+
+    [host]
+    uuid = "0b1c…"            # required: this host's identity in cookies
+    name = "hv-a"             # label in logs and the journal
+
+    [paths]
+    state_dir = "/var/lib/ferry"
+    run_dir = "/run/ferry"
+    lockspace_dir = "/var/lib/ferry/lockspace"   # shared by all hosts (NFS)
+
+    [admin]
+    group = "ferry"           # members may use the admin sockets
+
+    [source]
+    admin_socket = "/run/ferry/source.sock"
+
+    [destination]
+    admin_socket = "/run/ferry/destination.sock"
+    listen = "0.0.0.0:49160"
+    migration_address = "192.0.2.10"
+    migration_ports = [49200, 49299]
+
+    [tls]
+    ca = "/etc/ferry/pki/ca.pem"
+    cert = "/etc/ferry/pki/host.pem"
+    key = "/etc/ferry/pki/host-key.pem"
+
+    [[acl]]
+    groups = ["ferry"]
+    ops = ["*"]
+    domains = ["*"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import ConfigError
+
+__all__ = [
+    "ACLRule",
+    "AgentConfig",
+    "DestinationConfig",
+    "HostConfig",
+    "PathsConfig",
+    "QemuConfig",
+    "TLSConfig",
+    "TestingConfig",
+    "load_config",
+    "parse_config",
+    "parse_hostport",
+]
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """This host's identity."""
+
+    uuid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where state lives; see DESIGN.md, "State on disk"."""
+
+    state_dir: Path = Path("/var/lib/ferry")
+    run_dir: Path = Path("/run/ferry")
+    lockspace_dir: Path = Path("/var/lib/ferry/lockspace")
+
+    @property
+    def domains_dir(self) -> Path:
+        """Persistent domain definitions."""
+        return self.state_dir / "domains"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Snapshot metadata, one folder per domain."""
+        return self.state_dir / "snapshots"
+
+    @property
+    def status_dir(self) -> Path:
+        """Live status files of running domains."""
+        return self.run_dir / "domains"
+
+    @property
+    def locks_dir(self) -> Path:
+        """Per-domain job lock files shared by both agents of the host."""
+        return self.run_dir / "locks"
+
+    @property
+    def qmp_dir(self) -> Path:
+        """QMP sockets of the domains' qemu processes."""
+        return self.run_dir / "qmp"
+
+    @property
+    def serial_dir(self) -> Path:
+        """Default directory for serial/console unix sockets."""
+        return self.run_dir / "serial"
+
+    @property
+    def log_dir(self) -> Path:
+        """qemu's own log files."""
+        return self.run_dir / "log"
+
+    def all_dirs(self) -> list[Path]:
+        """Every directory an agent creates at start."""
+        return [
+            self.domains_dir,
+            self.snapshots_dir,
+            self.status_dir,
+            self.locks_dir,
+            self.qmp_dir,
+            self.serial_dir,
+            self.log_dir,
+            self.lockspace_dir,
+        ]
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Mutual TLS between agents: our CA, certificate and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    allow_plaintext_tunnel: bool = False
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """ferry-destination's listeners and incoming-migration settings."""
+
+    admin_socket: Path = Path("/run/ferry/destination.sock")
+    listen: tuple[str, int] = ("0.0.0.0", 49160)
+    migration_address: str = "0.0.0.0"
+    migration_ports: tuple[int, int] = (49200, 49299)
+    incoming_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """How qemu is run on this host."""
+
+    binary: str = "qemu-system-x86_64"
+    launch_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ACLRule:
+    """One access rule: these subjects may run these ops on these domains.
+
+    Subjects are local users and groups (admin socket callers, by peer
+    credentials) and peer agents (by their certificate's common name).
+    Patterns are shell-style (``fnmatch``).
+    """
+
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ("*",)
+    domains: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class TestingConfig:
+    """Fault injection used only by the test suite; all off by default."""
+
+    fail_cpu_start: bool = False
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole validated configuration of one host's agents."""
+
+    host: HostConfig
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    admin_group: str | None = "ferry"
+    source_admin_socket: Path = Path("/run/ferry/source.sock")
+    destination: DestinationConfig = field(default_factory=DestinationConfig)
+    tls: TLSConfig | None = None
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+    acl: tuple[ACLRule, ...] = ()
+    migrate_hook: Path | None = None
+    max_frame: int = 1 << 20
+    testing: TestingConfig = field(default_factory=TestingConfig)
+    source_path: Path | None = None
+
+
+def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) and check both parts.
+
+    Raises:
+        ConfigError: naming ``what`` when the value is malformed.
+    """
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{what}: port {port_text!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{what}: port {port} out of range 1..65535")
+    return host, port
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"[{where}] must be a table")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        # bool is an int subclass; a port given as `true` is a mistake.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise ConfigError(f"[{self.where}] {key}: wrong type bool")
+        if not isinstance(value, kind):
+            raise ConfigError(f"[{self.where}] {key}: wrong type {type(value).__name__}")
+        return value
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        text = self.get(key, str)
+        if text is None:
+            return default
+        path = Path(text)
+        if not path.is_absolute():
+            raise ConfigError(f"[{self.where}] {key}: path {text!r} must be absolute")
+        return path
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"[{self.where}] unknown key(s): {', '.join(unknown)}")
+
+
+def _str_tuple(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = section.get(key, list)
+    if value is None:
+        return default
+    if not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"[{section.where}] {key}: every item must be a string")
+    return tuple(value)
+
+
+def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) -> AgentConfig:
+    """Validate a decoded TOML document into an :class:`AgentConfig`.
+
+    Raises:
+        ConfigError: naming the table and key of the first problem.
+    """
+    top = _Section(data, "top level")
+    host_s = _Section(top.get("host", dict, {}), "host")
+    host_uuid = host_s.get("uuid", str)
+    if host_uuid is None:
+        raise ConfigError("[host] uuid is required")
+    try:
+        host_uuid = str(uuidlib.UUID(host_uuid))
+    except ValueError:
+        raise ConfigError(f"[host] uuid: {host_uuid!r} is not a UUID") from None
+    host = HostConfig(uuid=host_uuid, name=host_s.get("name", str, socket.gethostname()))
+    host_s.finish()
+
+    paths_s = _Section(top.get("paths", dict, {}), "paths")
+    defaults = PathsConfig()
+    state_dir = paths_s.path("state_dir", defaults.state_dir)
+    run_dir = paths_s.path("run_dir", defaults.run_dir)
+    assert state_dir is not None and run_dir is not None
+    lockspace = paths_s.path("lockspace_dir", state_dir / "lockspace")
+    assert lockspace is not None
+    paths = PathsConfig(state_dir=state_dir, run_dir=run_dir, lockspace_dir=lockspace)
+    paths_s.finish()
+
+    admin_s = _Section(top.get("admin", dict, {}), "admin")
+    admin_group = admin_s.get("group", str, "ferry")
+    admin_s.finish()
+
+    source_s = _Section(top.get("source", dict, {}), "source")
+    source_sock = source_s.path("admin_socket", run_dir / "source.sock")
+    assert source_sock is not None
+    source_s.finish()
+
+    dest_s = _Section(top.get("destination", dict, {}), "destination")
+    dest_sock = dest_s.path("admin_socket", run_dir / "destination.sock")
+    assert dest_sock is not None
+    listen = parse_hostport(dest_s.get("listen", str, "0.0.0.0:49160"), what="[destination] listen")
+    mig_addr = dest_s.get("migration_address", str, listen[0])
+    try:
+        ipaddress.ip_address(mig_addr)
+    except ValueError:
+        raise ConfigError(
+            f"[destination] migration_address: {mig_addr!r} is not an IP address"
+        ) from None
+    ports = dest_s.get("migration_ports", list, [49200, 49299])
+    if (
+        len(ports) != 2
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in ports)
+        or not 0 < ports[0] <= ports[1] < 65536
+    ):
+        raise ConfigError("[destination] migration_ports: expected [FIRST, LAST] within 1..65535")
+    incoming_timeout = float(dest_s.get("incoming_timeout_s", (int, float), 300.0))
+    if incoming_timeout <= 0:
+        raise ConfigError("[destination] incoming_timeout_s must be > 0")
+    destination = DestinationConfig(
+        admin_socket=dest_sock,
+        listen=listen,
+        migration_address=mig_addr,
+        migration_ports=(ports[0], ports[1]),
+        incoming_timeout_s=incoming_timeout,
+    )
+    dest_s.finish()
+
+    tls: TLSConfig | None = None
+    if "tls" in data:
+        tls_s = _Section(top.get("tls", dict), "tls")
+        files = {k: tls_s.path(k) for k in ("ca", "cert", "key")}
+        missing = [k for k, v in files.items() if v is None]
+        if missing:
+            raise ConfigError(f"[tls] missing key(s): {', '.join(missing)}")
+        tls = TLSConfig(
+            ca=files["ca"],  # type: ignore[arg-type]
+            cert=files["cert"],  # type: ignore[arg-type]
+            key=files["key"],  # type: ignore[arg-type]
+            allow_plaintext_tunnel=bool(tls_s.get("allow_plaintext_tunnel", bool, False)),
+        )
+        tls_s.finish()
+    else:
+        top.used.add("tls")
+
+    qemu_s = _Section(top.get("qemu", dict, {}), "qemu")
+    qemu = QemuConfig(
+        binary=qemu_s.get("binary", str, "qemu-system-x86_64"),
+        launch_timeout_s=float(qemu_s.get("launch_timeout_s", (int, float), 60.0)),
+    )
+    qemu_s.finish()
+
+    rules: list[ACLRule] = []
+    acl_data = top.get("acl", list, [])
+    for index, item in enumerate(acl_data):
+        rule_s = _Section(item, f"acl.{index}")
+        rules.append(
+            ACLRule(
+                users=_str_tuple(rule_s, "users", ()),
+                groups=_str_tuple(rule_s, "groups", ()),
+                peers=_str_tuple(rule_s, "peers", ()),
+                ops=_str_tuple(rule_s, "ops", ("*",)),
+                domains=_str_tuple(rule_s, "domains", ("*",)),
+            )
+        )
+        rule_s.finish()
+
+    hooks_s = _Section(top.get("hooks", dict, {}), "hooks")
+    migrate_hook = hooks_s.path("migrate")
+    hooks_s.finish()
+
+    limits_s = _Section(top.get("limits", dict, {}), "limits")
+    max_frame = limits_s.get("max_frame", int, 1 << 20)
+    if not 4096 <= max_frame <= 64 << 20:
+        raise ConfigError("[limits] max_frame must be within 4096..67108864")
+    limits_s.finish()
+
+    testing_s = _Section(top.get("testing", dict, {}), "testing")
+    testing = TestingConfig(fail_cpu_start=bool(testing_s.get("fail_cpu_start", bool, False)))
+    testing_s.finish()
+
+    top.finish()
+    return AgentConfig(
+        host=host,
+        paths=paths,
+        admin_group=admin_group or None,
+        source_admin_socket=source_sock,
+        destination=destination,
+        tls=tls,
+        qemu=qemu,
+        acl=tuple(rules),
+        migrate_hook=migrate_hook,
+        max_frame=max_frame,
+        testing=testing,
+        source_path=source_path,
+    )
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the agent configuration file.
+
+    Raises:
+        ConfigError: when the file is missing, not TOML, or invalid.
+    """
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    return parse_config(data, source_path=path)

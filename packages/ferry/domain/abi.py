@@ -1,0 +1,198 @@
+"""Guest ABI stability: may a destination run ``new`` for a guest defined as ``old``?
+
+A migration moves a running guest's device state into a fresh qemu; that
+qemu must present exactly the same virtual hardware, or the guest sees a
+device change under its feet (and qemu usually refuses the stream). This is
+libvirt's ``virDomainDefCheckABIStability`` for Ferry's model.
+
+May differ (host side, not guest visible):
+  title, description, metadata; name only with ``allow_rename``; emulator;
+  lifecycle actions (on_poweroff/on_reboot/on_crash); vCPU placement and
+  cpuset; memory allocation (a destination may preallocate); disk type and
+  source path, format, cache, io, discard and error policies; interface type,
+  source and sndbuf; serial/console/channel host side (type, path, mode);
+  graphics listen address, port, autoport, tlsPort, websocket; audio
+  backends (there are no sound devices); rng backend.
+
+Must be equal (guest visible): virt type, UUID (always), memory and
+currentMemory, vCPU count, os type/arch/machine/kernel/initrd/cmdline/boot
+order/boot menu, CPU mode/model/match/features/topology/migratable,
+features, clock offset and timers, pm, and every device's presence, order,
+kind, model, bus, target, MAC, MTU and address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from ferry.domain.model import (
+    Address,
+    CharDev,
+    Controller,
+    Disk,
+    Domain,
+    Graphics,
+    Input,
+    Interface,
+    Rng,
+    Video,
+)
+from ferry.errors import ABIError
+
+__all__ = ["check_abi_stability"]
+
+_T = TypeVar("_T")
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Address):
+        fields = ("domain", "bus", "slot", "function", "controller", "target", "unit", "port")
+        parts = [f"{k}={getattr(value, k)}" for k in fields if getattr(value, k) is not None]
+        return f"{value.type}({', '.join(parts)})"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _same(what: str, old: object, new: object, unit: str = "") -> None:
+    if old != new:
+        suffix = f" {unit}" if unit else ""
+        raise ABIError(
+            f"{what} differs: {_show(old)}{suffix} vs {_show(new)}{suffix}",
+            field=what, old=_show(old), new=_show(new),
+        )  # fmt: skip
+
+
+def _each(
+    plural: str,
+    old: Sequence[_T],
+    new: Sequence[_T],
+    label: Callable[[int, _T], str],
+    fields: Callable[[_T], list[tuple[str, Any]]],
+) -> None:
+    if len(old) != len(new):
+        raise ABIError(
+            f"device count differs: {len(old)} {plural} vs {len(new)}",
+            field=plural, old=str(len(old)), new=str(len(new)),
+        )  # fmt: skip
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
+        name = label(i, a)
+        for (field, va), (_, vb) in zip(fields(a), fields(b), strict=True):
+            _same(f"{name} {field}", va, vb)
+
+
+def _disk_fields(d: Disk) -> list[tuple[str, Any]]:
+    return [("target dev", d.target_dev), ("target bus", d.target_bus), ("device", d.device),
+            ("readonly", d.readonly), ("shareable", d.shareable), ("event_idx", d.event_idx),
+            ("address", d.address)]  # fmt: skip
+
+
+def _controller_fields(c: Controller) -> list[tuple[str, Any]]:
+    return [("type", c.type), ("index", c.index), ("model", c.model), ("ports", c.ports),
+            ("address", c.address)]  # fmt: skip
+
+
+def _interface_fields(n: Interface) -> list[tuple[str, Any]]:
+    return [("mac", n.mac), ("model", n.model), ("mtu", n.mtu), ("address", n.address)]
+
+
+def _chardev_fields(c: CharDev) -> list[tuple[str, Any]]:
+    return [("target type", c.target_type), ("target port", c.target_port),
+            ("target name", c.target_name), ("target model", c.target_model),
+            ("address", c.address)]  # fmt: skip
+
+
+def _input_fields(i: Input) -> list[tuple[str, Any]]:
+    return [("type", i.type), ("bus", i.bus), ("address", i.address)]
+
+
+def _graphics_fields(g: Graphics) -> list[tuple[str, Any]]:
+    return [("type", g.type), ("keymap", g.keymap), ("sharePolicy", g.share_policy),
+            ("defaultMode", g.default_mode),
+            ("options", tuple(f"{o.element}{dict(o.attrs)}" for o in g.options))]  # fmt: skip
+
+
+def _video_fields(v: Video) -> list[tuple[str, Any]]:
+    return [("model", v.model), ("vram", v.vram), ("ram", v.ram), ("vgamem", v.vgamem),
+            ("heads", v.heads), ("primary", v.primary), ("address", v.address)]  # fmt: skip
+
+
+def _rng_fields(r: Rng) -> list[tuple[str, Any]]:
+    return [("model", r.model), ("rate bytes", r.rate_bytes), ("rate period", r.rate_period),
+            ("address", r.address)]  # fmt: skip
+
+
+def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False) -> None:
+    """Check that ``new`` presents the guest with the same virtual hardware as ``old``.
+
+    Used in Begin (a ``--xml`` given for the destination) and Prepare. The
+    module docstring lists what may and may not differ.
+
+    :raises ABIError: naming the first difference, e.g. ``memory differs:
+        1048576 KiB vs 2097152 KiB``, ``disk vda target bus differs: virtio
+        vs ide`` or ``device count differs: 2 disks vs 3``; details carry
+        ``field``, ``old`` and ``new``.
+    """
+    _same("domain type", old.virt_type, new.virt_type)
+    _same("uuid", old.uuid, new.uuid)
+    if not allow_rename and old.name != new.name:
+        raise ABIError(
+            f"name differs: {old.name} vs {new.name} (renaming was not requested)",
+            field="name", old=old.name, new=new.name,
+        )  # fmt: skip
+    _same("memory", old.memory_kib, new.memory_kib, "KiB")
+    _same("currentMemory", old.current_memory_kib, new.current_memory_kib, "KiB")
+    _same("vcpu count", old.vcpus, new.vcpus)
+
+    o, n = old.os, new.os
+    _same("os type", o.type, n.type)
+    _same("os arch", o.arch, n.arch)
+    _same("machine type", o.machine, n.machine)
+    _same("os kernel", o.kernel, n.kernel)
+    _same("os initrd", o.initrd, n.initrd)
+    _same("os cmdline", o.cmdline, n.cmdline)
+    _same("boot order", o.boot_devs, n.boot_devs)
+    _same("boot menu", o.bootmenu, n.bootmenu)
+    _same("boot menu timeout", o.bootmenu_timeout, n.bootmenu_timeout)
+
+    _same("cpu definition", old.cpu is not None, new.cpu is not None)
+    if old.cpu is not None and new.cpu is not None:
+        oc, nc = old.cpu, new.cpu
+        _same("cpu mode", oc.mode, nc.mode)
+        _same("cpu model", oc.model, nc.model)
+        _same("cpu match", oc.match, nc.match)
+        _same("cpu migratable", oc.migratable, nc.migratable)
+        _same("cpu topology", oc.topology, nc.topology)
+        _same("cpu features", tuple(f"{f.policy}:{f.name}" for f in oc.features),
+              tuple(f"{f.policy}:{f.name}" for f in nc.features))  # fmt: skip
+
+    of, nf = old.features, new.features
+    _same("feature acpi", of.acpi, nf.acpi)
+    _same("feature apic", of.apic, nf.apic)
+    _same("feature apic eoi", of.apic_eoi, nf.apic_eoi)
+    _same("feature pae", of.pae, nf.pae)
+    _same("clock offset", old.clock.offset, new.clock.offset)
+    _same("clock timers", old.clock.timers, new.clock.timers)
+    _same("pm suspend-to-mem", old.pm.suspend_to_mem, new.pm.suspend_to_mem)
+    _same("pm suspend-to-disk", old.pm.suspend_to_disk, new.pm.suspend_to_disk)
+
+    _each("disks", old.disks, new.disks, lambda i, d: f"disk {d.target_dev}", _disk_fields)
+    _each("controllers", old.controllers, new.controllers,
+          lambda i, c: f"{c.type} controller {c.index}", _controller_fields)  # fmt: skip
+    _each("interfaces", old.interfaces, new.interfaces,
+          lambda i, n: f"interface {i} ({n.mac})", _interface_fields)  # fmt: skip
+    _each("serials", old.serials, new.serials, lambda i, c: f"serial {i}", _chardev_fields)
+    _each("consoles", old.consoles, new.consoles, lambda i, c: f"console {i}", _chardev_fields)
+    _each("channels", old.channels, new.channels, lambda i, c: f"channel {i}", _chardev_fields)
+    _each("inputs", old.inputs, new.inputs, lambda i, x: f"input {i}", _input_fields)
+    _each("graphics", old.graphics, new.graphics, lambda i, g: f"graphics {i}",
+          _graphics_fields)  # fmt: skip
+    _each("videos", old.videos, new.videos, lambda i, v: f"video {i}", _video_fields)
+    _same("memballoon model", old.memballoon.model, new.memballoon.model)
+    _same("memballoon address", old.memballoon.address, new.memballoon.address)
+    _each("rngs", old.rngs, new.rngs, lambda i, r: f"rng {i}", _rng_fields)

@@ -1,0 +1,830 @@
+"""Build the qemu command line for a domain.
+
+The argv is a list of strings, executed directly (never through a shell).
+Every option value that qemu splits on commas has its commas doubled
+(qemu's ``,,`` escape), and values that cannot be escaped (NUL, newline)
+are refused, so nothing from the XML can add an option.
+
+Both ends of a migration build the argv from the same model with this one
+function; everything guest visible (device order, ids, PCI slots, RAM block
+name) is therefore a function of the model alone. That is why PCI slots for
+devices without an ``<address>`` are assigned here, deterministically, in
+the emission order, instead of leaving it to qemu: explicitly addressed
+devices anywhere on the command line can then never collide with an
+automatically placed one.
+
+What the argv does with the model (where it does nothing, it says so):
+
+* ``-machine TYPE,accel=kvm|tcg,usb=off,dump-guest-core=off,acpi=on|off``
+  (``acpi`` follows ``<features><acpi/>`` as in libvirt), ``hpet=off`` for
+  ``<timer name='hpet' present='no'/>``.
+* Guest RAM: ``-m MiB`` (rounded up to a whole MiB, as libvirt does on x86).
+  ``<allocation mode='immediate'/>`` adds ``-object memory-backend-ram,
+  id=pc.ram,…,prealloc=on`` and ``-machine memory-backend=pc.ram``. The id
+  must be ``pc.ram``: it names the RAM block in the migration stream, and
+  ``pc.ram`` is the name plain ``-m`` uses, so a preallocated destination
+  accepts a stream from a source that is not preallocated (checked with
+  qemu 7.2: any other id fails the migration).
+* ``-cpu``: custom → the model (qemu64 when none); host-passthrough and
+  host-model → ``host`` under KVM, ``max`` under TCG (TCG has no host CPU to
+  pass through); features as ``NAME=on|off``; ``<apic eoi>`` and
+  ``<timer name='kvmclock'>`` as ``kvm-pv-eoi``/``kvmclock`` under KVM only.
+* ``-smp N,sockets,cores,threads`` (from ``<cpu><topology>`` or N sockets).
+* ``-kernel/-initrd/-append``, ``-boot order=…,menu=…``, ``-no-reboot`` for
+  ``on_reboot=destroy``. Other lifecycle actions are the agent's job.
+* ``-rtc base=…[,driftfix=slew][,clock=…]``; pit tickpolicy as
+  ``-global kvm-pit.lost_tick_policy`` under KVM (TCG's PIT has no policy).
+* ``<pm>`` as ``-global PIIX4_PM|ICH9-LPC.disable_s3/disable_s4``.
+* QMP on ``paths.qmp_socket``, ``-daemonize -pidfile``, ``-msg
+  timestamp=on``, ``-sandbox on,obsolete=deny,resourcecontrol=deny``
+  (``spawn=deny`` and ``elevateprivileges=deny`` make qemu 7.2 die when it
+  daemonizes, so they are not used).
+* Devices in libvirt's order: controllers, disks (``-blockdev`` storage +
+  format nodes, then the front end), NICs, serials, consoles, channels,
+  inputs, graphics, videos, balloon, rng. Not in the argv: ``<emulator>``
+  (the host chooses ``qemu_binary``), ``<audio>`` (no sound devices),
+  ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
+  interface ``sndbuf`` (no tap devices), ps2 inputs and the IDE/SATA
+  controllers built into the machine, pci-root/pcie-root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
+from ferry.domain.model import Address, CharDev, Controller, Disk, Domain, Graphics, Video
+from ferry.errors import QemuLaunchError, XMLUnsupported
+
+__all__ = [
+    "SANDBOX",
+    "GraphicsPorts",
+    "RuntimePaths",
+    "kvm_usable",
+    "qemu_disk_ids",
+    "to_qemu_argv",
+]
+
+#: The seccomp policy: everything qemu 7.2 tolerates together with -daemonize.
+SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
+
+# The RAM block id of plain ``-m``: see the module docstring.
+_RAM_ID = "pc.ram"
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """Host paths of one qemu process (chosen by the agent, not by the XML).
+
+    ``run_dir`` holds sockets the XML leaves unnamed (a unix ``<channel>``
+    without a path). ``log_file``, when set, is passed as ``-D`` (qemu's
+    debug log); qemu's stderr is the launcher's to capture.
+    ``spice_tls_dir`` is the x509 directory for spice ``tlsPort``.
+    """
+
+    run_dir: Path
+    qmp_socket: Path
+    pidfile: Path
+    log_file: Path | None = None
+    spice_tls_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class GraphicsPorts:
+    """Ports the caller chose for an ``autoport`` graphics device."""
+
+    port: int
+    tls_port: int | None = None
+    websocket: int | None = None
+
+
+def _kvm_problem(dev: str = "/dev/kvm") -> str | None:
+    if not os.path.exists(dev):
+        return f"{dev} does not exist"
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return f"{dev} is not readable and writable by uid {os.getuid()}"
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot open {dev}: {exc.strerror or exc}"
+    os.close(fd)
+    return None
+
+
+def kvm_usable() -> bool:
+    """Return True if ``/dev/kvm`` exists and can be opened read-write."""
+    return _kvm_problem() is None
+
+
+def _esc(value: str) -> str:
+    """Escape a value for qemu's comma-separated option syntax."""
+    if "\0" in value or "\n" in value or "\r" in value:
+        raise QemuLaunchError(f"value {value!r} cannot be passed to qemu (NUL or newline)")
+    return value.replace(",", ",,")
+
+
+def _plain(value: str | Path, what: str) -> str:
+    """A value passed as a whole argument (not split by qemu)."""
+    text = str(value)
+    if "\0" in text or "\n" in text:
+        raise QemuLaunchError(f"{what} {text!r} contains a NUL or newline")
+    return text
+
+
+def _opts(head: str | tuple[str, object | None], *pairs: tuple[str, object | None]) -> str:
+    """``head,k=v,…`` with escaped values; pairs whose value is None are left out.
+
+    ``head`` is written as is (a device type, or an already escaped value);
+    given as a pair it is treated like the others.
+    """
+    parts: list[str] = []
+    if isinstance(head, tuple):
+        pairs = (head, *pairs)
+    else:
+        parts.append(head)
+    for key, value in pairs:
+        if value is None:
+            continue
+        text = ("on" if value else "off") if isinstance(value, bool) else _esc(str(value))
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def _disk_index(dev: str) -> int:
+    """hda → 0, hdb → 1, vdaa → 26 (libvirt's virDiskNameToIndex)."""
+    idx = 0
+    for ch in dev[2:]:
+        idx = idx * 26 + (ord(ch) - ord("a") + 1)
+    return idx - 1
+
+
+def qemu_disk_ids(domain: Domain) -> dict[str, str]:
+    """Map each disk's target dev to its qemu device id (``virtio-disk0``, ``ide0-0-1``...).
+
+    The block node names are ``ID-storage`` (the file) and ``ID-format``
+    (raw/qcow2); QMP events about a disk name these.
+    """
+    return {d.target_dev: _disk_id(domain, d) for d in domain.disks}
+
+
+def _disk_id(domain: Domain, d: Disk) -> str:
+    idx = _disk_index(d.target_dev)
+    a = d.address
+    if d.target_bus == "ide":
+        bus, unit = (a.bus or 0, a.unit or 0) if a else (idx // 2, idx % 2)
+        return f"ide0-{bus}-{unit}"
+    if d.target_bus == "sata":
+        unit = (a.unit or 0) if a else idx
+        return f"sata0-0-{unit}"
+    if d.target_bus == "scsi":
+        target, unit = _scsi_position(domain, d)
+        return f"scsi0-0-{target}-{unit}"
+    if d.target_bus == "usb":
+        return f"usb-disk{idx}"
+    return f"virtio-disk{idx}"
+
+
+def _scsi_model(domain: Domain) -> str:
+    for c in domain.controllers:
+        if c.type == "scsi":
+            return c.model or "lsilogic"
+    return "lsilogic"  # libvirt's default SCSI controller on x86
+
+
+def _scsi_position(domain: Domain, d: Disk) -> tuple[int, int]:
+    """(scsi-id, lun) of a SCSI disk."""
+    idx = _disk_index(d.target_dev)
+    a = d.address
+    if _scsi_model(domain) == "lsilogic":
+        # lsi53c895a: one LUN per target, 7 targets; libvirt puts the unit in scsi-id.
+        return ((a.unit or 0) if a else idx, 0)
+    return ((a.target or 0) if a else 0, (a.unit or 0) if a else idx)
+
+
+class _Pci:
+    """Deterministic PCI slot assignment on the root bus."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.q35 = domain.os.is_q35
+        self.bus = "pcie.0" if self.q35 else "pci.0"
+        # Slot 0: host bridge. pc: slot 1 is the PIIX3 (ISA, IDE, USB, ACPI);
+        # q35: 0x1f is the LPC/SATA/SMBus function group.
+        self.used: set[int] = {0, 0x1F} if self.q35 else {0, 1}
+        for addr in _explicit_pci(domain):
+            assert addr.slot is not None
+            self.used.add(addr.slot)
+        # libvirt keeps the primary video in a fixed slot (pc: 2, q35: 1);
+        # reserve it now, as devices placed before the video would take it.
+        self.video_slot: int | None = None
+        videos = domain.videos
+        if videos and videos[0].model != "none" and videos[0].address is None:
+            slot = 1 if self.q35 else 2
+            if slot not in self.used:
+                self.video_slot = slot
+                self.used.add(slot)
+
+    def place(self, addr: Address | None, *, video: bool = False) -> str:
+        if addr is not None:
+            fn = f".0x{addr.function:x}" if addr.function else ""
+            multi = ",multifunction=on" if addr.multifunction else ""
+            return f"bus={self.bus},addr=0x{addr.slot or 0:x}{fn}{multi}"
+        if video and self.video_slot is not None:
+            slot = self.video_slot
+        else:
+            free = [s for s in range(1, 0x20) if s not in self.used]
+            if not free:
+                raise XMLUnsupported("too many PCI devices for one root bus (no bridges)")
+            slot = free[0]
+        self.used.add(slot)
+        return f"bus={self.bus},addr=0x{slot:x}"
+
+
+def _explicit_pci(domain: Domain) -> Iterable[Address]:
+    addrs: list[Address | None] = [d.address for d in domain.disks]
+    addrs += [c.address for c in domain.controllers]
+    addrs += [n.address for n in domain.interfaces]
+    addrs += [i.address for i in domain.inputs]
+    addrs += [v.address for v in domain.videos]
+    addrs += [domain.memballoon.address] + [r.address for r in domain.rngs]
+    return [a for a in addrs if a is not None and a.type == "pci"]
+
+
+def _refuse(domain: Domain, element: str, message: str) -> XMLUnsupported:
+    err = fail(Loc(f"domain {domain.name}", None, element), message, cls=XMLUnsupported)
+    assert isinstance(err, XMLUnsupported)
+    return err
+
+
+_USB_MODELS = {
+    "piix3-uhci": "piix3-usb-uhci",
+    "qemu-xhci": "qemu-xhci",
+    "nec-xhci": "nec-usb-xhci",
+    "ich9-ehci1": "ich9-usb-ehci1",
+}
+_NIC_MODELS = {
+    "virtio": "virtio-net-pci",
+    "rtl8139": "rtl8139",
+    "e1000": "e1000",
+    "e1000e": "e1000e",
+}
+# Cache mode → (cache.direct, cache.no-flush, device write-cache), as libvirt maps them.
+_CACHE = {
+    "none": (True, False, True),
+    "writeback": (False, False, True),
+    "writethrough": (False, False, False),
+    "directsync": (True, False, False),
+    "unsafe": (False, True, True),
+}
+
+
+class _Builder:
+    def __init__(self, domain: Domain, paths: RuntimePaths, kvm: bool,
+                 graphics_ports: Mapping[int, GraphicsPorts]) -> None:  # fmt: skip
+        self.d = domain
+        self.paths = paths
+        self.kvm = kvm
+        self.ports = graphics_ports
+        self.argv: list[str] = []
+        self.pci = _Pci(domain)
+
+    def add(self, *args: str) -> None:
+        self.argv.extend(args)
+
+    def device(self, spec: str) -> None:
+        self.add("-device", spec)
+
+    # -- machine, cpu, memory ------------------------------------------------
+
+    def machine(self) -> None:
+        d = self.d
+        hpet = next((t.present for t in d.clock.timers if t.name == "hpet"), None)
+        self.add("-machine", _opts(
+            _esc(d.os.machine),
+            ("accel", "kvm" if self.kvm else "tcg"),
+            ("usb", False),
+            ("dump-guest-core", False),
+            ("acpi", d.features.acpi),
+            ("hpet", hpet),
+            ("memory-backend", _RAM_ID if d.preallocated else None),
+        ))  # fmt: skip
+
+    def cpu(self) -> None:
+        d = self.d
+        c = d.cpu
+        flags: list[tuple[str, object | None]] = []
+        base: str | None = None
+        if c is not None:
+            if c.mode == "custom":
+                base = c.model or "qemu64"
+            elif c.mode in ("host-passthrough", "host-model"):
+                base = "host" if self.kvm else "max"
+            else:
+                base = "max"
+            if c.migratable is False:
+                flags.append(("migratable", False))
+            for f in c.features:
+                if f.policy in ("force", "require"):
+                    flags.append((f.name, True))
+                elif f.policy in ("disable", "forbid"):
+                    flags.append((f.name, False))
+        if self.kvm:
+            if d.features.apic_eoi is not None:
+                flags.append(("kvm-pv-eoi", d.features.apic_eoi))
+            kvmclock = next((t.present for t in d.clock.timers if t.name == "kvmclock"), None)
+            if kvmclock is not None:
+                flags.append(("kvmclock", kvmclock))
+        if base is None and flags:
+            base = "qemu64"  # qemu's own default model, made explicit to carry flags
+        if base is not None:
+            self.add("-cpu", _opts(_esc(base), *flags))
+
+    def memory(self) -> None:
+        d = self.d
+        mib = d.memory_mib
+        if d.preallocated:
+            self.add("-object", _opts(
+                "memory-backend-ram", ("id", _RAM_ID), ("size", mib * 1024 * 1024),
+                ("prealloc", True), ("prealloc-threads", d.prealloc_threads),
+            ))  # fmt: skip
+        self.add("-m", str(mib))
+
+    def smp(self) -> None:
+        d = self.d
+        t = d.cpu.topology if d.cpu else None
+        if t is None:
+            self.add("-smp", f"{d.vcpus},sockets={d.vcpus},cores=1,threads=1")
+        else:
+            dies = f",dies={t.dies}" if t.dies != 1 else ""
+            self.add("-smp", f"{d.vcpus},sockets={t.sockets}{dies},cores={t.cores},"
+                             f"threads={t.threads}")  # fmt: skip
+
+    # -- firmware-ish ---------------------------------------------------------
+
+    def boot(self) -> None:
+        os_ = self.d.os
+        if os_.kernel:
+            self.add("-kernel", _plain(os_.kernel, "kernel path"))
+        if os_.initrd:
+            # For a multiboot kernel qemu splits -initrd on commas (module
+            # list) but does not for Linux: no escaping works for both.
+            if "," in os_.initrd:
+                raise _refuse(self.d, "domain/os/initrd", "an initrd path with ',' cannot be "
+                                                          "passed to qemu")  # fmt: skip
+            self.add("-initrd", _plain(os_.initrd, "initrd path"))
+        if os_.cmdline is not None:
+            self.add("-append", _plain(os_.cmdline, "kernel command line"))
+        letters = "".join({"hd": "c", "cdrom": "d", "network": "n"}[b] for b in os_.boot_devs)
+        menu = os_.bootmenu
+        if letters or menu is not None:
+            self.add("-boot", _opts(
+                ("order", letters or None), ("menu", menu),
+                ("splash-time", os_.bootmenu_timeout if menu else None),
+            ))  # fmt: skip
+
+    def clock_and_pm(self) -> None:
+        d = self.d
+        rtc: list[tuple[str, object | None]] = []
+        for t in d.clock.timers:
+            if t.name == "rtc":
+                if t.tickpolicy == "catchup":
+                    rtc.append(("driftfix", "slew"))
+                if t.track is not None:
+                    rtc.append(("clock", {"guest": "vm", "wall": "host", "realtime": "rt"}
+                                [t.track]))  # fmt: skip
+        self.add("-rtc", _opts(f"base={d.clock.offset}", *rtc))
+        for t in d.clock.timers:
+            if t.name == "pit" and t.tickpolicy and self.kvm:
+                self.add("-global", f"kvm-pit.lost_tick_policy={t.tickpolicy}")
+        pm_dev = "ICH9-LPC" if d.os.is_q35 else "PIIX4_PM"
+        for value, prop in ((d.pm.suspend_to_mem, "disable_s3"),
+                            (d.pm.suspend_to_disk, "disable_s4")):  # fmt: skip
+            if value is not None:
+                self.add("-global", f"{pm_dev}.{prop}={0 if value else 1}")
+        if d.on_reboot == "destroy":
+            self.add("-no-reboot")
+
+    # -- controllers ------------------------------------------------------------
+
+    def controllers(self) -> None:
+        d = self.d
+        needs_usb = any(x.target_bus == "usb" for x in d.disks) or any(
+            i.bus == "usb" for i in d.inputs
+        )
+        usb = [c for c in d.controllers if c.type == "usb"]
+        if needs_usb and usb and usb[0].model == "none":
+            raise _refuse(d, "domain/devices/controller",
+                          "USB devices need a USB controller, but its model is 'none'")
+        ctrls = list(d.controllers)
+        if needs_usb and not usb:
+            ctrls.insert(0, Controller("usb"))  # implicit, as libvirt adds it
+        vser = [c for c in ctrls if c.type == "virtio-serial"]
+        if not vser and (d.channels or any(c.target_type == "virtio" for c in d.consoles)):
+            ctrls.append(Controller("virtio-serial"))
+        has_scsi = any(c.type == "scsi" for c in ctrls)
+        if any(x.target_bus == "scsi" for x in d.disks) and not has_scsi:
+            ctrls.append(Controller("scsi"))
+        has_sata = any(c.type == "sata" for c in ctrls)
+        if any(x.target_bus == "sata" for x in d.disks) and not has_sata:
+            ctrls.append(Controller("sata"))
+        for c in ctrls:
+            self.controller(c)
+
+    def controller(self, c: Controller) -> None:
+        if c.type == "usb":
+            model = c.model or ("qemu-xhci" if self.pci.q35 else "piix3-uhci")
+            if model == "none":
+                return
+            if model == "piix3-uhci" and c.address is None and not self.pci.q35:
+                # Function 2 of the PIIX3 in slot 1, where real i440FX boards have it.
+                where = f"bus={self.pci.bus},addr=0x1.0x2"
+            else:
+                where = self.pci.place(c.address)
+            ports = c.ports if model in ("qemu-xhci", "nec-xhci") else None
+            self.device(_opts(_USB_MODELS[model], ("p2", ports), ("p3", ports), ("id", "usb"))
+                        + "," + where)  # fmt: skip
+        elif c.type == "scsi":
+            dev = "lsi" if (c.model or "lsilogic") == "lsilogic" else "virtio-scsi-pci"
+            self.device(f"{dev},id=scsi{c.index},{self.pci.place(c.address)}")
+        elif c.type == "sata":
+            if not self.pci.q35:  # q35 has its AHCI built in (bus ide.N)
+                self.device(f"ahci,id=sata{c.index},{self.pci.place(c.address)}")
+        elif c.type == "virtio-serial":
+            self.device(_opts("virtio-serial-pci", ("id", f"virtio-serial{c.index}"),
+                              ("max_ports", c.ports)) + "," + self.pci.place(c.address))
+        # ide (built into pc) and pci-root/pcie-root need nothing.
+
+    # -- disks ----------------------------------------------------------------
+
+    def disk(self, d: Disk) -> None:
+        dom = self.d
+        did = _disk_id(dom, d)
+        cache = _CACHE.get(d.cache or "")
+        drive: str | None = None
+        if d.source is not None:
+            storage, fmt = f"{did}-storage", f"{did}-format"
+            if d.type == "file":
+                driver = "file"
+            else:
+                driver = "host_cdrom" if d.device == "cdrom" else "host_device"
+            cache_opts: list[tuple[str, object | None]] = []
+            if cache is not None:
+                cache_opts = [("cache.direct", cache[0]), ("cache.no-flush", cache[1])]
+            self.add("-blockdev", _opts(
+                f"driver={driver}", ("filename", d.source), ("node-name", storage),
+                ("auto-read-only", True), ("discard", d.discard), *cache_opts,
+                ("aio", d.io),
+            ))  # fmt: skip
+            self.add("-blockdev", _opts(
+                f"node-name={fmt}", ("read-only", d.readonly), ("driver", d.format or "raw"),
+                ("file", storage), *cache_opts,
+            ))  # fmt: skip
+            drive = fmt
+        werror = {"enospace": "enospc"}.get(d.error_policy or "", d.error_policy)
+        rerror = d.rerror_policy or (d.error_policy if d.error_policy != "enospace" else None)
+        common: list[tuple[str, object | None]] = [
+            ("drive", drive), ("id", did),
+            ("write-cache", cache[2] if cache is not None and drive else None),
+            ("werror", werror if drive else None), ("rerror", rerror if drive else None),
+        ]  # fmt: skip
+        a = d.address
+        cd = d.device == "cdrom"
+        idx = _disk_index(d.target_dev)
+        if d.target_bus == "virtio":
+            self.device(_opts("virtio-blk-pci", *common, ("event_idx", d.event_idx))
+                        + "," + self.pci.place(a))  # fmt: skip
+        elif d.target_bus == "ide":
+            bus, unit = (a.bus or 0, a.unit or 0) if a else (idx // 2, idx % 2)
+            if (a and (a.controller or a.target)) or bus > 1 or unit > 1:
+                raise _refuse(dom, "domain/devices/disk", f"disk {d.target_dev}: the IDE "
+                              "controller has 2 buses of 2 units")  # fmt: skip
+            self.device(_opts("ide-cd" if cd else "ide-hd", ("bus", f"ide.{bus}"),
+                              ("unit", unit), *common))  # fmt: skip
+        elif d.target_bus == "sata":
+            unit = (a.unit or 0) if a else idx
+            if (a and (a.controller or a.bus or a.target)) or unit > 5:
+                raise _refuse(dom, "domain/devices/disk", f"disk {d.target_dev}: the SATA "
+                              "controller has 6 ports on bus 0")  # fmt: skip
+            sata_bus = f"ide.{unit}" if self.pci.q35 else f"sata0.{unit}"
+            self.device(_opts("ide-cd" if cd else "ide-hd", ("bus", sata_bus), *common))
+        elif d.target_bus == "scsi":
+            target, lun = _scsi_position(dom, d)
+            lsi = _scsi_model(dom) == "lsilogic"
+            if (a and (a.controller or a.bus)) or (lsi and (target > 6 or (a and a.target))):
+                raise _refuse(dom, "domain/devices/disk", f"disk {d.target_dev}: only SCSI "
+                              "controller 0, bus 0 is supported (lsilogic: units 0..6)")
+            self.device(_opts("scsi-cd" if cd else "scsi-hd", ("bus", "scsi0.0"),
+                              ("channel", 0), ("scsi-id", target), ("lun", lun),
+                              *common))  # fmt: skip
+        else:
+            port = a.port if a else None
+            self.device(_opts("usb-storage", ("bus", "usb.0"), ("port", port),
+                              ("removable", True if cd else None), *common))  # fmt: skip
+
+    # -- network --------------------------------------------------------------
+
+    def interfaces(self) -> None:
+        for i, n in enumerate(self.d.interfaces):
+            if n.type == "user":
+                self.add("-netdev", f"user,id=hostnet{i}")
+            elif n.type == "bridge":
+                # qemu-bridge-helper attaches a tap to the bridge (it must be
+                # allowed in /etc/qemu/bridge.conf on this host).
+                self.add("-netdev", _opts("bridge", ("id", f"hostnet{i}"), ("br", n.source)))
+            else:
+                raise _refuse(self.d, "domain/devices/interface",
+                              f"interface type 'network' ({n.source}) needs libvirt's virtual "
+                              "networks, which Ferry does not provide; use type 'bridge' "
+                              "or 'user'")  # fmt: skip
+            model = n.model or "rtl8139"  # libvirt's default NIC model on x86
+            mtu = n.mtu if model == "virtio" else None
+            self.device(_opts(_NIC_MODELS[model], ("netdev", f"hostnet{i}"), ("id", f"net{i}"),
+                              ("mac", n.mac), ("host_mtu", mtu))
+                        + "," + self.pci.place(n.address))  # fmt: skip
+
+    # -- character devices ------------------------------------------------------
+
+    def chardev(self, c: CharDev, cid: str, default_path: Path | None = None) -> None:
+        if c.type == "pty":
+            self.add("-chardev", f"pty,id={cid}")
+        elif c.type == "null":
+            self.add("-chardev", f"null,id={cid}")
+        elif c.type == "file":
+            self.add("-chardev", _opts("file", ("id", cid), ("path", c.source_path),
+                                       ("append", c.append)))  # fmt: skip
+        else:
+            path = c.source_path or (str(default_path) if default_path else None)
+            if path is None:  # pragma: no cover - the parser requires a path
+                raise QemuLaunchError(f"{cid}: unix socket without a path")
+            if len(path.encode()) > UNIX_PATH_MAX:
+                raise QemuLaunchError(f"unix socket path {path!r} is longer than "
+                                      f"{UNIX_PATH_MAX} bytes")  # fmt: skip
+            server = c.source_mode != "connect"
+            self.add("-chardev", _opts("socket", ("id", cid), ("path", path),
+                                       ("server", True if server else None),
+                                       ("wait", False if server else None)))  # fmt: skip
+
+    def serials_consoles_channels(self) -> None:
+        d = self.d
+        for i, s in enumerate(d.serials):
+            self.chardev(s, f"charserial{i}", self.paths.run_dir / f"serial{i}.sock")
+            self.device(f"isa-serial,chardev=charserial{i},id=serial{i},index={s.target_port}")
+        serial_ports = {s.target_port for s in d.serials}
+        vser = sorted(c.index for c in d.controllers if c.type == "virtio-serial") or [0]
+        for i, c in enumerate(d.consoles):
+            if c.target_type == "serial":
+                if c.target_port in serial_ports:
+                    continue  # the console is that serial port (libvirt's alias)
+                serial_ports.add(c.target_port)
+                self.chardev(c, f"charconsole{i}", self.paths.run_dir / f"console{i}.sock")
+                self.device(f"isa-serial,chardev=charconsole{i},id=console{i},"
+                            f"index={c.target_port}")  # fmt: skip
+            else:
+                self.chardev(c, f"charconsole{i}", self.paths.run_dir / f"console{i}.sock")
+                ctrl = c.address.controller if c.address else vser[0]
+                self.device(f"virtconsole,bus=virtio-serial{ctrl}.0,chardev=charconsole{i},"
+                            f"id=console{i}")  # fmt: skip
+        used: set[tuple[int, int]] = {
+            (c.address.controller or 0, c.address.port)
+            for c in d.channels if c.address and c.address.port is not None
+        }  # fmt: skip
+        for i, c in enumerate(d.channels):
+            ctrl = (c.address.controller or 0) if c.address else vser[0]
+            port = c.address.port if c.address else None
+            if port is None:
+                # Port 0 of a virtio-serial bus is for a console.
+                port = next(p for p in range(1, 32) if (ctrl, p) not in used)
+                used.add((ctrl, port))
+            default = self.paths.run_dir / f"{c.target_name or f'channel{i}'}.sock"
+            self.chardev(c, f"charchannel{i}", default)
+            self.device(_opts(f"virtserialport,bus=virtio-serial{ctrl}.0", ("nr", port),
+                              ("chardev", f"charchannel{i}"), ("id", f"channel{i}"),
+                              ("name", c.target_name)))  # fmt: skip
+
+    # -- input, graphics, video -------------------------------------------------
+
+    def inputs(self) -> None:
+        for i, inp in enumerate(self.d.inputs):
+            if inp.bus == "ps2":
+                continue  # the i8042 is part of the pc and q35 machines
+            if inp.bus == "usb":
+                dev = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
+                port = inp.address.port if inp.address else None
+                self.device(_opts(dev[inp.type], ("id", f"input{i}"), ("bus", "usb.0"),
+                                  ("port", port)))  # fmt: skip
+            else:
+                dev = {"tablet": "virtio-tablet-pci", "mouse": "virtio-mouse-pci",
+                       "keyboard": "virtio-keyboard-pci"}  # fmt: skip
+                self.device(f"{dev[inp.type]},id=input{i},{self.pci.place(inp.address)}")
+
+    def graphics(self) -> None:
+        d = self.d
+        if not d.graphics:
+            self.add("-display", "none")
+            return
+        for i, g in enumerate(d.graphics):
+            chosen = self.ports.get(i)
+            if g.type == "vnc":
+                self.vnc(g, chosen)
+            else:
+                self.spice(g, chosen)
+        # qemu has one keyboard layout for all displays: the first one set wins.
+        keymap = next((g.keymap for g in d.graphics if g.keymap), None)
+        if keymap:
+            self.add("-k", keymap)
+
+    def _host(self, g: Graphics) -> str:
+        host = g.listen or "127.0.0.1"
+        try:
+            if ipaddress.ip_address(host).version == 6:
+                return f"[{host}]"
+        except ValueError:
+            pass
+        return host
+
+    def vnc(self, g: Graphics, chosen: GraphicsPorts | None) -> None:
+        port = chosen.port if (g.autoport and chosen) else (None if g.autoport else g.port)
+        if port is not None and not 5900 <= port <= 65535:
+            raise QemuLaunchError(f"VNC port {port} is not in 5900..65535")
+        if port is None:
+            # qemu takes the first free display from :0 to :99 (5900..5999);
+            # the caller learns the port from QMP query-vnc.
+            head = f"{self._host(g)}:0"
+            to: int | None = 99
+        else:
+            head, to = f"{self._host(g)}:{port - 5900}", None
+        ws: object | None = None
+        if g.websocket is not None:
+            ws = chosen.websocket if (chosen and chosen.websocket) else g.websocket
+            ws = True if ws == -1 else ws
+        self.add("-vnc", _opts(head, ("to", to), ("websocket", ws), ("share", g.share_policy)))
+
+    def spice(self, g: Graphics, chosen: GraphicsPorts | None) -> None:
+        port: int | None
+        tls: int | None
+        if g.autoport:
+            if chosen is None:
+                raise QemuLaunchError("spice graphics with autoport needs the ports chosen by "
+                                      "the caller (graphics_ports)")  # fmt: skip
+            port, tls = chosen.port, chosen.tls_port
+        else:
+            port, tls = g.port, g.tls_port
+        opts: list[tuple[str, object | None]] = [("port", port), ("tls-port", tls)]
+        if tls is not None:
+            if self.paths.spice_tls_dir is None:
+                raise QemuLaunchError("spice tlsPort needs RuntimePaths.spice_tls_dir "
+                                      "(the x509 certificate directory)")  # fmt: skip
+            opts.append(("x509-dir", str(self.paths.spice_tls_dir)))
+        opts += [("addr", g.listen or "127.0.0.1"), ("disable-ticketing", True)]
+        if g.default_mode == "secure":
+            opts.append(("tls-channel", "default"))
+        elif g.default_mode == "insecure":
+            opts.append(("plaintext-channel", "default"))
+        for o in g.options:
+            a = dict(o.attrs)
+            if o.element == "channel":
+                key = {"secure": "tls-channel", "insecure": "plaintext-channel"}.get(a["mode"])
+                if key:
+                    opts.append((key, a["name"]))
+            elif o.element in ("image", "jpeg", "zlib", "playback"):
+                key = {"image": "image-compression", "jpeg": "jpeg-wan-compression",
+                       "zlib": "zlib-glz-wan-compression",
+                       "playback": "playback-compression"}[o.element]  # fmt: skip
+                opts.append((key, a["compression"]))
+            elif o.element == "streaming":
+                opts.append(("streaming-video", a["mode"]))
+            elif o.element == "clipboard":
+                opts.append(("disable-copy-paste", a["copypaste"] == "no"))
+            elif o.element == "filetransfer":
+                opts.append(("disable-agent-file-xfer", a["enable"] == "no"))
+            elif o.element == "mouse":
+                opts.append(("agent-mouse", a["mode"] == "client"))
+        opts.append(("seamless-migration", True))
+        self.add("-spice", _opts(*opts))
+
+    def video(self, i: int, v: Video) -> None:
+        if v.model == "none":
+            return
+        primary = i == 0
+
+        def mib(kib: int | None) -> int | None:
+            return None if kib is None else max(1, kib // 1024)
+
+        if v.model == "vga":
+            spec = _opts("VGA", ("id", f"video{i}"), ("vgamem_mb", mib(v.vram)))
+        elif v.model == "cirrus":
+            spec = f"cirrus-vga,id=video{i}"
+        elif v.model == "bochs":
+            spec = _opts("bochs-display", ("id", f"video{i}"),
+                         ("vgamem", v.vram * 1024 if v.vram else None))  # fmt: skip
+        elif v.model == "qxl":
+            spec = _opts(
+                "qxl-vga" if primary else "qxl", ("id", f"video{i}"),
+                ("ram_size", v.ram * 1024 if v.ram else None),
+                ("vram_size", v.vram * 1024 if v.vram else None),
+                ("vgamem_mb", mib(v.vgamem)), ("max_outputs", v.heads),
+            )  # fmt: skip
+        else:
+            spec = _opts("virtio-vga" if primary else "virtio-gpu-pci", ("id", f"video{i}"),
+                         ("max_outputs", v.heads))  # fmt: skip
+        self.device(spec + "," + self.pci.place(v.address, video=primary))
+
+    # -- the rest ---------------------------------------------------------------
+
+    def balloon_rng(self) -> None:
+        d = self.d
+        if d.memballoon.model == "virtio":
+            self.device("virtio-balloon-pci,id=balloon0," + self.pci.place(d.memballoon.address))
+        for i, r in enumerate(d.rngs):
+            if r.backend_model == "random":
+                self.add("-object", _opts("rng-random", ("id", f"objrng{i}"),
+                                          ("filename", r.backend_path)))  # fmt: skip
+            else:
+                self.add("-object", f"rng-builtin,id=objrng{i}")
+            self.device(_opts("virtio-rng-pci", ("rng", f"objrng{i}"), ("id", f"rng{i}"),
+                              ("max-bytes", r.rate_bytes),
+                              ("period", r.rate_period if r.rate_bytes else None))
+                        + "," + self.pci.place(r.address))  # fmt: skip
+
+
+def to_qemu_argv(
+    domain: Domain,
+    *,
+    paths: RuntimePaths,
+    incoming: bool = False,
+    qemu_binary: str = "qemu-system-x86_64",
+    kvm_usable: Callable[[], bool] | None = None,
+    paused: bool = False,
+    graphics_ports: Mapping[int, GraphicsPorts] | None = None,
+    sandbox: bool = True,
+) -> list[str]:
+    """Return the qemu argv (a list of strings, for exec, never a shell) for ``domain``.
+
+    ``incoming`` adds ``-incoming defer`` (the destination of a migration;
+    QMP ``migrate-incoming`` then gives the URI). ``paused`` adds ``-S``.
+    ``graphics_ports`` maps the index of an ``autoport`` graphics device to
+    the ports the caller reserved; without it a VNC server takes the first
+    free display in 5900..5999 (``to=99``; read it back with QMP
+    ``query-vnc``), and spice, which cannot pick a port itself, is refused.
+    ``kvm_usable`` replaces the check of ``/dev/kvm`` for ``type='kvm'``
+    (tests, or hosts with their own policy). ``sandbox=False`` leaves out
+    ``-sandbox`` for qemu builds without seccomp.
+
+    The module docstring lists what each part of the model becomes.
+
+    :raises QemuLaunchError: ``type='kvm'`` but /dev/kvm cannot be used;
+        spice autoport without ports; spice TLS without a certificate
+        directory; a runtime path qemu cannot take.
+    :raises XMLUnsupported: the definition is valid but cannot run here
+        (interface type 'network', an initrd path with a comma, a disk
+        position the controller does not have, too many PCI devices).
+    """
+    d = domain
+    kvm = d.virt_type == "kvm"
+    if kvm:
+        if kvm_usable is None:
+            problem = _kvm_problem()
+        else:
+            problem = None if kvm_usable() else "the host's KVM check failed"
+        if problem is not None:
+            raise QemuLaunchError(
+                f"domain type 'kvm' needs /dev/kvm, which cannot be used here: {problem} "
+                "(use <domain type='qemu'> for TCG emulation)",
+                domain=d.name, reason=problem,
+            )  # fmt: skip
+    b = _Builder(d, paths, kvm, graphics_ports or {})
+    b.add(_plain(qemu_binary, "qemu binary"))
+    b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))
+    if paused:
+        b.add("-S")
+    b.add("-uuid", d.uuid, "-msg", "timestamp=on", "-no-user-config", "-nodefaults")
+    b.machine()
+    b.cpu()
+    b.memory()
+    b.smp()
+    if sandbox:
+        b.add("-sandbox", SANDBOX)
+    b.add("-chardev", _opts("socket", ("id", "charmonitor"), ("path", str(paths.qmp_socket)),
+                            ("server", True), ("wait", False)),
+          "-mon", "chardev=charmonitor,id=monitor,mode=control")  # fmt: skip
+    b.add("-pidfile", _plain(paths.pidfile, "pidfile"), "-daemonize")
+    if paths.log_file is not None:
+        b.add("-D", _plain(paths.log_file, "log file"))
+    b.clock_and_pm()
+    b.boot()
+    b.graphics()
+    b.controllers()
+    for disk in d.disks:
+        b.disk(disk)
+    b.interfaces()
+    b.serials_consoles_channels()
+    b.inputs()
+    for i, video in enumerate(d.videos):
+        b.video(i, video)
+    b.balloon_rng()
+    if incoming:
+        b.add("-incoming", "defer")
+    return b.argv

@@ -1,0 +1,284 @@
+"""Format a :class:`~ferry.domain.model.Domain` back to libvirt-style XML.
+
+The output parses back to an equal model (the round trip the tests check).
+It is libvirt's element order and names, with every default that the parser
+filled in written out explicitly, so the XML that travels in a migration
+cookie or lands in ``/var/lib/ferry/domains`` needs no re-interpretation.
+
+``migratable=True`` produces the form libvirt produces with
+``VIR_DOMAIN_XML_MIGRATABLE``: the definition without this host's runtime
+choices. In Ferry's model the only such state is the port a graphics device
+with ``autoport`` got when qemu started; it is written as ``port='-1'``
+(and ``tlsPort`` left out), so the destination picks its own.
+"""
+
+from __future__ import annotations
+
+from lxml import etree
+
+from ferry.domain.model import (
+    Address,
+    CharDev,
+    Disk,
+    Domain,
+    Graphics,
+    Interface,
+    Video,
+)
+from ferry.errors import XMLError
+
+__all__ = ["format_domain"]
+
+_Element = etree._Element
+
+
+def _sub(parent: _Element, tag: str, text: str | None = None, **attrs: str | None) -> _Element:
+    el = etree.SubElement(parent, tag)
+    for key, value in attrs.items():
+        if value is not None:
+            # Python keywords cannot be attribute names; callers append "_".
+            el.set(key.rstrip("_"), value)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _yn(value: bool | None, yes: str = "yes", no: str = "no") -> str | None:
+    return None if value is None else (yes if value else no)
+
+
+def _num(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _address(parent: _Element, addr: Address | None) -> None:
+    if addr is None:
+        return
+    if addr.type == "pci":
+        _sub(parent, "address", type="pci", domain=f"0x{addr.domain or 0:04x}",
+             bus=f"0x{addr.bus or 0:02x}", slot=f"0x{addr.slot or 0:02x}",
+             function=f"0x{addr.function or 0:x}",
+             multifunction=_yn(addr.multifunction, "on", "off"))  # fmt: skip
+    elif addr.type == "drive":
+        _sub(parent, "address", type="drive", controller=_num(addr.controller),
+             bus=_num(addr.bus), target=_num(addr.target), unit=_num(addr.unit))  # fmt: skip
+    elif addr.type == "virtio-serial":
+        _sub(parent, "address", type="virtio-serial", controller=_num(addr.controller),
+             bus=_num(addr.bus), port=_num(addr.port))  # fmt: skip
+    else:
+        _sub(parent, "address", type="usb", bus=_num(addr.bus), port=_num(addr.port))
+
+
+def _metadata(parent: _Element, content: str) -> None:
+    from ferry.domain.parse import _load
+
+    try:
+        wrapper = _load(f"<metadata>{content}</metadata>", "domain/metadata")
+    except XMLError as exc:
+        raise XMLError(f"domain metadata is not well-formed XML: {exc}") from None
+    parent.append(wrapper)
+
+
+def _disk(parent: _Element, d: Disk) -> None:
+    el = _sub(parent, "disk", type=d.type, device=d.device)
+    drv = {"name": d.driver_name, "type": d.format, "cache": d.cache, "io": d.io,
+           "discard": d.discard, "error_policy": d.error_policy,
+           "rerror_policy": d.rerror_policy, "event_idx": _yn(d.event_idx, "on", "off")}
+    if any(v is not None for v in drv.values()):
+        _sub(el, "driver", **drv)
+    if d.source is not None:
+        if d.type == "file":
+            _sub(el, "source", file=d.source)
+        else:
+            _sub(el, "source", dev=d.source)
+    _sub(el, "target", dev=d.target_dev, bus=d.target_bus)
+    if d.readonly:
+        _sub(el, "readonly")
+    if d.shareable:
+        _sub(el, "shareable")
+    _address(el, d.address)
+
+
+def _interface(parent: _Element, n: Interface) -> None:
+    el = _sub(parent, "interface", type=n.type)
+    _sub(el, "mac", address=n.mac)
+    if n.type == "network":
+        _sub(el, "source", network=n.source)
+    elif n.type == "bridge":
+        _sub(el, "source", bridge=n.source)
+    if n.sndbuf is not None:
+        _sub(_sub(el, "tune"), "sndbuf", str(n.sndbuf))
+    if n.model is not None:
+        _sub(el, "model", type=n.model)
+    if n.mtu is not None:
+        _sub(el, "mtu", size=str(n.mtu))
+    _address(el, n.address)
+
+
+def _chardev(parent: _Element, kind: str, c: CharDev) -> None:
+    el = _sub(parent, kind, type=c.type)
+    if c.type == "unix":
+        _sub(el, "source", mode=c.source_mode, path=c.source_path)
+    elif c.type == "file":
+        _sub(el, "source", path=c.source_path, append=_yn(c.append, "on", "off"))
+    if kind == "channel":
+        _sub(el, "target", type=c.target_type, name=c.target_name)
+    else:
+        tgt = _sub(el, "target", type=c.target_type, port=_num(c.target_port))
+        if c.target_model is not None:
+            _sub(tgt, "model", name=c.target_model)
+    _address(el, c.address)
+
+
+def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
+    port = g.port
+    tls_port = g.tls_port
+    if g.autoport and migratable:
+        # The ports are this host's runtime choice: the destination picks its own.
+        port = tls_port = None
+    port_text = str(port) if port is not None else ("-1" if g.autoport else None)
+    el = _sub(parent, "graphics", type=g.type, port=port_text, autoport=_yn(g.autoport),
+              tlsPort=_num(tls_port), websocket=_num(g.websocket), listen=g.listen,
+              keymap=g.keymap, sharePolicy=g.share_policy,
+              defaultMode=g.default_mode)  # fmt: skip
+    if g.listen is not None:
+        _sub(el, "listen", type="address", address=g.listen)
+    for opt in g.options:
+        _sub(el, opt.element, **dict(opt.attrs))
+
+
+def _video(parent: _Element, v: Video) -> None:
+    el = _sub(parent, "video")
+    _sub(el, "model", type=v.model, ram=_num(v.ram), vram=_num(v.vram), vgamem=_num(v.vgamem),
+         heads=_num(v.heads), primary=_yn(v.primary))  # fmt: skip
+    _address(el, v.address)
+
+
+def _indent(el: _Element, level: int = 0) -> None:
+    """Indent by two spaces per level, leaving <metadata> content untouched."""
+    children = [c for c in el if isinstance(c.tag, str)]
+    if not children or el.tag == "metadata":
+        return
+    pad = "\n" + "  " * (level + 1)
+    el.text = pad
+    for child in children:
+        child.tail = pad
+        _indent(child, level + 1)
+    children[-1].tail = "\n" + "  " * level
+
+
+def format_domain(domain: Domain, *, migratable: bool = False) -> str:
+    """Return the domain as libvirt-style XML text (no XML declaration).
+
+    ``migratable`` leaves out host-specific runtime state the way libvirt's
+    ``VIR_DOMAIN_XML_MIGRATABLE`` does: graphics ports chosen by autoport are
+    written as ``port='-1'`` and their ``tlsPort`` is omitted. Everything
+    else is identical in both forms (Ferry's model has no other runtime-only
+    state: no live ids, aliases or pty paths).
+
+    :raises XMLError: ``domain.metadata`` is not well-formed XML content.
+    """
+    d = domain
+    root = etree.Element("domain", type=d.virt_type)
+    _sub(root, "name", d.name)
+    _sub(root, "uuid", d.uuid)
+    if d.title is not None:
+        _sub(root, "title", d.title)
+    if d.description is not None:
+        _sub(root, "description", d.description)
+    if d.metadata is not None:
+        _metadata(root, d.metadata)
+    _sub(root, "memory", str(d.memory_kib), unit="KiB")
+    _sub(root, "currentMemory", str(d.current_memory_kib), unit="KiB")
+    if d.memory_allocation is not None or d.prealloc_threads is not None:
+        _sub(_sub(root, "memoryBacking"), "allocation", mode=d.memory_allocation,
+             threads=_num(d.prealloc_threads))  # fmt: skip
+    _sub(root, "vcpu", str(d.vcpus), placement=d.vcpu_placement, cpuset=d.vcpu_cpuset)
+
+    os_el = _sub(root, "os")
+    _sub(os_el, "type", d.os.type, arch=d.os.arch, machine=d.os.machine)
+    if d.os.kernel is not None:
+        _sub(os_el, "kernel", d.os.kernel)
+    if d.os.initrd is not None:
+        _sub(os_el, "initrd", d.os.initrd)
+    if d.os.cmdline is not None:
+        _sub(os_el, "cmdline", d.os.cmdline)
+    for dev in d.os.boot_devs:
+        _sub(os_el, "boot", dev=dev)
+    if d.os.bootmenu is not None or d.os.bootmenu_timeout is not None:
+        _sub(os_el, "bootmenu", enable=_yn(d.os.bootmenu), timeout=_num(d.os.bootmenu_timeout))
+
+    f = d.features
+    if f.acpi or f.apic or f.pae:
+        fel = _sub(root, "features")
+        if f.acpi:
+            _sub(fel, "acpi")
+        if f.apic:
+            _sub(fel, "apic", eoi=_yn(f.apic_eoi, "on", "off"))
+        if f.pae:
+            _sub(fel, "pae")
+
+    if d.cpu is not None:
+        c = d.cpu
+        cel = _sub(root, "cpu", mode=c.mode, match=c.match, check=c.check,
+                   migratable=_yn(c.migratable, "on", "off"))  # fmt: skip
+        if c.model is not None or c.fallback is not None:
+            _sub(cel, "model", c.model, fallback=c.fallback)
+        if c.topology is not None:
+            t = c.topology
+            _sub(cel, "topology", sockets=str(t.sockets), dies=str(t.dies), cores=str(t.cores),
+                 threads=str(t.threads))  # fmt: skip
+        for feat in c.features:
+            _sub(cel, "feature", policy=feat.policy, name=feat.name)
+
+    clock = _sub(root, "clock", offset=d.clock.offset)
+    for timer in d.clock.timers:
+        _sub(clock, "timer", name=timer.name, tickpolicy=timer.tickpolicy, track=timer.track,
+             present=_yn(timer.present))  # fmt: skip
+    _sub(root, "on_poweroff", d.on_poweroff)
+    _sub(root, "on_reboot", d.on_reboot)
+    _sub(root, "on_crash", d.on_crash)
+    if d.pm.suspend_to_mem is not None or d.pm.suspend_to_disk is not None:
+        pm = _sub(root, "pm")
+        if d.pm.suspend_to_mem is not None:
+            _sub(pm, "suspend-to-mem", enabled=_yn(d.pm.suspend_to_mem))
+        if d.pm.suspend_to_disk is not None:
+            _sub(pm, "suspend-to-disk", enabled=_yn(d.pm.suspend_to_disk))
+
+    devs = _sub(root, "devices")
+    if d.emulator is not None:
+        _sub(devs, "emulator", d.emulator)
+    for disk in d.disks:
+        _disk(devs, disk)
+    for ctl in d.controllers:
+        cel = _sub(devs, "controller", type=ctl.type, index=str(ctl.index), model=ctl.model,
+                   ports=_num(ctl.ports))  # fmt: skip
+        _address(cel, ctl.address)
+    for nic in d.interfaces:
+        _interface(devs, nic)
+    for ser in d.serials:
+        _chardev(devs, "serial", ser)
+    for con in d.consoles:
+        _chardev(devs, "console", con)
+    for chan in d.channels:
+        _chardev(devs, "channel", chan)
+    for inp in d.inputs:
+        iel = _sub(devs, "input", type=inp.type, bus=inp.bus)
+        _address(iel, inp.address)
+    for g in d.graphics:
+        _graphics(devs, g, migratable)
+    for audio in d.audios:
+        _sub(devs, "audio", id=str(audio.id), type=audio.type)
+    for video in d.videos:
+        _video(devs, video)
+    mb = _sub(devs, "memballoon", model=d.memballoon.model)
+    _address(mb, d.memballoon.address)
+    for rng in d.rngs:
+        rel = _sub(devs, "rng", model=rng.model)
+        if rng.rate_bytes is not None:
+            _sub(rel, "rate", bytes=str(rng.rate_bytes), period=_num(rng.rate_period))
+        _sub(rel, "backend", rng.backend_path, model=rng.backend_model)
+        _address(rel, rng.address)
+
+    _indent(root)
+    return etree.tostring(root, encoding="unicode") + "\n"

@@ -1,0 +1,369 @@
+"""The domain model: what Ferry understands of a libvirt domain XML.
+
+Every class is a frozen dataclass and every sequence a tuple, so a parsed
+:class:`Domain` can be shared between tasks and compared with ``==`` (that
+equality is what the parse → format → parse round trip is tested with).
+Field names follow the XML (``target_dev`` is ``<target dev=…>``); values are
+already normalised by the parser: units converted to KiB, UUIDs and MACs in
+lower case, defaults filled in the way libvirt fills them on define (see
+:mod:`ferry.domain` for the list), so two XML spellings of the same guest give
+equal models.
+
+The model holds no runtime state apart from graphics ports that the caller
+may record after qemu picked them (``Graphics.port`` with ``autoport``), which
+the migratable XML form leaves out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "OS",
+    "PM",
+    "Address",
+    "Audio",
+    "CharDev",
+    "Clock",
+    "Controller",
+    "Cpu",
+    "CpuFeature",
+    "CpuTopology",
+    "Disk",
+    "Domain",
+    "Features",
+    "Graphics",
+    "GraphicsOption",
+    "Input",
+    "Interface",
+    "Memballoon",
+    "Rng",
+    "Timer",
+    "Video",
+]
+
+VirtType = Literal["kvm", "qemu"]
+
+
+@dataclass(frozen=True)
+class Address:
+    """A device address (``<address type=…>``), kept for guest ABI stability.
+
+    Only the fields of the address ``type`` are set: ``pci`` uses domain, bus,
+    slot, function, multifunction; ``drive`` controller, bus, target, unit;
+    ``virtio-serial`` controller, bus, port; ``usb`` bus, port.
+    """
+
+    type: Literal["pci", "drive", "virtio-serial", "usb"]
+    domain: int | None = None
+    bus: int | None = None
+    slot: int | None = None
+    function: int | None = None
+    multifunction: bool | None = None
+    controller: int | None = None
+    target: int | None = None
+    unit: int | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class OS:
+    """``<os>``: firmware type, machine, direct kernel boot and boot order."""
+
+    type: str = "hvm"
+    arch: str = "x86_64"
+    machine: str = "pc"
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    #: ``<boot dev=…>`` in order: hd, cdrom, network, fd.
+    boot_devs: tuple[str, ...] = ()
+    bootmenu: bool | None = None
+    bootmenu_timeout: int | None = None
+
+    @property
+    def is_q35(self) -> bool:
+        """True for the q35 machine family (pcie.0 root bus, built-in AHCI)."""
+        return self.machine == "q35" or self.machine.startswith("pc-q35")
+
+
+@dataclass(frozen=True)
+class CpuFeature:
+    """``<cpu><feature policy=… name=…/>``."""
+
+    name: str
+    policy: Literal["force", "require", "optional", "disable", "forbid"] = "require"
+
+
+@dataclass(frozen=True)
+class CpuTopology:
+    """``<cpu><topology sockets dies cores threads/>``; the product equals the vCPU count."""
+
+    sockets: int
+    dies: int
+    cores: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """``<cpu>``: the guest CPU model."""
+
+    mode: Literal["custom", "host-model", "host-passthrough", "maximum"] = "custom"
+    match: str | None = None
+    check: str | None = None
+    migratable: bool | None = None
+    model: str | None = None
+    fallback: str | None = None
+    features: tuple[CpuFeature, ...] = ()
+    topology: CpuTopology | None = None
+
+
+@dataclass(frozen=True)
+class Features:
+    """``<features>``: only the hypervisor features Ferry knows."""
+
+    acpi: bool = False
+    apic: bool = False
+    #: ``<apic eoi='on|off'/>``: paravirtual EOI (KVM only).
+    apic_eoi: bool | None = None
+    pae: bool = False
+
+
+@dataclass(frozen=True)
+class Timer:
+    """``<clock><timer …/>`` (rtc, pit, hpet, kvmclock)."""
+
+    name: str
+    present: bool | None = None
+    tickpolicy: str | None = None
+    track: str | None = None
+
+
+@dataclass(frozen=True)
+class Clock:
+    """``<clock offset=…>`` and its timers."""
+
+    offset: Literal["utc", "localtime"] = "utc"
+    timers: tuple[Timer, ...] = ()
+
+
+@dataclass(frozen=True)
+class PM:
+    """``<pm>``: guest power management (ACPI S3/S4) switches."""
+
+    suspend_to_mem: bool | None = None
+    suspend_to_disk: bool | None = None
+
+
+@dataclass(frozen=True)
+class Disk:
+    """``<disk>``: a file or block device seen as a disk or cdrom."""
+
+    type: Literal["file", "block"]
+    device: Literal["disk", "cdrom"]
+    target_dev: str
+    target_bus: Literal["virtio", "ide", "scsi", "sata", "usb"]
+    #: ``<source file=…>`` or ``<source dev=…>``; None for an empty cdrom.
+    source: str | None = None
+    driver_name: str | None = None
+    #: ``<driver type=…>``: raw or qcow2; None means raw (never probed).
+    format: str | None = None
+    cache: str | None = None
+    io: str | None = None
+    discard: str | None = None
+    error_policy: str | None = None
+    rerror_policy: str | None = None
+    event_idx: bool | None = None
+    readonly: bool = False
+    shareable: bool = False
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Controller:
+    """``<controller>``: usb, ide, sata, scsi, virtio-serial or pci root."""
+
+    type: str
+    index: int = 0
+    model: str | None = None
+    ports: int | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Interface:
+    """``<interface>``: a NIC and its host side (user, bridge or network)."""
+
+    type: Literal["user", "bridge", "network"]
+    mac: str
+    model: str | None = None
+    #: bridge name (type bridge) or network name (type network).
+    source: str | None = None
+    mtu: int | None = None
+    sndbuf: int | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class GraphicsOption:
+    """One spice child element kept as (element, attributes), e.g. ``channel``."""
+
+    element: str
+    attrs: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Graphics:
+    """``<graphics type='vnc|spice'>``.
+
+    ``autoport`` means the port is chosen when qemu starts; ``port`` is then
+    None in a definition, or the port in use when the caller recorded it.
+    """
+
+    type: Literal["vnc", "spice"]
+    port: int | None = None
+    autoport: bool = True
+    tls_port: int | None = None
+    #: vnc websocket port; -1 means "pick one".
+    websocket: int | None = None
+    listen: str | None = None
+    keymap: str | None = None
+    share_policy: str | None = None
+    default_mode: str | None = None
+    options: tuple[GraphicsOption, ...] = ()
+
+
+@dataclass(frozen=True)
+class Video:
+    """``<video><model type=…/>``; sizes in KiB as in the XML."""
+
+    model: str = "vga"
+    vram: int | None = None
+    ram: int | None = None
+    vgamem: int | None = None
+    heads: int | None = None
+    primary: bool | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class CharDev:
+    """A ``<serial>``, ``<console>`` or ``<channel>``: host side and guest side.
+
+    ``type`` is the host side (pty, file, unix, null); ``target_*`` the guest
+    side. A unix channel may leave ``source_path`` None: the socket is then
+    created under the runtime directory when qemu starts.
+    """
+
+    type: Literal["pty", "file", "unix", "null"]
+    target_type: str
+    source_path: str | None = None
+    #: unix sockets: bind (qemu listens) or connect.
+    source_mode: Literal["bind", "connect"] | None = None
+    append: bool | None = None
+    target_port: int | None = None
+    target_name: str | None = None
+    target_model: str | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Input:
+    """``<input type=… bus=…>``."""
+
+    type: Literal["mouse", "keyboard", "tablet"]
+    bus: Literal["ps2", "usb", "virtio"]
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Audio:
+    """``<audio id=… type=…>``: an audio backend (kept; Ferry has no sound devices)."""
+
+    id: int
+    type: str
+
+
+@dataclass(frozen=True)
+class Memballoon:
+    """``<memballoon model='virtio|none'>``; absent in the XML means virtio."""
+
+    model: Literal["virtio", "none"] = "virtio"
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Rng:
+    """``<rng model='virtio'>`` with a random (host file) or builtin backend."""
+
+    model: Literal["virtio"] = "virtio"
+    backend_model: Literal["random", "builtin"] = "random"
+    backend_path: str | None = None
+    rate_bytes: int | None = None
+    rate_period: int | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A parsed, validated domain definition."""
+
+    virt_type: VirtType
+    name: str
+    uuid: str
+    memory_kib: int
+    current_memory_kib: int
+    vcpus: int
+    os: OS = field(default_factory=OS)
+    title: str | None = None
+    description: str | None = None
+    #: the content of ``<metadata>``, verbatim (serialised XML), or None.
+    metadata: str | None = None
+    #: ``<memoryBacking><allocation mode=…>``: immediate preallocates guest RAM.
+    memory_allocation: Literal["immediate", "ondemand"] | None = None
+    prealloc_threads: int | None = None
+    vcpu_placement: str | None = None
+    vcpu_cpuset: str | None = None
+    cpu: Cpu | None = None
+    features: Features = field(default_factory=Features)
+    clock: Clock = field(default_factory=Clock)
+    pm: PM = field(default_factory=PM)
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    emulator: str | None = None
+    disks: tuple[Disk, ...] = ()
+    controllers: tuple[Controller, ...] = ()
+    interfaces: tuple[Interface, ...] = ()
+    serials: tuple[CharDev, ...] = ()
+    consoles: tuple[CharDev, ...] = ()
+    channels: tuple[CharDev, ...] = ()
+    inputs: tuple[Input, ...] = ()
+    graphics: tuple[Graphics, ...] = ()
+    audios: tuple[Audio, ...] = ()
+    videos: tuple[Video, ...] = ()
+    memballoon: Memballoon = field(default_factory=Memballoon)
+    rngs: tuple[Rng, ...] = ()
+
+    @property
+    def memory_mib(self) -> int:
+        """Guest RAM in MiB, rounded up (qemu on x86 sizes RAM in whole MiB)."""
+        return -(-self.memory_kib // 1024)
+
+    @property
+    def preallocated(self) -> bool:
+        """True when guest RAM is allocated up front (``allocation mode='immediate'``)."""
+        return self.memory_allocation == "immediate"
+
+    def renamed(self, new_name: str) -> Domain:
+        """Return a copy named ``new_name`` (same UUID), as ``--dname`` does.
+
+        :raises XMLError: ``new_name`` is not a valid domain name.
+        """
+        from ferry.domain._checks import check_name
+
+        check_name(new_name)
+        return dataclasses.replace(self, name=new_name)

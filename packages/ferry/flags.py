@@ -1,0 +1,222 @@
+"""Migration flags and parameters, and the rules on how they combine.
+
+:class:`MigrationFlags` uses libvirt's ``virDomainMigrateFlags`` bit values, so
+a flags integer means the same thing to someone who knows ``virsh migrate``.
+:class:`MigrationParams` is the typed form of libvirt's migration typed
+parameters. :func:`validate` refuses combinations that make no sense (the
+checks libvirt spreads over virsh, ``virDomainMigrate*`` and the QEMU driver),
+naming the options involved as ``virsh migrate`` spells them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ferry.errors import FlagError, MessageInvalid
+from ferry.protocol.fields import FieldSpec, check_fields, check_value
+
+__all__ = ["ALL_FLAGS", "MigrationFlags", "MigrationParams", "flag_names", "validate"]
+
+
+class MigrationFlags(enum.IntFlag):
+    """Migration flags, bit-compatible with libvirt's ``virDomainMigrateFlags``.
+
+    libvirt's storage-copy bits (NON_SHARED_DISK 64, NON_SHARED_INC 128) and
+    others Ferry does not implement are left out, so setting them is an
+    unknown-bit error rather than a silently ignored request.
+    """
+
+    LIVE = 1 << 0
+    PEER2PEER = 1 << 1
+    TUNNELLED = 1 << 2
+    PERSIST_DEST = 1 << 3
+    UNDEFINE_SOURCE = 1 << 4
+    PAUSED = 1 << 5
+    CHANGE_PROTECTION = 1 << 8
+    UNSAFE = 1 << 9
+    OFFLINE = 1 << 10
+    COMPRESSED = 1 << 11
+    ABORT_ON_ERROR = 1 << 12
+    AUTO_CONVERGE = 1 << 13
+    POSTCOPY = 1 << 15
+    PARALLEL = 1 << 17
+
+
+ALL_FLAGS = MigrationFlags(0)
+for _member in MigrationFlags:
+    ALL_FLAGS |= _member
+del _member
+
+# How virsh spells each flag, for messages a user can act on.
+_OPTION: dict[MigrationFlags, str] = {
+    MigrationFlags.LIVE: "--live",
+    MigrationFlags.PEER2PEER: "--p2p",
+    MigrationFlags.TUNNELLED: "--tunnelled",
+    MigrationFlags.PERSIST_DEST: "--persistent",
+    MigrationFlags.UNDEFINE_SOURCE: "--undefinesource",
+    MigrationFlags.PAUSED: "--suspend",
+    MigrationFlags.CHANGE_PROTECTION: "--change-protection",
+    MigrationFlags.UNSAFE: "--unsafe",
+    MigrationFlags.OFFLINE: "--offline",
+    MigrationFlags.COMPRESSED: "--compressed",
+    MigrationFlags.ABORT_ON_ERROR: "--abort-on-error",
+    MigrationFlags.AUTO_CONVERGE: "--auto-converge",
+    MigrationFlags.POSTCOPY: "--postcopy",
+    MigrationFlags.PARALLEL: "--parallel",
+}
+
+_PARAM_OPTION: dict[str, str] = {
+    "dest_name": "--dname",
+    "dest_xml": "--xml",
+    "migrate_uri": "--migrateuri",
+    "bandwidth_mib": "--bandwidth",
+    "max_downtime_ms": "--max-downtime",
+    "auto_converge_initial": "--auto-converge-initial",
+    "auto_converge_increment": "--auto-converge-increment",
+    "parallel_connections": "--parallel-connections",
+    "timeout_s": "--timeout",
+    "listen_address": "--listen-address",
+    "persist_xml": "--persistent-xml",
+}
+
+
+def _flag(flag: MigrationFlags) -> str:
+    return f"{_OPTION[flag]} ({flag.name})"
+
+
+def _param(name: str) -> str:
+    return f"{_PARAM_OPTION[name]} ({name})"
+
+
+def flag_names(flags: MigrationFlags | int) -> list[str]:
+    """Return the names of the set flags in bit order; unknown bits as one hex string."""
+    value = int(flags)
+    names = [m.name for m in MigrationFlags if value & m.value and m.name is not None]
+    unknown = value & ~ALL_FLAGS.value
+    if unknown:
+        names.append(f"{unknown:#x}")
+    return names
+
+
+_PARAM_SPECS: Mapping[str, FieldSpec] = {
+    "dest_name": FieldSpec(str, nullable=True, min_len=1, max_len=200),
+    "dest_xml": FieldSpec(str, nullable=True, min_len=1),
+    "migrate_uri": FieldSpec(str, nullable=True, min_len=1, max_len=4096),
+    "bandwidth_mib": FieldSpec(int, nullable=True, ge=0, le=2**53),
+    "max_downtime_ms": FieldSpec(int, nullable=True, ge=0, le=2**53),
+    "auto_converge_initial": FieldSpec(int, nullable=True, ge=0, le=100),
+    "auto_converge_increment": FieldSpec(int, nullable=True, ge=1, le=100),
+    "parallel_connections": FieldSpec(int, nullable=True, ge=1, le=255),
+    "timeout_s": FieldSpec(float, nullable=True, gt=0),
+    "listen_address": FieldSpec(str, nullable=True, min_len=1, max_len=255),
+    "persist_xml": FieldSpec(str, nullable=True, min_len=1),
+}
+
+# The same fields with types only: from_wire reports a wrong type as a broken
+# message and leaves out-of-range values to the constructor's FlagError.
+_PARAM_TYPES: Mapping[str, FieldSpec] = {
+    name: dataclasses.replace(spec, ge=None, gt=None, le=None, min_len=None, max_len=None)
+    for name, spec in _PARAM_SPECS.items()
+}
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    """Optional migration parameters (libvirt's ``VIR_MIGRATE_PARAM_*``); None means unset."""
+
+    dest_name: str | None = None
+    dest_xml: str | None = None
+    migrate_uri: str | None = None
+    bandwidth_mib: int | None = None
+    max_downtime_ms: int | None = None
+    auto_converge_initial: int | None = None
+    auto_converge_increment: int | None = None
+    parallel_connections: int | None = None
+    timeout_s: float | None = None
+    listen_address: str | None = None
+    persist_xml: str | None = None
+
+    def __post_init__(self) -> None:
+        """Raises :class:`~ferry.errors.FlagError` naming a field of wrong type or range."""
+        for name, spec in _PARAM_SPECS.items():
+            value = check_value("params", name, spec, getattr(self, name), FlagError)
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> MigrationParams:
+        """Build from a request's ``params`` map.
+
+        Raises :class:`~ferry.errors.MessageInvalid` for a non-map, an unknown
+        field or a wrong type (naming the field; unknown fields are refused,
+        as libvirt refuses unknown typed parameters, because a parameter the
+        agent would silently ignore could make a migration unsafe), and
+        :class:`~ferry.errors.FlagError` for a value out of range.
+        """
+        if not isinstance(d, Mapping):
+            raise MessageInvalid("params must be a map", field="params")
+        fields = check_fields("params", _PARAM_TYPES, d, MessageInvalid, unknown="refuse")
+        return cls(**fields)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the wire map, leaving out unset (None) fields."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+
+def validate(flags: MigrationFlags | int, params: MigrationParams) -> MigrationFlags:
+    """Check that ``flags`` and ``params`` make sense together; return the flags.
+
+    Raises :class:`~ferry.errors.FlagError` for flags that are not a
+    non-negative int, unknown bits, or any nonsensical combination; the
+    message lists every problem found, each naming the options involved
+    (``details["problems"]`` holds them one by one).
+    """
+    if isinstance(flags, bool) or not isinstance(flags, int):
+        raise FlagError(f"flags must be an int, not {type(flags).__name__}")
+    if flags < 0:
+        raise FlagError(f"flags must be >= 0, got {flags}")
+    unknown = flags & ~ALL_FLAGS.value
+    if unknown:
+        raise FlagError(f"unknown migration flag bits {unknown:#x}", unknown=unknown)
+    f = MigrationFlags(flags)
+    M = MigrationFlags
+    problems: list[str] = []
+
+    def conflict(a: MigrationFlags, b: MigrationFlags, why: str) -> None:
+        if a in f and b in f:
+            problems.append(f"{_flag(a)} cannot be combined with {_flag(b)}: {why}")
+
+    def needs(a: MigrationFlags, b: MigrationFlags, why: str) -> None:
+        if a in f and b not in f:
+            problems.append(f"{_flag(a)} requires {_flag(b)}: {why}")
+
+    def param_needs(name: str, b: MigrationFlags) -> None:
+        if getattr(params, name) is not None and b not in f:
+            problems.append(f"{_param(name)} requires {_flag(b)}")
+
+    conflict(M.OFFLINE, M.LIVE, "an offline migration moves no running state")
+    needs(M.OFFLINE, M.PERSIST_DEST, "an offline migration only moves the definition")
+    conflict(M.OFFLINE, M.TUNNELLED, "an offline migration has no data to tunnel")
+    conflict(M.POSTCOPY, M.OFFLINE, "an offline migration has no memory to copy")
+    needs(M.TUNNELLED, M.PEER2PEER, "only the agents can carry the tunnel")
+    if params.migrate_uri is not None and M.TUNNELLED in f:
+        problems.append(
+            f"{_param('migrate_uri')} cannot be used with {_flag(M.TUNNELLED)}: "
+            "tunnelled data goes through the agents' connection"
+        )
+    needs(M.POSTCOPY, M.LIVE, "post-copy switches a running guest to the destination")
+    conflict(M.POSTCOPY, M.PAUSED, "post-copy needs the guest running on the destination")
+    param_needs("auto_converge_initial", M.AUTO_CONVERGE)
+    param_needs("auto_converge_increment", M.AUTO_CONVERGE)
+    param_needs("parallel_connections", M.PARALLEL)
+    param_needs("persist_xml", M.PERSIST_DEST)
+    if problems:
+        raise FlagError("; ".join(problems), problems=problems, flags=flag_names(f))
+    return f

@@ -1,0 +1,356 @@
+"""The domains of one host, as both agents of the host see them.
+
+Persistent definitions live in ``state_dir/domains/NAME.xml``; a running
+domain has a status file ``run_dir/domains/NAME.status`` and its live XML
+next to it (``NAME.xml``), so either agent (and a restarted one) can find
+it.  Each qemu gets two QMP monitors, one per agent
+(``qmp/NAME.source.sock`` and ``qmp/NAME.destination.sock``): a QMP socket
+serves one client at a time, and with one monitor each the agents never
+have to hand a connection over (ferry-destination receives a VM, then
+ferry-source manages it without waiting for the other to let go).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ferry.config import AgentConfig
+from ferry.domain import Domain, RuntimePaths, format_domain, parse_domain, to_qemu_argv
+from ferry.errors import NoDomain, QMPError, StateFileError
+from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
+from ferry.statefile import DomainStatus, atomic_write
+
+__all__ = ["AgentName", "Host", "LiveDomain"]
+
+log = logging.getLogger("ferry.host")
+
+AgentName = Literal["source", "destination"]
+AGENTS: tuple[AgentName, AgentName] = ("source", "destination")
+
+
+@dataclass
+class LiveDomain:
+    """A domain as found on this host: its definition and, if running, its status."""
+
+    domain: Domain
+    persistent: bool
+    status: DomainStatus | None
+
+    @property
+    def active(self) -> bool:
+        """True when a qemu for it exists on this host."""
+        return self.status is not None
+
+
+class Host:
+    """Definitions, status files and qemu processes of this host, for one agent."""
+
+    def __init__(self, config: AgentConfig, agent: AgentName) -> None:
+        self.config = config
+        self.agent = agent
+        self.paths = config.paths
+        self._procs: dict[str, QemuProcess] = {}
+
+    # -- paths --------------------------------------------------------------
+
+    def definition_path(self, name: str) -> Path:
+        """Persistent definition of ``name``."""
+        return self.paths.domains_dir / f"{name}.xml"
+
+    def status_path(self, name: str) -> Path:
+        """Status file of running ``name``."""
+        return self.paths.status_dir / f"{name}.status"
+
+    def live_xml_path(self, name: str) -> Path:
+        """Live XML of running ``name``."""
+        return self.paths.status_dir / f"{name}.xml"
+
+    def qmp_socket(self, name: str, agent: AgentName | None = None) -> Path:
+        """The QMP monitor socket of ``agent`` (default: ours) for ``name``."""
+        return self.paths.qmp_dir / f"{name}.{agent or self.agent}.sock"
+
+    def pidfile(self, name: str) -> Path:
+        """qemu's pidfile."""
+        return self.paths.status_dir / f"{name}.pid"
+
+    def chardev_dir(self, name: str) -> Path:
+        """Where sockets the XML leaves unnamed go (serial0.sock, …)."""
+        return self.paths.serial_dir / name
+
+    def ensure_dirs(self) -> None:
+        """Create every state directory (0750: VM names are not for everyone)."""
+        for path in self.paths.all_dirs():
+            path.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    # -- definitions ----------------------------------------------------------
+
+    def load_definition(self, name: str) -> Domain | None:
+        """The persistent definition of ``name``, or None."""
+        path = self.definition_path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return parse_domain(data, where=str(path))
+
+    def definitions(self) -> dict[str, Domain]:
+        """All persistent definitions; a broken file is logged and skipped."""
+        out: dict[str, Domain] = {}
+        if not self.paths.domains_dir.is_dir():
+            return out
+        for path in sorted(self.paths.domains_dir.glob("*.xml")):
+            try:
+                dom = parse_domain(path.read_bytes(), where=str(path))
+            except Exception as exc:
+                log.error("skipping unreadable definition %s: %s", path, exc)
+                continue
+            out[dom.name] = dom
+        return out
+
+    def save_definition(self, domain: Domain) -> None:
+        """Write the persistent definition atomically."""
+        atomic_write(self.definition_path(domain.name), format_domain(domain).encode())
+
+    def delete_definition(self, name: str) -> bool:
+        """Remove the persistent definition; True if there was one."""
+        try:
+            self.definition_path(name).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    # -- live state -----------------------------------------------------------
+
+    def load_status(self, name: str) -> DomainStatus | None:
+        """The status of running ``name``, or None when it is not running."""
+        try:
+            return DomainStatus.load(self.status_path(name))
+        except FileNotFoundError:
+            return None
+
+    def save_status(self, status: DomainStatus) -> None:
+        """Write the status file atomically."""
+        status.save(self.status_path(status.name))
+
+    def running_names(self) -> list[str]:
+        """Names of domains with a status file."""
+        if not self.paths.status_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.paths.status_dir.glob("*.status"))
+
+    def live_definition(self, name: str) -> Domain | None:
+        """The live XML of running ``name``."""
+        path = self.live_xml_path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return parse_domain(data, where=str(path))
+
+    def save_live_definition(self, domain: Domain) -> None:
+        """Record the live XML of a running domain."""
+        atomic_write(self.live_xml_path(domain.name), format_domain(domain).encode())
+
+    def find(self, name: str) -> LiveDomain:
+        """Look a domain up by name (running or defined).
+
+        Raises:
+            NoDomain: when neither a definition nor a running domain has that name.
+        """
+        persistent = self.load_definition(name)
+        status = self.load_status(name)
+        live = self.live_definition(name) if status is not None else None
+        domain = live or persistent
+        if domain is None:
+            raise NoDomain(f"domain not found: no domain with matching name '{name}'", name=name)
+        return LiveDomain(domain=domain, persistent=persistent is not None, status=status)
+
+    def find_uuid(self, uuid: str) -> LiveDomain | None:
+        """Look a domain up by UUID among running and defined ones."""
+        for name in self.running_names():
+            live = self.live_definition(name)
+            if live is not None and live.uuid == uuid:
+                return self.find(name)
+        for dom in self.definitions().values():
+            if dom.uuid == uuid:
+                return self.find(dom.name)
+        return None
+
+    def all_domains(self) -> list[LiveDomain]:
+        """Every domain on the host: running ones and defined ones."""
+        names = set(self.running_names()) | set(self.definitions())
+        out = []
+        for name in sorted(names):
+            with contextlib.suppress(NoDomain):
+                out.append(self.find(name))
+        return out
+
+    # -- qemu -----------------------------------------------------------------
+
+    def runtime_paths(self, name: str) -> RuntimePaths:
+        """Where qemu's runtime files go for ``name``."""
+        return RuntimePaths(
+            run_dir=self.chardev_dir(name),
+            qmp_socket=self.qmp_socket(name, "source"),
+            pidfile=self.pidfile(name),
+            log_file=self.paths.log_dir / f"{name}.log",
+        )
+
+    async def start(
+        self,
+        domain: Domain,
+        *,
+        incoming: bool = False,
+        extra_status: dict[str, object] | None = None,
+    ) -> QemuProcess:
+        """Launch qemu for ``domain`` (CPUs paused: ``-S``) and record its status.
+
+        The caller resumes the CPUs (``cont``) when the domain should run;
+        starting paused means nothing runs before the status file exists.
+
+        Raises:
+            QemuLaunchError: qemu refused to start (message has qemu's words).
+        """
+        paths = self.runtime_paths(domain.name)
+        paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        argv = to_qemu_argv(
+            domain, paths=paths, incoming=incoming, qemu_binary=self.config.qemu.binary
+        )
+        if "-S" not in argv:
+            argv.append("-S")
+        # The second monitor: the other agent's.
+        other = self.qmp_socket(domain.name, "destination")
+        argv += [
+            "-chardev",
+            f"socket,id=monitor-dst,path={other},server=on,wait=off",
+            "-mon",
+            "chardev=monitor-dst,mode=control",
+        ]
+        for path in (paths.qmp_socket, other):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        proc_qmp = self.qmp_socket(domain.name)
+        self.save_live_definition(domain)
+        try:
+            proc = await launch(
+                argv,
+                pidfile=paths.pidfile,
+                qmp_socket=proc_qmp,
+                timeout=self.config.qemu.launch_timeout_s,
+                qmp_name=f"{self.agent}:{domain.name}",
+            )
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                self.live_xml_path(domain.name).unlink()
+            raise
+        status = DomainStatus(
+            name=domain.name,
+            uuid=domain.uuid,
+            pid=proc.pid,
+            qmp_path=self.qmp_socket(domain.name, "source"),
+            start_time=proc.start_time,
+            run_state="incoming" if incoming else "paused",
+            extra=dict(extra_status or {}),
+        )
+        self.save_status(status)
+        self._procs[domain.name] = proc
+        return proc
+
+    async def process(self, name: str, *, timeout: float = 10.0) -> QemuProcess:
+        """Our QMP-connected handle on running ``name`` (reconnecting if needed).
+
+        Raises:
+            NoDomain: not running here.
+            QMPError: running but its monitor does not answer.
+        """
+        proc = self._procs.get(name)
+        if proc is not None and proc.alive() and proc.qmp.connected:
+            return proc
+        if proc is not None:
+            self._procs.pop(name, None)
+            with contextlib.suppress(Exception):
+                await proc.close()
+        status = self.load_status(name)
+        if status is None:
+            raise NoDomain(f"domain '{name}' is not running", name=name)
+        mine = DomainStatus.from_dict(
+            {**status.to_dict(), "qmp_path": str(self.qmp_socket(name))}
+        )
+        found = await reconnect(
+            mine, timeout=timeout, pidfile=self.pidfile(name), qmp_name=f"{self.agent}:{name}"
+        )
+        if found is None:
+            self.cleanup(name)
+            raise NoDomain(f"domain '{name}' is not running (its qemu is gone)", name=name)
+        self._procs[name] = found
+        return found
+
+    def cached(self, name: str) -> QemuProcess | None:
+        """The handle we hold on ``name``, if any (no reconnect)."""
+        return self._procs.get(name)
+
+    async def release(self, name: str) -> None:
+        """Drop our QMP connection to ``name`` without stopping qemu."""
+        proc = self._procs.pop(name, None)
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                await proc.close()
+
+    async def kill(self, name: str) -> None:
+        """Stop ``name``'s qemu at once and remove its runtime state."""
+        try:
+            proc = await self.process(name)
+        except NoDomain:
+            self.cleanup(name)
+            return
+        except QMPError:
+            # The monitor is wedged: kill by pid, but only the very process
+            # the status names (same start time), never a reused pid.
+            status = self.load_status(name)
+            if status is not None and status.pid and read_start_time(status.pid) == status.start_time:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(status.pid, 9)
+            self.cleanup(name)
+            return
+        await proc.kill()
+        self._procs.pop(name, None)
+        self.cleanup(name)
+
+    def cleanup(self, name: str) -> None:
+        """Remove a stopped domain's status, live XML, pidfile and sockets."""
+        self._procs.pop(name, None)
+        for path in (
+            self.status_path(name),
+            self.live_xml_path(name),
+            self.pidfile(name),
+            *(self.qmp_socket(name, agent) for agent in AGENTS),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def reconnect_all(self) -> list[str]:
+        """At agent start: reconnect to every running qemu, clean up dead ones.
+
+        Returns the names of domains found running.
+        """
+        found = []
+        for name in self.running_names():
+            try:
+                await self.process(name)
+            except NoDomain:
+                log.info("domain %s had exited while the agent was down; cleaned up", name)
+                continue
+            except (QMPError, StateFileError) as exc:
+                log.warning("domain %s: cannot reconnect yet: %s", name, exc)
+            found.append(name)
+        return found
+
+    async def close(self) -> None:
+        """Disconnect from every qemu (they keep running)."""
+        for name in list(self._procs):
+            await self.release(name)

@@ -1,0 +1,172 @@
+"""Argument schemas for every request op.
+
+Each op has an :class:`OpSpec`: a map of argument name to
+:class:`~ferry.protocol.fields.FieldSpec`. :func:`validate_args` checks a
+request's args against it and fills defaults. Unknown args are dropped (the
+wire's forward-compatible rule); migration ``params`` are further checked by
+:meth:`ferry.flags.MigrationParams.from_wire` and ``flags`` by
+:func:`ferry.flags.validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from ferry.errors import MessageInvalid, UnknownOp
+
+from .fields import FieldSpec, check_fields, short_repr
+
+__all__ = ["OPS", "FieldSpec", "OpSpec", "register_op", "validate_args"]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """The arguments of one op: ``fields`` maps each name to its spec."""
+
+    fields: Mapping[str, FieldSpec]
+    doc: str = ""
+
+
+_NAME = FieldSpec(str, required=True, min_len=1, max_len=200)
+_SNAPSHOT = FieldSpec(str, required=True, min_len=1, max_len=200)
+_PATH = FieldSpec(str, required=True, min_len=1, max_len=4096)
+_XML = FieldSpec(str, required=True, min_len=1)
+_COOKIE = FieldSpec(bytes, required=True)
+_FLAGS = FieldSpec(int, required=True, ge=0)
+_PARAMS = FieldSpec(dict, default={})
+_CANCELLED = FieldSpec(bool, default=False)
+
+
+def _spec(doc: str, **fields: FieldSpec) -> OpSpec:
+    return OpSpec(fields=MappingProxyType(dict(fields)), doc=doc)
+
+
+_REGISTRY: dict[str, OpSpec] = {
+    # lifecycle
+    "define": _spec("define a persistent domain from XML", xml=_XML),
+    "undefine": _spec("remove a domain's persistent definition", name=_NAME),
+    "start": _spec("start a defined domain", name=_NAME, paused=FieldSpec(bool, default=False)),
+    "shutdown": _spec(
+        "ask the guest to power off, then wait",
+        name=_NAME,
+        timeout=FieldSpec(float, default=60.0, gt=0),
+    ),
+    "destroy": _spec("kill the domain's qemu", name=_NAME),
+    "suspend": _spec("pause the domain's vCPUs", name=_NAME),
+    "resume": _spec("resume the domain's vCPUs", name=_NAME),
+    "list": _spec("list domains (running only unless all)", all=FieldSpec(bool, default=False)),
+    "info": _spec("state, memory and vCPUs of a domain", name=_NAME),
+    "dumpxml": _spec("a domain's XML", name=_NAME, inactive=FieldSpec(bool, default=False)),
+    # snapshots (metadata only)
+    "snapshot_create": _spec(
+        "record snapshot metadata",
+        name=_NAME,
+        snapshot=_SNAPSHOT,
+        description=FieldSpec(str, default=""),
+    ),
+    "snapshot_list": _spec("list snapshot metadata", name=_NAME),
+    "snapshot_delete": _spec("delete snapshot metadata", name=_NAME, snapshot=_SNAPSHOT),
+    # state files
+    "save": _spec("save a domain's state to a file and stop it", name=_NAME, path=_PATH),
+    "restore": _spec("start a domain from a saved state file", path=_PATH),
+    "dump": _spec("write a domain's memory to a file", name=_NAME, path=_PATH),
+    # jobs
+    "job_info": _spec("progress of the domain's job", name=_NAME),
+    "job_abort": _spec("abort the domain's job", name=_NAME),
+    "set_max_downtime": _spec(
+        "set the migration's maximum downtime", name=_NAME, ms=FieldSpec(int, required=True, ge=0)
+    ),
+    "set_max_bandwidth": _spec(
+        "set the migration's bandwidth limit (0: unlimited)",
+        name=_NAME,
+        mib_per_s=FieldSpec(int, required=True, ge=0),
+    ),
+    # client -> source
+    "migrate": _spec(
+        "migrate a domain to another host (peer-to-peer)",
+        name=_NAME,
+        dest_uri=FieldSpec(str, required=True, min_len=1, max_len=4096),
+        flags=_FLAGS,
+        params=_PARAMS,
+    ),
+    # the five phases
+    "begin": _spec(
+        "source: check, take the job, pick the XML",
+        name=_NAME,
+        flags=_FLAGS,
+        params=_PARAMS,
+        xml=FieldSpec(str, nullable=True, min_len=1),
+    ),
+    "prepare": _spec(
+        "destination: set up an incoming qemu",
+        xml=_XML,
+        cookie=_COOKIE,
+        flags=_FLAGS,
+        params=_PARAMS,
+    ),
+    "perform": _spec(
+        "source: send the state",
+        name=_NAME,
+        uri=FieldSpec(str, required=True, min_len=1, max_len=4096),
+        cookie=_COOKIE,
+        flags=_FLAGS,
+        params=_PARAMS,
+    ),
+    "finish": _spec(
+        "destination: start or kill the incoming domain",
+        name=_NAME,
+        cookie=_COOKIE,
+        flags=_FLAGS,
+        params=_PARAMS,
+        cancelled=_CANCELLED,
+    ),
+    "confirm": _spec(
+        "source: clean up, or resume after a failure",
+        name=_NAME,
+        cookie=_COOKIE,
+        flags=_FLAGS,
+        params=_PARAMS,
+        cancelled=_CANCELLED,
+    ),
+    "journal_query": _spec(
+        "query the migration journal",
+        migration_id=FieldSpec(str, nullable=True, min_len=1, max_len=200),
+        domain=FieldSpec(str, nullable=True, min_len=1, max_len=200),
+        since=FieldSpec(float, nullable=True, ge=0),
+    ),
+}
+
+OPS: Mapping[str, OpSpec] = MappingProxyType(_REGISTRY)
+"""Every known op, read-only; add ops with :func:`register_op`."""
+
+
+def register_op(name: str, spec: OpSpec) -> None:
+    """Add an op to :data:`OPS`.
+
+    Raises ``ValueError`` if ``name`` is already registered or is not a
+    1..64 character string (the length a request's ``op`` may have).
+    """
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        raise ValueError("op name must be a string of 1..64 characters")
+    if name in _REGISTRY:
+        raise ValueError(f"op {name!r} is already registered")
+    _REGISTRY[name] = spec
+
+
+def validate_args(op: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a request's args for ``op``; return them with defaults filled.
+
+    Unknown args are dropped. Raises :class:`~ferry.errors.UnknownOp` naming
+    the op, or :class:`~ferry.errors.MessageInvalid` naming the op and the
+    field ("start: field 'paused' must be a bool"); both carry ``op`` in
+    their details.
+    """
+    spec = _REGISTRY.get(op) if isinstance(op, str) else None
+    if spec is None:
+        raise UnknownOp(f"unknown op {short_repr(op)}", op=str(op)[:64])
+    if not isinstance(args, Mapping):
+        raise MessageInvalid(f"{op}: args must be a map", op=op, field="args")
+    return check_fields(op, spec.fields, args, MessageInvalid, details={"op": op})

@@ -1,0 +1,443 @@
+"""asyncio transport over the sans-I/O :mod:`ferry.protocol` connection.
+
+One :class:`Session` per stream connection, either side.  The protocol
+core decides what bytes mean; this module only moves them: it feeds what
+the socket gave to :class:`~ferry.protocol.connection.Connection`, writes
+what the connection wants sent, and routes replies and events to the
+request that is waiting for them.
+
+A server-side session runs each incoming request in its own task, so a
+long request (``migrate`` streaming progress events) does not block a
+``job_abort`` arriving on the same connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.acl import Subject, subject_from_ucred
+from ferry.errors import FerryError, ProtocolError, UnknownOp
+from ferry.protocol.connection import Connection
+from ferry.protocol.messages import (
+    PROTOCOL_VERSION,
+    ErrorReply,
+    Event,
+    Hello,
+    Message,
+    Reply,
+    Request,
+    Tunnel,
+    Welcome,
+)
+from ferry.protocol.ops import validate_args
+
+__all__ = [
+    "FEATURES",
+    "Handler",
+    "RequestContext",
+    "Server",
+    "Session",
+    "connect_tcp",
+    "connect_unix",
+    "make_hello",
+]
+
+log = logging.getLogger("ferry.rpc")
+
+# Features this build speaks; peers use the intersection.
+FEATURES: frozenset[str] = frozenset(
+    {"migration-v3", "cookie-v1", "tunnel", "tunnel-plain", "parallel-tunnel", "journal"}
+)
+READ_CHUNK = 256 * 1024
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def make_hello(
+    host_uuid: str, hostname: str, role: str, *, mandatory: frozenset[str] = frozenset()
+) -> Hello:
+    """Build this side's hello with the features this build speaks."""
+    return Hello(
+        version=PROTOCOL_VERSION,
+        host_uuid=host_uuid,
+        hostname=hostname,
+        role=role,
+        features=FEATURES | mandatory,
+        mandatory=mandatory,
+    )
+
+
+@dataclass
+class RequestContext:
+    """What a request handler knows about its request and caller."""
+
+    session: Session
+    request_id: int
+    op: str
+    subject: Subject
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        """Send an event tied to this request (progress, phase changes)."""
+        self.session.send_nowait(Event(event=event, data=data, id=self.request_id))
+
+
+Handler = Callable[[RequestContext, dict[str, Any]], Awaitable[dict[str, Any]]]
+TunnelHandler = Callable[["Session", Tunnel], Awaitable[None]]
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[dict[str, Any]]
+    on_event: EventSink | None = None
+
+
+@dataclass(eq=False)
+class Session:
+    """One established connection (client or server side)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: Connection
+    subject: Subject = field(default_factory=lambda: Subject(kind="local"))
+    _pending: dict[int, _Pending] = field(default_factory=dict)
+    _reader_task: asyncio.Task[None] | None = None
+    _closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    close_error: BaseException | None = None
+
+    # -- sending ---------------------------------------------------------
+
+    def send_nowait(self, msg: Message) -> None:
+        """Queue a message on the stream (asyncio buffers; no await needed)."""
+        if self.writer.is_closing():
+            return
+        self.writer.write(self.conn.send(msg))
+
+    def _flush_protocol(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    # -- client side -----------------------------------------------------
+
+    async def request(
+        self,
+        op: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        on_event: EventSink | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Send a request and wait for its reply, delivering its events.
+
+        Raises:
+            FerryError: the error the peer answered with (same class as raised there),
+                or ProtocolError if the connection dropped first.
+        """
+        if self._closed.is_set():
+            raise ProtocolError(f"connection closed before {op!r} could be sent")
+        request_id = self.conn.next_request_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = _Pending(future, on_event)
+        self.send_nowait(Request(id=request_id, op=op, args=dict(args or {})))
+        try:
+            await self.writer.drain()
+            if timeout is None:
+                return await future
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)
+
+    # -- reading ---------------------------------------------------------
+
+    def start(self, dispatch: Callable[[Session, Request], Coroutine[Any, Any, None]] | None) -> None:
+        """Start the reader task; ``dispatch`` handles incoming requests."""
+        self._reader_task = asyncio.create_task(self._read_loop(dispatch))
+
+    async def _read_loop(
+        self, dispatch: Callable[[Session, Request], Coroutine[Any, Any, None]] | None
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            # Messages that came in the same read as the handshake.
+            while (msg := self.conn.next_event()) is not None:
+                self._route(msg, dispatch)
+            while True:
+                data = await self.reader.read(READ_CHUNK)
+                if not data:
+                    self.conn.receive_eof()
+                    # Frames that arrived just before the end still count.
+                    while (msg := self.conn.next_event()) is not None:
+                        self._route(msg, dispatch)
+                    break
+                self.conn.receive_data(data)
+                while (msg := self.conn.next_event()) is not None:
+                    self._route(msg, dispatch)
+                self._flush_protocol()
+        except (FerryError, OSError, ssl.SSLError) as exc:
+            error = exc
+            self._flush_protocol()
+        except asyncio.CancelledError:
+            error = ProtocolError("connection closed")
+        finally:
+            self._finish(error)
+
+    def _route(
+        self, msg: Message, dispatch: Callable[[Session, Request], Coroutine[Any, Any, None]] | None
+    ) -> None:
+        if isinstance(msg, Reply):
+            pending = self._pending.get(msg.id)
+            if pending and not pending.future.done():
+                pending.future.set_result(dict(msg.result))
+        elif isinstance(msg, ErrorReply):
+            if msg.id is None:
+                # A connection-level refusal: every waiter learns why.
+                self._fail_all(msg.error)
+                return
+            pending = self._pending.get(msg.id)
+            if pending and not pending.future.done():
+                pending.future.set_exception(msg.error)
+        elif isinstance(msg, Event):
+            pending = self._pending.get(msg.id) if msg.id is not None else None
+            if pending and pending.on_event:
+                try:
+                    pending.on_event(msg.event, dict(msg.data))
+                except Exception:  # a display bug must not kill the session
+                    log.exception("event handler failed")
+        elif isinstance(msg, Request):
+            if dispatch is None:
+                self.send_nowait(
+                    ErrorReply(
+                        id=msg.id, error=UnknownOp(f"this side serves no requests: {msg.op!r}")
+                    )
+                )
+                return
+            task = asyncio.create_task(dispatch(self, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for pending in list(self._pending.values()):
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        self.close_error = error
+        self._fail_all(
+            error if isinstance(error, FerryError) else ProtocolError(f"connection lost: {error}")
+            if error
+            else ProtocolError("connection closed by peer")
+        )
+        self._closed.set()
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the read loop has ended."""
+        await self._closed.wait()
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended."""
+        return self._closed.is_set()
+
+    async def close(self) -> None:
+        """Close the connection and cancel in-flight handlers."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._reader_task and not self._reader_task.done():
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _handshake_client(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello, max_frame: int
+) -> Session:
+    conn = Connection(hello, initiator=True, max_frame=max_frame)
+    writer.write(conn.start())
+    await writer.drain()
+    while conn.negotiated is None:
+        data = await reader.read(READ_CHUNK)
+        if not data:
+            conn.receive_eof()
+            raise ProtocolError("peer closed the connection during the handshake")
+        conn.receive_data(data)
+        while conn.negotiated is None and (msg := conn.next_event()) is not None:
+            if isinstance(msg, ErrorReply):
+                raise msg.error
+            if not isinstance(msg, Welcome):
+                raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
+    session = Session(reader, writer, conn)
+    session.start(None)
+    return session
+
+
+async def connect_unix(path: Path, hello: Hello, *, max_frame: int = 1 << 20) -> Session:
+    """Open a session to an agent's admin socket.
+
+    Raises:
+        ProtocolError: on handshake failure; OSError when the socket is absent.
+    """
+    reader, writer = await asyncio.open_unix_connection(str(path), limit=max_frame * 2)
+    try:
+        return await _handshake_client(reader, writer, hello, max_frame)
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def connect_tcp(
+    host: str,
+    port: int,
+    hello: Hello,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None = None,
+    max_frame: int = 1 << 20,
+    timeout: float = 30.0,
+) -> Session:
+    """Open a (TLS) session to a peer agent.
+
+    Raises:
+        ProtocolError, ssl.SSLError, OSError: on failure to connect or negotiate.
+    """
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=server_hostname if ssl_context else None,
+            limit=max_frame * 2,
+        ),
+        timeout,
+    )
+    try:
+        return await asyncio.wait_for(
+            _handshake_client(reader, writer, hello, max_frame), timeout
+        )
+    except BaseException:
+        writer.close()
+        raise
+
+
+def peer_subject(writer: asyncio.StreamWriter) -> Subject:
+    """Who is on the other end: SO_PEERCRED for unix sockets, the cert CN for TLS."""
+    sslobj = writer.get_extra_info("ssl_object")
+    if sslobj is not None:
+        cert = sslobj.getpeercert() or {}
+        cn = None
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    cn = value
+        return Subject(kind="peer", peer=cn)
+    sock: socket.socket | None = writer.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, gid = struct.unpack("3i", creds)
+        return subject_from_ucred(uid, gid)
+    return Subject(kind="peer", peer=None)
+
+
+class Server:
+    """Serves requests on any number of listeners with one handler table."""
+
+    def __init__(
+        self,
+        hello: Hello,
+        handlers: Mapping[str, Handler],
+        *,
+        max_frame: int = 1 << 20,
+        admit: Callable[[Subject], None] | None = None,
+        on_tunnel: TunnelHandler | None = None,
+    ) -> None:
+        """``admit`` may raise AccessDenied to refuse a caller before any op."""
+        self.hello = hello
+        self.handlers = dict(handlers)
+        self.max_frame = max_frame
+        self.admit = admit
+        self.on_tunnel = on_tunnel
+        self.sessions: set[Session] = set()
+
+    async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio.start_server callback: handshake, then serve requests."""
+        conn = Connection(self.hello, initiator=False, max_frame=self.max_frame)
+        try:
+            subject = peer_subject(writer)
+            if self.admit is not None:
+                try:
+                    self.admit(subject)
+                except FerryError as exc:
+                    writer.write(conn.send(ErrorReply(id=None, error=exc)))
+                    await writer.drain()
+                    return
+            while conn.negotiated is None:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    return
+                msg: Message | None = None
+                try:
+                    conn.receive_data(data)
+                    msg = conn.next_event()
+                finally:
+                    out = conn.data_to_send()
+                    if out:
+                        writer.write(out)
+                        await writer.drain()
+                if isinstance(msg, Tunnel):
+                    if self.on_tunnel is None:
+                        return
+                    tunnel_session = Session(reader, writer, conn, subject=subject)
+                    await self.on_tunnel(tunnel_session, msg)
+                    return
+            session = Session(reader, writer, conn, subject=subject)
+            self.sessions.add(session)
+            session.start(self._dispatch)
+            await session.wait_closed()
+            self.sessions.discard(session)
+        except (FerryError, OSError, ssl.SSLError) as exc:
+            log.info("connection refused or dropped: %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _dispatch(self, session: Session, request: Request) -> None:
+        handler = self.handlers.get(request.op)
+        try:
+            if handler is None:
+                raise UnknownOp(f"unknown op {request.op!r}", op=request.op)
+            args = validate_args(request.op, request.args)
+            ctx = RequestContext(session, request.id, request.op, session.subject)
+            result = await handler(ctx, args)
+            session.send_nowait(Reply(id=request.id, result=result))
+        except FerryError as exc:
+            session.send_nowait(ErrorReply(id=request.id, error=exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must still get an answer, not a hang
+            log.exception("handler for %s failed", request.op)
+            session.send_nowait(
+                ErrorReply(id=request.id, error=FerryError(f"internal error in {request.op}: {exc}"))
+            )
+        with contextlib.suppress(Exception):
+            await session.writer.drain()
+

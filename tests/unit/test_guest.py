@@ -1,0 +1,387 @@
+"""The test guest (tools/guest): build, boot under TCG and KVM, dirty rates,
+and proof that the verifier catches corrupted and stale pages.
+
+Each qemu is started from an argv list and killed in a fixture finaliser.
+Waits are conditions with timeouts (SerialReader.wait_for), never sleeps.
+Measured figures are printed (run with -s to see them) and attached as
+junit properties.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools" / "guest"))
+
+import testguest  # noqa: E402
+from testguest import BootInfo, Report  # noqa: E402
+
+QEMU = shutil.which("qemu-system-x86_64")
+HAVE_BINUTILS = shutil.which("as") is not None and shutil.which("ld") is not None
+
+
+def _kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+KVM = _kvm_usable()
+
+needs_binutils = pytest.mark.skipif(not HAVE_BINUTILS, reason="GNU as/ld (binutils) not installed")
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+needs_kvm = pytest.mark.skipif(not KVM, reason="/dev/kvm cannot be opened")
+ACCELS = ["tcg", pytest.param("kvm", marks=needs_kvm)]
+FAST_ACCEL = "kvm" if KVM else "tcg"  # for tests that need time to pass in the guest
+
+BOOT_TIMEOUT = 40.0  # KVM here: SeaBIOS alone takes ~3 s
+
+
+# ---------------------------------------------------------------------------
+# pure unit tests
+
+
+def test_cmdline() -> None:
+    assert testguest.cmdline(wss_mib=16) == "wss=16 rate=0 report=200 seed=1"
+    assert (
+        testguest.cmdline(wss_mib=64, rate_mib_s=50, report_ms=100, seed=7)
+        == "wss=64 rate=50 report=100 seed=7"
+    )
+    with pytest.raises(ValueError):
+        testguest.cmdline(wss_mib=-1)
+    with pytest.raises(ValueError):
+        testguest.cmdline(wss_mib=1, report_ms=5)
+
+
+def test_parse_lines() -> None:
+    boot = testguest.parse_line(
+        "FERRY-GUEST boot mem_mib=128 wss=16 rate=0 report=200 seed=1 tsc_khz=2597804 "
+        "tsc_src=pit first_pfn=272 pages=32464 wss_pages=4096\r",
+        1.5,
+    )
+    assert isinstance(boot, BootInfo)
+    assert (boot.mem_mib, boot.wss_pages, boot.tsc_source) == (128, 4096, "pit")
+    assert boot.host_time == 1.5
+    rep = testguest.parse_line(
+        "FERRY-GUEST counter=2 gen=475904 dirtied_mib=1859 verified=59488 bad=0 "
+        "sum=4c651776645279bc mem_mib=128 ms=496 sweeps=1 last_bad=0"
+    )
+    assert isinstance(rep, Report)
+    assert (
+        rep.counter,
+        rep.generation,
+        rep.dirtied_mib,
+        rep.verified_pages,
+        rep.bad_pages,
+        rep.checksum,
+        rep.guest_ms,
+        rep.sweeps,
+    ) == (2, 475904, 1859, 59488, 0, 0x4C651776645279BC, 496, 1)
+    fault = testguest.parse_line("FERRY-GUEST fault vec=6 err=0 rip=100abc")
+    assert isinstance(fault, str) and "vec=6" in fault
+    # partial lines (connected mid-line) and noise are ignored
+    assert testguest.parse_line("ed=59488 bad=0 sum=4c65") is None
+    assert testguest.parse_line("FERRY-GUEST counter=2 gen=47") is None
+    assert testguest.parse_line("SeaBIOS (version 1.16.2)") is None
+
+
+def test_page_format_and_static_sum() -> None:
+    words = testguest.page_words(300, 5, 9)
+    assert len(words) == 512 and words[:2] == [300, 5]
+    assert testguest.page_words(300, 6, 9)[4:] != words[4:]  # a rewrite changes every word
+    assert all(a != b for a, b in zip(testguest.page_words(300, 6, 9)[3:], words[3:], strict=True))
+    boot = BootInfo(
+        mem_mib=1,
+        wss_mib=0,
+        rate_mib_s=0,
+        report_ms=200,
+        seed=9,
+        tsc_khz=1,
+        tsc_source="pit",
+        first_pfn=300,
+        pages=3,
+        wss_pages=1,
+        raw="",
+    )
+    assert testguest.expected_static_sum(boot) == (
+        testguest.page_words(301, 0, 9)[3] ^ testguest.page_words(302, 0, 9)[3]
+    )
+
+
+def test_dirty_rate() -> None:
+    def rep(gen: int, ms: int) -> Report:
+        return Report(
+            counter=1,
+            generation=gen,
+            dirtied_mib=gen // 256,
+            verified_pages=0,
+            bad_pages=0,
+            checksum=0,
+            raw="",
+            guest_ms=ms,
+        )
+
+    assert testguest.dirty_rate_mib_s(rep(0, 1000), rep(256 * 100, 3000)) == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        testguest.dirty_rate_mib_s(rep(0, 1000), rep(10, 1000))
+
+
+def test_build_reports_missing_tools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(testguest.GuestBuildError, match="binutils"):
+        testguest.build(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# build
+
+
+@pytest.fixture(scope="module")
+def guest_elf() -> Path:
+    if not HAVE_BINUTILS:
+        pytest.skip("GNU as/ld (binutils) not installed")
+    elf: Path = testguest.build()
+    return elf
+
+
+@needs_binutils
+def test_build_is_cached_and_multiboot(guest_elf: Path, tmp_path: Path) -> None:
+    assert guest_elf.name == "guest.elf" and guest_elf.parent.name.startswith("ferry-guest-")
+    assert testguest.build() == guest_elf
+    first = testguest.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert testguest.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    data = first.read_bytes()
+    assert data[:5] == b"\x7fELF\x01"  # ELF32: qemu's multiboot loader refuses ELF64
+    off = data.find((0x1BADB002).to_bytes(4, "little"))
+    assert 0 <= off < 8192 and off % 4 == 0
+    assert data == guest_elf.read_bytes()  # reproducible
+
+
+# ---------------------------------------------------------------------------
+# qemu
+
+
+@dataclass
+class Guest:
+    proc: subprocess.Popen[bytes]
+    serial: testguest.SerialReader
+    workdir: Path
+    stderr_path: Path
+    started: float = field(default_factory=time.monotonic)
+    gdb_socket: Path | None = None
+
+    def stderr(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.stderr_path.read_text(errors="replace").strip()
+        return ""
+
+    def wait_for(self, predicate: Callable[[Report], bool], timeout: float) -> Report:
+        try:
+            return self.serial.wait_for(predicate, timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\nqemu exit={self.proc.poll()} stderr:\n{self.stderr()}") from e
+
+    def wait_for_boot(self, timeout: float = BOOT_TIMEOUT) -> BootInfo:
+        try:
+            return self.serial.wait_for_boot(timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\nqemu exit={self.proc.poll()} stderr:\n{self.stderr()}") from e
+
+
+StartGuest = Callable[..., Guest]
+
+
+@pytest.fixture
+def start_guest(guest_elf: Path) -> Iterator[StartGuest]:
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    procs: list[subprocess.Popen[bytes]] = []
+    readers: list[testguest.SerialReader] = []
+    workdirs: list[Path] = []
+
+    def start(*, accel: str, append: str, mem_mib: int = 128, gdb: bool = False) -> Guest:
+        # unix socket paths must stay short: not under pytest's tmp_path
+        workdir = Path(tempfile.mkdtemp(prefix="ferry-tg-"))
+        workdirs.append(workdir)
+        serial_sock = workdir / "serial.sock"
+        extra = ["-no-reboot"]
+        gdb_sock = None
+        if gdb:
+            gdb_sock = workdir / "gdb.sock"
+            extra += [
+                "-chardev",
+                f"socket,id=gdb0,path={gdb_sock},server=on,wait=off",
+                "-gdb",
+                "chardev:gdb0",
+            ]
+        argv = testguest.qemu_argv(
+            guest_elf,
+            serial_socket=serial_sock,
+            mem_mib=mem_mib,
+            append=append,
+            accel=accel,
+            qemu=str(QEMU),
+            extra=extra,
+        )
+        stderr_path = workdir / "qemu.stderr"
+        started = time.monotonic()
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
+        procs.append(proc)
+        reader = testguest.SerialReader(serial_sock)
+        readers.append(reader)
+        return Guest(
+            proc=proc,
+            serial=reader,
+            workdir=workdir,
+            stderr_path=stderr_path,
+            started=started,
+            gdb_socket=gdb_sock,
+        )
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+        for reader in readers:
+            reader.close()
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _assert_healthy_run(guest: Guest, boot: BootInfo) -> Report:
+    """Counter past 3 with bad=0, then a completed sweep with the right sum."""
+    rep = guest.wait_for(lambda r: r.counter > 3, timeout=30)
+    assert rep.bad_pages == 0, rep.raw
+    rep = guest.wait_for(lambda r: r.sweeps >= 1 and r.counter > 3, timeout=60)
+    assert rep.bad_pages == 0, rep.raw
+    assert rep.checksum == testguest.expected_static_sum(boot), rep.raw
+    reports = guest.serial.reports()
+    counters = [r.counter for r in reports]
+    assert counters == sorted(counters) and len(set(counters)) == len(counters)
+    assert guest.serial.boot_count == 1 and guest.serial.fault is None
+    return rep
+
+
+@needs_qemu
+@pytest.mark.parametrize("accel", ACCELS)
+def test_boot_and_dirty_flat_out(
+    accel: str, start_guest: StartGuest, record_property: Callable[[str, object], None]
+) -> None:
+    guest = start_guest(
+        accel=accel, append=testguest.cmdline(wss_mib=16, rate_mib_s=0, report_ms=100)
+    )
+    boot = guest.wait_for_boot()
+    assert boot.mem_mib == 128
+    assert (boot.wss_mib, boot.rate_mib_s, boot.report_ms, boot.seed) == (16, 0, 100, 1)
+    assert boot.wss_pages == 16 * 256 and boot.pages > 120 * 256
+    assert boot.tsc_source in ("pit", "cpuid") and boot.tsc_khz > 10_000
+    assert boot.tsc_err_ppm < 10_000, boot.raw  # calibrated to better than 1 %
+
+    first_report = guest.wait_for(lambda r: True, timeout=30)
+    first = guest.wait_for(lambda r: r.counter >= 2, timeout=30)
+    _assert_healthy_run(guest, boot)
+    last = guest.wait_for(lambda r: r.guest_ms >= first.guest_ms + 1000, timeout=30)
+    rate = testguest.dirty_rate_mib_s(first, last)
+    print(
+        f"\n[{accel}] dirty rate {rate:.0f} MiB/s flat out (wss=16 MiB); boot line "
+        f"{boot.host_time - guest.started:.2f}s, first report "
+        f"{first_report.host_time - guest.started:.2f}s after qemu start; "
+        f"TSC {boot.tsc_khz} kHz ({boot.tsc_source}, ±{boot.tsc_err_ppm} ppm)"
+    )
+    record_property(f"dirty_rate_mib_s_{accel}", round(rate))
+    assert last.bad_pages == 0, last.raw
+    if accel == "kvm":
+        assert rate >= 500, f"only {rate:.0f} MiB/s under KVM"
+    else:
+        assert rate > 0
+
+
+@needs_qemu
+def test_rate_limited(
+    start_guest: StartGuest, record_property: Callable[[str, object], None]
+) -> None:
+    guest = start_guest(
+        accel=FAST_ACCEL, append=testguest.cmdline(wss_mib=16, rate_mib_s=50, report_ms=100)
+    )
+    boot = guest.wait_for_boot()
+    assert boot.rate_mib_s == 50
+    first = guest.wait_for(lambda r: r.counter >= 2, timeout=30)
+    last = guest.wait_for(lambda r: r.guest_ms >= first.guest_ms + 2000, timeout=30)
+    rate = testguest.dirty_rate_mib_s(first, last)
+    # the guest's clock (TSC calibrated against the PIT) against the host's
+    clock_ratio = (last.guest_ms - first.guest_ms) / 1000 / (last.host_time - first.host_time)
+    print(f"\n[{FAST_ACCEL}] rate=50 -> {rate:.1f} MiB/s; guest/host clock {clock_ratio:.3f}")
+    record_property("rate_limited_mib_s", round(rate, 1))
+    assert 35 <= rate <= 65, last.raw
+    assert 0.8 <= clock_ratio <= 1.2
+    assert last.bad_pages == 0, last.raw
+
+
+@needs_qemu
+def test_fault_is_reported(start_guest: StartGuest) -> None:
+    guest = start_guest(accel="tcg", append="wss=1 crash=1")
+    guest.wait_for_boot()
+    with pytest.raises(testguest.GuestFault, match="vec=6"):  # ud2: #UD
+        guest.wait_for(lambda r: True, timeout=20)
+
+
+@needs_qemu
+def test_detects_stale_and_corrupted_pages(start_guest: StartGuest) -> None:
+    """Write guest memory through qemu's gdbstub (qemu 7.2 has no QMP/HMP
+    command that writes guest memory): a working-set page put back to an
+    older generation (what a lost dirty page looks like after a migration)
+    and a flipped byte in a static page must both be reported as bad."""
+    # slow rewriting (1 MiB at 1 MiB/s: each page rewritten once a second)
+    # so the verifier sees the stale page before the guest rewrites it
+    guest = start_guest(
+        accel=FAST_ACCEL, gdb=True, append=testguest.cmdline(wss_mib=1, rate_mib_s=1, report_ms=50)
+    )
+    boot = guest.wait_for_boot()
+    assert guest.gdb_socket is not None
+    start = guest.wait_for(lambda r: r.counter >= 2 and r.sweeps >= 1, timeout=30)
+    assert start.bad_pages == 0, start.raw
+
+    stale_pfn = boot.first_pfn + 7
+    with testguest.GdbStub(guest.gdb_socket) as gdb:  # connecting pauses the guest
+        old = gdb.read(stale_pfn * 4096, 4096)
+        gen = int.from_bytes(old[8:16], "little")
+        assert old == testguest.page_bytes(stale_pfn, gen, boot.seed)
+        gdb.detach()
+    # one full cycle over the working set later, the page has a newer generation
+    guest.wait_for(lambda r: r.generation >= start.generation + boot.wss_pages + 16, timeout=30)
+    assert guest.serial.latest() is not None and guest.serial.latest().bad_pages == 0  # type: ignore[union-attr]
+    with testguest.GdbStub(guest.gdb_socket) as gdb:
+        gdb.write(stale_pfn * 4096, old)
+        gdb.detach()
+    rep = guest.wait_for(lambda r: r.bad_pages > 0, timeout=20)
+    assert rep.last_bad == stale_pfn, rep.raw
+
+    static_pfn = boot.first_pfn + boot.wss_pages + 1000
+    with testguest.GdbStub(guest.gdb_socket) as gdb:
+        byte = gdb.read(static_pfn * 4096 + 0x800, 1)
+        gdb.write(static_pfn * 4096 + 0x800, bytes([byte[0] ^ 0x01]))
+        gdb.detach()
+    rep = guest.wait_for(lambda r: r.last_bad == static_pfn, timeout=20)
+    assert rep.bad_pages > 0
+    assert guest.serial.boot_count == 1

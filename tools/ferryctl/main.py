@@ -1,0 +1,404 @@
+"""ferryctl: the admin CLI (virsh-like verbs) for Ferry's agents.
+
+ferryctl only speaks the wire protocol to the agents' admin sockets; it
+never imports agent internals.  Every verb takes ``--json`` for scripts;
+errors print ``error: <message> (<code>)`` on stderr and exit 1, usage
+errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from ferry.errors import FerryError, FlagError
+from ferry.flags import MigrationFlags, MigrationParams, validate
+from ferry.rpc import Session, connect_unix, make_hello
+
+from . import progress
+
+__all__ = ["main"]
+
+CLIENT_UUID = "00000000-0000-0000-0000-000000000000"
+DEFAULT_SOURCE_SOCKET = Path(os.environ.get("FERRY_SOURCE_SOCKET", "/run/ferry/source.sock"))
+DEFAULT_DEST_SOCKET = Path(os.environ.get("FERRY_DESTINATION_SOCKET", "/run/ferry/destination.sock"))
+
+Command = Callable[[argparse.Namespace, Session], Coroutine[Any, Any, int]]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=True, default=str))
+
+
+async def _open(args: argparse.Namespace) -> Session:
+    hello = make_hello(CLIENT_UUID, socket.gethostname(), "client")
+    path = Path(args.connect)
+    try:
+        return await connect_unix(path, hello)
+    except FileNotFoundError:
+        raise FerryError(f"cannot connect to {path}: no such socket (is the agent running?)") from None
+    except PermissionError:
+        raise FerryError(f"cannot connect to {path}: permission denied") from None
+    except ConnectionRefusedError:
+        raise FerryError(f"cannot connect to {path}: connection refused (agent not running?)") from None
+
+
+# -- simple verbs ---------------------------------------------------------
+
+
+def _simple(op: str, *fields: str, message: str | None = None) -> Command:
+    """A verb that sends one request and prints a short confirmation."""
+
+    async def run(args: argparse.Namespace, session: Session) -> int:
+        request = {f: getattr(args, f) for f in fields}
+        result = await session.request(op, request)
+        if args.json:
+            _print_json(result)
+        elif message:
+            print(message.format(**{**request, **result}))
+        return 0
+
+    return run
+
+
+async def _define(args: argparse.Namespace, session: Session) -> int:
+    try:
+        xml = Path(args.file).read_text()
+    except OSError as exc:
+        raise FerryError(f"cannot read {args.file}: {exc.strerror}") from None
+    result = await session.request("define", {"xml": xml})
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Domain '{result['name']}' defined from {args.file}")
+    return 0
+
+
+async def _list(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("list", {"all": args.all})
+    domains = result.get("domains", [])
+    if args.json:
+        _print_json(domains)
+        return 0
+    print(f" {'Id':<6} {'Name':<30} State")
+    print("-" * 50)
+    for dom in domains:
+        ident = str(dom.get("id") or "-")
+        print(f" {ident:<6} {dom['name']:<30} {dom['state']}")
+    return 0
+
+
+async def _dominfo(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("info", {"name": args.name})
+    if args.json:
+        _print_json(result)
+        return 0
+    labels = [
+        ("Name", "name"),
+        ("UUID", "uuid"),
+        ("State", "state"),
+        ("Reason", "reason"),
+        ("Persistent", "persistent"),
+        ("CPU(s)", "vcpus"),
+        ("Max memory", "memory_kib"),
+        ("Type", "type"),
+        ("PID", "pid"),
+        ("Job", "job"),
+    ]
+    for label, key in labels:
+        value = result.get(key)
+        if value is None:
+            continue
+        if key == "memory_kib":
+            value = f"{value} KiB"
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        print(f"{label + ':':<16}{value}")
+    return 0
+
+
+async def _dumpxml(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("dumpxml", {"name": args.name, "inactive": args.inactive})
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write(result["xml"])
+        if not result["xml"].endswith("\n"):
+            print()
+    return 0
+
+
+async def _snapshot_list(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("snapshot_list", {"name": args.name})
+    snaps = result.get("snapshots", [])
+    if args.json:
+        _print_json(snaps)
+        return 0
+    print(f" {'Name':<30} Creation Time")
+    print("-" * 60)
+    for snap in snaps:
+        print(f" {snap['name']:<30} {snap.get('created', '')}")
+    return 0
+
+
+async def _jobinfo(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("job_info", {"name": args.name})
+    if args.json:
+        _print_json(result)
+        return 0
+    if not result.get("job"):
+        print("Job type:       None")
+        return 0
+    for key, value in result.items():
+        print(f"{key.replace('_', ' ').capitalize() + ':':<24}{value}")
+    return 0
+
+
+# -- migrate -------------------------------------------------------------
+
+
+def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, MigrationParams]:
+    flags = MigrationFlags.PEER2PEER
+    for option, flag in (
+        ("live", MigrationFlags.LIVE),
+        ("persistent", MigrationFlags.PERSIST_DEST),
+        ("undefine_source", MigrationFlags.UNDEFINE_SOURCE),
+        ("paused", MigrationFlags.PAUSED),
+        ("offline", MigrationFlags.OFFLINE),
+        ("auto_converge", MigrationFlags.AUTO_CONVERGE),
+        ("abort_on_error", MigrationFlags.ABORT_ON_ERROR),
+        ("unsafe", MigrationFlags.UNSAFE),
+        ("tunnelled", MigrationFlags.TUNNELLED),
+        ("parallel", MigrationFlags.PARALLEL),
+        ("compressed", MigrationFlags.COMPRESSED),
+        ("postcopy", MigrationFlags.POSTCOPY),
+        ("change_protection", MigrationFlags.CHANGE_PROTECTION),
+    ):
+        if getattr(args, option, False):
+            flags |= flag
+    dest_xml = None
+    if args.xml:
+        try:
+            dest_xml = Path(args.xml).read_text()
+        except OSError as exc:
+            raise FerryError(f"cannot read {args.xml}: {exc.strerror}") from None
+    params = MigrationParams(
+        dest_name=args.dname,
+        dest_xml=dest_xml,
+        migrate_uri=args.migrate_uri,
+        bandwidth_mib=args.bandwidth,
+        max_downtime_ms=args.max_downtime,
+        auto_converge_initial=args.auto_converge_initial,
+        auto_converge_increment=args.auto_converge_increment,
+        parallel_connections=args.parallel_connections,
+        timeout_s=args.timeout,
+    )
+    return validate(flags, params), params
+
+
+async def _migrate(args: argparse.Namespace, session: Session) -> int:
+    flags, params = _migration_request(args)
+    display = progress.make_display(json_lines=args.json, verbose=args.verbose)
+    loop = asyncio.get_running_loop()
+    aborting = False
+
+    async def abort() -> None:
+        with contextlib.suppress(FerryError):
+            await session.request("job_abort", {"name": args.name}, timeout=30)
+
+    def on_sigint() -> None:
+        nonlocal aborting
+        if aborting:
+            return
+        aborting = True
+        display.note("interrupted: aborting the migration (the VM stays on the source)")
+        loop.create_task(abort())
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        with display:
+            result = await session.request(
+                "migrate",
+                {
+                    "name": args.name,
+                    "dest_uri": args.dest_uri,
+                    "flags": int(flags),
+                    "params": params.to_wire(),
+                },
+                on_event=display.event,
+            )
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    display.finish(result)
+    return 0
+
+
+async def _journal(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request(
+        "journal_query",
+        {"migration_id": args.migration, "domain": args.name, "since": None},
+    )
+    entries = result.get("entries", [])
+    if args.json:
+        for entry in entries:
+            _print_json(entry)
+        return 0
+    progress.print_journal(entries)
+    return 0
+
+
+# -- argument parsing ----------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole CLI: global options and one sub-command per verb."""
+    parser = argparse.ArgumentParser(
+        prog="ferryctl",
+        description="Manage Ferry's agents: define and run domains, migrate them live between hosts.",
+    )
+    parser.add_argument(
+        "-c",
+        "--connect",
+        default=str(DEFAULT_SOURCE_SOCKET),
+        help="agent admin socket (default: %(default)s; env FERRY_SOURCE_SOCKET)",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, func: Command | None, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="machine-readable JSON output")
+        if func is not None:
+            p.set_defaults(func=func)
+        return p
+
+    p = verb("define", _define, "define (or redefine) a persistent domain from an XML file")
+    p.add_argument("file")
+    p = verb("undefine", _simple("undefine", "name", message="Domain '{name}' has been undefined"),
+             "remove a domain's persistent definition")
+    p.add_argument("name")
+    p = verb("start", _simple("start", "name", "paused", message="Domain '{name}' started"),
+             "start a defined domain")
+    p.add_argument("name")
+    p.add_argument("--paused", action="store_true", help="leave the CPUs paused")
+    p = verb("shutdown", _simple("shutdown", "name", "timeout", message="Domain '{name}' is shut down"),
+             "shut a domain down gracefully (ACPI), killing it after a timeout")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before qemu is stopped hard")
+    for name, op, msg, text in (
+        ("destroy", "destroy", "Domain '{name}' destroyed", "stop a domain immediately (power cut)"),
+        ("suspend", "suspend", "Domain '{name}' suspended", "pause a running domain's CPUs"),
+        ("resume", "resume", "Domain '{name}' resumed", "resume a paused domain"),
+        ("jobabort", "job_abort", "Job on '{name}' aborted", "abort the domain's running job"),
+    ):
+        p = verb(name, _simple(op, "name", message=msg), text)
+        p.add_argument("name")
+    p = verb("list", _list, "list domains (running ones; --all for defined too)")
+    p.add_argument("--all", action="store_true", help="include inactive domains")
+    p = verb("dominfo", _dominfo, "show a domain's state and resources")
+    p.add_argument("name")
+    p = verb("dumpxml", _dumpxml, "print a domain's XML")
+    p.add_argument("name")
+    p.add_argument("--inactive", action="store_true", help="the persistent definition, not the live one")
+    p = verb("snapshot-create", _simple("snapshot_create", "name", "snapshot", "description",
+             message="Domain snapshot {snapshot} created"), "record snapshot metadata")
+    p.add_argument("name")
+    p.add_argument("snapshot")
+    p.add_argument("--description", default="")
+    p = verb("snapshot-list", _snapshot_list, "list a domain's snapshots")
+    p.add_argument("name")
+    p = verb("snapshot-delete", _simple("snapshot_delete", "name", "snapshot",
+             message="Domain snapshot {snapshot} deleted"), "delete snapshot metadata")
+    p.add_argument("name")
+    p.add_argument("snapshot")
+    p = verb("jobinfo", _jobinfo, "show the domain's running job and its progress")
+    p.add_argument("name")
+    p = verb("migrate-setmaxdowntime", _simple("set_max_downtime", "name", "ms",
+             message="Maximum downtime of '{name}' set to {ms} ms"),
+             "set the tolerated downtime of a running migration")
+    p.add_argument("name")
+    p.add_argument("ms", type=int)
+    p = verb("migrate-setspeed", _simple("set_max_bandwidth", "name", "mib_per_s",
+             message="Migration bandwidth of '{name}' set to {mib_per_s} MiB/s"),
+             "cap the bandwidth of a running migration (0 = unlimited)")
+    p.add_argument("name")
+    p.add_argument("mib_per_s", type=int)
+
+    p = verb("migrate", _migrate, "migrate a domain to another host (peer to peer)")
+    p.add_argument("name")
+    p.add_argument("dest_uri", help="the destination agent, ferry://HOST[:PORT]")
+    p.add_argument("--live", action="store_true", help="keep the VM running during the transfer")
+    p.add_argument("--p2p", action="store_true", help="peer to peer (always on; accepted for virsh habits)")
+    p.add_argument("--persistent", action="store_true", help="persist the definition on the destination")
+    p.add_argument("--undefine-source", action="store_true", help="undefine on the source after success")
+    p.add_argument("--paused", action="store_true", help="leave the VM paused on the destination")
+    p.add_argument("--offline", action="store_true", help="migrate the definition only (not yet supported)")
+    p.add_argument("--auto-converge", action="store_true", help="throttle the guest's CPUs until it converges")
+    p.add_argument("--auto-converge-initial", type=int, metavar="PCT", help="initial throttle percentage")
+    p.add_argument("--auto-converge-increment", type=int, metavar="PCT", help="throttle increment per pass")
+    p.add_argument("--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error")
+    p.add_argument("--unsafe", action="store_true", help="allow disks with unsafe cache modes")
+    p.add_argument("--tunnelled", action="store_true", help="carry the stream through the agents")
+    p.add_argument("--parallel", action="store_true", help="use several migration connections")
+    p.add_argument("--parallel-connections", type=int, metavar="N")
+    p.add_argument("--compressed", action="store_true", help="compress the stream")
+    p.add_argument("--postcopy", action="store_true", help="allow switching to post-copy")
+    p.add_argument("--change-protection", action="store_true", help="refuse domain changes during migration")
+    p.add_argument("--dname", metavar="NEW", help="rename the domain on the destination")
+    p.add_argument("--xml", metavar="FILE", help="domain XML for the destination (ABI-checked)")
+    p.add_argument("--migrate-uri", metavar="URI", help="send the data over this address (tcp:HOST[:PORT])")
+    p.add_argument("--max-downtime", type=int, metavar="MS", help="tolerated downtime in ms")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="bandwidth cap in MiB/s")
+    p.add_argument("--timeout", type=float, metavar="S", help="abort if not done after S seconds")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every progress event")
+
+    p = verb("journal", _journal, "show a domain's or a migration's story from the journal")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--migration", metavar="ID", help="one migration, both hosts merged")
+    p.add_argument("--follow", action="store_true", help="keep printing new entries")
+
+    with contextlib.suppress(ImportError):
+        from ferryctl.pki import add_pki_commands
+
+        add_pki_commands(sub)
+    return parser
+
+
+async def _run(args: argparse.Namespace) -> int:
+    session = await _open(args)
+    try:
+        result: int = await args.func(args, session)
+        return result
+    finally:
+        await session.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ferryctl`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "pki":
+            return int(args.func(args))
+        return asyncio.run(_run(args))
+    except FlagError as exc:
+        print(f"error: {exc} ({exc.code})", file=sys.stderr)
+        return 1
+    except FerryError as exc:
+        print(f"error: {exc} ({exc.code})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Migration progress display and journal printing for ferryctl.
+
+On a terminal a live ``rich`` panel shows the phase, data processed and
+remaining, bandwidth, dirty rate, throttle and predicted time left; with
+``--json`` every event is one JSON object on its own line; on a pipe
+without ``--json`` a plain line per phase change and every few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from types import TracebackType
+from typing import Any
+
+__all__ = ["Display", "make_display", "print_journal"]
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    if n >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / MIB:.1f} MiB"
+
+
+def _rate(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / MIB:.1f} MiB/s"
+
+
+def _secs(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n:.1f} s"
+
+
+class Display:
+    """Base display: plain lines, used on pipes."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self.phase = "begin"
+        self.last: dict[str, Any] = {}
+        self._last_print = 0.0
+
+    def __enter__(self) -> Display:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    def note(self, text: str) -> None:
+        """A message for the operator (stderr, so stdout stays parseable)."""
+        print(text, file=sys.stderr, flush=True)
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        """Handle one event streamed by the agent."""
+        if name == "phase":
+            self.phase = str(data.get("phase"))
+            print(f"phase: {self.phase}", flush=True)
+        elif name == "progress":
+            self.last = data
+            now = time.monotonic()
+            if self.verbose or now - self._last_print > 2.0:
+                self._last_print = now
+                print(self.line(data), flush=True)
+        elif name == "warning":
+            self.note(f"warning: {data.get('message')}")
+
+    def line(self, data: dict[str, Any]) -> str:
+        """One-line summary of a progress sample."""
+        return (
+            f"{self.phase}: processed {_size(data.get('transferred'))}, "
+            f"remaining {_size(data.get('remaining'))}, "
+            f"bandwidth {_rate(data.get('smoothed_bandwidth'))}, "
+            f"dirty {_rate(data.get('dirty_rate'))}, "
+            f"throttle {data.get('throttle_pct', 0)}%, "
+            f"left {_secs(data.get('predicted_remaining_s'))}"
+        )
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Print the outcome."""
+        stats = result.get("stats", {})
+        print(
+            f"Migration completed: {result.get('name')} now runs on {result.get('dest_host')} "
+            f"(total {stats.get('total_time_ms', '-')} ms, downtime {stats.get('downtime_ms', '-')} ms, "
+            f"{_size(stats.get('transferred'))} transferred, throttle {stats.get('throttle_pct', 0)}%)",
+            flush=True,
+        )
+
+
+class JSONDisplay(Display):
+    """One JSON object per event, for scripts."""
+
+    def note(self, text: str) -> None:
+        print(json.dumps({"event": "note", "data": {"message": text}}), flush=True)
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        print(json.dumps({"event": name, "data": data}, default=str), flush=True)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        print(json.dumps({"event": "result", "data": result}, default=str), flush=True)
+
+
+class RichDisplay(Display):
+    """A live panel on a terminal."""
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__(verbose)
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(stderr=False)
+        self.live = Live(self._render(), console=self.console, refresh_per_second=8, transient=False)
+
+    def _render(self) -> Any:
+        from rich.table import Table
+
+        data = self.last
+        table = Table(title="ferry migration", show_header=False, expand=False)
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        total = data.get("total") or 0
+        transferred = data.get("transferred") or 0
+        table.add_row("phase", self.phase)
+        table.add_row("processed", f"{_size(transferred)} of {_size(total)} RAM")
+        table.add_row("remaining", _size(data.get("remaining")))
+        table.add_row("bandwidth", _rate(data.get("smoothed_bandwidth")))
+        table.add_row("dirty rate", _rate(data.get("dirty_rate")))
+        table.add_row("passes", str(data.get("iteration", 0)))
+        table.add_row("throttle", f"{data.get('throttle_pct', 0)} %")
+        converging = data.get("converging")
+        table.add_row("converging", "-" if converging is None else ("yes" if converging else "NO"))
+        table.add_row("time left", _secs(data.get("predicted_remaining_s")))
+        return table
+
+    def __enter__(self) -> Display:
+        self.live.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.live.update(self._render())
+        self.live.__exit__(exc_type, exc, tb)
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "phase":
+            self.phase = str(data.get("phase"))
+        elif name == "progress":
+            self.last = data
+        elif name == "warning":
+            self.console.print(f"[yellow]warning:[/] {data.get('message')}")
+        self.live.update(self._render())
+
+
+def make_display(*, json_lines: bool, verbose: bool = False) -> Display:
+    """Pick the display for the output: JSON lines, a live panel, or plain lines."""
+    if json_lines:
+        return JSONDisplay(verbose)
+    if sys.stdout.isatty():
+        return RichDisplay(verbose)
+    return Display(verbose)
+
+
+def print_journal(entries: list[dict[str, Any]]) -> None:
+    """Print journal entries, one line each, labelled with their host."""
+    for entry in entries:
+        stamp = time.strftime("%H:%M:%S", time.localtime(float(entry.get("timestamp", 0))))
+        frac = f"{float(entry.get('timestamp', 0)) % 1:.3f}"[1:]
+        host = entry.get("host") or entry.get("FERRY_HOST") or "?"
+        agent = entry.get("agent") or entry.get("SYSLOG_IDENTIFIER") or ""
+        phase = entry.get("FERRY_PHASE")
+        tag = f" [{phase}]" if phase else ""
+        print(f"{stamp}{frac} {host:<8} {agent:<18}{tag} {entry.get('message', '')}")

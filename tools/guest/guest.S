@@ -1,0 +1,1286 @@
+/*
+ * Ferry test guest: a tiny multiboot kernel that proves, across a live
+ * migration, that the VM kept running and that its memory is intact, and
+ * that can dirty memory faster than a migration can copy it.
+ *
+ * Build (GNU binutils only; testguest.build() does this):
+ *     as --64 -o guest.o guest.S
+ *     ld -m elf_x86_64 -T guest.ld -z max-page-size=0x1000 -o guest.elf guest.o
+ * The object is x86-64, the linked image is ELF32/i386 (see guest.ld) because
+ * qemu's multiboot loader only takes 32-bit ELF.  Run:
+ *     qemu-system-x86_64 -m 128 -kernel guest.elf \
+ *         -append "wss=16 rate=0 report=200 seed=1" -serial ...
+ *
+ * Command line (multiboot; qemu prepends the kernel file name, which is
+ * ignored like any other unknown token):
+ *     wss=<MiB>      working set rewritten over and over (default 16)
+ *     rate=<MiB/s>   rewrite rate, 0 = as fast as possible (default 0)
+ *     report=<ms>    report period (default 200, minimum 10)
+ *     seed=<n>       pattern seed (default 1)
+ *     crash=1        execute ud2 after the boot line (tests the fault path)
+ * Numbers are decimal or 0x-prefixed hex.
+ *
+ * Privilege split.  On the machine this was written for, /dev/kvm is
+ * software-assisted: guest ring 0 (and real mode) runs at about 1.5 million
+ * instructions per second while ring 3 runs natively; syscall and int $n
+ * misbehave, and ring 3 always runs with IOPL 0 whatever RFLAGS says (an
+ * `out' from ring 3 raises #GP even after iretq with IOPL 3).  So:
+ *   - ring 0 only builds the page tables, GDT, TSS and IDT, enters long mode,
+ *     initialises COM1 and iretq's to ring 3 with RFLAGS = 0x2 (IOPL 0, IF 0);
+ *   - all the work (command line, filling, rewriting, verifying, pacing,
+ *     formatting) runs in ring 3 with interrupts disabled for the whole life
+ *     of the guest: no interrupts, no syscalls;
+ *   - the only port I/O after boot is done in ring 0 through a "service
+ *     call": ring 3 executes `hlt' (privileged, so #GP), the #GP handler sees
+ *     a ring-3 hlt, skips it, does the service (eax: 1 = write a line to
+ *     COM1, 2 = one PIT measurement) and iretq's.  One trap per report line
+ *     (about 150 bytes written from ring 0, ~1 ms here) and five at boot.
+ *     The same path runs under TCG (IOPL 0 there too), so both accelerators
+ *     execute identical code;
+ *   - any other exception goes through the IDT to a ring-0 handler that
+ *     prints a "fault" line and halts.
+ *
+ * Memory layout (physical = virtual, identity mapped with 2 MiB pages, user
+ * accessible, over [0, 1 MiB + mem_upper) rounded up to 2 MiB, at most 4 GiB):
+ *     0x009000             multiboot info (qemu), command line after the kernel
+ *     0x100000 .. _kernel_end   this kernel: code, GDT/IDT/TSS, page tables,
+ *                          stacks and all variables (.data, file-backed zeros)
+ *     region_start .. ram_end   the test region: every 4 KiB page from the
+ *                          first page after the kernel and the command line
+ *                          up to 1 MiB + mem_upper (multiboot memory info)
+ *
+ * Test region pages.  Page with frame number pfn and generation g holds 512
+ * little-endian quadwords:
+ *     q[0] = pfn
+ *     q[1] = g
+ *     q[2] = PAGE_MAGIC ^ seed
+ *     q[3] = c = mix(pfn, g, seed)               (splitmix64 finaliser)
+ *     q[i] = c + i * K_STEP       for i = 4 .. 511
+ * so any page can be verified on its own, and every rewrite changes every
+ * quadword of the page.  The working set is the first wss_pages pages of the
+ * region, rewritten cyclically: after G rewrites in total (G = "gen"), page j
+ * of the working set must have generation G / W + (j < G % W ? 1 : 0) and
+ * every other page generation 0.  The verifier checks the header against that
+ * expectation, so a page that came back from an older generation (a stale
+ * page after a migration) is caught as well as a corrupted one.
+ *
+ * Main loop: with rate=0, rewrite 256 pages (1 MiB) then verify 32 pages;
+ * with rate>0, rewrite 16 pages whenever the TSC says they are due, else
+ * verify 8 pages.  Every report period one line goes to COM1:
+ *     FERRY-GUEST counter=<n> gen=<G> dirtied_mib=<G/256> verified=<pages>
+ *         bad=<n> sum=<16 hex> mem_mib=<n> ms=<guest ms> sweeps=<n>
+ *         last_bad=<pfn>
+ * counter increments every report (it only resets on a reboot), verified
+ * counts page verifications, bad counts failed ones (cumulative; a page that
+ * stays bad is counted again every sweep), sum is the XOR of q[3] over the
+ * pages outside the working set as read by the last complete sweep (constant
+ * for a given memory size and seed, 0 before the first sweep completes),
+ * ms is guest time since ring-3 entry by the TSC, sweeps counts complete
+ * verification sweeps over the whole region, last_bad is the pfn of the last
+ * bad page (0 if none).  The boot line comes first:
+ *     FERRY-GUEST boot mem_mib=<n> wss=<MiB> rate=<MiB/s> report=<ms>
+ *         seed=<n> tsc_khz=<n> tsc_src=<pit|cpuid|default> tsc_err_ppm=<n>
+ *         first_pfn=<n> pages=<n> wss_pages=<n>
+ * and a fault prints
+ *     FERRY-GUEST fault vec=<n> err=<hex> rip=<hex> cs=<hex> rflags=<hex>
+ *         cr2=<hex>
+ * or, if there is no RAM above the kernel, "FERRY-GUEST fault reason=no-memory".
+ * Output to COM1 (0x3f8, 115200 8N1, FIFO, no interrupts) polls LSR.THRE and
+ * then fills the 16-byte FIFO; a wait longer than 2 ms drops the rest of the
+ * line, so a host that stops reading the serial port cannot stall the guest.
+ *
+ * TSC calibration: if CPUID reports a hypervisor whose leaf range includes
+ * 0x40000010 (KVM with invtsc and vmware-cpuid-freq=on), EAX of that leaf is
+ * the TSC frequency in kHz (tsc_src=cpuid).  Otherwise (the default qemu64
+ * CPU, and TCG) the PIT (tsc_src=pit), measured in ring 0 (service call 2,
+ * see pit_measure): channel 2 counts down in mode 0 (gate on, speaker off via
+ * port 0x61); the loop latches the count (port 0x43, read from port 0x42)
+ * between two rdtsc, takes the tightest such bracket in the first 2.5 ms and
+ * the tightest between 30 and 35 ms, and divides.  A vCPU descheduled by a
+ * busy host only widens brackets, which are then not used, so the result
+ * holds under load (measured: within 0.01 % with six guests on two host
+ * CPUs, where simply waiting for OUT2 was off by up to 75 %).  Ring 3 repeats
+ * the measurement (at most 8 times) until the uncertainty is below 200 ppm
+ * and keeps the best; the boot line shows it as tsc_err_ppm.  Under TCG the
+ * TSC is the host's and the PIT runs on qemu's virtual clock (real time), so
+ * this works there too.  A result outside 10 MHz .. 100 GHz makes the guest
+ * assume 1 GHz (tsc_src=default).  All pacing and the "ms" field use it.
+ */
+
+        .set MB_MAGIC,          0x1BADB002
+        .set MB_FLAGS,          0x00000003      /* align modules, memory info */
+        .set MB_BOOT_MAGIC,     0x2BADB002
+
+        .set KCODE,             0x08
+        .set KDATA,             0x10
+        .set UDATA,             0x18
+        .set UCODE,             0x20
+        .set TSSSEL,            0x28
+
+        .set COM1,              0x3f8
+        .set PIT_HZ,            1193182
+        .set PIT_START_WINDOW,  3000            /* 2.5 ms: pick the start sample */
+        .set PIT_END_WINDOW,    36000           /* 30.2 ms .. */
+        .set PIT_END,           42000           /* .. 35.2 ms: pick the end sample */
+        .set PIT_ATTEMPTS,      8
+        .set PIT_GOOD_PPM,      200             /* stop at this uncertainty */
+
+        .set PAGE_MAGIC,        0x4741505952524546      /* "FERRYPAG" */
+        .set K_STEP,            0x9E3779B97F4A7C15
+        .set MIX_A,             0x9E3779B97F4A7C15
+        .set MIX_B,             0xC2B2AE3D27D4EB4F
+        .set MIX_C,             0x165667B19E3779F9
+        .set MIX_M1,            0xBF58476D1CE4E5B9
+        .set MIX_M2,            0x94D049BB133111EB
+
+        .set SVC_WRITE,         1               /* ring-3 service calls */
+        .set SVC_PIT,           2
+        .set LINEBUF_SIZE,      512
+
+        .set FAST_WRITE_PAGES,  256
+        .set FAST_VERIFY_PAGES, 32
+        .set PACED_WRITE_PAGES, 16
+        .set PACED_VERIFY_PAGES, 8
+
+/* ------------------------------------------------------------------------ */
+        .section .multiboot, "a"
+        .balign 4
+multiboot_header:
+        .long MB_MAGIC
+        .long MB_FLAGS
+        .long -(MB_MAGIC + MB_FLAGS)
+
+/* ------------------------------------------------------------------------ */
+/* Ring 0, 32-bit protected mode: entered by the multiboot loader with
+ * EAX = 0x2BADB002, EBX = multiboot info, flat segments, paging off, IF = 0.
+ * Kept as short as possible: ring 0 is slow here.                           */
+        .text
+        .code32
+        .globl _start
+_start:
+        cli
+        cld
+        movl $stack0_top, %esp
+        movl %ebx, mbi_ptr
+        movl %eax, mb_magic
+
+        /* number of 2 MiB pages: ceil((1 MiB + mem_upper) / 2 MiB), max 2048 */
+        movl $32, %ecx                  /* no memory info: map 64 MiB */
+        cmpl $MB_BOOT_MAGIC, %eax
+        jne 1f
+        testl $1, (%ebx)
+        jz 1f
+        movl 8(%ebx), %ecx              /* mem_upper, KiB above 1 MiB */
+        addl $1024 + 2047, %ecx
+        shrl $11, %ecx
+        cmpl $2048, %ecx
+        jbe 1f
+        movl $2048, %ecx
+1:
+        movl %ecx, map_2m_pages
+        movl $pdpt + 7, pml4            /* present, writable, user */
+        movl $pd + 0x0007, pdpt
+        movl $pd + 0x1007, pdpt + 8
+        movl $pd + 0x2007, pdpt + 16
+        movl $pd + 0x3007, pdpt + 24
+        movl $pd, %edi
+        movl $0x87, %eax                /* present, writable, user, 2 MiB */
+2:      movl %eax, (%edi)
+        addl $8, %edi
+        addl $0x200000, %eax
+        decl %ecx
+        jnz 2b
+
+        lgdt gdt_ptr
+        movw $KDATA, %ax
+        movw %ax, %ds
+        movw %ax, %es
+        movw %ax, %fs
+        movw %ax, %gs
+        movw %ax, %ss
+        movl %cr4, %eax
+        orl $0x20, %eax                 /* PAE */
+        movl %eax, %cr4
+        movl $pml4, %eax
+        movl %eax, %cr3
+        movl $0xC0000080, %ecx          /* EFER */
+        rdmsr
+        orl $0x100, %eax                /* LME */
+        wrmsr
+        movl %cr0, %eax
+        orl $0x80000000, %eax           /* PG: long mode active */
+        movl %eax, %cr0
+        ljmp $KCODE, $long_entry
+
+/* Ring 0, 64-bit: TSS, IDT, then iretq to ring 3. */
+        .code64
+long_entry:
+        movw $KDATA, %ax
+        movw %ax, %ds
+        movw %ax, %es
+        movw %ax, %ss
+        movw %ax, %fs
+        movw %ax, %gs
+        movq $stack0_top, %rsp
+
+        movq $tss, %rax
+        movq $stack0_top, %rcx
+        movq %rcx, 4(%rax)              /* TSS.rsp0: stack for exceptions */
+        movw %ax, gdt_tss + 2
+        shrq $16, %rax
+        movb %al, gdt_tss + 4
+        movb %ah, gdt_tss + 7
+        movw $TSSSEL, %ax
+        ltr %ax
+
+        movq $idt, %rdi
+        movq $exc_stubs, %rax
+        movl $32, %ecx
+3:      movw %ax, (%rdi)
+        movw $KCODE, 2(%rdi)
+        movw $0x8E00, 4(%rdi)           /* present, DPL 0, interrupt gate */
+        movq %rax, %rdx
+        shrq $16, %rdx
+        movw %dx, 6(%rdi)
+        shrq $16, %rdx
+        movl %edx, 8(%rdi)
+        addq $16, %rax
+        addq $16, %rdi
+        decl %ecx
+        jnz 3b
+        lidt idt_ptr
+
+        call serial_init
+
+        pushq $(UDATA | 3)              /* ss */
+        pushq $stack3_top               /* rsp */
+        pushq $0x0002                   /* rflags: IOPL 0, IF 0 */
+        pushq $(UCODE | 3)              /* cs */
+        pushq $user_main                /* rip */
+        iretq
+
+/* Exception stubs, 16 bytes apart: push a zero error code where the CPU does
+ * not push one, push the vector, go to the common handler (ring 0). */
+        .balign 16
+exc_stubs:
+        .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .balign 16
+        .if \v == 13
+        jmp gp_entry
+        .else
+        .if (\v == 8) || (\v == 10) || (\v == 11) || (\v == 12) || (\v == 14) || (\v == 17) || (\v == 21) || (\v == 29) || (\v == 30)
+        .else
+        pushq $0
+        .endif
+        pushq $\v
+        jmp exc_common
+        .endif
+        .endr
+
+/* #GP.  A `hlt' executed in ring 3 is a service call from the ring-3 code
+ * (eax = service, arguments in rsi/rdx; clobbers like a function call:
+ * rax, rcx, rdx, rsi, rdi, r8-r11): skip the hlt, do the service, iretq.
+ * Anything else is a real fault.  Frame: err, rip, cs, rflags, rsp, ss. */
+gp_entry:
+        testb $3, 16(%rsp)
+        jz 8f
+        pushq %rcx
+        movq 16(%rsp), %rcx
+        cmpb $0xf4, (%rcx)
+        popq %rcx
+        jne 8f
+        cmpl $SVC_WRITE, %eax
+        je 1f
+        cmpl $SVC_PIT, %eax
+        jne 8f
+        incq 8(%rsp)
+        addq $8, %rsp
+        call pit_measure
+        iretq
+1:      incq 8(%rsp)
+        addq $8, %rsp
+        call serial_write
+        iretq
+8:      pushq $13
+        jmp exc_common
+
+/* pit_measure (ring 0): one TSC measurement against PIT channel 2.
+ * Channel 2 counts down from 0xffff in mode 0 (gate on, speaker off via port
+ * 0x61).  The loop latches the count (port 0x43) between two rdtsc, so each
+ * sample's PIT time lies inside a known TSC bracket.  The start sample is the
+ * tightest bracket during the first PIT_START_WINDOW ticks, the end sample
+ * the tightest from PIT_END_WINDOW to PIT_END ticks (about 30-35 ms later):
+ * a vCPU descheduled by a busy host only widens brackets, and wide ones are
+ * not used.  Results in cal_tsc (TSC ticks), cal_pit (PIT ticks) and cal_unc
+ * (TSC ticks of uncertainty); rax = 1, or 0 if the counter wrapped (stalled
+ * for more than 55 ms).  Clobbers rcx, rdx, r8-r10. */
+pit_measure:
+        inb $0x61, %al
+        andb $0xfc, %al
+        orb $0x01, %al
+        outb %al, $0x61
+        movb $0xb0, %al                 /* channel 2, lo/hi byte, mode 0, binary */
+        outb %al, $0x43
+        movb $0xff, %al
+        outb %al, $0x42
+        outb %al, $0x42                 /* count 0xffff (54.9 ms) */
+        movq $-1, cal_c0
+        movq $-1, cal_ws
+        movq $-1, cal_we
+1:      call rdtsc64
+        movq %rax, %r8                  /* before the latch */
+        movb $0x80, %al                 /* latch channel 2 */
+        outb %al, $0x43
+        call rdtsc64
+        movq %rax, %r9
+        subq %r8, %r9                   /* bracket width */
+        movq %r9, %r10
+        shrq $1, %r10
+        addq %r8, %r10                  /* bracket midpoint */
+        inb $0x42, %al
+        movzbl %al, %ecx
+        inb $0x42, %al
+        movzbl %al, %eax
+        shll $8, %eax
+        orl %eax, %ecx                  /* the latched count */
+        movq cal_c0, %rax
+        cmpq $-1, %rax
+        jne 2f
+        movq %rcx, %rax
+        movq %rcx, cal_c0
+        movq %rcx, cal_prev
+2:      cmpq cal_prev, %rcx
+        ja 9f                           /* wrapped: stalled far too long */
+        movq %rcx, cal_prev
+        subq %rcx, %rax                 /* PIT ticks since the first sample */
+        cmpq $PIT_START_WINDOW, %rax
+        jae 3f
+        cmpq cal_ws, %r9
+        jae 1b
+        movq %r9, cal_ws
+        movq %r10, cal_ts
+        movq %rcx, cal_cs
+        jmp 1b
+3:      cmpq $PIT_END_WINDOW, %rax
+        jb 1b
+        cmpq cal_we, %r9
+        jae 4f
+        movq %r9, cal_we
+        movq %r10, cal_te
+        movq %rcx, cal_ce
+4:      cmpq $PIT_END, %rax
+        jb 1b
+        movq cal_te, %rax
+        subq cal_ts, %rax
+        movq %rax, cal_tsc
+        movq cal_cs, %rax
+        subq cal_ce, %rax
+        movq %rax, cal_pit
+        movq cal_ws, %rax
+        addq cal_we, %rax
+        shrq $1, %rax
+        movq %rax, cal_unc
+        movl $1, %eax
+        ret
+9:      xorl %eax, %eax
+        ret
+
+exc_common:
+        movq $0, linelen
+        movq $s_fault, %rsi
+        call puts
+        movq (%rsp), %rax
+        call putdec
+        movq $s_err, %rsi
+        call puts
+        movq 8(%rsp), %rax
+        call puthex
+        movq $s_rip, %rsi
+        call puts
+        movq 16(%rsp), %rax
+        call puthex
+        movq $s_cs, %rsi
+        call puts
+        movq 24(%rsp), %rax
+        call puthex
+        movq $s_rflags, %rsi
+        call puts
+        movq 32(%rsp), %rax
+        call puthex
+        movq $s_cr2, %rsi
+        call puts
+        movq %cr2, %rax
+        call puthex
+        call line_flush
+4:      cli
+        hlt
+        jmp 4b
+
+/* ------------------------------------------------------------------------ */
+/* Ring 3.  Register convention for the helpers below: arguments and scratch
+ * in rax, rcx, rdx, rsi, rdi, r8-r11 (clobbered unless stated), rbx, rbp,
+ * r12-r15 preserved.                                                        */
+user_main:
+        call rdtsc64
+        movq %rax, tsc_boot
+        call parse_cmdline
+        call setup_memory
+        call calibrate_tsc
+        call print_boot
+        cmpq $0, npages
+        je no_memory
+        cmpq $0, crash
+        je 1f
+        ud2
+1:      call fill_all
+        call rdtsc64
+        movq %rax, next_write
+        addq report_ticks, %rax
+        movq %rax, next_report
+
+main_loop:
+        cmpq $0, wss_pages
+        je .Lverify_fast
+        cmpq $0, rate_mib
+        jne .Lpaced
+        movl $FAST_WRITE_PAGES, %r12d
+        call rewrite_pages
+.Lverify_fast:
+        movl $FAST_VERIFY_PAGES, %r12d
+        call verify_pages
+        jmp .Lreport
+.Lpaced:
+        call rdtsc64
+        movq next_write, %rcx
+        cmpq %rcx, %rax
+        jb .Lpaced_verify
+        movq %rax, %rdx
+        subq %rcx, %rdx                 /* how far behind schedule */
+        cmpq catchup_ticks, %rdx
+        jbe 1f
+        movq %rax, %rcx                 /* too far behind (paused?): resync */
+1:      addq batch_ticks, %rcx
+        movq %rcx, next_write
+        movl $PACED_WRITE_PAGES, %r12d
+        call rewrite_pages
+.Lpaced_verify:
+        movl $PACED_VERIFY_PAGES, %r12d
+        call verify_pages
+.Lreport:
+        call rdtsc64
+        cmpq next_report, %rax
+        jb main_loop
+        movq %rax, %rbx
+        call report
+        movq next_report, %rcx
+        addq report_ticks, %rcx
+        cmpq %rbx, %rcx
+        ja 2f
+        movq %rbx, %rcx                 /* more than one period late: resync */
+        addq report_ticks, %rcx
+2:      movq %rcx, next_report
+        jmp main_loop
+
+no_memory:
+        movq $0, linelen
+        movq $s_nomem, %rsi
+        call puts
+        call line_flush
+3:      pause                           /* ring 3 cannot hlt */
+        jmp 3b
+
+/* rewrite_pages: r12 = number of working-set pages to rewrite (clobbered) */
+rewrite_pages:
+1:      movq wcur, %r8
+        movq wround, %r9
+        incq %r9
+        call write_page
+        incq gen_total
+        movq wcur, %rax
+        incq %rax
+        cmpq wss_pages, %rax
+        jb 2f
+        xorl %eax, %eax
+        incq wround
+2:      movq %rax, wcur
+        decq %r12
+        jnz 1b
+        ret
+
+/* verify_pages: r12 = number of pages to verify (clobbered) */
+verify_pages:
+1:      movq vcur, %r8
+        xorl %r9d, %r9d                 /* expected generation */
+        cmpq wss_pages, %r8
+        jae 2f
+        movq wround, %r9
+        cmpq wcur, %r8
+        jae 2f
+        incq %r9
+2:      call verify_page
+        incq verified
+        testl %eax, %eax
+        jz 3f
+        incq bad
+        movq %rdi, last_bad
+3:      cmpq wss_pages, %r8
+        jb 4f
+        xorq %rdx, sweep_acc
+4:      incq %r8
+        cmpq npages, %r8
+        jb 5f
+        xorl %r8d, %r8d
+        movq sweep_acc, %rax
+        movq %rax, sum
+        movq $0, sweep_acc
+        incq sweeps
+5:      movq %r8, vcur
+        decq %r12
+        jnz 1b
+        ret
+
+/* fill_all: every page of the region to generation 0 */
+fill_all:
+        xorl %r12d, %r12d
+1:      cmpq npages, %r12
+        jae 2f
+        movq %r12, %r8
+        xorl %r9d, %r9d
+        call write_page
+        incq %r12
+        jmp 1b
+2:      ret
+
+/* mix: rax = mix(pfn = rdi, gen = rsi, seed = rdx); clobbers rcx */
+mix:
+        movabsq $MIX_A, %rax
+        imulq %rdi, %rax
+        movabsq $MIX_B, %rcx
+        imulq %rsi, %rcx
+        addq %rcx, %rax
+        movabsq $MIX_C, %rcx
+        imulq %rdx, %rcx
+        addq %rcx, %rax
+        movq %rax, %rcx
+        shrq $30, %rcx
+        xorq %rcx, %rax
+        movabsq $MIX_M1, %rcx
+        imulq %rcx, %rax
+        movq %rax, %rcx
+        shrq $27, %rcx
+        xorq %rcx, %rax
+        movabsq $MIX_M2, %rcx
+        imulq %rcx, %rax
+        movq %rax, %rcx
+        shrq $31, %rcx
+        xorq %rcx, %rax
+        ret
+
+/* write_page: region page r8 gets generation r9 (r8, r9 preserved).
+ * Returns rdi = pfn.  Clobbers rax, rcx, rdx, rsi, r10. */
+write_page:
+        movq first_pfn, %rdi
+        addq %r8, %rdi
+        movq %rdi, %r10
+        shlq $12, %r10
+        movq %r9, %rsi
+        movq seed, %rdx
+        call mix
+        movq %rdi, (%r10)
+        movq %r9, 8(%r10)
+        movabsq $PAGE_MAGIC, %rcx
+        xorq seed, %rcx
+        movq %rcx, 16(%r10)
+        movq %rax, 24(%r10)
+        movabsq $K_STEP, %rdx
+        leaq (%rax,%rdx,4), %rax
+        addq $32, %r10
+        movl $127, %ecx
+1:      movq %rax, (%r10)
+        addq %rdx, %rax
+        movq %rax, 8(%r10)
+        addq %rdx, %rax
+        movq %rax, 16(%r10)
+        addq %rdx, %rax
+        movq %rax, 24(%r10)
+        addq %rdx, %rax
+        addq $32, %r10
+        decl %ecx
+        jnz 1b
+        ret
+
+/* verify_page: check region page r8 against expected generation r9 (r8, r9
+ * preserved).  Returns eax = 0 good / 1 bad, rdx = q[3] as read, rdi = pfn.
+ * Clobbers rcx, rsi, r10, r11. */
+verify_page:
+        movq first_pfn, %rdi
+        addq %r8, %rdi
+        movq %rdi, %r11
+        shlq $12, %r11
+        cmpq %rdi, (%r11)
+        jne 9f
+        cmpq %r9, 8(%r11)
+        jne 9f
+        movabsq $PAGE_MAGIC, %rcx
+        xorq seed, %rcx
+        cmpq %rcx, 16(%r11)
+        jne 9f
+        movq %r9, %rsi
+        movq seed, %rdx
+        call mix
+        cmpq %rax, 24(%r11)
+        jne 9f
+        movabsq $K_STEP, %rdx
+        leaq (%rax,%rdx,4), %rax
+        leaq 32(%r11), %r10
+        movl $127, %ecx
+1:      cmpq %rax, (%r10)
+        jne 9f
+        addq %rdx, %rax
+        cmpq %rax, 8(%r10)
+        jne 9f
+        addq %rdx, %rax
+        cmpq %rax, 16(%r10)
+        jne 9f
+        addq %rdx, %rax
+        cmpq %rax, 24(%r10)
+        jne 9f
+        addq %rdx, %rax
+        addq $32, %r10
+        decl %ecx
+        jnz 1b
+        movq 24(%r11), %rdx
+        xorl %eax, %eax
+        ret
+9:      movq 24(%r11), %rdx
+        movl $1, %eax
+        ret
+
+/* report: one status line; rbx = current TSC (preserved) */
+report:
+        incq counter
+        movq $0, linelen
+        movq $s_counter, %rsi
+        movq counter, %rax
+        call put_kv
+        movq $s_gen, %rsi
+        movq gen_total, %rax
+        call put_kv
+        movq $s_dirtied, %rsi
+        movq gen_total, %rax
+        shrq $8, %rax
+        call put_kv
+        movq $s_verified, %rsi
+        movq verified, %rax
+        call put_kv
+        movq $s_bad, %rsi
+        movq bad, %rax
+        call put_kv
+        movq $s_sum, %rsi
+        call puts
+        movq sum, %rax
+        call puthex
+        movq $s_mem, %rsi
+        call put_mem_mib
+        movq $s_ms, %rsi
+        movq %rbx, %rax
+        subq tsc_boot, %rax
+        movl $1000, %ecx
+        mulq %rcx
+        divq tsc_hz
+        call put_kv
+        movq $s_sweeps, %rsi
+        movq sweeps, %rax
+        call put_kv
+        movq $s_lastbad, %rsi
+        movq last_bad, %rax
+        call put_kv
+        jmp line_flush
+
+print_boot:
+        movq $0, linelen
+        movq $s_boot, %rsi
+        call put_mem_mib
+        movq $s_wss, %rsi
+        movq wss_mib, %rax
+        call put_kv
+        movq $s_rate, %rsi
+        movq rate_mib, %rax
+        call put_kv
+        movq $s_report, %rsi
+        movq report_ms, %rax
+        call put_kv
+        movq $s_seed, %rsi
+        movq seed, %rax
+        call put_kv
+        movq $s_tsckhz, %rsi
+        movq tsc_hz, %rax
+        xorl %edx, %edx
+        movl $1000, %ecx
+        divq %rcx
+        call put_kv
+        movq $s_tscsrc, %rsi
+        call puts
+        movq tsc_src_name, %rsi
+        call puts
+        movq $s_tscerr, %rsi
+        movq tsc_err_ppm, %rax
+        call put_kv
+        movq $s_firstpfn, %rsi
+        movq first_pfn, %rax
+        call put_kv
+        movq $s_pages, %rsi
+        movq npages, %rax
+        call put_kv
+        movq $s_wsspages, %rsi
+        movq wss_pages, %rax
+        call put_kv
+        jmp line_flush
+
+/* parse_cmdline: key=value tokens from the multiboot command line */
+parse_cmdline:
+        pushq %rbx
+        movl mbi_ptr, %ebx
+        cmpl $MB_BOOT_MAGIC, mb_magic
+        jne 9f
+        testl $4, (%rbx)
+        jz 9f
+        movl 16(%rbx), %esi
+        testl %esi, %esi
+        jz 9f
+1:      movzbl (%rsi), %eax             /* skip blanks */
+        testl %eax, %eax
+        jz 8f
+        cmpb $0x20, %al
+        ja 2f
+        incq %rsi
+        jmp 1b
+2:      movq $keytab, %rbx              /* token: look for a known key= */
+3:      movq (%rbx), %rdi
+        testq %rdi, %rdi
+        jz 5f
+        call match_key
+        testl %eax, %eax
+        jnz 4f
+        addq $16, %rbx
+        jmp 3b
+4:      movq %rdx, %rsi
+        call parse_num
+        movq 8(%rbx), %rdi
+        movq %rax, (%rdi)
+5:      movzbl (%rsi), %eax             /* skip the rest of the token */
+        testl %eax, %eax
+        jz 8f
+        cmpb $0x20, %al
+        jbe 1b
+        incq %rsi
+        jmp 5b
+8:      leaq 1(%rsi), %rax
+        movq %rax, cmdline_end
+9:      popq %rbx
+        ret
+
+/* match_key: does the token at rsi start with the string at rdi?
+ * eax = 1 and rdx = position after it if so, else eax = 0.  Clobbers rcx, rdi. */
+match_key:
+        movq %rsi, %rdx
+1:      movzbl (%rdi), %ecx
+        testl %ecx, %ecx
+        jz 2f
+        cmpb %cl, (%rdx)
+        jne 3f
+        incq %rdi
+        incq %rdx
+        jmp 1b
+2:      movl $1, %eax
+        ret
+3:      xorl %eax, %eax
+        ret
+
+/* parse_num: decimal or 0x-hex number at rsi -> rax, rsi advanced.
+ * Clobbers rcx, rdx. */
+parse_num:
+        xorl %eax, %eax
+        cmpb $0x30, (%rsi)              /* '0' */
+        jne 2f
+        movzbl 1(%rsi), %ecx
+        orl $0x20, %ecx
+        cmpl $0x78, %ecx                /* 'x' */
+        jne 2f
+        addq $2, %rsi
+1:      movzbl (%rsi), %ecx
+        leal -0x30(%rcx), %edx
+        cmpl $9, %edx
+        jbe 11f
+        orl $0x20, %ecx
+        leal -0x61(%rcx), %edx          /* 'a' */
+        cmpl $5, %edx
+        ja 3f
+        addl $10, %edx
+11:     shlq $4, %rax
+        addq %rdx, %rax
+        incq %rsi
+        jmp 1b
+2:      movzbl (%rsi), %ecx
+        subl $0x30, %ecx
+        cmpl $9, %ecx
+        ja 3f
+        imulq $10, %rax, %rax
+        addq %rcx, %rax
+        incq %rsi
+        jmp 2b
+3:      ret
+
+/* setup_memory: RAM size, test region, working set, report period */
+setup_memory:
+        pushq %rbx
+        movq $0x4000000, %rax           /* no memory info: 64 MiB */
+        movl mbi_ptr, %ebx
+        cmpl $MB_BOOT_MAGIC, mb_magic
+        jne 1f
+        testl $1, (%rbx)
+        jz 1f
+        movl 8(%rbx), %eax              /* mem_upper KiB */
+        shlq $10, %rax
+        addq $0x100000, %rax
+1:      movq map_2m_pages, %rcx         /* never beyond what ring 0 mapped */
+        shlq $21, %rcx
+        cmpq %rcx, %rax
+        jbe 2f
+        movq %rcx, %rax
+2:      andq $-4096, %rax
+        movq %rax, ram_end
+        movq $_kernel_end, %rcx         /* region starts after kernel and cmdline */
+        movq cmdline_end, %rdx
+        cmpq %rcx, %rdx
+        jbe 3f
+        movq %rdx, %rcx
+3:      addq $4095, %rcx
+        andq $-4096, %rcx
+        movq %rcx, region_start
+        shrq $12, %rcx
+        movq %rcx, first_pfn
+        shrq $12, %rax
+        xorl %edx, %edx
+        subq %rcx, %rax
+        cmovbq %rdx, %rax               /* no room: 0 pages */
+        movq %rax, npages
+        movq wss_mib, %rcx
+        shlq $8, %rcx
+        cmpq %rax, %rcx
+        jbe 4f
+        movq %rax, %rcx
+4:      movq %rcx, wss_pages
+        cmpq $0, report_ms
+        jne 5f
+        movq $200, report_ms
+5:      cmpq $10, report_ms
+        jae 6f
+        movq $10, report_ms
+6:      popq %rbx
+        ret
+
+/* calibrate_tsc: tsc_hz from CPUID 0x40000010 or the PIT; derived periods */
+calibrate_tsc:
+        pushq %rbx
+        movl $1, %eax
+        xorl %ecx, %ecx
+        cpuid
+        btl $31, %ecx                   /* hypervisor present? */
+        jnc 2f
+        movl $0x40000000, %eax
+        xorl %ecx, %ecx
+        cpuid
+        cmpl $0x40000010, %eax
+        jb 2f
+        cmpl $0x400000ff, %eax
+        ja 2f
+        movl $0x40000010, %eax
+        xorl %ecx, %ecx
+        cpuid
+        testl %eax, %eax
+        jz 2f
+        movl %eax, %eax
+        imulq $1000, %rax, %rax
+        movq %rax, tsc_hz
+        movq $s_src_cpuid, tsc_src_name
+        jmp 5f
+2:      movq $-1, tsc_err_ppm           /* up to PIT_ATTEMPTS measurements in */
+        xorl %ebx, %ebx                 /* ring 0; keep the most precise one */
+3:      movl $SVC_PIT, %eax
+        hlt
+        testl %eax, %eax
+        jz 14f
+        movq cal_tsc, %rcx
+        testq %rcx, %rcx
+        jz 14f
+        movq cal_unc, %rax              /* uncertainty in ppm */
+        movl $1000000, %edx
+        mulq %rdx
+        divq %rcx
+        cmpq tsc_err_ppm, %rax
+        jae 14f
+        movq %rax, tsc_err_ppm
+        movq cal_tsc, %rax
+        movl $PIT_HZ, %ecx
+        mulq %rcx
+        divq cal_pit
+        movq %rax, cal_best_hz
+14:     incl %ebx
+        cmpq $PIT_GOOD_PPM, tsc_err_ppm
+        jbe 15f
+        cmpl $PIT_ATTEMPTS, %ebx
+        jb 3b
+15:     cmpq $-1, tsc_err_ppm
+        je 4f
+        movq cal_best_hz, %rax
+        movq $10000000, %rcx            /* sanity: 10 MHz .. 100 GHz */
+        cmpq %rcx, %rax
+        jb 4f
+        movabsq $100000000000, %rcx
+        cmpq %rcx, %rax
+        ja 4f
+        movq %rax, tsc_hz
+        movq $s_src_pit, tsc_src_name
+        jmp 5f
+4:      movq $1000000000, tsc_hz        /* keep going with a guess */
+        movq $s_src_default, tsc_src_name
+5:      movq tsc_hz, %rax               /* report period */
+        mulq report_ms
+        movl $1000, %ecx
+        divq %rcx
+        movq %rax, report_ticks
+        movq tsc_hz, %rax               /* serial wait budget: 2 ms per byte */
+        xorl %edx, %edx
+        movl $500, %ecx
+        divq %rcx
+        movq %rax, serial_budget
+        movq tsc_hz, %rax               /* catch-up limit: 50 ms */
+        xorl %edx, %edx
+        movl $20, %ecx
+        divq %rcx
+        movq %rax, catchup_ticks
+        movq rate_mib, %rcx             /* ticks per PACED_WRITE_PAGES pages */
+        testq %rcx, %rcx
+        jz 6f
+        shlq $8, %rcx                   /* pages per second */
+        movq tsc_hz, %rax
+        movl $PACED_WRITE_PAGES, %edx
+        mulq %rdx
+        divq %rcx
+        testq %rax, %rax
+        jnz 7f
+        incq %rax
+7:      movq %rax, batch_ticks
+6:      popq %rbx
+        ret
+
+/* rdtsc64: rax = TSC; clobbers rdx */
+rdtsc64:
+        rdtsc
+        shlq $32, %rdx
+        orq %rdx, %rax
+        ret
+
+/* ---- COM1 ------------------------------------------------------------ */
+/* Text is built in linebuf by ring-3 (or fault-handler) code with putc/puts/
+ * putdec/puthex and sent by line_flush, one ring-0 service call per line:
+ * ring 3 cannot do port I/O here (the hypervisor drops IOPL for ring 3), and
+ * one trap per line is cheap while ring-0 code is slow. */
+
+/* serial_init (ring 0): 115200 8N1, FIFO, no interrupts */
+serial_init:
+        movw $COM1 + 1, %dx
+        xorl %eax, %eax
+        outb %al, %dx                   /* IER: no interrupts */
+        movw $COM1 + 3, %dx
+        movb $0x80, %al
+        outb %al, %dx                   /* LCR: DLAB */
+        movw $COM1, %dx
+        movb $1, %al
+        outb %al, %dx                   /* divisor 1: 115200 baud */
+        movw $COM1 + 1, %dx
+        xorl %eax, %eax
+        outb %al, %dx
+        movw $COM1 + 3, %dx
+        movb $0x03, %al
+        outb %al, %dx                   /* 8N1 */
+        movw $COM1 + 2, %dx
+        movb $0xc7, %al
+        outb %al, %dx                   /* FIFO on, cleared, 14-byte threshold */
+        movw $COM1 + 4, %dx
+        movb $0x03, %al
+        outb %al, %dx                   /* DTR, RTS */
+        movw $COM1 + 2, %dx
+        inb %dx, %al                    /* IIR bits 7:6 = 11: 16550A FIFO */
+        andb $0xc0, %al
+        cmpb $0xc0, %al
+        jne 1f
+        movq $16, fifo_size
+1:      ret
+
+/* serial_write (ring 0): rdx bytes at rsi.  Polls LSR for THRE (then the
+ * whole FIFO may be filled) for at most serial_budget TSC ticks per wait; on
+ * time-out the rest of the line is dropped, so a host that stops reading
+ * cannot stall the guest.  Clobbers rax, rcx, rdx, rsi, r10, r11. */
+serial_write:
+        movq %rdx, %rcx
+        testq %rcx, %rcx
+        jz 9f
+        xorl %r11d, %r11d               /* bytes the FIFO still takes */
+1:      testq %r11, %r11
+        jnz 3f
+        movw $COM1 + 5, %dx
+        inb %dx, %al
+        testb $0x20, %al
+        jnz 2f
+        call rdtsc64
+        addq serial_budget, %rax
+        movq %rax, %r10
+4:      pause
+        movw $COM1 + 5, %dx
+        inb %dx, %al
+        testb $0x20, %al
+        jnz 2f
+        call rdtsc64
+        cmpq %r10, %rax
+        jb 4b
+        ret
+2:      movq fifo_size, %r11
+3:      decq %r11
+        movw $COM1, %dx
+        movb (%rsi), %al
+        outb %al, %dx
+        incq %rsi
+        decq %rcx
+        jnz 1b
+9:      ret
+
+/* line_flush: append CR LF to linebuf and send it (directly in ring 0,
+ * through the service call in ring 3).  Clobbers like a function call. */
+line_flush:
+        movq $s_crlf, %rsi
+        call puts
+        movq $linebuf, %rsi
+        movq linelen, %rdx
+        movq $0, linelen
+        movw %cs, %ax
+        testb $3, %al
+        jz serial_write
+        movl $SVC_WRITE, %eax
+        hlt                             /* -> #GP -> gp_entry -> serial_write */
+        ret
+
+/* putc: append al to linebuf (silently truncated).  Clobbers rdx. */
+putc:
+        movq linelen, %rdx
+        cmpq $LINEBUF_SIZE, %rdx
+        jae 1f
+        movb %al, linebuf(%rdx)
+        incq %rdx
+        movq %rdx, linelen
+1:      ret
+
+/* puts: NUL-terminated string at rsi.  Clobbers rax, rdx, rsi, r10, r11. */
+puts:
+1:      movzbl (%rsi), %eax
+        testl %eax, %eax
+        jz 2f
+        call putc
+        incq %rsi
+        jmp 1b
+2:      ret
+
+/* putdec: rax unsigned decimal.  Clobbers rax, rcx, rdx, rsi, r10, r11. */
+putdec:
+        movq $numbuf_end, %rsi
+        movb $0, (%rsi)
+        movl $10, %ecx
+1:      xorl %edx, %edx
+        divq %rcx
+        addb $0x30, %dl
+        decq %rsi
+        movb %dl, (%rsi)
+        testq %rax, %rax
+        jnz 1b
+        jmp puts
+
+/* puthex: rax as 16 hex digits.  Clobbers rax, rcx, rdx, r8, r10, r11. */
+puthex:
+        movq %rax, %r8
+        movl $16, %ecx
+1:      rolq $4, %r8
+        movl %r8d, %eax
+        andl $15, %eax
+        movzbl hexdigits(%rax), %eax
+        call putc
+        decl %ecx
+        jnz 1b
+        ret
+
+/* put_mem_mib: string at rsi, then RAM size in MiB, rounded up (the BIOS
+ * keeps the last few hundred KiB below mem_upper's end for itself). */
+put_mem_mib:
+        movq ram_end, %rax
+        addq $0xfffff, %rax
+        shrq $20, %rax
+        jmp put_kv
+
+/* put_kv: string at rsi, then rax in decimal. */
+put_kv:
+        pushq %rax
+        call puts
+        popq %rax
+        jmp putdec
+
+/* ------------------------------------------------------------------------ */
+        .section .rodata
+hexdigits:      .ascii "0123456789abcdef"
+s_boot:         .asciz "FERRY-GUEST boot mem_mib="
+s_wss:          .asciz " wss="
+s_rate:         .asciz " rate="
+s_report:       .asciz " report="
+s_seed:         .asciz " seed="
+s_tsckhz:       .asciz " tsc_khz="
+s_tscsrc:       .asciz " tsc_src="
+s_tscerr:       .asciz " tsc_err_ppm="
+s_firstpfn:     .asciz " first_pfn="
+s_pages:        .asciz " pages="
+s_wsspages:     .asciz " wss_pages="
+s_src_pit:      .asciz "pit"
+s_src_cpuid:    .asciz "cpuid"
+s_src_default:  .asciz "default"
+s_counter:      .asciz "FERRY-GUEST counter="
+s_gen:          .asciz " gen="
+s_dirtied:      .asciz " dirtied_mib="
+s_verified:     .asciz " verified="
+s_bad:          .asciz " bad="
+s_sum:          .asciz " sum="
+s_mem:          .asciz " mem_mib="
+s_ms:           .asciz " ms="
+s_sweeps:       .asciz " sweeps="
+s_lastbad:      .asciz " last_bad="
+s_crlf:         .asciz "\r\n"
+s_fault:        .asciz "FERRY-GUEST fault vec="
+s_err:          .asciz " err="
+s_rip:          .asciz " rip="
+s_cr2:          .asciz " cr2="
+s_cs:           .asciz " cs="
+s_rflags:       .asciz " rflags="
+s_nomem:        .asciz "FERRY-GUEST fault reason=no-memory"
+k_wss:          .asciz "wss="
+k_rate:         .asciz "rate="
+k_report:       .asciz "report="
+k_seed:         .asciz "seed="
+k_crash:        .asciz "crash="
+
+        .balign 8
+keytab:
+        .quad k_wss, wss_mib
+        .quad k_rate, rate_mib
+        .quad k_report, report_ms
+        .quad k_seed, seed
+        .quad k_crash, crash
+        .quad 0, 0
+
+/* ------------------------------------------------------------------------ */
+/* All mutable state, including page tables and stacks, is file-backed
+ * (zeros in the image) so nothing depends on the loader clearing .bss.      */
+        .data
+        .balign 4096
+pml4:           .fill 4096, 1, 0
+pdpt:           .fill 4096, 1, 0
+pd:             .fill 4 * 4096, 1, 0    /* 4 x 512 x 2 MiB = 4 GiB */
+
+stack0:         .fill 8192, 1, 0
+stack0_top:
+stack3:         .fill 16384, 1, 0
+stack3_top:
+
+        .balign 16
+gdt:
+        .quad 0
+        .quad 0x00AF9A000000FFFF        /* 0x08 kernel code, 64-bit */
+        .quad 0x00CF92000000FFFF        /* 0x10 kernel data */
+        .quad 0x00CFF2000000FFFF        /* 0x18 user data, DPL 3 */
+        .quad 0x00AFFA000000FFFF        /* 0x20 user code, 64-bit, DPL 3 */
+gdt_tss:
+        .quad 0x0000890000000067        /* 0x28 TSS (base set at run time) */
+        .quad 0
+gdt_end:
+
+        .balign 16
+gdt_ptr:        .word gdt_end - gdt - 1
+                .quad gdt
+        .balign 16
+idt_ptr:        .word 32 * 16 - 1
+                .quad idt
+        .balign 16
+idt:            .fill 32 * 16, 1, 0
+        .balign 16
+tss:            .fill 102, 1, 0
+                .word 104               /* I/O bitmap offset: none */
+
+        .balign 8
+/* multiboot */
+mb_magic:       .quad 0
+mbi_ptr:        .quad 0
+map_2m_pages:   .quad 0
+cmdline_end:    .quad 0
+/* parameters */
+wss_mib:        .quad 16
+rate_mib:       .quad 0
+report_ms:      .quad 200
+seed:           .quad 1
+crash:          .quad 0
+/* memory */
+ram_end:        .quad 0
+region_start:   .quad 0
+first_pfn:      .quad 0
+npages:         .quad 0
+wss_pages:      .quad 0
+/* time */
+tsc_hz:         .quad 0
+tsc_src_name:   .quad s_src_default
+tsc_err_ppm:    .quad 0                 /* calibration uncertainty (0 for cpuid) */
+tsc_boot:       .quad 0
+report_ticks:   .quad 0
+next_report:    .quad 0
+batch_ticks:    .quad 0
+next_write:     .quad 0
+catchup_ticks:  .quad 0
+/* rewriting: gen_total = wround * wss_pages + wcur */
+gen_total:      .quad 0
+wcur:           .quad 0
+wround:         .quad 0
+/* verification */
+vcur:           .quad 0
+verified:       .quad 0
+bad:            .quad 0
+last_bad:       .quad 0
+sweep_acc:      .quad 0
+sum:            .quad 0
+sweeps:         .quad 0
+counter:        .quad 0
+/* PIT calibration */
+cal_c0:         .quad 0
+cal_prev:       .quad 0
+cal_ts:         .quad 0
+cal_ws:         .quad 0
+cal_cs:         .quad 0
+cal_te:         .quad 0
+cal_we:         .quad 0
+cal_ce:         .quad 0
+cal_tsc:        .quad 0
+cal_pit:        .quad 0
+cal_unc:        .quad 0
+cal_best_hz:    .quad 0
+/* serial */
+serial_budget:  .quad 50000000          /* until the TSC is calibrated */
+fifo_size:      .quad 1
+linelen:        .quad 0
+linebuf:        .fill LINEBUF_SIZE, 1, 0
+numbuf:         .fill 31, 1, 0
+numbuf_end:     .byte 0
+
+        .section .note.GNU-stack, "", @progbits

@@ -1,0 +1,796 @@
+"""Ferry test guest: build it, boot it, read what it says.
+
+The guest (``guest.S``) is a tiny multiboot kernel that fills all guest RAM
+above itself with self-describing pages, keeps rewriting a working set of
+``wss`` MiB at ``rate`` MiB/s and verifies every page in between.  Every
+``report`` ms it prints one line on COM1::
+
+    FERRY-GUEST counter=12 gen=3020288 dirtied_mib=11798 verified=377536 bad=0
+        sum=4c651776645279bc mem_mib=128 ms=2949 sweeps=11 last_bad=0
+
+``counter`` only ever increases (a reset means the guest rebooted), ``bad``
+must stay 0 across a migration.  See guest.S for the page format.
+
+Standard library only.  Tests and the demo use it by putting this directory
+on ``sys.path``::
+
+    sys.path.insert(0, str(REPO / "tools" / "guest"))
+    import testguest
+
+    elf = testguest.build()
+    argv = testguest.qemu_argv(elf, serial_socket=sock, mem_mib=128,
+                               append=testguest.cmdline(wss_mib=16))
+    ...
+    with testguest.SerialReader(sock) as serial:
+        serial.wait_for_boot(timeout=30)
+        serial.wait_for(lambda r: r.counter > 3 and r.bad_pages == 0, timeout=30)
+
+Run ``python3 tools/guest/testguest.py --help`` for a small CLI (build, run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "LINE_PREFIX",
+    "SOURCE_DIR",
+    "BootInfo",
+    "GdbStub",
+    "GuestBuildError",
+    "GuestError",
+    "GuestFault",
+    "Report",
+    "SerialReader",
+    "build",
+    "cmdline",
+    "dirty_rate_mib_s",
+    "expected_static_sum",
+    "page_words",
+    "parse_line",
+    "qemu_argv",
+]
+
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = ("guest.S", "guest.ld")
+LINE_PREFIX = "FERRY-GUEST "
+PAGE_SIZE = 4096
+
+# Must match guest.S.
+_PAGE_MAGIC = 0x4741505952524546
+_K_STEP = 0x9E3779B97F4A7C15
+_MIX_A = 0x9E3779B97F4A7C15
+_MIX_B = 0xC2B2AE3D27D4EB4F
+_MIX_C = 0x165667B19E3779F9
+_MIX_M1 = 0xBF58476D1CE4E5B9
+_MIX_M2 = 0x94D049BB133111EB
+_M64 = (1 << 64) - 1
+
+
+class GuestError(RuntimeError):
+    """Base class of the errors raised here."""
+
+
+class GuestBuildError(GuestError):
+    """The guest could not be assembled or linked."""
+
+
+class GuestFault(GuestError):
+    """The guest printed a fault line (CPU exception or no usable memory)."""
+
+
+# --------------------------------------------------------------------------
+# build
+
+
+def _source_digest() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0")
+        h.update((SOURCE_DIR / name).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise GuestBuildError(
+            f"GNU {name!r} not found on PATH: the test guest is built with GNU as and ld "
+            "(Debian/Ubuntu package 'binutils')"
+        )
+    return path
+
+
+def build(out_dir: Path | None = None) -> Path:
+    """Assemble and link the guest; return the path of ``guest.elf``.
+
+    The default output directory is ``/tmp/ferry-guest-<hash of the sources>``
+    (under ``tempfile.gettempdir()``), so a build happens once per source
+    version and concurrent callers are safe: each links into a private
+    temporary file and renames it into place.  An existing image in the output
+    directory is reused only if it was built from the same sources.
+    """
+    digest = _source_digest()
+    if out_dir is None:
+        out_dir = Path(tempfile.gettempdir()) / f"ferry-guest-{digest}"
+    out_dir = Path(out_dir)
+    elf = out_dir / "guest.elf"
+    stamp = out_dir / "guest.elf.sources"
+    with contextlib.suppress(OSError):
+        if elf.is_file() and stamp.read_text().strip() == digest:
+            return elf
+
+    as_path, ld_path = _tool("as"), _tool("ld")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+        obj = Path(tmp) / "guest.o"
+        tmp_elf = Path(tmp) / "guest.elf"
+        steps: list[list[str]] = [
+            [as_path, "--64", "-o", str(obj), str(SOURCE_DIR / "guest.S")],
+            [
+                ld_path,
+                "-m",
+                "elf_x86_64",
+                "-T",
+                str(SOURCE_DIR / "guest.ld"),
+                "-z",
+                "max-page-size=0x1000",
+                "--build-id=none",
+                "-o",
+                str(tmp_elf),
+                str(obj),
+            ],
+        ]
+        for argv in steps:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise GuestBuildError(
+                    f"{' '.join(argv)} failed (exit {proc.returncode}):\n"
+                    f"{proc.stderr.strip() or proc.stdout.strip()}"
+                )
+        _check_image(tmp_elf.read_bytes())
+        os.replace(tmp_elf, elf)
+    stamp_tmp = out_dir / f".sources.{os.getpid()}.{threading.get_ident()}"
+    stamp_tmp.write_text(digest + "\n")
+    os.replace(stamp_tmp, stamp)
+    return elf
+
+
+def _check_image(data: bytes) -> None:
+    if data[:5] != b"\x7fELF\x01":
+        raise GuestBuildError("linker did not produce a 32-bit ELF (qemu's multiboot needs one)")
+    head = data[:8192]
+    for off in range(0, len(head) - 12, 4):
+        magic, flags, check = (
+            int.from_bytes(head[off + i : off + i + 4], "little") for i in (0, 4, 8)
+        )
+        if magic == 0x1BADB002 and (magic + flags + check) & 0xFFFFFFFF == 0:
+            return
+    raise GuestBuildError("no multiboot header in the first 8 KiB of the image")
+
+
+def cmdline(*, wss_mib: int, rate_mib_s: int = 0, report_ms: int = 200, seed: int = 1) -> str:
+    """The ``-append`` string: working set (MiB), rewrite rate (MiB/s, 0 = as
+    fast as possible), report period (ms) and pattern seed."""
+    for name, value in (
+        ("wss_mib", wss_mib),
+        ("rate_mib_s", rate_mib_s),
+        ("report_ms", report_ms),
+        ("seed", seed),
+    ):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+    if report_ms < 10:
+        raise ValueError("report_ms must be at least 10")
+    return f"wss={wss_mib} rate={rate_mib_s} report={report_ms} seed={seed}"
+
+
+def qemu_argv(
+    kernel: Path,
+    *,
+    serial_socket: str | os.PathLike[str],
+    mem_mib: int = 128,
+    append: str | None = None,
+    accel: str = "kvm",
+    qemu: str = "qemu-system-x86_64",
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """A qemu argv running the guest with COM1 on a unix socket (qemu is the
+    server and does not wait for a client)."""
+    return [
+        qemu,
+        "-accel",
+        accel,
+        "-m",
+        str(mem_mib),
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-user-config",
+        "-kernel",
+        str(kernel),
+        "-append",
+        append if append is not None else cmdline(wss_mib=16),
+        "-chardev",
+        f"socket,id=serial0,path={os.fspath(serial_socket)},server=on,wait=off",
+        "-serial",
+        "chardev:serial0",
+        *extra,
+    ]
+
+
+# --------------------------------------------------------------------------
+# page format and checksums (mirrors guest.S)
+
+
+def _mix(pfn: int, gen: int, seed: int) -> int:
+    z = (pfn * _MIX_A + gen * _MIX_B + seed * _MIX_C) & _M64
+    z ^= z >> 30
+    z = (z * _MIX_M1) & _M64
+    z ^= z >> 27
+    z = (z * _MIX_M2) & _M64
+    z ^= z >> 31
+    return z
+
+
+def page_words(pfn: int, generation: int, seed: int) -> list[int]:
+    """The 512 quadwords of page ``pfn`` at ``generation``, as the guest writes them."""
+    c = _mix(pfn, generation, seed)
+    head = [pfn, generation, _PAGE_MAGIC ^ seed, c]
+    return head + [(c + i * _K_STEP) & _M64 for i in range(4, 512)]
+
+
+def page_bytes(pfn: int, generation: int, seed: int) -> bytes:
+    return b"".join(w.to_bytes(8, "little") for w in page_words(pfn, generation, seed))
+
+
+def expected_static_sum(boot: BootInfo) -> int:
+    """The ``sum`` a healthy guest reports once a sweep has completed: XOR of
+    the check word of every page outside the working set (generation 0)."""
+    acc = 0
+    start = boot.first_pfn + boot.wss_pages
+    for pfn in range(start, boot.first_pfn + boot.pages):
+        acc ^= _mix(pfn, 0, boot.seed)
+    return acc
+
+
+# --------------------------------------------------------------------------
+# serial lines
+
+
+@dataclass(frozen=True)
+class Report:
+    """One periodic status line."""
+
+    counter: int  # reports since boot; never resets unless the guest reboots
+    generation: int  # page rewrites since boot ("gen")
+    dirtied_mib: int  # generation * 4 KiB, in MiB
+    verified_pages: int  # page verifications since boot
+    bad_pages: int  # failed page verifications since boot (must stay 0)
+    checksum: int  # "sum": XOR of check words of the static pages, last full sweep
+    raw: str
+    mem_mib: int = 0  # guest RAM as the guest sees it
+    guest_ms: int = 0  # guest time (TSC) since ring-3 entry
+    sweeps: int = 0  # completed verification sweeps over all pages
+    last_bad: int = 0  # pfn of the last bad page, 0 if none
+    host_time: float = 0.0  # time.monotonic() when the line was read
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    """The boot line."""
+
+    mem_mib: int
+    wss_mib: int
+    rate_mib_s: int
+    report_ms: int
+    seed: int
+    tsc_khz: int
+    tsc_source: str  # "pit", "cpuid" or "default" (calibration failed)
+    first_pfn: int  # first page of the test region
+    pages: int  # pages in the test region
+    wss_pages: int  # pages in the working set
+    raw: str
+    tsc_err_ppm: int = 0  # calibration uncertainty, parts per million
+    host_time: float = 0.0
+
+
+_KV = re.compile(r"(\w+)=(\S+)")
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(_KV.findall(text))
+
+
+def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | None:
+    """Parse one serial line: a Report, a BootInfo, the text of a fault line
+    (a ``str``), or None for anything else (including partial lines)."""
+    line = line.strip().replace("\x00", "")
+    if not line.startswith(LINE_PREFIX):
+        return None
+    rest = line[len(LINE_PREFIX) :]
+    try:
+        if rest.startswith("fault"):
+            return line
+        f = _fields(rest)
+        if rest.startswith("boot "):
+            return BootInfo(
+                mem_mib=int(f["mem_mib"]),
+                wss_mib=int(f["wss"]),
+                rate_mib_s=int(f["rate"]),
+                report_ms=int(f["report"]),
+                seed=int(f["seed"]),
+                tsc_khz=int(f["tsc_khz"]),
+                tsc_source=f["tsc_src"],
+                first_pfn=int(f["first_pfn"]),
+                pages=int(f["pages"]),
+                wss_pages=int(f["wss_pages"]),
+                raw=line,
+                tsc_err_ppm=int(f.get("tsc_err_ppm", "0")),
+                host_time=host_time,
+            )
+        if rest.startswith("counter="):
+            return Report(
+                counter=int(f["counter"]),
+                generation=int(f["gen"]),
+                dirtied_mib=int(f["dirtied_mib"]),
+                verified_pages=int(f["verified"]),
+                bad_pages=int(f["bad"]),
+                checksum=int(f["sum"], 16),
+                raw=line,
+                mem_mib=int(f.get("mem_mib", "0")),
+                guest_ms=int(f.get("ms", "0")),
+                sweeps=int(f.get("sweeps", "0")),
+                last_bad=int(f.get("last_bad", "0")),
+                host_time=host_time,
+            )
+    except (KeyError, ValueError):
+        return None  # truncated or garbled line
+    return None
+
+
+def dirty_rate_mib_s(first: Report, last: Report) -> float:
+    """Rewrite rate between two reports, by the guest's clock (MiB/s)."""
+    ms = last.guest_ms - first.guest_ms
+    if ms <= 0:
+        raise ValueError("reports must be in order and at least 1 ms apart")
+    return (last.generation - first.generation) * PAGE_SIZE / (1 << 20) / (ms / 1000.0)
+
+
+class SerialReader:
+    """Reads the guest's COM1 from qemu's unix socket in a background thread.
+
+    qemu must run the socket as server without waiting
+    (``-chardev socket,id=serial0,path=P,server=on,wait=off -serial chardev:serial0``).
+    The reader connects when the socket appears, reconnects if the connection
+    drops, and can be pointed at another socket (``reconnect(path)``), e.g.
+    the destination qemu after a migration.  Reading continuously also keeps
+    qemu's socket drained, so the guest never waits for the host.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, history: int = 100_000, keep_lines: int = 2000
+    ) -> None:
+        self._path = os.fspath(path)
+        self._cond = threading.Condition()
+        self._reports: collections.deque[tuple[int, Report]] = collections.deque(maxlen=history)
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
+        self._seq = 0
+        self._boots: list[BootInfo] = []
+        self._faults: list[str] = []
+        self._faulted = False  # a fault line since the last boot line
+        self._closed = False
+        self._connected = False
+        self._connects = 0
+        self._last_error: str | None = None
+        self._sock: socket.socket | None = None
+        self._switch = False
+        self._thread = threading.Thread(target=self._run, name=f"serial:{self._path}", daemon=True)
+        self._thread.start()
+
+    # -- public API --------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def boot(self) -> BootInfo | None:
+        """The most recent boot line."""
+        with self._cond:
+            return self._boots[-1] if self._boots else None
+
+    @property
+    def boot_count(self) -> int:
+        """Boot lines seen; more than one means the guest rebooted."""
+        with self._cond:
+            return len(self._boots)
+
+    @property
+    def fault(self) -> str | None:
+        with self._cond:
+            return self._faults[-1] if self._faults else None
+
+    def latest(self) -> Report | None:
+        with self._cond:
+            return self._reports[-1][1] if self._reports else None
+
+    def reports(self) -> list[Report]:
+        with self._cond:
+            return [r for _, r in self._reports]
+
+    def lines(self) -> list[str]:
+        """The last raw lines read (for diagnostics)."""
+        with self._cond:
+            return list(self._lines)
+
+    def wait_for_boot(self, timeout: float) -> BootInfo:
+        """Wait for a boot line (returns at once if one was seen already)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._boots:
+                self._check_waitable()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(self._timeout_message("the boot line", timeout))
+                self._cond.wait(min(left, 0.5))
+            return self._boots[-1]
+
+    def wait_for(
+        self, predicate: Callable[[Report], bool], timeout: float, *, fresh: bool = False
+    ) -> Report:
+        """Return the first report, from the latest one on (or only reports
+        arriving after this call if ``fresh``), for which ``predicate`` holds.
+        Raises TimeoutError, or GuestFault once the guest has printed a fault
+        line since its last boot line (it will not report again)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            next_seq = self._seq + 1 if fresh or not self._reports else self._reports[-1][0]
+            while True:
+                if self._reports:
+                    # sequence numbers are contiguous within the deque
+                    start = max(0, next_seq - self._reports[0][0])
+                    for i in range(start, len(self._reports)):
+                        seq, report = self._reports[i]
+                        next_seq = seq + 1
+                        if predicate(report):
+                            return report
+                if self._faulted:
+                    raise GuestFault(self._faults[-1])
+                self._check_waitable()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(self._timeout_message("matching report", timeout))
+                self._cond.wait(min(left, 0.5))
+
+    def reconnect(self, path: str | os.PathLike[str] | None = None) -> None:
+        """Drop the current connection and connect again, to ``path`` if given."""
+        with self._cond:
+            if path is not None:
+                self._path = os.fspath(path)
+            self._switch = True
+            sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            sock = self._sock
+            self._cond.notify_all()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SerialReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _check_waitable(self) -> None:
+        if self._closed:
+            raise GuestError("SerialReader is closed")
+
+    def _timeout_message(self, what: str, timeout: float) -> str:
+        state = "connected" if self._connected else f"not connected ({self._last_error})"
+        tail = "\n".join(list(self._lines)[-5:]) or "(nothing read)"
+        return f"no {what} within {timeout:.1f}s on {self._path} [{state}]; last lines:\n{tail}"
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                path = self._path
+                self._switch = False
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(1.0)
+                sock.connect(path)
+            except OSError as e:
+                sock.close()
+                with self._cond:
+                    self._last_error = f"{type(e).__name__}: {e}"
+                    self._cond.wait(0.05)
+                continue
+            with self._cond:
+                self._sock = sock
+                self._connected = True
+                self._connects += 1
+                self._cond.notify_all()
+            try:
+                self._read(sock)
+            finally:
+                with self._cond:
+                    self._sock = None
+                    self._connected = False
+                    self._cond.notify_all()
+                sock.close()
+
+    def _read(self, sock: socket.socket) -> None:
+        buf = b""
+        sock.settimeout(0.2)
+        while True:
+            with self._cond:
+                if self._closed or self._switch:
+                    return
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError as e:
+                with self._cond:
+                    self._last_error = f"{type(e).__name__}: {e}"
+                return
+            if not chunk:
+                with self._cond:
+                    self._last_error = "connection closed by qemu"
+                return
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            if len(buf) > 65536:  # no newline for far too long: not our guest
+                buf = b""
+            if complete:
+                now = time.monotonic()
+                self._handle([c.decode("ascii", "replace") for c in complete], now)
+
+    def _handle(self, lines: list[str], now: float) -> None:
+        with self._cond:
+            for text in lines:
+                text = text.rstrip("\r")
+                self._lines.append(text)
+                item = parse_line(text, now)
+                if isinstance(item, Report):
+                    self._seq += 1
+                    self._reports.append((self._seq, item))
+                elif isinstance(item, BootInfo):
+                    self._boots.append(item)
+                    self._faulted = False
+                elif isinstance(item, str):
+                    self._faults.append(item)
+                    self._faulted = True
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------
+# fault injection through qemu's gdbstub
+
+
+class GdbStub:
+    """A minimal GDB remote-protocol client for qemu's gdbstub, enough to
+    pause the guest and read or write its memory (fault injection: qemu 7.2
+    has no QMP/HMP command that writes guest memory).
+
+    qemu: ``-chardev socket,id=gdb0,path=P,server=on,wait=off -gdb chardev:gdb0``.
+    qemu stops the VM when the debugger connects; ``detach()`` resumes it.
+    Addresses are guest-virtual; the test guest maps memory 1:1.
+    """
+
+    _CHUNK = 1024  # bytes per m/M packet (qemu's packet buffer is 4 KiB)
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.connect(os.fspath(path))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self._sock.close()
+                    raise
+                time.sleep(0.05)
+        self._buf = b""
+        self.halt_reason = self._command("?")
+
+    def read(self, addr: int, length: int) -> bytes:
+        out = bytearray()
+        while length > 0:
+            n = min(length, self._CHUNK)
+            reply = self._command(f"m{addr:x},{n:x}")
+            if reply.startswith("E") or len(reply) != 2 * n:
+                raise GuestError(f"gdbstub could not read {n} bytes at {addr:#x}: {reply!r}")
+            out += bytes.fromhex(reply)
+            addr += n
+            length -= n
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        for off in range(0, len(data), self._CHUNK):
+            part = data[off : off + self._CHUNK]
+            reply = self._command(f"M{addr + off:x},{len(part):x}:{part.hex()}")
+            if reply != "OK":
+                raise GuestError(f"gdbstub could not write at {addr + off:#x}: {reply!r}")
+
+    def detach(self) -> None:
+        """Detach; qemu resumes the guest."""
+        with contextlib.suppress(GuestError, OSError):
+            self._command("D")
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def __enter__(self) -> GdbStub:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _command(self, payload: str) -> str:
+        data = payload.encode()
+        packet = b"$" + data + b"#" + f"{sum(data) & 0xFF:02x}".encode()
+        for _ in range(3):
+            self._sock.sendall(packet)
+            ack = self._recv_byte_skipping_noise()
+            if ack == b"+":
+                break
+        else:
+            raise GuestError(f"gdbstub did not acknowledge {payload[:20]!r}")
+        reply = self._recv_packet()
+        self._sock.sendall(b"+")
+        return reply
+
+    def _recv_byte_skipping_noise(self) -> bytes:
+        while True:
+            b = self._take(1)
+            if b in (b"+", b"-"):
+                return b
+
+    def _recv_packet(self) -> str:
+        while self._take(1) != b"$":
+            pass
+        body = bytearray()
+        while True:
+            b = self._take(1)
+            if b == b"#":
+                break
+            body += b
+        self._take(2)  # checksum; the transport is reliable
+        return body.decode("ascii", "replace")
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise GuestError("gdbstub closed the connection")
+            self._buf += chunk
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+# --------------------------------------------------------------------------
+# CLI
+
+
+@contextlib.contextmanager
+def _running_qemu(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _newer_than(counter: int) -> Callable[[Report], bool]:
+    return lambda r: r.counter > counter
+
+
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="testguest", description=(__doc__ or "").split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build the guest and print the path of guest.elf")
+    b.add_argument("--out-dir", type=Path)
+    r = sub.add_parser("run", help="boot the guest under qemu and print its serial lines")
+    r.add_argument("--accel", default="kvm", choices=["kvm", "tcg"])
+    r.add_argument("--mem", type=int, default=128, help="guest RAM, MiB")
+    r.add_argument("--wss", type=int, default=16)
+    r.add_argument("--rate", type=int, default=0)
+    r.add_argument("--report", type=int, default=200)
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args(argv)
+
+    elf = build(args.out_dir if args.cmd == "build" else None)
+    if args.cmd == "build":
+        print(elf)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="ferry-guest-run-") as tmp:
+        sock = Path(tmp) / "serial.sock"
+        qargv = qemu_argv(
+            elf,
+            serial_socket=sock,
+            mem_mib=args.mem,
+            accel=args.accel,
+            append=cmdline(
+                wss_mib=args.wss, rate_mib_s=args.rate, report_ms=args.report, seed=args.seed
+            ),
+            extra=["-no-reboot"],
+        )
+        t0 = time.monotonic()
+        with _running_qemu(qargv) as proc, SerialReader(sock) as serial:
+            boot = serial.wait_for_boot(timeout=60)
+            print(f"[{boot.host_time - t0:6.2f}s] {boot.raw}")
+            first: Report | None = None
+            seen = 0
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end and proc.poll() is None:
+                try:
+                    rep = serial.wait_for(_newer_than(seen), timeout=end - time.monotonic())
+                except TimeoutError:
+                    break
+                seen = rep.counter
+                first = first or rep
+                print(f"[{rep.host_time - t0:6.2f}s] {rep.raw}")
+            last = serial.latest()
+            if first is not None and last is not None and last.guest_ms > first.guest_ms:
+                print(
+                    f"dirty rate {dirty_rate_mib_s(first, last):.0f} MiB/s "
+                    f"(guest clock), first report {first.host_time - t0:.2f}s after start"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,371 @@
+"""A two-host Ferry test bed: namespaces, certificates, configs, agents.
+
+Used by the end-to-end tests and by ``make demo``.  Each host has its own
+config, host UUID, state and run directories and certificate; both share a
+lockspace directory (as hosts share one over NFS).  Agents run inside their
+host's namespace; ferryctl talks to them over their unix admin sockets
+(which are files, reachable from any namespace).
+
+:meth:`Cluster.close` tears everything down even after a failure: agents
+and every qemu they started are killed (all processes in the namespaces),
+the namespaces deleted and the temporary tree removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netns import Namespace, TwoHosts
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+AGENT_PORT = 49160
+
+__all__ = ["Cluster", "HostEnv", "wait_until"]
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _bin(name: str) -> str:
+    path = VENV_BIN / name
+    return str(path) if path.exists() else name
+
+
+@dataclass
+class HostEnv:
+    """One host: its namespace, directories, config and agent processes."""
+
+    label: str
+    ns: Namespace
+    root: Path
+    host_uuid: str
+    pki_dir: Path
+    lockspace: Path
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        """This host's run directory (sockets, status files)."""
+        return self.root / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        """This host's persistent state (definitions)."""
+        return self.root / "state"
+
+    @property
+    def config_path(self) -> Path:
+        """agent.toml of this host."""
+        return self.root / "agent.toml"
+
+    @property
+    def source_socket(self) -> Path:
+        """ferry-source's admin socket."""
+        return self.run_dir / "source.sock"
+
+    @property
+    def destination_socket(self) -> Path:
+        """ferry-destination's admin socket."""
+        return self.run_dir / "destination.sock"
+
+    @property
+    def uri(self) -> str:
+        """The URI other hosts use to reach this host's ferry-destination."""
+        return f"ferry://{self.ns.address}:{AGENT_PORT}"
+
+    def serial_socket(self, name: str, index: int = 0) -> Path:
+        """Where a domain's auto-placed serial socket lives on this host."""
+        return self.run_dir / "serial" / name / f"serial{index}.sock"
+
+    def write_config(self, **overrides: Any) -> None:
+        """Write agent.toml (TOML by hand: the stdlib only reads it)."""
+        tables: dict[str, dict[str, Any]] = {
+            "host": {"uuid": self.host_uuid, "name": self.label},
+            "paths": {
+                "state_dir": str(self.state_dir),
+                "run_dir": str(self.run_dir),
+                "lockspace_dir": str(self.lockspace),
+            },
+            "admin": {"group": "root"},
+            "destination": {
+                "listen": f"{self.ns.address}:{AGENT_PORT}",
+                "migration_address": self.ns.address,
+                "migration_ports": [49200, 49299],
+                "incoming_timeout_s": 60,
+            },
+            "tls": {
+                "ca": str(self.pki_dir / "ca.pem"),
+                "cert": str(self.pki_dir / f"{self.label}.pem"),
+                "key": str(self.pki_dir / f"{self.label}-key.pem"),
+            },
+        }
+        settings = {**self.extra_config, **overrides}
+        acl_rules: list[dict[str, Any]] = settings.pop("acl", [])
+        for key, value in settings.items():
+            table, _, item = key.partition(".")
+            tables.setdefault(table, {})[item] = value
+        lines = []
+        for table, items in tables.items():
+            lines.append(f"[{table}]")
+            for item, value in items.items():
+                lines.append(f"{item} = {json.dumps(value)}")
+            lines.append("")
+        for rule in acl_rules:
+            lines.append("[[acl]]")
+            for item, value in rule.items():
+                lines.append(f"{item} = {json.dumps(value)}")
+            lines.append("")
+        self.config_path.write_text("\n".join(lines))
+
+    def start_agent(self, agent: str, *, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start ``source`` or ``destination`` in this host's namespace."""
+        binary = _bin(f"ferry-{agent}")
+        log = (self.root / f"{agent}.log").open("ab")
+        env = dict(os.environ)
+        env.setdefault("FERRY_JOURNAL_SOCKET", "/nonexistent")
+        proc = subprocess.Popen(
+            self.ns.exec_argv([binary, "--config", str(self.config_path), "--debug"]),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        self.procs[agent] = proc
+        if wait:
+            sock = self.source_socket if agent == "source" else self.destination_socket
+            wait_until(
+                lambda: self._accepts(sock) or proc.poll() is not None,
+                30,
+                f"ferry-{agent} on {self.label} to listen",
+            )
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"ferry-{agent} on {self.label} exited with {proc.returncode}:\n"
+                    + self.agent_log(agent)
+                )
+        return proc
+
+    @staticmethod
+    def _accepts(path: Path) -> bool:
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(str(path))
+            except OSError:
+                return False
+        return True
+
+    def agent_log(self, agent: str) -> str:
+        """The agent's stderr log so far."""
+        with contextlib.suppress(FileNotFoundError):
+            return (self.root / f"{agent}.log").read_text(errors="replace")
+        return ""
+
+    def stop_agent(self, agent: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Signal an agent and wait for it to exit."""
+        proc = self.procs.pop(agent, None)
+        if proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5)
+
+    def ferryctl(
+        self,
+        *args: str,
+        agent: str = "source",
+        check: bool = False,
+        timeout: float = 120,
+        user: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ferryctl against one of this host's agents."""
+        sock = self.source_socket if agent == "source" else self.destination_socket
+        argv = [_bin("ferryctl"), "--connect", str(sock), *args]
+        if user is not None:
+            import pwd
+
+            gid = pwd.getpwnam(user).pw_gid
+            argv = ["setpriv", f"--reuid={user}", f"--regid={gid}", "--clear-groups", *argv]
+        result = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"ferryctl {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def ctl_json(self, *args: str, agent: str = "source") -> Any:
+        """Run ferryctl with --json and decode its output."""
+        result = self.ferryctl(*args, "--json", agent=agent, check=True)
+        return json.loads(result.stdout)
+
+    def domain_state(self, name: str) -> str | None:
+        """The state ferryctl reports, or None when the domain is unknown."""
+        result = self.ferryctl("dominfo", name, "--json")
+        if result.returncode != 0:
+            return None
+        return str(json.loads(result.stdout)["state"])
+
+    def qemu_pids(self) -> list[int]:
+        """pids of qemu processes in this host's namespace."""
+        out = []
+        for pid in self.ns.pids():
+            with contextlib.suppress(OSError):
+                exe = os.readlink(f"/proc/{pid}/exe")
+                if "qemu-system" in exe:
+                    out.append(pid)
+        return out
+
+
+class Cluster:
+    """Hosts A and B with certificates and agents."""
+
+    def __init__(self, *, base: Path | None = None) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="fy-", dir=base or "/tmp"))
+        # Other users must reach the admin sockets (ACL tests run ferryctl as
+        # nobody); the sockets themselves are 0660.
+        self.tmp.chmod(0o755)
+        self.hosts = TwoHosts.create()
+        self.pki = self.tmp / "pki"
+        self.lockspace = self.tmp / "lockspace"
+        self.lockspace.mkdir()
+        self.a = self._host("a", self.hosts.a)
+        self.b = self._host("b", self.hosts.b)
+        self._make_pki()
+
+    def _host(self, label: str, ns: Namespace) -> HostEnv:
+        root = self.tmp / label
+        root.mkdir(mode=0o755)
+        host = HostEnv(
+            label=label,
+            ns=ns,
+            root=root,
+            host_uuid=str(uuidlib.uuid4()),
+            pki_dir=self.pki,
+            lockspace=self.lockspace,
+        )
+        host.write_config()
+        return host
+
+    def _make_pki(self) -> None:
+        from ferryctl.pki import init_ca, issue_host
+
+        init_ca(self.pki)
+        for host in (self.a, self.b):
+            files = issue_host(self.pki, self.pki, host.label, dns=[host.label], ips=[host.ns.address])
+            # Names the config expects.
+            if files.cert != self.pki / f"{host.label}.pem":
+                shutil.copy(files.cert, self.pki / f"{host.label}.pem")
+            if files.key != self.pki / f"{host.label}-key.pem":
+                shutil.copy(files.key, self.pki / f"{host.label}-key.pem")
+                os.chmod(self.pki / f"{host.label}-key.pem", 0o600)
+
+    def start(self, agents: Sequence[str] = ("source", "destination")) -> Cluster:
+        """Start the agents on both hosts."""
+        for host in (self.a, self.b):
+            for agent in agents:
+                host.start_agent(agent)
+        return self
+
+    def logs(self) -> str:
+        """Every agent log, for a failing test's report."""
+        parts = []
+        for host in (self.a, self.b):
+            for agent in ("source", "destination"):
+                text = host.agent_log(agent)
+                if text:
+                    parts.append(f"----- {host.label} ferry-{agent} -----\n{text[-6000:]}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Tear everything down (idempotent)."""
+        for host in (self.a, self.b):
+            for agent in list(host.procs):
+                with contextlib.suppress(Exception):
+                    host.stop_agent(agent, signal.SIGKILL, timeout=5)
+        self.hosts.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def guest_xml(
+    name: str,
+    kernel: Path,
+    *,
+    virt_type: str = "kvm",
+    mem_mib: int = 128,
+    wss_mib: int = 16,
+    rate_mib_s: int = 0,
+    report_ms: int = 100,
+    uuid: str | None = None,
+    prealloc: bool = True,
+    disks: Sequence[tuple[str, str]] = (),
+    extra_devices: str = "",
+) -> str:
+    """Domain XML for the test guest; its serial port is a unix socket Ferry places.
+
+    ``disks`` is a list of ``(path, cache)`` raw file disks on virtio.
+    """
+    uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    backing = "<memoryBacking><allocation mode='immediate'/></memoryBacking>" if prealloc else ""
+    disk_xml = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='raw' cache='{cache}'/>"
+        f"<source file='{path}'/><target dev='vd{chr(ord('a') + i)}' bus='virtio'/></disk>"
+        for i, (path, cache) in enumerate(disks)
+    )
+    return f"""<domain type='{virt_type}'>
+  <name>{name}</name>{uuid_el}
+  <memory unit='MiB'>{mem_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <cmdline>wss={wss_mib} rate={rate_mib_s} report={report_ms} seed=7</cmdline>
+  </os>
+  {backing}
+  <devices>
+    {disk_xml}
+    <serial type='unix'><source mode='bind'/><target port='0'/></serial>
+    <memballoon model='none'/>
+    {extra_devices}
+  </devices>
+</domain>
+"""
