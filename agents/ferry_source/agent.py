@@ -140,8 +140,10 @@ class SourceAgent:
                 if name in self._watchers:
                     continue
                 status = self.host.load_status(name)
-                if status is None or status.run_state == "incoming":
+                if status is None or status.pid is None or status.run_state == "incoming":
                     continue
+                if status.job is not None and status.job.async_job is not None:
+                    continue  # the other agent is working on it
                 with contextlib.suppress(FerryError, OSError):
                     await self.host.process(name)
                     self.watch(name)

@@ -4,7 +4,8 @@ Checks run *after* the domain XML has been parsed, so a rule about domain
 names sees the real name and UUID the XML declares, not whatever string the
 caller put in the request.  Root is always allowed on the local admin
 sockets (as with libvirt's polkit default for root); every other caller must
-match a rule.
+match a rule.  Peer agents (TLS, certificate from our CA) are trusted until a
+rule names peers at all; from then on they too must match a rule.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def check_access(
         AccessDenied: naming the op, the domain and the subject.
     """
     if subject.is_root:
+        return
+    # Peer agents are authenticated by our CA; until the operator writes a
+    # rule naming peers, every peer the CA vouches for is trusted.
+    if subject.kind == "peer" and not any(rule.peers for rule in rules):
         return
     for rule in rules:
         if not _matches_subject(rule, subject):

@@ -164,6 +164,8 @@ class Host:
         """
         persistent = self.load_definition(name)
         status = self.load_status(name)
+        if status is not None and status.pid is None:
+            status = None  # only a job record: no qemu
         live = self.live_definition(name) if status is not None else None
         domain = live or persistent
         if domain is None:
@@ -276,7 +278,9 @@ class Host:
             with contextlib.suppress(Exception):
                 await proc.close()
         status = self.load_status(name)
-        if status is None:
+        if status is None or status.pid is None:
+            # No pid: a job record written before qemu exists (e.g. an
+            # incoming migration being prepared) — not ours to clean up.
             raise NoDomain(f"domain '{name}' is not running", name=name)
         mine = DomainStatus.from_dict(
             {**status.to_dict(), "qmp_path": str(self.qmp_socket(name))}

@@ -317,7 +317,8 @@ class Cluster:
                 with contextlib.suppress(Exception):
                     host.stop_agent(agent, signal.SIGKILL, timeout=5)
         self.hosts.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not os.environ.get("FERRY_KEEP_TESTBED"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> Cluster:
         return self
