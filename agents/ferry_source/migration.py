@@ -407,6 +407,15 @@ class MigrationDriver:
 
             if isinstance(exc, ssl.SSLError | ssl.CertificateError):
                 raise as_auth_error(exc, peer=host) from None
+            if isinstance(exc, ConnectionResetError | BrokenPipeError):
+                # TLS 1.3 checks the client certificate after the client
+                # thinks the handshake is done: a refusal shows up as the
+                # peer dropping the connection before it greets us.
+                raise AuthError(
+                    f"ferry-destination at {host}:{port} dropped the TLS connection before "
+                    "greeting us: it did not accept this host's certificate "
+                    "(not signed by its CA?)", peer=host,
+                ) from None
             raise MigrationRefused(f"cannot reach ferry-destination at {host}:{port}: {exc}") from None
         except TimeoutError:
             raise MigrationRefused(f"ferry-destination at {host}:{port} did not answer") from None
@@ -474,6 +483,7 @@ class MigrationDriver:
 
         out.set_downtime = set_downtime
         deadline = time.monotonic() + params.timeout_s if params.timeout_s else None
+        max_throttle = 0
         try:
             with proc.qmp.events({"MIGRATION", "BLOCK_IO_ERROR", "disconnected"}) as events:
                 async with self.agent.jobs.nested(job):
@@ -487,6 +497,7 @@ class MigrationDriver:
                             "and --abort-on-error was given"
                         )
                     stats = await query_migrate(proc.qmp)
+                    max_throttle = max(max_throttle, stats.cpu_throttle_percentage)
                     if stats.ram_total:
                         account.feed(Sample(**stats.to_sample()))
                         snap: dict[str, Any] = dict(account.snapshot())
@@ -505,8 +516,7 @@ class MigrationDriver:
                             "transferred": stats.ram_transferred,
                             "total": stats.ram_total,
                             "passes": stats.ram_dirty_sync_count,
-                            "throttle_pct": max(stats.cpu_throttle_percentage,
-                                                int(out.progress.get("throttle_pct") or 0)),
+                            "throttle_pct": max_throttle,
                             "mbps": stats.ram_mbps,
                         }  # fmt: skip
                     if stats.status in ("failed", "cancelled"):

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-import ferry.domain.argv as argv_mod
 from ferry.domain import (
     Domain,
     GraphicsPorts,
@@ -78,7 +77,7 @@ CASES: dict[str, tuple[Path, dict[str, Any], dict[str, Any]]] = {
         {"log_file": Path("/var/log/ferry/sink.log"),
          "spice_tls_dir": Path("/etc/pki/ferry-spice")},
     ),
-}  # fmt: skip
+}
 for _path in CORPUS_A:
     CASES[f"corpus/{_path.stem}"] = (_path, {}, {"spice_tls_dir": Path("/etc/pki/ferry-spice")})
 
@@ -87,7 +86,7 @@ def _run_case(xml: Path, kwargs: dict[str, Any], extra_paths: dict[str, Any]) ->
     domain = parse_domain(xml.read_bytes(), where=xml.name)
     try:
         argv = to_qemu_argv(domain, paths=paths_for(domain.name, **extra_paths), kvm_usable=yes,
-                            **kwargs)  # fmt: skip
+                            **kwargs)
     except FerryError as exc:
         return {"refused": type(exc).__name__, "message": str(exc)}
     return {"argv": argv}
@@ -126,13 +125,13 @@ def test_typical_guest_argv() -> None:
     assert f"-uuid {d.uuid}" in joined
     assert "-nodefaults" in argv and "-no-user-config" in argv
     assert "-machine pc,accel=kvm,usb=off,dump-guest-core=off,acpi=off,memory-backend=pc.ram" \
-        in joined  # fmt: skip
+        in joined
     assert "-object memory-backend-ram,id=pc.ram,size=268435456,prealloc=on -m 256" in joined
     assert "-smp 1,sockets=1,cores=1,threads=1" in joined
     assert "-kernel /var/lib/ferry/guest.elf" in joined
     assert argv[argv.index("-append") + 1] == "wss=64 rate=0"
     assert "-chardev socket,id=charmonitor,path=/run/ferry/qmp/guest1.sock,server=on,wait=off" \
-        in joined  # fmt: skip
+        in joined
     assert "-mon chardev=charmonitor,id=monitor,mode=control" in joined
     assert argv[argv.index("-pidfile") + 1] == "/run/ferry/pid/guest1.pid" and "-daemonize" in argv
     assert "-display none" in joined and "-msg timestamp=on" in joined
@@ -153,7 +152,7 @@ def test_incoming_and_paused() -> None:
 def test_prealloc_only_for_immediate_allocation() -> None:
     ondemand = parse_domain(GUEST1.replace("immediate", "ondemand"))
     plain = parse_domain(GUEST1.replace("<memoryBacking><allocation mode='immediate'/>"
-                                        "</memoryBacking>", ""))  # fmt: skip
+                                        "</memoryBacking>", ""))
     for d in (ondemand, plain):
         joined = " ".join(to_qemu_argv(d, paths=paths_for("g"), kvm_usable=yes))
         assert "prealloc" not in joined and "memory-backend" not in joined
@@ -183,7 +182,7 @@ def test_kvm_unusable_is_a_clear_error() -> None:
 
 
 def test_default_kvm_check_explains_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(argv_mod.os.path, "exists", lambda p: False)
+    monkeypatch.setattr("ferry.domain.argv.os.path.exists", lambda p: False)
     assert kvm_usable() is False
     with pytest.raises(QemuLaunchError, match="/dev/kvm does not exist"):
         to_qemu_argv(parse_domain(GUEST1), paths=paths_for("g"))
@@ -213,7 +212,7 @@ def test_tcg_domains_never_look_at_kvm() -> None:
         ("<features><apic eoi='on'/></features>", "kvm", "-cpu qemu64,kvm-pv-eoi=on"),
         ("<features><apic eoi='on'/></features>", "qemu", "-m"),
     ],
-)  # fmt: skip
+)
 def test_cpu_argument(cpu: str, virt: str, expected: str) -> None:
     xml = GUEST1.replace("type='kvm'", f"type='{virt}'").replace("<os>", cpu + "<os>")
     argv = to_qemu_argv(parse_domain(xml), paths=paths_for("g"), kvm_usable=yes)
@@ -240,7 +239,7 @@ def test_commas_in_values_are_doubled() -> None:
         name="a,b",
     )
     argv = to_qemu_argv(d, paths=RuntimePaths(Path("/run/x,y"), Path("/run/q,m.sock"),
-                                              Path("/run/p,id")))  # fmt: skip
+                                              Path("/run/p,id")))
     joined = " ".join(argv)
     assert "-name guest=a,,b,debug-threads=on" in joined
     assert "driver=file,filename=/img/a,,b.img,node-name=virtio-disk0-storage" in joined
@@ -278,7 +277,7 @@ def test_runtime_paths_with_newlines_are_refused() -> None:
 
 def test_default_socket_paths_under_run_dir_must_fit() -> None:
     d = _domain("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/>"
-                "</channel>")  # fmt: skip
+                "</channel>")
     argv = to_qemu_argv(d, paths=paths_for("g"))
     assert "path=/run/ferry/chardev/g/org.qemu.guest_agent.0.sock," in " ".join(argv)
     deep = RuntimePaths(Path("/run/" + "d" * 100), Path("/q"), Path("/p"))
@@ -294,7 +293,7 @@ def test_vnc_autoport() -> None:
     joined = " ".join(to_qemu_argv(d, paths=paths_for("g")))
     assert "-vnc [::1]:0,to=99" in joined  # qemu takes the first free display
     joined = " ".join(to_qemu_argv(d, paths=paths_for("g"),
-                                   graphics_ports={0: GraphicsPorts(5907)}))  # fmt: skip
+                                   graphics_ports={0: GraphicsPorts(5907)}))
     assert "-vnc [::1]:7 " in joined + " "
     assert "-device VGA,id=video0,bus=pci.0,addr=0x2" in joined
 
@@ -304,7 +303,7 @@ def test_spice_autoport_needs_chosen_ports_and_tls_needs_certificates() -> None:
     with pytest.raises(QemuLaunchError, match="graphics_ports"):
         to_qemu_argv(d, paths=paths_for("g"))
     joined = " ".join(to_qemu_argv(d, paths=paths_for("g"),
-                                   graphics_ports={0: GraphicsPorts(5910)}))  # fmt: skip
+                                   graphics_ports={0: GraphicsPorts(5910)}))
     assert "-spice port=5910,addr=127.0.0.1,disable-ticketing=on,seamless-migration=on" in joined
     with pytest.raises(QemuLaunchError, match="spice_tls_dir"):
         to_qemu_argv(d, paths=paths_for("g"), graphics_ports={0: GraphicsPorts(5910, 5911)})
@@ -368,7 +367,7 @@ def _short_tmp() -> Iterator[Path]:
 @contextlib.contextmanager
 def _launched(argv: list[str], pidfile: Path) -> Iterator[int]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"qemu refused the argv: {proc.stderr}\n{argv}"
     pid = int(pidfile.read_text().strip())
     try:
@@ -387,7 +386,7 @@ def _host_ready(d: Domain, tmp: Path) -> Domain:
             img = tmp / f"disk{i}.img"
             if disk.format == "qcow2":
                 subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "16M"],
-                               check=True)  # fmt: skip
+                               check=True)
             else:
                 with img.open("wb") as f:
                     f.truncate(16 << 20)
@@ -410,7 +409,7 @@ def _host_ready(d: Domain, tmp: Path) -> Domain:
                             default_mode=None,
                             options=tuple(o for o in g.options if o.element != "channel"))
         for g in d.graphics
-    )  # fmt: skip
+    )
     return dataclasses.replace(
         d, virt_type="qemu", memory_kib=65536, current_memory_kib=65536,
         os=dataclasses.replace(d.os, kernel=None, initrd=None, cmdline=None),
@@ -418,7 +417,7 @@ def _host_ready(d: Domain, tmp: Path) -> Domain:
         channels=local(d.channels, "ch"), graphics=graphics,
         interfaces=tuple(dataclasses.replace(n, type="user", source=None)
                          for n in d.interfaces),
-    )  # fmt: skip
+    )
 
 
 def _free_port() -> int:
@@ -448,10 +447,10 @@ def test_real_qemu_accepts_the_argv_of(xml: Path) -> None:
     with _short_tmp() as tmp:
         d = _host_ready(parse_domain(xml.read_bytes()), tmp)
         ports = {i: GraphicsPorts(_free_port()) for i, g in enumerate(d.graphics)
-                 if g.type == "spice"}  # fmt: skip
+                 if g.type == "spice"}
         paths = RuntimePaths(tmp, tmp / "qmp.sock", tmp / "pid")
         argv = to_qemu_argv(d, paths=paths, paused=True, graphics_ports=ports,
-                            qemu_binary=QEMU or "")  # fmt: skip
+                            qemu_binary=QEMU or "")
         with _launched(argv, paths.pidfile):
             pass
 

@@ -7,6 +7,7 @@ way. Nothing may raise anything but an XMLError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -103,10 +104,8 @@ def test_group_b_names_the_expected_element(path: Path) -> None:
 def test_truncated_corpus_files_raise_only_xml_errors(path: Path) -> None:
     data = path.read_bytes()
     for cut in range(0, len(data), max(1, len(data) // 25)):
-        try:
+        with contextlib.suppress(XMLError):
             parse_domain(data[:cut])
-        except XMLError:
-            pass
 
 
 @needs_corpus
@@ -131,4 +130,4 @@ def test_selected_values_from_the_corpus() -> None:
     d = parse_domain(by_name["cpu-host-model-features.xml"].read_bytes())
     assert d.cpu is not None and d.cpu.mode == "host-model"
     assert [(f.name, f.policy) for f in d.cpu.features] == [
-        ("abm", "require"), ("ds", "force"), ("invtsc", "disable")]  # fmt: skip
+        ("abm", "require"), ("ds", "force"), ("invtsc", "disable")]

@@ -51,7 +51,7 @@ def test_kitchen_sink_keeps_everything() -> None:
 def test_metadata_is_verbatim() -> None:
     inner = ("\n      <app1:foo xmlns:app1=\"http://foo.org/\">fooish</app1:foo>\n"
              "  <!-- a comment -->\n  <app2:bar xmlns:app2=\"http://bar.com/\" maman=\"baz\">"
-             "barish</app2:bar>\n  ")  # fmt: skip
+             "barish</app2:bar>\n  ")
     text = (
         "<domain type='qemu'><name>m</name><memory>1024</memory>"
         f"<os><type>hvm</type></os><metadata>{inner}</metadata></domain>"
@@ -75,11 +75,13 @@ def test_metadata_namespace_declared_on_the_root_travels_with_it() -> None:
 
 def test_bad_metadata_in_a_built_model_is_an_xml_error() -> None:
     d = parse_domain("<domain type='qemu'><name>m</name><memory>1024</memory>"
-                     "<os><type>hvm</type></os></domain>")  # fmt: skip
+                     "<os><type>hvm</type></os></domain>")
     with pytest.raises(XMLError):
         format_domain(dataclasses.replace(d, metadata="<unclosed>"))
     with pytest.raises(XMLError):
         format_domain(dataclasses.replace(d, metadata="<!DOCTYPE x><x/>"))
+    with pytest.raises(XMLError):
+        format_domain(dataclasses.replace(d, description="bell\x07"))
 
 
 def _vnc_domain() -> Domain:
@@ -96,7 +98,7 @@ def test_migratable_form_drops_autoport_ports() -> None:
     live = dataclasses.replace(d, graphics=(
         dataclasses.replace(d.graphics[0], port=5901),
         dataclasses.replace(d.graphics[1], port=5902, tls_port=5903),
-    ))  # fmt: skip
+    ))
     normal = format_domain(live)
     assert 'port="5901" autoport="yes"' in normal
     assert 'tlsPort="5903"' in normal
@@ -128,7 +130,7 @@ def test_a_domain_built_in_code_formats_and_parses() -> None:
         current_memory_kib=131072,
         vcpus=2,
         disks=(Disk(type="file", device="disk", target_dev="vda", target_bus="virtio",
-                    source="/var/lib/ferry/images/built.img"),),  # fmt: skip
+                    source="/var/lib/ferry/images/built.img"),),
         graphics=(Graphics(type="vnc", port=5905, autoport=False),),
     )
     again = parse_domain(format_domain(d))

@@ -44,7 +44,7 @@ PATHS = RuntimePaths(Path("/run/ferry/f"), Path("/run/ferry/f/q.sock"), Path("/r
 
 # No example database: the tests must not write outside their own files.
 FUZZ = settings(max_examples=int(os.environ.get("FERRY_FUZZ_EXAMPLES", "300")), deadline=None,
-                database=None, suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+                database=None, suppress_health_check=[HealthCheck.too_slow])
 
 TAGS = sorted({p.rsplit("/", 1)[-1] for p in _SCHEMA} | {"hostdev", "boot", "alias", "shim"})
 ATTRS = sorted(set().union(*(s.attrs for s in _SCHEMA.values())) | {"snapshot", "order"})
@@ -59,12 +59,12 @@ VALUES = [
     "c7a5fdbd-edaf-9455-926a-d65c16db1809", "4294967296", "99999999999999999999", "vda", "hda",
     "sda", "qemu-xhci", "lsilogic", "virtio-scsi", "pcie-root", "pci-root", "rtc", "pit", "hpet",
     "catchup", "delay", "localtime", "utc", "destroy", "restart", "br0", "\u00e9", "a b",
-]  # fmt: skip
+]
 TOKENS = [t.encode() for t in (
     "<", ">", "/>", "</", "&", "&amp;", "&#0;", "&#10;", "<!DOCTYPE d>", "<!ENTITY x 'y'>",
     "<![CDATA[x]]>", "<!-- c -->", "<?pi x?>", "'", '"', "=", "\x00", "\xff", "\n",
     *[f"<{t}/>" for t in TAGS[:40]], *[f" {a}='1'" for a in ATTRS[:40]],
-)]  # fmt: skip
+)]
 
 
 def _check(data: bytes | str) -> None:
@@ -138,7 +138,7 @@ def test_tree_mutations_of_real_xml(data: st.DataObject) -> None:
         elements = [e for e in root.iter() if isinstance(e.tag, str)]
         el = data.draw(st.sampled_from(elements))
         op = data.draw(st.sampled_from(
-            ["set", "unset", "text", "remove", "dup", "add", "move"]))  # fmt: skip
+            ["set", "unset", "text", "remove", "dup", "add", "move"]))
         if op == "set":
             el.set(data.draw(st.sampled_from(ATTRS)), data.draw(st.sampled_from(VALUES)))
         elif op == "unset" and el.attrib:

@@ -68,6 +68,7 @@ class HostEnv:
     pki_dir: Path
     lockspace: Path
     extra_config: dict[str, Any] = field(default_factory=dict)
+    agent_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -150,6 +151,13 @@ class HostEnv:
         log = (self.root / f"{agent}.log").open("ab")
         env = dict(os.environ)
         env.setdefault("FERRY_JOURNAL_SOCKET", "/nonexistent")
+        # agent_env wins; naming a journal namespace there drops the default
+        # "no journal" socket above (the socket takes precedence otherwise).
+        if "FERRY_JOURNAL_NAMESPACE" in self.agent_env and (
+            "FERRY_JOURNAL_SOCKET" not in self.agent_env
+        ):
+            env.pop("FERRY_JOURNAL_SOCKET", None)
+        env.update(self.agent_env)
         proc = subprocess.Popen(
             self.ns.exec_argv([binary, "--config", str(self.config_path), "--debug"]),
             stdin=subprocess.DEVNULL,
@@ -253,7 +261,12 @@ class HostEnv:
 class Cluster:
     """Hosts A and B with certificates and agents."""
 
-    def __init__(self, *, base: Path | None = None) -> None:
+    def __init__(
+        self, *, base: Path | None = None, agent_env: dict[str, str] | None = None
+    ) -> None:
+        """``agent_env``: extra environment for every agent (merged last), e.g.
+        ``{"FERRY_JOURNAL_NAMESPACE": "ns"}`` to log to a journald namespace."""
+        self.agent_env = dict(agent_env or {})
         self.tmp = Path(tempfile.mkdtemp(prefix="fy-", dir=base or "/tmp"))
         # Other users must reach the admin sockets (ACL tests run ferryctl as
         # nobody); the sockets themselves are 0660.
@@ -276,6 +289,7 @@ class Cluster:
             host_uuid=str(uuidlib.uuid4()),
             pki_dir=self.pki,
             lockspace=self.lockspace,
+            agent_env=self.agent_env,
         )
         host.write_config()
         return host

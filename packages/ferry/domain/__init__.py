@@ -38,7 +38,8 @@ formatted XML is explicit and round-trips): a random UUID; random
 hd when there is neither kernel nor boot device; clock offset utc;
 lifecycle destroy/restart/destroy; disk bus from the target name
 (hd→ide, sd→scsi, vd→virtio); cdroms are read-only; serial ports numbered
-in order; console target serial; unix channels bind; a virtio memballoon
+in order; console target serial; unix sockets bind (and, in bind mode, may
+omit their path: qemu then gets one under ``RuntimePaths.run_dir``); a virtio memballoon
 when none is given; a vga video device when graphics have none.
 
 Accepted and ignored

@@ -112,7 +112,7 @@ def normalise_uuid(text: str, loc: Loc) -> str:
     :raises XMLError: not 32 hex digits (hyphens in the usual places allowed).
     """
     text = text.strip()
-    if not _UUID_RE.match(text):
+    if not _UUID_RE.fullmatch(text):
         raise fail(loc, f"invalid UUID {text!r}")
     h = text.replace("-", "").lower()
     return f"{h[0:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
@@ -124,7 +124,7 @@ def normalise_mac(text: str, loc: Loc) -> str:
     :raises XMLError: malformed or multicast address.
     """
     text = text.strip()
-    if not _MAC_RE.match(text):
+    if not _MAC_RE.fullmatch(text):
         raise fail(loc, f"invalid MAC address {text!r}")
     if int(text[0:2], 16) & 1:
         raise fail(loc, f"MAC address {text!r} is a multicast address")
@@ -180,6 +180,6 @@ def check_listen(value: str, loc: Loc) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         pass
-    if len(value) <= 253 and _HOSTNAME_RE.match(value):
+    if len(value) <= 253 and _HOSTNAME_RE.fullmatch(value):
         return value
     raise fail(loc, f"invalid listen address {value!r}")

@@ -65,7 +65,7 @@ def _same(what: str, old: object, new: object, unit: str = "") -> None:
         raise ABIError(
             f"{what} differs: {_show(old)}{suffix} vs {_show(new)}{suffix}",
             field=what, old=_show(old), new=_show(new),
-        )  # fmt: skip
+        )
 
 
 def _each(
@@ -79,7 +79,7 @@ def _each(
         raise ABIError(
             f"device count differs: {len(old)} {plural} vs {len(new)}",
             field=plural, old=str(len(old)), new=str(len(new)),
-        )  # fmt: skip
+        )
     for i, (a, b) in enumerate(zip(old, new, strict=True)):
         name = label(i, a)
         for (field, va), (_, vb) in zip(fields(a), fields(b), strict=True):
@@ -89,12 +89,12 @@ def _each(
 def _disk_fields(d: Disk) -> list[tuple[str, Any]]:
     return [("target dev", d.target_dev), ("target bus", d.target_bus), ("device", d.device),
             ("readonly", d.readonly), ("shareable", d.shareable), ("event_idx", d.event_idx),
-            ("address", d.address)]  # fmt: skip
+            ("address", d.address)]
 
 
 def _controller_fields(c: Controller) -> list[tuple[str, Any]]:
     return [("type", c.type), ("index", c.index), ("model", c.model), ("ports", c.ports),
-            ("address", c.address)]  # fmt: skip
+            ("address", c.address)]
 
 
 def _interface_fields(n: Interface) -> list[tuple[str, Any]]:
@@ -104,7 +104,7 @@ def _interface_fields(n: Interface) -> list[tuple[str, Any]]:
 def _chardev_fields(c: CharDev) -> list[tuple[str, Any]]:
     return [("target type", c.target_type), ("target port", c.target_port),
             ("target name", c.target_name), ("target model", c.target_model),
-            ("address", c.address)]  # fmt: skip
+            ("address", c.address)]
 
 
 def _input_fields(i: Input) -> list[tuple[str, Any]]:
@@ -114,17 +114,17 @@ def _input_fields(i: Input) -> list[tuple[str, Any]]:
 def _graphics_fields(g: Graphics) -> list[tuple[str, Any]]:
     return [("type", g.type), ("keymap", g.keymap), ("sharePolicy", g.share_policy),
             ("defaultMode", g.default_mode),
-            ("options", tuple(f"{o.element}{dict(o.attrs)}" for o in g.options))]  # fmt: skip
+            ("options", tuple(f"{o.element}{dict(o.attrs)}" for o in g.options))]
 
 
 def _video_fields(v: Video) -> list[tuple[str, Any]]:
     return [("model", v.model), ("vram", v.vram), ("ram", v.ram), ("vgamem", v.vgamem),
-            ("heads", v.heads), ("primary", v.primary), ("address", v.address)]  # fmt: skip
+            ("heads", v.heads), ("primary", v.primary), ("address", v.address)]
 
 
 def _rng_fields(r: Rng) -> list[tuple[str, Any]]:
     return [("model", r.model), ("rate bytes", r.rate_bytes), ("rate period", r.rate_period),
-            ("address", r.address)]  # fmt: skip
+            ("address", r.address)]
 
 
 def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False) -> None:
@@ -144,7 +144,7 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
         raise ABIError(
             f"name differs: {old.name} vs {new.name} (renaming was not requested)",
             field="name", old=old.name, new=new.name,
-        )  # fmt: skip
+        )
     _same("memory", old.memory_kib, new.memory_kib, "KiB")
     _same("currentMemory", old.current_memory_kib, new.current_memory_kib, "KiB")
     _same("vcpu count", old.vcpus, new.vcpus)
@@ -169,7 +169,7 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
         _same("cpu migratable", oc.migratable, nc.migratable)
         _same("cpu topology", oc.topology, nc.topology)
         _same("cpu features", tuple(f"{f.policy}:{f.name}" for f in oc.features),
-              tuple(f"{f.policy}:{f.name}" for f in nc.features))  # fmt: skip
+              tuple(f"{f.policy}:{f.name}" for f in nc.features))
 
     of, nf = old.features, new.features
     _same("feature acpi", of.acpi, nf.acpi)
@@ -183,15 +183,15 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
 
     _each("disks", old.disks, new.disks, lambda i, d: f"disk {d.target_dev}", _disk_fields)
     _each("controllers", old.controllers, new.controllers,
-          lambda i, c: f"{c.type} controller {c.index}", _controller_fields)  # fmt: skip
+          lambda i, c: f"{c.type} controller {c.index}", _controller_fields)
     _each("interfaces", old.interfaces, new.interfaces,
-          lambda i, n: f"interface {i} ({n.mac})", _interface_fields)  # fmt: skip
+          lambda i, n: f"interface {i} ({n.mac})", _interface_fields)
     _each("serials", old.serials, new.serials, lambda i, c: f"serial {i}", _chardev_fields)
     _each("consoles", old.consoles, new.consoles, lambda i, c: f"console {i}", _chardev_fields)
     _each("channels", old.channels, new.channels, lambda i, c: f"channel {i}", _chardev_fields)
     _each("inputs", old.inputs, new.inputs, lambda i, x: f"input {i}", _input_fields)
     _each("graphics", old.graphics, new.graphics, lambda i, g: f"graphics {i}",
-          _graphics_fields)  # fmt: skip
+          _graphics_fields)
     _each("videos", old.videos, new.videos, lambda i, v: f"video {i}", _video_fields)
     _same("memballoon model", old.memballoon.model, new.memballoon.model)
     _same("memballoon address", old.memballoon.address, new.memballoon.address)

@@ -80,9 +80,16 @@ _RAM_ID = "pc.ram"
 class RuntimePaths:
     """Host paths of one qemu process (chosen by the agent, not by the XML).
 
-    ``run_dir`` holds sockets the XML leaves unnamed (a unix ``<channel>``
-    without a path). ``log_file``, when set, is passed as ``-D`` (qemu's
-    debug log); qemu's stderr is the launcher's to capture.
+    ``run_dir`` holds the sockets the XML leaves unnamed: a unix serial or
+    console without a path (``serialN.sock``, ``consoleN.sock``) and a unix
+    channel without one (``NAME.sock``, after its target name). It must
+    exist, and be short enough for 107-byte socket paths.
+
+    ``log_file``, when set, is passed as ``-D``. With ``-daemonize``, qemu
+    7.2 then writes its messages there once it has detached (before that
+    they go to the launcher's stderr), but it truncates the file when it
+    starts: keep one file per qemu run, or rotate it before a start.
+
     ``spice_tls_dir`` is the x509 directory for spice ``tlsPort``.
     """
 
@@ -228,6 +235,7 @@ class _Pci:
                 self.used.add(slot)
 
     def place(self, addr: Address | None, *, video: bool = False) -> str:
+        """Return ``bus=…,addr=…`` for a device: its own address, or the next free slot."""
         if addr is not None:
             fn = f".0x{addr.function:x}" if addr.function else ""
             multi = ",multifunction=on" if addr.multifunction else ""
@@ -283,7 +291,7 @@ _CACHE = {
 
 class _Builder:
     def __init__(self, domain: Domain, paths: RuntimePaths, kvm: bool,
-                 graphics_ports: Mapping[int, GraphicsPorts]) -> None:  # fmt: skip
+                 graphics_ports: Mapping[int, GraphicsPorts]) -> None:
         self.d = domain
         self.paths = paths
         self.kvm = kvm
@@ -310,7 +318,7 @@ class _Builder:
             ("acpi", d.features.acpi),
             ("hpet", hpet),
             ("memory-backend", _RAM_ID if d.preallocated else None),
-        ))  # fmt: skip
+        ))
 
     def cpu(self) -> None:
         d = self.d
@@ -349,7 +357,7 @@ class _Builder:
             self.add("-object", _opts(
                 "memory-backend-ram", ("id", _RAM_ID), ("size", mib * 1024 * 1024),
                 ("prealloc", True), ("prealloc-threads", d.prealloc_threads),
-            ))  # fmt: skip
+            ))
         self.add("-m", str(mib))
 
     def smp(self) -> None:
@@ -360,7 +368,7 @@ class _Builder:
         else:
             dies = f",dies={t.dies}" if t.dies != 1 else ""
             self.add("-smp", f"{d.vcpus},sockets={t.sockets}{dies},cores={t.cores},"
-                             f"threads={t.threads}")  # fmt: skip
+                             f"threads={t.threads}")
 
     # -- firmware-ish ---------------------------------------------------------
 
@@ -373,7 +381,7 @@ class _Builder:
             # list) but does not for Linux: no escaping works for both.
             if "," in os_.initrd:
                 raise _refuse(self.d, "domain/os/initrd", "an initrd path with ',' cannot be "
-                                                          "passed to qemu")  # fmt: skip
+                                                          "passed to qemu")
             self.add("-initrd", _plain(os_.initrd, "initrd path"))
         if os_.cmdline is not None:
             self.add("-append", _plain(os_.cmdline, "kernel command line"))
@@ -383,7 +391,7 @@ class _Builder:
             self.add("-boot", _opts(
                 ("order", letters or None), ("menu", menu),
                 ("splash-time", os_.bootmenu_timeout if menu else None),
-            ))  # fmt: skip
+            ))
 
     def clock_and_pm(self) -> None:
         d = self.d
@@ -394,14 +402,14 @@ class _Builder:
                     rtc.append(("driftfix", "slew"))
                 if t.track is not None:
                     rtc.append(("clock", {"guest": "vm", "wall": "host", "realtime": "rt"}
-                                [t.track]))  # fmt: skip
+                                [t.track]))
         self.add("-rtc", _opts(f"base={d.clock.offset}", *rtc))
         for t in d.clock.timers:
             if t.name == "pit" and t.tickpolicy and self.kvm:
                 self.add("-global", f"kvm-pit.lost_tick_policy={t.tickpolicy}")
         pm_dev = "ICH9-LPC" if d.os.is_q35 else "PIIX4_PM"
         for value, prop in ((d.pm.suspend_to_mem, "disable_s3"),
-                            (d.pm.suspend_to_disk, "disable_s4")):  # fmt: skip
+                            (d.pm.suspend_to_disk, "disable_s4")):
             if value is not None:
                 self.add("-global", f"{pm_dev}.{prop}={0 if value else 1}")
         if d.on_reboot == "destroy":
@@ -445,7 +453,7 @@ class _Builder:
                 where = self.pci.place(c.address)
             ports = c.ports if model in ("qemu-xhci", "nec-xhci") else None
             self.device(_opts(_USB_MODELS[model], ("p2", ports), ("p3", ports), ("id", "usb"))
-                        + "," + where)  # fmt: skip
+                        + "," + where)
         elif c.type == "scsi":
             dev = "lsi" if (c.model or "lsilogic") == "lsilogic" else "virtio-scsi-pci"
             self.device(f"{dev},id=scsi{c.index},{self.pci.place(c.address)}")
@@ -477,11 +485,11 @@ class _Builder:
                 f"driver={driver}", ("filename", d.source), ("node-name", storage),
                 ("auto-read-only", True), ("discard", d.discard), *cache_opts,
                 ("aio", d.io),
-            ))  # fmt: skip
+            ))
             self.add("-blockdev", _opts(
                 f"node-name={fmt}", ("read-only", d.readonly), ("driver", d.format or "raw"),
                 ("file", storage), *cache_opts,
-            ))  # fmt: skip
+            ))
             drive = fmt
         werror = {"enospace": "enospc"}.get(d.error_policy or "", d.error_policy)
         rerror = d.rerror_policy or (d.error_policy if d.error_policy != "enospace" else None)
@@ -489,25 +497,25 @@ class _Builder:
             ("drive", drive), ("id", did),
             ("write-cache", cache[2] if cache is not None and drive else None),
             ("werror", werror if drive else None), ("rerror", rerror if drive else None),
-        ]  # fmt: skip
+        ]
         a = d.address
         cd = d.device == "cdrom"
         idx = _disk_index(d.target_dev)
         if d.target_bus == "virtio":
             self.device(_opts("virtio-blk-pci", *common, ("event_idx", d.event_idx))
-                        + "," + self.pci.place(a))  # fmt: skip
+                        + "," + self.pci.place(a))
         elif d.target_bus == "ide":
             bus, unit = (a.bus or 0, a.unit or 0) if a else (idx // 2, idx % 2)
             if (a and (a.controller or a.target)) or bus > 1 or unit > 1:
                 raise _refuse(dom, "domain/devices/disk", f"disk {d.target_dev}: the IDE "
-                              "controller has 2 buses of 2 units")  # fmt: skip
+                              "controller has 2 buses of 2 units")
             self.device(_opts("ide-cd" if cd else "ide-hd", ("bus", f"ide.{bus}"),
-                              ("unit", unit), *common))  # fmt: skip
+                              ("unit", unit), *common))
         elif d.target_bus == "sata":
             unit = (a.unit or 0) if a else idx
             if (a and (a.controller or a.bus or a.target)) or unit > 5:
                 raise _refuse(dom, "domain/devices/disk", f"disk {d.target_dev}: the SATA "
-                              "controller has 6 ports on bus 0")  # fmt: skip
+                              "controller has 6 ports on bus 0")
             sata_bus = f"ide.{unit}" if self.pci.q35 else f"sata0.{unit}"
             self.device(_opts("ide-cd" if cd else "ide-hd", ("bus", sata_bus), *common))
         elif d.target_bus == "scsi":
@@ -518,11 +526,11 @@ class _Builder:
                               "controller 0, bus 0 is supported (lsilogic: units 0..6)")
             self.device(_opts("scsi-cd" if cd else "scsi-hd", ("bus", "scsi0.0"),
                               ("channel", 0), ("scsi-id", target), ("lun", lun),
-                              *common))  # fmt: skip
+                              *common))
         else:
             port = a.port if a else None
             self.device(_opts("usb-storage", ("bus", "usb.0"), ("port", port),
-                              ("removable", True if cd else None), *common))  # fmt: skip
+                              ("removable", True if cd else None), *common))
 
     # -- network --------------------------------------------------------------
 
@@ -538,12 +546,12 @@ class _Builder:
                 raise _refuse(self.d, "domain/devices/interface",
                               f"interface type 'network' ({n.source}) needs libvirt's virtual "
                               "networks, which Ferry does not provide; use type 'bridge' "
-                              "or 'user'")  # fmt: skip
+                              "or 'user'")
             model = n.model or "rtl8139"  # libvirt's default NIC model on x86
             mtu = n.mtu if model == "virtio" else None
             self.device(_opts(_NIC_MODELS[model], ("netdev", f"hostnet{i}"), ("id", f"net{i}"),
                               ("mac", n.mac), ("host_mtu", mtu))
-                        + "," + self.pci.place(n.address))  # fmt: skip
+                        + "," + self.pci.place(n.address))
 
     # -- character devices ------------------------------------------------------
 
@@ -554,18 +562,18 @@ class _Builder:
             self.add("-chardev", f"null,id={cid}")
         elif c.type == "file":
             self.add("-chardev", _opts("file", ("id", cid), ("path", c.source_path),
-                                       ("append", c.append)))  # fmt: skip
+                                       ("append", c.append)))
         else:
             path = c.source_path or (str(default_path) if default_path else None)
-            if path is None:  # pragma: no cover - the parser requires a path
+            if path is None:  # pragma: no cover - every caller passes a default
                 raise QemuLaunchError(f"{cid}: unix socket without a path")
             if len(path.encode()) > UNIX_PATH_MAX:
                 raise QemuLaunchError(f"unix socket path {path!r} is longer than "
-                                      f"{UNIX_PATH_MAX} bytes")  # fmt: skip
+                                      f"{UNIX_PATH_MAX} bytes")
             server = c.source_mode != "connect"
             self.add("-chardev", _opts("socket", ("id", cid), ("path", path),
                                        ("server", True if server else None),
-                                       ("wait", False if server else None)))  # fmt: skip
+                                       ("wait", False if server else None)))
 
     def serials_consoles_channels(self) -> None:
         d = self.d
@@ -581,16 +589,16 @@ class _Builder:
                 serial_ports.add(c.target_port)
                 self.chardev(c, f"charconsole{i}", self.paths.run_dir / f"console{i}.sock")
                 self.device(f"isa-serial,chardev=charconsole{i},id=console{i},"
-                            f"index={c.target_port}")  # fmt: skip
+                            f"index={c.target_port}")
             else:
                 self.chardev(c, f"charconsole{i}", self.paths.run_dir / f"console{i}.sock")
                 ctrl = c.address.controller if c.address else vser[0]
                 self.device(f"virtconsole,bus=virtio-serial{ctrl}.0,chardev=charconsole{i},"
-                            f"id=console{i}")  # fmt: skip
+                            f"id=console{i}")
         used: set[tuple[int, int]] = {
             (c.address.controller or 0, c.address.port)
             for c in d.channels if c.address and c.address.port is not None
-        }  # fmt: skip
+        }
         for i, c in enumerate(d.channels):
             ctrl = (c.address.controller or 0) if c.address else vser[0]
             port = c.address.port if c.address else None
@@ -602,7 +610,7 @@ class _Builder:
             self.chardev(c, f"charchannel{i}", default)
             self.device(_opts(f"virtserialport,bus=virtio-serial{ctrl}.0", ("nr", port),
                               ("chardev", f"charchannel{i}"), ("id", f"channel{i}"),
-                              ("name", c.target_name)))  # fmt: skip
+                              ("name", c.target_name)))
 
     # -- input, graphics, video -------------------------------------------------
 
@@ -614,10 +622,10 @@ class _Builder:
                 dev = {"tablet": "usb-tablet", "mouse": "usb-mouse", "keyboard": "usb-kbd"}
                 port = inp.address.port if inp.address else None
                 self.device(_opts(dev[inp.type], ("id", f"input{i}"), ("bus", "usb.0"),
-                                  ("port", port)))  # fmt: skip
+                                  ("port", port)))
             else:
                 dev = {"tablet": "virtio-tablet-pci", "mouse": "virtio-mouse-pci",
-                       "keyboard": "virtio-keyboard-pci"}  # fmt: skip
+                       "keyboard": "virtio-keyboard-pci"}
                 self.device(f"{dev[inp.type]},id=input{i},{self.pci.place(inp.address)}")
 
     def graphics(self) -> None:
@@ -668,7 +676,7 @@ class _Builder:
         if g.autoport:
             if chosen is None:
                 raise QemuLaunchError("spice graphics with autoport needs the ports chosen by "
-                                      "the caller (graphics_ports)")  # fmt: skip
+                                      "the caller (graphics_ports)")
             port, tls = chosen.port, chosen.tls_port
         else:
             port, tls = g.port, g.tls_port
@@ -676,7 +684,7 @@ class _Builder:
         if tls is not None:
             if self.paths.spice_tls_dir is None:
                 raise QemuLaunchError("spice tlsPort needs RuntimePaths.spice_tls_dir "
-                                      "(the x509 certificate directory)")  # fmt: skip
+                                      "(the x509 certificate directory)")
             opts.append(("x509-dir", str(self.paths.spice_tls_dir)))
         opts += [("addr", g.listen or "127.0.0.1"), ("disable-ticketing", True)]
         if g.default_mode == "secure":
@@ -692,7 +700,7 @@ class _Builder:
             elif o.element in ("image", "jpeg", "zlib", "playback"):
                 key = {"image": "image-compression", "jpeg": "jpeg-wan-compression",
                        "zlib": "zlib-glz-wan-compression",
-                       "playback": "playback-compression"}[o.element]  # fmt: skip
+                       "playback": "playback-compression"}[o.element]
                 opts.append((key, a["compression"]))
             elif o.element == "streaming":
                 opts.append(("streaming-video", a["mode"]))
@@ -719,17 +727,17 @@ class _Builder:
             spec = f"cirrus-vga,id=video{i}"
         elif v.model == "bochs":
             spec = _opts("bochs-display", ("id", f"video{i}"),
-                         ("vgamem", v.vram * 1024 if v.vram else None))  # fmt: skip
+                         ("vgamem", v.vram * 1024 if v.vram else None))
         elif v.model == "qxl":
             spec = _opts(
                 "qxl-vga" if primary else "qxl", ("id", f"video{i}"),
                 ("ram_size", v.ram * 1024 if v.ram else None),
                 ("vram_size", v.vram * 1024 if v.vram else None),
                 ("vgamem_mb", mib(v.vgamem)), ("max_outputs", v.heads),
-            )  # fmt: skip
+            )
         else:
             spec = _opts("virtio-vga" if primary else "virtio-gpu-pci", ("id", f"video{i}"),
-                         ("max_outputs", v.heads))  # fmt: skip
+                         ("max_outputs", v.heads))
         self.device(spec + "," + self.pci.place(v.address, video=primary))
 
     # -- the rest ---------------------------------------------------------------
@@ -741,13 +749,13 @@ class _Builder:
         for i, r in enumerate(d.rngs):
             if r.backend_model == "random":
                 self.add("-object", _opts("rng-random", ("id", f"objrng{i}"),
-                                          ("filename", r.backend_path)))  # fmt: skip
+                                          ("filename", r.backend_path)))
             else:
                 self.add("-object", f"rng-builtin,id=objrng{i}")
             self.device(_opts("virtio-rng-pci", ("rng", f"objrng{i}"), ("id", f"rng{i}"),
                               ("max-bytes", r.rate_bytes),
                               ("period", r.rate_period if r.rate_bytes else None))
-                        + "," + self.pci.place(r.address))  # fmt: skip
+                        + "," + self.pci.place(r.address))
 
 
 def to_qemu_argv(
@@ -794,7 +802,7 @@ def to_qemu_argv(
                 f"domain type 'kvm' needs /dev/kvm, which cannot be used here: {problem} "
                 "(use <domain type='qemu'> for TCG emulation)",
                 domain=d.name, reason=problem,
-            )  # fmt: skip
+            )
     b = _Builder(d, paths, kvm, graphics_ports or {})
     b.add(_plain(qemu_binary, "qemu binary"))
     b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))
@@ -809,7 +817,7 @@ def to_qemu_argv(
         b.add("-sandbox", SANDBOX)
     b.add("-chardev", _opts("socket", ("id", "charmonitor"), ("path", str(paths.qmp_socket)),
                             ("server", True), ("wait", False)),
-          "-mon", "chardev=charmonitor,id=monitor,mode=control")  # fmt: skip
+          "-mon", "chardev=charmonitor,id=monitor,mode=control")
     b.add("-pidfile", _plain(paths.pidfile, "pidfile"), "-daemonize")
     if paths.log_file is not None:
         b.add("-D", _plain(paths.log_file, "log file"))

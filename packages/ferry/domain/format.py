@@ -58,13 +58,13 @@ def _address(parent: _Element, addr: Address | None) -> None:
         _sub(parent, "address", type="pci", domain=f"0x{addr.domain or 0:04x}",
              bus=f"0x{addr.bus or 0:02x}", slot=f"0x{addr.slot or 0:02x}",
              function=f"0x{addr.function or 0:x}",
-             multifunction=_yn(addr.multifunction, "on", "off"))  # fmt: skip
+             multifunction=_yn(addr.multifunction, "on", "off"))
     elif addr.type == "drive":
         _sub(parent, "address", type="drive", controller=_num(addr.controller),
-             bus=_num(addr.bus), target=_num(addr.target), unit=_num(addr.unit))  # fmt: skip
+             bus=_num(addr.bus), target=_num(addr.target), unit=_num(addr.unit))
     elif addr.type == "virtio-serial":
         _sub(parent, "address", type="virtio-serial", controller=_num(addr.controller),
-             bus=_num(addr.bus), port=_num(addr.port))  # fmt: skip
+             bus=_num(addr.bus), port=_num(addr.port))
     else:
         _sub(parent, "address", type="usb", bus=_num(addr.bus), port=_num(addr.port))
 
@@ -140,7 +140,7 @@ def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
     el = _sub(parent, "graphics", type=g.type, port=port_text, autoport=_yn(g.autoport),
               tlsPort=_num(tls_port), websocket=_num(g.websocket), listen=g.listen,
               keymap=g.keymap, sharePolicy=g.share_policy,
-              defaultMode=g.default_mode)  # fmt: skip
+              defaultMode=g.default_mode)
     if g.listen is not None:
         _sub(el, "listen", type="address", address=g.listen)
     for opt in g.options:
@@ -150,7 +150,7 @@ def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
 def _video(parent: _Element, v: Video) -> None:
     el = _sub(parent, "video")
     _sub(el, "model", type=v.model, ram=_num(v.ram), vram=_num(v.vram), vgamem=_num(v.vgamem),
-         heads=_num(v.heads), primary=_yn(v.primary))  # fmt: skip
+         heads=_num(v.heads), primary=_yn(v.primary))
     _address(el, v.address)
 
 
@@ -176,8 +176,17 @@ def format_domain(domain: Domain, *, migratable: bool = False) -> str:
     else is identical in both forms (Ferry's model has no other runtime-only
     state: no live ids, aliases or pty paths).
 
-    :raises XMLError: ``domain.metadata`` is not well-formed XML content.
+    :raises XMLError: ``domain.metadata`` is not well-formed XML content, or
+        a model built in code holds text XML cannot carry (NUL, control
+        characters).
     """
+    try:
+        return _format(domain, migratable)
+    except ValueError as exc:  # lxml refuses strings XML cannot represent
+        raise XMLError(f"domain {domain.name!r} cannot be written as XML: {exc}") from None
+
+
+def _format(domain: Domain, migratable: bool) -> str:
     d = domain
     root = etree.Element("domain", type=d.virt_type)
     _sub(root, "name", d.name)
@@ -192,7 +201,7 @@ def format_domain(domain: Domain, *, migratable: bool = False) -> str:
     _sub(root, "currentMemory", str(d.current_memory_kib), unit="KiB")
     if d.memory_allocation is not None or d.prealloc_threads is not None:
         _sub(_sub(root, "memoryBacking"), "allocation", mode=d.memory_allocation,
-             threads=_num(d.prealloc_threads))  # fmt: skip
+             threads=_num(d.prealloc_threads))
     _sub(root, "vcpu", str(d.vcpus), placement=d.vcpu_placement, cpuset=d.vcpu_cpuset)
 
     os_el = _sub(root, "os")
@@ -221,20 +230,20 @@ def format_domain(domain: Domain, *, migratable: bool = False) -> str:
     if d.cpu is not None:
         c = d.cpu
         cel = _sub(root, "cpu", mode=c.mode, match=c.match, check=c.check,
-                   migratable=_yn(c.migratable, "on", "off"))  # fmt: skip
+                   migratable=_yn(c.migratable, "on", "off"))
         if c.model is not None or c.fallback is not None:
             _sub(cel, "model", c.model, fallback=c.fallback)
         if c.topology is not None:
             t = c.topology
             _sub(cel, "topology", sockets=str(t.sockets), dies=str(t.dies), cores=str(t.cores),
-                 threads=str(t.threads))  # fmt: skip
+                 threads=str(t.threads))
         for feat in c.features:
             _sub(cel, "feature", policy=feat.policy, name=feat.name)
 
     clock = _sub(root, "clock", offset=d.clock.offset)
     for timer in d.clock.timers:
         _sub(clock, "timer", name=timer.name, tickpolicy=timer.tickpolicy, track=timer.track,
-             present=_yn(timer.present))  # fmt: skip
+             present=_yn(timer.present))
     _sub(root, "on_poweroff", d.on_poweroff)
     _sub(root, "on_reboot", d.on_reboot)
     _sub(root, "on_crash", d.on_crash)
@@ -252,7 +261,7 @@ def format_domain(domain: Domain, *, migratable: bool = False) -> str:
         _disk(devs, disk)
     for ctl in d.controllers:
         cel = _sub(devs, "controller", type=ctl.type, index=str(ctl.index), model=ctl.model,
-                   ports=_num(ctl.ports))  # fmt: skip
+                   ports=_num(ctl.ports))
         _address(cel, ctl.address)
     for nic in d.interfaces:
         _interface(devs, nic)

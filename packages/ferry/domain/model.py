@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ferry.domain._checks import check_name
+
 __all__ = [
     "OS",
     "PM",
@@ -254,8 +256,9 @@ class CharDev:
     """A ``<serial>``, ``<console>`` or ``<channel>``: host side and guest side.
 
     ``type`` is the host side (pty, file, unix, null); ``target_*`` the guest
-    side. A unix channel may leave ``source_path`` None: the socket is then
-    created under the runtime directory when qemu starts.
+    side. A unix socket in bind mode may leave ``source_path`` None: it is
+    then created under the runtime directory (``RuntimePaths.run_dir``) when
+    qemu starts, which keeps host paths out of a definition that migrates.
     """
 
     type: Literal["pty", "file", "unix", "null"]
@@ -363,7 +366,5 @@ class Domain:
 
         :raises XMLError: ``new_name`` is not a valid domain name.
         """
-        from ferry.domain._checks import check_name
-
         check_name(new_name)
         return dataclasses.replace(self, name=new_name)

@@ -89,7 +89,7 @@ def _s(*attrs: str, text: bool = False, opaque: bool = False) -> _Spec:
 
 
 _ADDRESS = _s("type", "domain", "bus", "slot", "function", "multifunction",
-              "controller", "target", "unit", "port")  # fmt: skip
+              "controller", "target", "unit", "port")
 
 _SCHEMA: dict[str, _Spec] = {
     # `id` is the runtime domain id of libvirt's live XML: accepted, ignored.
@@ -183,7 +183,7 @@ _SCHEMA: dict[str, _Spec] = {
     "domain/devices/rng/rate": _s("bytes", "period"),
     "domain/devices/rng/backend": _s("model", text=True),
     "domain/devices/rng/address": _ADDRESS,
-}  # fmt: skip
+}
 
 # Spice children and the values each attribute may take.
 _SPICE_OPTIONS: dict[str, dict[str, frozenset[str]]] = {
@@ -200,7 +200,7 @@ _SPICE_OPTIONS: dict[str, dict[str, frozenset[str]]] = {
     "clipboard": {"copypaste": frozenset({"yes", "no"})},
     "filetransfer": {"enable": frozenset({"yes", "no"})},
     "mouse": {"mode": frozenset({"server", "client"})},
-}  # fmt: skip
+}
 
 
 # --------------------------------------------------------------------------
@@ -220,11 +220,11 @@ def _to_bytes(xml: object, where: str) -> tuple[bytes, bool]:
             return xml.encode("utf-8"), True
         except UnicodeEncodeError as exc:
             raise XMLError(f"{where}: XML text is not valid Unicode: {exc.reason}",
-                           where=where) from None  # fmt: skip
+                           where=where) from None
     if isinstance(xml, bytes | bytearray | memoryview):
         return bytes(xml), False
     raise XMLError(f"{where}: domain XML must be str or bytes, not {type(xml).__name__}",
-                   where=where)  # fmt: skip
+                   where=where)
 
 
 def _load(xml: object, where: str) -> etree._Element:
@@ -237,7 +237,7 @@ def _load(xml: object, where: str) -> etree._Element:
         raise XMLError(
             f"{where}: domain XML is {len(data)} bytes, more than the {MAX_XML_BYTES} byte limit",
             where=where, size=len(data), limit=MAX_XML_BYTES,
-        )  # fmt: skip
+        )
     # Refuse declarations outright instead of trusting the parser flags
     # alone: a domain definition never needs a DTD, and refusing is the only
     # defence that does not depend on the libxml2 version (billion laughs,
@@ -250,7 +250,7 @@ def _load(xml: object, where: str) -> etree._Element:
             f"{where}:{line}: <!{kind}> declarations are not allowed in domain XML "
             "(no DTDs, no entities)",
             where=where, line=line, element=None,
-        )  # fmt: skip
+        )
     parser = etree.XMLParser(
         resolve_entities=False,
         no_network=True,
@@ -271,7 +271,7 @@ def _load(xml: object, where: str) -> etree._Element:
         msg = raw_msg if isinstance(raw_msg, str) else str(exc)
         prefix = f"{where}:{err_line}" if err_line else where
         raise XMLError(f"{prefix}: malformed XML: {msg}", where=where, line=err_line,
-                       element=None) from None  # fmt: skip
+                       element=None) from None
     except (etree.LxmlError, ValueError) as exc:
         raise XMLError(f"{where}: malformed XML: {exc}", where=where) from None
     if root is None:
@@ -280,11 +280,11 @@ def _load(xml: object, where: str) -> etree._Element:
     docinfo: Any = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise XMLError(f"{where}: DOCTYPE declarations are not allowed in domain XML",
-                       where=where, line=1, element=None)  # fmt: skip
+                       where=where, line=1, element=None)
     for ent in root.iter(etree.Entity):
         ent_line = _line(ent)
         raise XMLError(f"{where}:{ent_line}: entity references are not allowed in domain XML",
-                       where=where, line=ent_line, element=None)  # fmt: skip
+                       where=where, line=ent_line, element=None)
     return root
 
 
@@ -333,7 +333,7 @@ def _walk(el: etree._Element, path: str, where: str) -> None:
         sname = str(name)
         if sname not in spec.attrs:
             raise fail(loc, f"attribute {_attr_name(el, sname)!r} is not supported by Ferry",
-                       cls=XMLUnsupported, attribute=_attr_name(el, sname))  # fmt: skip
+                       cls=XMLUnsupported, attribute=_attr_name(el, sname))
     if spec.opaque:
         return
     if not spec.text and (el.text or "").strip():
@@ -389,7 +389,7 @@ def _get(el: etree._Element, name: str) -> str | None:
 def _enum(
     el: etree._Element, name: str, loc: Loc, choices: Iterable[str],
     *, default: str | None = None, what: str | None = None,
-) -> str | None:  # fmt: skip
+) -> str | None:
     """Return attribute ``name`` if it is one of ``choices``.
 
     A value outside ``choices`` is refused with XMLUnsupported: either it is
@@ -403,7 +403,7 @@ def _enum(
     if value not in allowed:
         label = what or f"{name}"
         raise fail(loc, f"{label} {value!r} is not supported (supported: {', '.join(allowed)})",
-                   cls=XMLUnsupported, attribute=name, value=value)  # fmt: skip
+                   cls=XMLUnsupported, attribute=name, value=value)
     return value
 
 
@@ -414,7 +414,7 @@ def _uint(
     try:
         if hex_ok and s.lower().startswith("0x"):
             value = int(s[2:], 16) if s[2:] and all(c in "0123456789abcdefABCDEF" for c in s[2:]) \
-                else None  # fmt: skip
+                else None
         else:
             value = int(s) if s.isascii() and s.isdigit() else None
     except ValueError:
@@ -429,7 +429,7 @@ def _uint(
 def _int_attr(
     el: etree._Element, name: str, loc: Loc, *, lo: int = 0, hi: int = 1 << 63,
     hex_ok: bool = False,
-) -> int | None:  # fmt: skip
+) -> int | None:
     value = _get(el, name)
     if value is None:
         return None
@@ -476,7 +476,7 @@ def _memory(el: etree._Element, loc: Loc, what: str) -> int:
     return kib
 
 
-_CPUSET_RE = re.compile(r"^\^?\d+(-\d+)?(,\^?\d+(-\d+)?)*$")
+_CPUSET_RE = re.compile(r"^\^?[0-9]+(-[0-9]+)?(,\^?[0-9]+(-[0-9]+)?)*$")
 _MACHINE_RE = re.compile(r"^(pc|q35|pc-i440fx-[0-9.]+|pc-q35-[0-9.]+)$")
 _IDENT_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 _TARGET_DEV_RE = re.compile(r"^(hd|sd|vd)[a-z]{1,3}$")
@@ -487,7 +487,7 @@ _KEYMAP_RE = re.compile(r"^[A-Za-z][A-Za-z-]{0,15}$")
 
 def _ident(value: str, loc: Loc, what: str, pattern: re.Pattern[str] = _IDENT_RE) -> str:
     value = value.strip()
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise fail(loc, f"invalid {what} {value!r}")
     return value
 
@@ -534,7 +534,7 @@ def parse_domain(xml: str | bytes, *, where: str = "<xml>") -> Domain:
 def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
     loc = ctx.loc(root, "domain")
     virt_type = cast(Literal["kvm", "qemu"], _enum(root, "type", loc, ("kvm", "qemu"),
-                                                   what="domain type"))  # fmt: skip
+                                                   what="domain type"))
     if virt_type is None:
         raise fail(loc, "the domain type attribute (kvm or qemu) is required")
 
@@ -545,7 +545,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
 
     el = _one(root, "uuid", loc)
     uuid = (normalise_uuid(_text(el), ctx.loc(el, "domain/uuid")) if el is not None
-            else str(uuidlib.uuid4()))  # fmt: skip
+            else str(uuidlib.uuid4()))
 
     title = None
     el = _one(root, "title", loc)
@@ -555,7 +555,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
     el = _one(root, "description", loc)
     if el is not None:
         description = check_safe_text(_text(el), ctx.loc(el, "domain/description"),
-                                      "description", newlines=True)  # fmt: skip
+                                      "description", newlines=True)
 
     metadata = None
     el = _one(root, "metadata", loc)
@@ -573,7 +573,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
         current_kib = _memory(el, cloc, "currentMemory")
         if current_kib > memory_kib:
             raise fail(cloc, f"currentMemory {current_kib} KiB is larger than "
-                             f"memory {memory_kib} KiB")  # fmt: skip
+                             f"memory {memory_kib} KiB")
 
     allocation: Literal["immediate", "ondemand"] | None = None
     prealloc_threads = None
@@ -584,7 +584,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
         if al is not None:
             aloc = ctx.loc(al, "domain/memoryBacking/allocation")
             allocation = cast(Literal["immediate", "ondemand"] | None,
-                              _enum(al, "mode", aloc, ("immediate", "ondemand")))  # fmt: skip
+                              _enum(al, "mode", aloc, ("immediate", "ondemand")))
             prealloc_threads = _int_attr(al, "threads", aloc, lo=1, hi=1024)
 
     el = _one(root, "vcpu", loc)
@@ -595,7 +595,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
         vcpus = _uint(_text(el), vloc, "vcpu count", lo=1, hi=_MAX_VCPUS)
         placement = _enum(el, "placement", vloc, ("static", "auto"))
         cpuset = _get(el, "cpuset")
-        if cpuset is not None and not _CPUSET_RE.match(cpuset):
+        if cpuset is not None and not _CPUSET_RE.fullmatch(cpuset):
             raise fail(vloc, f"invalid cpuset {cpuset!r}", attribute="cpuset")
 
     os_ = _os(ctx, root, loc)
@@ -622,7 +622,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
         ("on_reboot", "restart", ("destroy", "restart", "preserve", "rename-restart")),
         ("on_crash", "destroy", ("destroy", "restart", "preserve", "rename-restart",
                                  "coredump-destroy", "coredump-restart")),
-    ):  # fmt: skip
+    ):
         el = _one(root, tag, loc)
         value = default
         if el is not None:
@@ -630,7 +630,7 @@ def _domain(ctx: _Ctx, root: etree._Element) -> Domain:
             if value not in choices:
                 raise fail(ctx.loc(el, f"domain/{tag}"),
                            f"{tag} action {value!r} is not supported (supported: "
-                           f"{', '.join(choices)})", cls=XMLUnsupported)  # fmt: skip
+                           f"{', '.join(choices)})", cls=XMLUnsupported)
         lifecycle[tag] = value
 
     devices = _one(root, "devices", loc)
@@ -694,12 +694,12 @@ def _os(ctx: _Ctx, root: etree._Element, dloc: Loc) -> OS:
     ostype = _text(t).strip()
     if ostype != "hvm":
         raise fail(tloc, f"os type {ostype!r} is not supported (supported: hvm)",
-                   cls=XMLUnsupported)  # fmt: skip
+                   cls=XMLUnsupported)
     arch = _enum(t, "arch", tloc, ("x86_64", "i686"), default="x86_64", what="architecture")
     machine = _get(t, "machine") or "pc"
-    if not _MACHINE_RE.match(machine):
+    if not _MACHINE_RE.fullmatch(machine):
         raise fail(tloc, f"machine type {machine!r} is not supported (supported: pc, q35, "
-                         "pc-i440fx-*, pc-q35-*)", cls=XMLUnsupported)  # fmt: skip
+                         "pc-i440fx-*, pc-q35-*)", cls=XMLUnsupported)
 
     def path_of(tag: str) -> str | None:
         k = _one(el, tag, loc)
@@ -749,7 +749,7 @@ def _os(ctx: _Ctx, root: etree._Element, dloc: Loc) -> OS:
 def _cpu(ctx: _Ctx, el: etree._Element, vcpus: int) -> Cpu:
     loc = ctx.loc(el, "domain/cpu")
     mode = _enum(el, "mode", loc, ("custom", "host-model", "host-passthrough", "maximum"),
-                 default="custom", what="cpu mode")  # fmt: skip
+                 default="custom", what="cpu mode")
     match = _enum(el, "match", loc, ("minimum", "exact", "strict"))
     check = _enum(el, "check", loc, ("none", "partial", "full"))
     migratable = _bool(el, "migratable", loc, yes="on", no="off")
@@ -775,25 +775,25 @@ def _cpu(ctx: _Ctx, el: etree._Element, vcpus: int) -> Cpu:
             raise fail(floc, f"CPU feature {fname!r} is listed twice")
         seen.add(fname)
         policy = _enum(f, "policy", floc, ("force", "require", "optional", "disable", "forbid"),
-                       default="require", what="feature policy")  # fmt: skip
+                       default="require", what="feature policy")
         features.append(CpuFeature(fname, cast(Any, policy)))
     topology = None
     t = _one(el, "topology", loc)
     if t is not None:
         tloc = ctx.loc(t, "domain/cpu/topology")
         vals = {k: _int_attr(t, k, tloc, lo=1, hi=_MAX_VCPUS) for k in
-                ("sockets", "dies", "cores", "threads")}  # fmt: skip
+                ("sockets", "dies", "cores", "threads")}
         topology = CpuTopology(
             sockets=vals["sockets"] or 1, dies=vals["dies"] or 1,
             cores=vals["cores"] or 1, threads=vals["threads"] or 1,
-        )  # fmt: skip
+        )
         product = topology.sockets * topology.dies * topology.cores * topology.threads
         if product != vcpus:
             raise fail(tloc, f"topology gives {product} vCPUs but <vcpu> says {vcpus}")
     return Cpu(
         mode=cast(Any, mode), match=match, check=check, migratable=migratable,
         model=model, fallback=fallback, features=tuple(features), topology=topology,
-    )  # fmt: skip
+    )
 
 
 def _features(ctx: _Ctx, el: etree._Element) -> Features:
@@ -826,10 +826,10 @@ def _clock(ctx: _Ctx, el: etree._Element) -> Clock:
         present = _bool(t, "present", tloc)
         # kvm-pit knows only delay and discard as lost tick policies.
         policies = {"rtc": ("catchup", "delay"), "pit": ("delay", "discard"),
-                    "hpet": (), "kvmclock": ()}[name]  # fmt: skip
+                    "hpet": (), "kvmclock": ()}[name]
         tickpolicy = _enum(t, "tickpolicy", tloc, policies, what=f"{name} tickpolicy")
         track = _enum(t, "track", tloc, ("guest", "wall", "realtime") if name == "rtc" else (),
-                      what=f"{name} track")  # fmt: skip
+                      what=f"{name} track")
         timers.append(Timer(name, present, tickpolicy, track))
     return Clock(offset=cast(Any, offset), timers=tuple(timers))
 
@@ -864,7 +864,7 @@ class _Devices:
 
 
 def _address(ctx: _Ctx, parent: etree._Element, ploc: Loc, allowed: tuple[str, ...],
-             ) -> Address | None:  # fmt: skip
+             ) -> Address | None:
     el = _one(parent, "address", ploc)
     if el is None:
         return None
@@ -881,7 +881,7 @@ def _address(ctx: _Ctx, parent: etree._Element, ploc: Loc, allowed: tuple[str, .
     for name in el.attrib:
         if str(name) not in fields[atype]:
             raise fail(loc, f"attribute {name!r} is not valid for a {atype} address",
-                       cls=XMLUnsupported, attribute=str(name))  # fmt: skip
+                       cls=XMLUnsupported, attribute=str(name))
     if atype == "pci":
         domain = _int_attr(el, "domain", loc, hi=0xFFFF, hex_ok=True) or 0
         bus = _int_attr(el, "bus", loc, hi=0xFF, hex_ok=True) or 0
@@ -892,10 +892,10 @@ def _address(ctx: _Ctx, parent: etree._Element, ploc: Loc, allowed: tuple[str, .
         if domain != 0 or bus != 0:
             # Only the root bus exists: Ferry adds no PCI bridges.
             raise fail(loc, "pci addresses off the root bus (domain 0, bus 0) are not supported",
-                       cls=XMLUnsupported)  # fmt: skip
+                       cls=XMLUnsupported)
         multi = _bool(el, "multifunction", loc, yes="on", no="off")
         return Address("pci", domain=domain, bus=bus, slot=slot, function=function,
-                       multifunction=multi)  # fmt: skip
+                       multifunction=multi)
     if atype == "drive":
         return Address(
             "drive",
@@ -924,7 +924,7 @@ def _devices(ctx: _Ctx, el: etree._Element, os_: OS) -> _Devices:
     em = _one(el, "emulator", dloc)
     if em is not None:
         out.emulator = check_host_path(_text(em).strip(), ctx.loc(em, "domain/devices/emulator"),
-                                       "emulator")  # fmt: skip
+                                       "emulator")
     handlers: dict[str, Callable[[etree._Element], None]] = {
         "disk": lambda e: out.disks.append(_disk(ctx, e)),
         "controller": lambda e: out.controllers.append(_controller(ctx, e, os_)),
@@ -947,7 +947,7 @@ def _devices(ctx: _Ctx, el: etree._Element, os_: OS) -> _Devices:
             balloons += 1
             if balloons > 1:
                 raise fail(ctx.loc(child, "domain/devices/memballoon"),
-                           "<memballoon> appears more than once")  # fmt: skip
+                           "<memballoon> appears more than once")
             out.memballoon = _memballoon(ctx, child)
             continue
         handlers[tag](child)
@@ -996,13 +996,13 @@ def _disk(ctx: _Ctx, el: etree._Element) -> Disk:
         fmt = _enum(drv, "type", drloc, ("raw", "qcow2"), what="disk format")
         cache = _enum(drv, "cache", drloc,
                       ("none", "writeback", "writethrough", "directsync", "unsafe"),
-                      what="cache mode")  # fmt: skip
+                      what="cache mode")
         io = _enum(drv, "io", drloc, ("native", "threads", "io_uring"), what="io mode")
         discard = _enum(drv, "discard", drloc, ("unmap", "ignore"), what="discard")
         error_policy = _enum(drv, "error_policy", drloc, ("stop", "report", "ignore", "enospace"),
-                             what="error_policy")  # fmt: skip
+                             what="error_policy")
         rerror_policy = _enum(drv, "rerror_policy", drloc, ("stop", "report", "ignore"),
-                              what="rerror_policy")  # fmt: skip
+                              what="rerror_policy")
         event_idx = _bool(drv, "event_idx", drloc, yes="on", no="off")
         if io == "native" and cache not in ("none", "directsync"):
             # qemu refuses aio=native without O_DIRECT; say so at define time.
@@ -1023,7 +1023,7 @@ def _disk(ctx: _Ctx, el: etree._Element) -> Disk:
         readonly=device == "cdrom" or _one(el, "readonly", loc) is not None,
         shareable=_one(el, "shareable", loc) is not None,
         address=address,
-    )  # fmt: skip
+    )
 
 
 _CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
@@ -1047,14 +1047,14 @@ def _controller(ctx: _Ctx, el: etree._Element, os_: OS) -> Controller:
         want = "pcie-root" if os_.is_q35 else "pci-root"
         if model != want or index != 0:
             raise fail(loc, f"only the {want} controller with index 0 is supported on machine "
-                            f"{os_.machine!r} (no PCI bridges)", cls=XMLUnsupported)  # fmt: skip
+                            f"{os_.machine!r} (no PCI bridges)", cls=XMLUnsupported)
     ports = _int_attr(el, "ports", loc, lo=1, hi=31 if ctype == "virtio-serial" else 15)
     if ports is not None and not (ctype == "virtio-serial"
                                   or (ctype == "usb" and model in ("qemu-xhci", "nec-xhci"))):
         raise fail(loc, "ports is only valid for virtio-serial and xhci USB controllers")
     if ctype in ("ide", "sata", "usb", "scsi") and index != 0:
         raise fail(loc, f"only one {ctype} controller (index 0) is supported",
-                   cls=XMLUnsupported)  # fmt: skip
+                   cls=XMLUnsupported)
     if ctype == "ide" and os_.is_q35:
         raise fail(loc, "the q35 machine has no IDE controller (use sata)", cls=XMLUnsupported)
     address = _address(ctx, el, loc, ("pci",))
@@ -1086,7 +1086,7 @@ def _interface(ctx: _Ctx, el: etree._Element) -> Interface:
     m = _one(el, "model", loc)
     if m is not None:
         model = _enum(m, "type", ctx.loc(m, f"{path}/model"),
-                      ("virtio", "rtl8139", "e1000", "e1000e"), what="NIC model")  # fmt: skip
+                      ("virtio", "rtl8139", "e1000", "e1000e"), what="NIC model")
     source = None
     s = _one(el, "source", loc)
     if s is not None:
@@ -1117,14 +1117,14 @@ def _interface(ctx: _Ctx, el: etree._Element) -> Interface:
         if sb is not None:
             sndbuf = _uint(_text(sb), ctx.loc(sb, f"{path}/tune/sndbuf"), "sndbuf")
     return Interface(type=cast(Any, itype), mac=mac, model=model, source=source, mtu=mtu,
-                     sndbuf=sndbuf, address=_address(ctx, el, loc, ("pci",)))  # fmt: skip
+                     sndbuf=sndbuf, address=_address(ctx, el, loc, ("pci",)))
 
 
 def _chardev(ctx: _Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
     path = f"domain/devices/{kind}"
     loc = ctx.loc(el, path)
     ctype = _enum(el, "type", loc, ("pty", "file", "unix", "null"), default="pty",
-                  what=f"{kind} type")  # fmt: skip
+                  what=f"{kind} type")
     src = _one(el, "source", loc)
     spath = mode = None
     append = None
@@ -1155,7 +1155,7 @@ def _chardev(ctx: _Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
     # agent (RuntimePaths.run_dir): a per-host path lets a migrated domain
     # bind the same socket name on the destination host.
     if ctype == "unix" and spath is None and mode == "connect":
-        raise fail(loc, "a unix channel in connect mode needs <source path=…>")
+        raise fail(loc, f"a unix {kind} in connect mode needs <source path=…>")
 
     tgt = _one(el, "target", loc)
     tloc = ctx.loc(tgt, f"{path}/target") if tgt is not None else loc
@@ -1165,19 +1165,19 @@ def _chardev(ctx: _Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
         ttype = "isa-serial"
         if tgt is not None:
             ttype = _enum(tgt, "type", tloc, ("isa-serial",), default="isa-serial",
-                          what="serial target type") or ttype  # fmt: skip
+                          what="serial target type") or ttype
             target_port = _int_attr(tgt, "port", tloc, hi=3)
             mdl = _one(tgt, "model", tloc)
             if mdl is not None:
                 target_model = _enum(mdl, "name", ctx.loc(mdl, f"{path}/target/model"),
-                                     ("isa-serial",), what="serial model")  # fmt: skip
+                                     ("isa-serial",), what="serial model")
         if target_port is None:
             target_port = index
     elif kind == "console":
         ttype = "serial"
         if tgt is not None:
             ttype = _enum(tgt, "type", tloc, ("serial", "virtio"), default="serial",
-                          what="console target type") or ttype  # fmt: skip
+                          what="console target type") or ttype
             target_port = _int_attr(tgt, "port", tloc, hi=31)
         if target_port is None:
             target_port = index
@@ -1198,7 +1198,7 @@ def _chardev(ctx: _Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
         type=cast(Any, ctype), target_type=ttype, source_path=spath,
         source_mode=cast(Any, mode), append=append, target_port=target_port,
         target_name=target_name, target_model=target_model, address=address,
-    )  # fmt: skip
+    )
 
 
 def _input(ctx: _Ctx, el: etree._Element) -> Input:
@@ -1207,7 +1207,7 @@ def _input(ctx: _Ctx, el: etree._Element) -> Input:
     if itype is None:
         raise fail(loc, "<input> needs a type")
     bus = _enum(el, "bus", loc, ("ps2", "usb", "virtio"), what="input bus",
-                default="usb" if itype == "tablet" else "ps2")  # fmt: skip
+                default="usb" if itype == "tablet" else "ps2")
     if itype == "tablet" and bus == "ps2":
         raise fail(loc, "a tablet cannot be on the ps2 bus")
     address = _address(ctx, el, loc, ("usb", "pci"))
@@ -1226,7 +1226,7 @@ def _graphics(ctx: _Ctx, el: etree._Element) -> Graphics:
     for attr in ("tlsPort", "defaultMode") if vnc else ("websocket", "sharePolicy"):
         if _get(el, attr) is not None:
             raise fail(loc, f"attribute {attr!r} does not apply to {gtype} graphics",
-                       cls=XMLUnsupported, attribute=attr)  # fmt: skip
+                       cls=XMLUnsupported, attribute=attr)
     port = _signed_port(el, "port", loc, lo=5900 if vnc else 1)
     tls_port = _signed_port(el, "tlsPort", loc, lo=1)
     websocket = _signed_port(el, "websocket", loc, lo=1)
@@ -1254,15 +1254,15 @@ def _graphics(ctx: _Ctx, el: etree._Element) -> Graphics:
         addr = check_listen(addr, lloc)
         if listen is not None and addr != listen:
             raise fail(lloc, f"listen address {addr!r} differs from the listen attribute "
-                             f"{listen!r}")  # fmt: skip
+                             f"{listen!r}")
         listen = addr
     keymap = _get(el, "keymap")
     if keymap is not None:
         keymap = _ident(keymap, loc, "keymap", _KEYMAP_RE)
     share = _enum(el, "sharePolicy", loc, ("allow-exclusive", "force-shared", "ignore"),
-                  what="sharePolicy")  # fmt: skip
+                  what="sharePolicy")
     default_mode = _enum(el, "defaultMode", loc, ("any", "secure", "insecure"),
-                         what="defaultMode")  # fmt: skip
+                         what="defaultMode")
     options: list[GraphicsOption] = []
     for child in _elements(el):
         tag = str(child.tag)
@@ -1285,7 +1285,7 @@ def _graphics(ctx: _Ctx, el: etree._Element) -> Graphics:
         type=cast(Any, gtype), port=port, autoport=autoport, tls_port=tls_port,
         websocket=websocket, listen=listen, keymap=keymap, share_policy=share,
         default_mode=default_mode, options=tuple(options),
-    )  # fmt: skip
+    )
 
 
 def _video(ctx: _Ctx, el: etree._Element) -> Video:
@@ -1297,7 +1297,7 @@ def _video(ctx: _Ctx, el: etree._Element) -> Video:
         return Video(address=address)
     mloc = ctx.loc(m, f"{path}/model")
     model = _enum(m, "type", mloc, ("vga", "cirrus", "qxl", "virtio", "bochs", "none"),
-                  default="vga", what="video model")  # fmt: skip
+                  default="vga", what="video model")
     sizes = {k: _int_attr(m, k, mloc, lo=1, hi=1 << 22) for k in ("vram", "ram", "vgamem")}
     if sizes["ram"] is not None and model != "qxl":
         raise fail(mloc, "ram only applies to qxl video")
@@ -1307,11 +1307,11 @@ def _video(ctx: _Ctx, el: etree._Element) -> Video:
         model=model or "vga", vram=sizes["vram"], ram=sizes["ram"], vgamem=sizes["vgamem"],
         heads=_int_attr(m, "heads", mloc, lo=1, hi=16),
         primary=_bool(m, "primary", mloc), address=address,
-    )  # fmt: skip
+    )
 
 
 _AUDIO_TYPES = ("none", "alsa", "coreaudio", "dbus", "file", "jack", "oss", "pipewire",
-                "pulseaudio", "sdl", "spice")  # fmt: skip
+                "pulseaudio", "sdl", "spice")
 
 
 def _audio(ctx: _Ctx, el: etree._Element) -> Audio:
@@ -1355,7 +1355,7 @@ def _rng(ctx: _Ctx, el: etree._Element) -> Rng:
         bpath = text or "/dev/urandom"
         if bpath not in _RNG_SOURCES:
             raise fail(bloc, f"rng source {bpath!r} is not allowed (allowed: "
-                             f"{', '.join(_RNG_SOURCES)})")  # fmt: skip
+                             f"{', '.join(_RNG_SOURCES)})")
     elif text:
         raise fail(bloc, "the builtin backend takes no path")
     rate_bytes = rate_period = None
@@ -1367,7 +1367,7 @@ def _rng(ctx: _Ctx, el: etree._Element) -> Rng:
         if rate_bytes is None:
             raise fail(rloc, "<rate> needs bytes")
     return Rng(backend_model=cast(Any, bmodel), backend_path=bpath, rate_bytes=rate_bytes,
-               rate_period=rate_period, address=_address(ctx, el, loc, ("pci",)))  # fmt: skip
+               rate_period=rate_period, address=_address(ctx, el, loc, ("pci",)))
 
 
 def _cross_checks(ctx: _Ctx, el: etree._Element, out: _Devices, os_: OS) -> None:
@@ -1385,16 +1385,16 @@ def _cross_checks(ctx: _Ctx, el: etree._Element, out: _Devices, os_: OS) -> None
         seen[d.target_dev] = i
         if d.target_bus == "ide" and os_.is_q35:
             raise fail(dev_loc("disk", i), "the q35 machine has no IDE bus (use sata)",
-                       cls=XMLUnsupported)  # fmt: skip
+                       cls=XMLUnsupported)
 
     if out.videos and not out.graphics:
         raise fail(dev_loc("video", 0), "<video> without <graphics> is not supported "
                                         "(Ferry guests are headless unless they have graphics)",
-                   cls=XMLUnsupported)  # fmt: skip
+                   cls=XMLUnsupported)
     for kind in ("vnc", "spice"):
         if sum(g.type == kind for g in out.graphics) > 1:
             raise fail(dloc, f"more than one {kind} <graphics> is not supported",
-                       cls=XMLUnsupported)  # fmt: skip
+                       cls=XMLUnsupported)
     if out.graphics and not out.videos:
         out.videos.append(Video())  # libvirt adds a default video device too
     for i, v in enumerate(out.videos):
@@ -1402,10 +1402,10 @@ def _cross_checks(ctx: _Ctx, el: etree._Element, out: _Devices, os_: OS) -> None
             raise fail(dev_loc("video", i), "video model 'none' must be the only video")
         if i > 0 and v.primary:
             raise fail(dev_loc("video", i), "only the first <video> may be primary",
-                       cls=XMLUnsupported)  # fmt: skip
+                       cls=XMLUnsupported)
         if i > 0 and v.model not in ("qxl", "virtio"):
             raise fail(dev_loc("video", i), f"a secondary video must be qxl or virtio, "
-                                            f"not {v.model!r}", cls=XMLUnsupported)  # fmt: skip
+                                            f"not {v.model!r}", cls=XMLUnsupported)
 
     ports: set[int] = set()
     for i, s in enumerate(out.serials):
@@ -1449,20 +1449,20 @@ def _cross_checks(ctx: _Ctx, el: etree._Element, out: _Devices, os_: OS) -> None
             key = (addr.slot or 0, addr.function or 0)
             if key in pci:
                 raise fail(dloc, f"pci address slot {key[0]:#04x} function {key[1]} is used by "
-                                 f"both {pci[key]} and {what}")  # fmt: skip
+                                 f"both {pci[key]} and {what}")
             pci[key] = what
         elif addr.type == "drive":
             bus = what.split()[0]
             dkey = (bus, addr.controller or 0, addr.bus or 0, addr.target or 0, addr.unit or 0)
             if dkey in drive:
                 raise fail(dloc, f"drive address {dkey[1:]} is used by both {drive[dkey]} "
-                                 f"and {what}")  # fmt: skip
+                                 f"and {what}")
             drive[dkey] = what
         elif addr.type == "virtio-serial" and addr.port is not None:
             vkey = (addr.controller or 0, addr.port)
             if vkey in vser:
                 raise fail(dloc, f"virtio-serial port {vkey} is used by both {vser[vkey]} "
-                                 f"and {what}")  # fmt: skip
+                                 f"and {what}")
             vser[vkey] = what
 
 
