@@ -99,7 +99,9 @@ class DestinationAgent:
             return activated[0]
         host, port = self.config.destination.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets
+        # whose proto says TCP, and Nagle cost ~40 ms per handshake.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(64)
@@ -204,8 +206,16 @@ class DestinationAgent:
                 )
             self._check_free(domain)
             domain = await self._run_hook(domain)
-            log_event(log, MessageID.MIGRATION_PHASE, f"prepare: receiving {domain.name} "
-                      f"from {identity.hostname}")  # fmt: skip
+            peer_uri = None
+            peername = ctx.session.writer.get_extra_info("peername")
+            if isinstance(peername, tuple) and peername:
+                # Every host runs both agents on the same port: this is where
+                # the source host's journal can be asked for its side.
+                addr = str(peername[0])
+                addr = f"[{addr}]" if ":" in addr else addr
+                peer_uri = f"ferry://{addr}:{self.config.destination.listen[1]}"
+            log_event(log, MessageID.MIGRATION_STARTED, f"prepare: receiving {domain.name} "
+                      f"from {identity.hostname}", peer_uri=peer_uri)  # fmt: skip
             job = await self.jobs.begin_async(
                 domain.uuid, domain.name, AsyncJob.MIGRATION_IN, flags=int(flags),
                 phase="prepare", migration_id=identity.migration_id, timeout=JOB_TIMEOUT,
@@ -238,8 +248,7 @@ class DestinationAgent:
         other = self.host.find_uuid(domain.uuid)
         if other is not None and other.active:
             raise DomainExists(
-                f"domain with uuid {domain.uuid} is already running here as "
-                f"'{other.domain.name}'"
+                f"domain with uuid {domain.uuid} is already running here as '{other.domain.name}'"
             )
         persistent = self.host.load_definition(domain.name)
         if persistent is not None and persistent.uuid != domain.uuid:
@@ -266,7 +275,9 @@ class DestinationAgent:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise HookRefused(f"migrate hook {hook} did not answer within {HOOK_TIMEOUT:.0f}s")
+            raise HookRefused(
+                f"migrate hook {hook} did not answer within {HOOK_TIMEOUT:.0f}s"
+            ) from None
         if proc.returncode != 0:
             reason = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
             raise HookRefused(f"migrate hook {hook} refused the migration: {reason}")
@@ -305,8 +316,7 @@ class DestinationAgent:
                 caps["multifd"] = True
             await set_caps(proc.qmp, caps)
             if flags & MigrationFlags.PARALLEL:
-                await set_params(proc.qmp,
-                                 {"multifd-channels": params.parallel_connections or 2})
+                await set_params(proc.qmp, {"multifd-channels": params.parallel_connections or 2})
             host = f"[{address}]" if ":" in address else address
             uri = f"tcp:{host}:{port}"
             await proc.qmp.execute("migrate-incoming", {"uri": uri})
@@ -389,6 +399,9 @@ class DestinationAgent:
                 return {"name": name, "cookie": Cookie().encode()}
             try:
                 stats = await self._wait_incoming(incoming)
+                # The source released its leases at switchover; we take them
+                # before any CPU of ours can write.
+                await self.host.acquire_leases(incoming.domain, incoming.proc)
                 await self._start_cpus(incoming, flags)
                 if flags & MigrationFlags.PERSIST_DEST:
                     persist = incoming.domain
@@ -436,14 +449,16 @@ class DestinationAgent:
                 break
             if time.monotonic() > deadline:
                 raise MigrationTimeout("the incoming migration did not complete in time")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
         return {"received_ms": int(time.time() * 1000)}
 
     async def _start_cpus(self, incoming: Incoming, flags: MigrationFlags) -> None:
         if flags & MigrationFlags.PAUSED:
             return
         if self.config.testing.fail_cpu_start:
-            raise MigrationFailed("starting the CPUs failed (fault injected: [testing] fail_cpu_start)")
+            raise MigrationFailed(
+                "starting the CPUs failed (fault injected: [testing] fail_cpu_start)"
+            )
         await incoming.proc.qmp.execute("cont")
 
     # -- admin ----------------------------------------------------------------
@@ -475,7 +490,7 @@ def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
     rest = uri
     for prefix in ("tcp://", "tcp:"):
         if rest.startswith(prefix):
-            rest = rest[len(prefix):]
+            rest = rest[len(prefix) :]
             break
     else:
         raise MigrationRefused(f"migrate URI {uri!r}: only tcp:HOST[:PORT] is supported")
@@ -492,4 +507,3 @@ def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
             raise MigrationRefused(f"migrate URI {uri!r}: bad port {port_text!r}")
         return host, int(port_text)
     return host, None
-

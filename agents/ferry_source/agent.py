@@ -33,7 +33,7 @@ from ferry.errors import (
 )
 from ferry.host import Host, LiveDomain
 from ferry.jobs import JobManager, JobType
-from ferry.journal import MessageID, log_event, read_journal
+from ferry.journal import MessageID, log_event, merge_entries, read_journal
 from ferry.qemu import DISCONNECTED, QemuProcess
 from ferry.rpc import RequestContext, Server, make_hello
 from ferry.statefile import atomic_write
@@ -52,7 +52,9 @@ class SourceAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.host = Host(config, "source")
-        self.jobs = JobManager(config.paths.locks_dir, config.paths.status_dir, agent="ferry-source")
+        self.jobs = JobManager(
+            config.paths.locks_dir, config.paths.status_dir, agent="ferry-source"
+        )
         self.hello = make_hello(config.host.uuid, config.host.name, "source")
         self._watchers: dict[str, asyncio.Task[None]] = {}
         # Live progress of outgoing migrations, for job_info.
@@ -103,16 +105,23 @@ class SourceAgent:
         for name in found:
             self.watch(name)
         server = Server(
-            self.hello, self.handlers(), max_frame=self.config.max_frame,
+            self.hello,
+            self.handlers(),
+            max_frame=self.config.max_frame,
             admit=admit_local(self.config),
         )
         admin = await open_admin_socket(
-            self.config.source_admin_socket, self.config.admin_group, server.handle_stream,
+            self.config.source_admin_socket,
+            self.config.admin_group,
+            server.handle_stream,
             limit=self.config.max_frame * 2,
         )
         rescan = asyncio.create_task(self._rescan_loop())
-        log_event(log, MessageID.AGENT_READY,
-                  f"ferry-source ready: {len(found)} running domain(s) reconnected")
+        log_event(
+            log,
+            MessageID.AGENT_READY,
+            f"ferry-source ready: {len(found)} running domain(s) reconnected",
+        )
         sdnotify.ready(self.status_text())
         try:
             await stop.wait()
@@ -175,8 +184,13 @@ class SourceAgent:
                 status = self.host.load_status(name)
                 if status is not None and status.pid == proc.pid:
                     self.host.cleanup(name)
-                    log_event(log, MessageID.DOMAIN_STOPPED, f"domain {name} stopped (qemu exited)",
-                              domain=name, uuid=status.uuid)
+                    log_event(
+                        log,
+                        MessageID.DOMAIN_STOPPED,
+                        f"domain {name} stopped (qemu exited)",
+                        domain=name,
+                        uuid=status.uuid,
+                    )
             else:
                 # The monitor went away but qemu lives (e.g. we released it).
                 await self.host.release(name)
@@ -220,7 +234,9 @@ class SourceAgent:
                 f"domain '{domain.name}' is already running with uuid {status.uuid}",
                 name=domain.name,
             )
-        async with self.jobs.sync_job(domain.uuid, domain.name, JobType.MODIFY, timeout=JOB_TIMEOUT):
+        async with self.jobs.sync_job(
+            domain.uuid, domain.name, JobType.MODIFY, timeout=JOB_TIMEOUT
+        ):
             self.host.save_definition(domain)
         log.info("domain %s defined", domain.name, extra={})
         return {"name": domain.name, "uuid": domain.uuid, "updated": existing is not None}
@@ -236,8 +252,9 @@ class SourceAgent:
                 f"cannot undefine domain '{live.domain.name}' with {len(snaps)} snapshot(s); "
                 "delete them first"
             )
-        async with self.jobs.sync_job(live.domain.uuid, live.domain.name, JobType.MODIFY,
-                                      timeout=JOB_TIMEOUT):
+        async with self.jobs.sync_job(
+            live.domain.uuid, live.domain.name, JobType.MODIFY, timeout=JOB_TIMEOUT
+        ):
             self.host.delete_definition(live.domain.name)
         return {"name": live.domain.name}
 
@@ -251,6 +268,7 @@ class SourceAgent:
             definition = self.host.load_definition(dom.name) or dom
             proc = await self.host.start(definition)
             try:
+                await self.host.acquire_leases(definition, proc)
                 if not args["paused"]:
                     await proc.qmp.execute("cont")
             except BaseException:
@@ -261,11 +279,18 @@ class SourceAgent:
                 status.run_state = "paused" if args["paused"] else "running"
                 self.host.save_status(status)
         self.watch(dom.name)
-        log_event(log, MessageID.DOMAIN_STARTED, f"domain {dom.name} started (pid {proc.pid})",
-                  domain=dom.name, uuid=dom.uuid)
+        log_event(
+            log,
+            MessageID.DOMAIN_STARTED,
+            f"domain {dom.name} started (pid {proc.pid})",
+            domain=dom.name,
+            uuid=dom.uuid,
+        )
         return {"name": dom.name, "pid": proc.pid}
 
-    async def _running(self, ctx: RequestContext, op: str, name: str) -> tuple[LiveDomain, QemuProcess]:
+    async def _running(
+        self, ctx: RequestContext, op: str, name: str
+    ) -> tuple[LiveDomain, QemuProcess]:
         live = self.resolve(ctx, op, name)
         if live.status is None:
             raise DomainState(f"domain '{name}' is not running", name=name)
@@ -281,8 +306,13 @@ class SourceAgent:
         dom = live.domain
         async with self.jobs.sync_job(dom.uuid, dom.name, JobType.DESTROY, timeout=JOB_TIMEOUT):
             await self.host.kill(dom.name)
-        log_event(log, MessageID.DOMAIN_STOPPED, f"domain {dom.name} destroyed",
-                  domain=dom.name, uuid=dom.uuid)
+        log_event(
+            log,
+            MessageID.DOMAIN_STOPPED,
+            f"domain {dom.name} destroyed",
+            domain=dom.name,
+            uuid=dom.uuid,
+        )
         return {"name": dom.name}
 
     async def op_shutdown(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -292,8 +322,13 @@ class SourceAgent:
         async with self.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY, timeout=JOB_TIMEOUT):
             await proc.shutdown(timeout=args["timeout"])
             self.host.cleanup(dom.name)
-        log_event(log, MessageID.DOMAIN_STOPPED, f"domain {dom.name} shut down",
-                  domain=dom.name, uuid=dom.uuid)
+        log_event(
+            log,
+            MessageID.DOMAIN_STOPPED,
+            f"domain {dom.name} shut down",
+            domain=dom.name,
+            uuid=dom.uuid,
+        )
         return {"name": dom.name}
 
     async def op_suspend(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +495,12 @@ class SourceAgent:
         return out
 
     async def op_journal_query(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
-        """Journal entries of one domain or one migration on this host."""
+        """Journal entries of one domain or one migration.
+
+        For a migration, the peer host's side is fetched too (from its
+        ferry-destination, over TLS; the op is ACL-checked there) and both
+        are merged by time, each entry labelled with its host.
+        """
         check_access(self.config.acl, ctx.subject, "journal_query", args.get("domain"))
         entries = await asyncio.get_running_loop().run_in_executor(
             None,
@@ -468,7 +508,27 @@ class SourceAgent:
                 migration_id=args["migration_id"], domain=args["domain"], since=args["since"]
             ),
         )
-        return {"entries": entries, "host": self.config.host.name}
+        hosts = [self.config.host.name]
+        warnings: list[str] = []
+        if args["migration_id"]:
+            peers = {
+                str(e["FERRY_PEER_URI"])
+                for e in entries
+                if e.get("FERRY_PEER_URI") and e.get("host") == self.config.host.name
+            }
+            for uri in sorted(peers):
+                try:
+                    remote = await self.migration.peer_request(
+                        uri, "journal_query",
+                        {"migration_id": args["migration_id"], "domain": None, "since": None},
+                    )  # fmt: skip
+                except FerryError as exc:
+                    warnings.append(f"could not read the journal of {uri}: {exc}")
+                    continue
+                hosts.append(str(remote.get("host")))
+                entries = merge_entries(entries, remote.get("entries", []))
+        return {"entries": entries, "host": self.config.host.name, "hosts": hosts,
+                "warnings": warnings}  # fmt: skip
 
 
 def not_implemented(op: str) -> Handler:

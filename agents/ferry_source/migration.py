@@ -42,8 +42,9 @@ from ferry.journal import LogContext, MessageID, log_event
 from ferry.protocol.cookie import Cookie, Identity, LockState, Persistent
 from ferry.protocol.phases import SourcePhases
 from ferry.qemu import (
-    QMPEvent,
+    EventSubscription,
     QemuProcess,
+    QMPEvent,
     SavedMigrationSettings,
     query_migrate,
     set_caps,
@@ -62,6 +63,9 @@ log = logging.getLogger("ferry.source.migration")
 DEFAULT_AGENT_PORT = 49160
 JOB_TIMEOUT = 30.0
 POLL_INTERVAL = 0.1
+NOT_CONVERGING = (
+    "the migration is not converging: the guest dirties memory faster than it is copied"
+)
 # libvirt's QEMU_DOMAIN_MIG_BANDWIDTH_MAX: "unlimited", in bytes/s.  qemu's
 # own 128 MiB/s default alone kept a dirtying guest from ever finishing.
 UNLIMITED_BANDWIDTH = (2**63 - 1) // (1024 * 1024) * (1024 * 1024)
@@ -87,7 +91,7 @@ def parse_dest_uri(uri: str) -> tuple[str, int]:
     prefix = "ferry://"
     if not uri.startswith(prefix):
         raise MigrationRefused(f"destination URI {uri!r} must look like ferry://HOST[:PORT]")
-    rest = uri[len(prefix):].rstrip("/")
+    rest = uri[len(prefix) :].rstrip("/")
     if rest.startswith("["):
         host, _, tail = rest[1:].partition("]")
         port_text = tail[1:] if tail.startswith(":") else ""
@@ -153,6 +157,9 @@ class Outgoing:
     abort_reason: str = "aborted on request"
     proc: QemuProcess | None = None
     set_downtime: Callable[[int], None] | None = None
+    warned: bool = False
+    lease_handover: bool = False
+    leases_released: bool = False
 
 
 class MigrationDriver:
@@ -195,9 +202,12 @@ class MigrationDriver:
             try:
                 return await self._migrate(ctx, out, live.domain, host, port, started)
             except FerryError as exc:
-                kind = MessageID.MIGRATION_ABORTED if isinstance(exc, JobAborted | MigrationTimeout) \
-                    else MessageID.MIGRATION_REFUSED if out.phases.current in ("none", "begin") \
-                    else MessageID.MIGRATION_FAILED  # fmt: skip
+                if isinstance(exc, JobAborted | MigrationTimeout):
+                    kind = MessageID.MIGRATION_ABORTED
+                elif out.phases.current in ("none", "begin"):
+                    kind = MessageID.MIGRATION_REFUSED
+                else:
+                    kind = MessageID.MIGRATION_FAILED
                 log_event(log, kind, f"migration of {out.name} to {host} ended: {exc}",
                           level=logging.WARNING, result=exc.code,
                           phase=out.phases.current)  # fmt: skip
@@ -215,7 +225,9 @@ class MigrationDriver:
             raise JobError(f"no job is running on domain '{live.domain.name}'")
         return {"name": live.domain.name}
 
-    async def _tune(self, ctx: RequestContext, name: str, op: str, params: dict[str, Any]) -> Outgoing:
+    async def _tune(
+        self, ctx: RequestContext, name: str, op: str, params: dict[str, Any]
+    ) -> Outgoing:
         live = self.agent.resolve(ctx, op, name)
         out = self.outgoing.get(live.domain.name)
         if out is None or out.proc is None:
@@ -225,7 +237,9 @@ class MigrationDriver:
             await set_params(out.proc.qmp, params)
         return out
 
-    async def op_set_max_downtime(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    async def op_set_max_downtime(
+        self, ctx: RequestContext, args: dict[str, Any]
+    ) -> dict[str, Any]:
         """Change the tolerated downtime of a running migration."""
         out = await self._tune(ctx, args["name"], "set_max_downtime",
                                {"downtime-limit": args["ms"]})  # fmt: skip
@@ -233,7 +247,9 @@ class MigrationDriver:
             out.set_downtime(args["ms"])
         return {"name": args["name"], "ms": args["ms"]}
 
-    async def op_set_max_bandwidth(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+    async def op_set_max_bandwidth(
+        self, ctx: RequestContext, args: dict[str, Any]
+    ) -> dict[str, Any]:
         """Change the bandwidth cap of a running migration (0 = unlimited)."""
         value = args["mib_per_s"] * MIB if args["mib_per_s"] else UNLIMITED_BANDWIDTH
         await self._tune(ctx, args["name"], "set_max_bandwidth", {"max-bandwidth": value})
@@ -270,8 +286,10 @@ class MigrationDriver:
             check_abi_stability(domain, supplied, allow_rename=bool(params.dest_name))
             xml_domain = supplied
         log_event(log, MessageID.MIGRATION_STARTED,
-                  f"migrating {domain.name} to {host}:{port} (flags {', '.join(flag_names(flags))})",
-                  phase="begin", flags=int(flags))  # fmt: skip
+                  f"migrating {domain.name} to {host}:{port} "
+                  f"(flags {', '.join(flag_names(flags))})",
+                  phase="begin", flags=int(flags),
+                  peer_uri=f"ferry://{host}:{port}")  # fmt: skip
         job = await agent.jobs.begin_async(
             domain.uuid, domain.name, AsyncJob.MIGRATION_OUT, flags=int(flags),
             phase="begin", migration_id=out.migration_id, timeout=JOB_TIMEOUT,
@@ -311,6 +329,11 @@ class MigrationDriver:
                 stats = await self._perform(ctx, out, job, proc, uri, dest_cookie, was_running)
             except FerryError as exc:
                 perform_error = exc
+            except Exception as exc:
+                # A bug here must still reach Finish(cancelled) and Confirm,
+                # or the VM would stay paused on the source.
+                log.exception("perform failed unexpectedly")
+                perform_error = MigrationFailed(f"perform failed: {exc}")
 
             # -- Finish (peer) ----------------------------------------------------
             self._phase(ctx, out, job, "finish")
@@ -329,7 +352,7 @@ class MigrationDriver:
             self._phase(ctx, out, job, "confirm")
             failure = perform_error or finish_error
             if failure is not None:
-                await self._resume(proc, was_running, flags)
+                await self._resume(proc, was_running, flags, out)
                 raise failure
             await self._confirm_success(domain, flags)
             total_s = time.monotonic() - started
@@ -374,7 +397,11 @@ class MigrationDriver:
             if problems:
                 raise MigrationRefused("unsafe migration: " + "; ".join(problems))
         status = self.agent.host.load_status(domain.name)
-        if status is not None and status.run_state == "io-error" and flags & MigrationFlags.ABORT_ON_ERROR:
+        if (
+            status is not None
+            and status.run_state == "io-error"
+            and flags & MigrationFlags.ABORT_ON_ERROR
+        ):
             raise MigrationRefused(
                 f"cannot migrate domain '{domain.name}': it is paused after an I/O error "
                 "and --abort-on-error was given"
@@ -414,11 +441,23 @@ class MigrationDriver:
                 raise AuthError(
                     f"ferry-destination at {host}:{port} dropped the TLS connection before "
                     "greeting us: it did not accept this host's certificate "
-                    "(not signed by its CA?)", peer=host,
+                    "(not signed by its CA?)",
+                    peer=host,
                 ) from None
-            raise MigrationRefused(f"cannot reach ferry-destination at {host}:{port}: {exc}") from None
+            raise MigrationRefused(
+                f"cannot reach ferry-destination at {host}:{port}: {exc}"
+            ) from None
         except TimeoutError:
             raise MigrationRefused(f"ferry-destination at {host}:{port} did not answer") from None
+
+    async def peer_request(self, uri: str, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One request to a peer host's ferry-destination (e.g. its journal)."""
+        host, port = parse_dest_uri(uri)
+        session = await self._connect(host, port)
+        try:
+            return await self._remote(session, op, args, timeout=60)
+        finally:
+            await session.close()
 
     async def _remote(
         self, session: Session, op: str, args: dict[str, Any], *, timeout: float
@@ -426,7 +465,9 @@ class MigrationDriver:
         try:
             return await session.request(op, args, timeout=timeout)
         except TimeoutError:
-            raise MigrationFailed(f"the destination did not answer {op} within {timeout:.0f}s") from None
+            raise MigrationFailed(
+                f"the destination did not answer {op} within {timeout:.0f}s"
+            ) from None
         except AuthError:
             raise
 
@@ -449,6 +490,11 @@ class MigrationDriver:
             saved = await SavedMigrationSettings.snapshot(proc.qmp)
             job.saved_migration = saved.to_dict()
             caps = {"events": True, "auto-converge": bool(flags & MigrationFlags.AUTO_CONVERGE)}
+            # With disk leases, qemu waits for us at switchover: its CPUs are
+            # stopped, so we can hand the leases over before the device state
+            # (and with it the right to write) moves.
+            out.lease_handover = self._has_leases(out.name)
+            caps["pause-before-switchover"] = out.lease_handover
             if flags & MigrationFlags.PARALLEL:
                 caps["multifd"] = True
             await set_caps(proc.qmp, caps)
@@ -476,7 +522,9 @@ class MigrationDriver:
             if not flags & MigrationFlags.LIVE and was_running:
                 await proc.qmp.execute("stop")
         account = TransferAccount()
-        downtime_limit_s = [(params.max_downtime_ms or saved.params.get("downtime-limit", 300)) / 1000]
+        downtime_limit_s = [
+            (params.max_downtime_ms or saved.params.get("downtime-limit", 300)) / 1000
+        ]
 
         def set_downtime(ms: int) -> None:
             downtime_limit_s[0] = ms / 1000
@@ -488,8 +536,10 @@ class MigrationDriver:
             with proc.qmp.events({"MIGRATION", "BLOCK_IO_ERROR", "disconnected"}) as events:
                 async with self.agent.jobs.nested(job):
                     await proc.qmp.execute("migrate", {"uri": uri})
+                last_time = -1.0
+                received: list[QMPEvent] = []
                 while True:
-                    io_error = await self._drain_events(events)
+                    io_error = self._check_events(received)
                     if io_error is not None and flags & MigrationFlags.ABORT_ON_ERROR:
                         await self._cancel(proc)
                         raise MigrationFailed(
@@ -497,11 +547,38 @@ class MigrationDriver:
                             "and --abort-on-error was given"
                         )
                     stats = await query_migrate(proc.qmp)
+                    if stats.status == "pre-switchover":
+                        await self.agent.host.release_leases(out.name)
+                        out.leases_released = True
+                        async with self.agent.jobs.nested(job):
+                            await proc.qmp.execute(
+                                "migrate-continue", {"state": "pre-switchover"}
+                            )
+                        received = []
+                        continue
+                    if stats.status == "completed" and not stats.total_time_ms:
+                        # qemu 7.2 briefly reports completion before it
+                        # fills in the times.
+                        for _ in range(50):
+                            await asyncio.sleep(0.002)
+                            stats = await query_migrate(proc.qmp)
+                            if stats.total_time_ms:
+                                break
                     max_throttle = max(max_throttle, stats.cpu_throttle_percentage)
-                    if stats.ram_total:
-                        account.feed(Sample(**stats.to_sample()))
+                    sample = stats.to_sample()
+                    # A query held up by the switchover repeats the final
+                    # time; the accounting wants strictly later samples.
+                    if (
+                        stats.ram_total
+                        and stats.status == "active"
+                        and sample["time_s"] > last_time
+                    ):
+                        last_time = sample["time_s"]
+                        account.feed(Sample(**sample))
                         snap: dict[str, Any] = dict(account.snapshot())
-                        snap["predicted_downtime_s"] = account.predicted_downtime_s(downtime_limit_s[0])
+                        snap["predicted_downtime_s"] = account.predicted_downtime_s(
+                            downtime_limit_s[0]
+                        )
                         snap["status"] = stats.status
                         snap["expected_downtime_ms"] = stats.expected_downtime_ms
                         snap["elapsed_s"] = (stats.total_time_ms or 0) / 1000
@@ -535,26 +612,51 @@ class MigrationDriver:
                             f"migration of '{out.name}' did not finish within "
                             f"{params.timeout_s:g}s{note}; cancelled"
                         )
-                    if account.converging is False and account.samples >= 8 and \
-                            not out.progress.get("_warned"):  # fmt: skip
-                        out.progress["_warned"] = True
-                        ctx.emit("warning", {"message": "the migration is not converging: the guest "
-                                             "dirties memory faster than it is copied"})  # fmt: skip
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(out.abort.wait(), POLL_INTERVAL)
-        finally:
-            out.set_downtime = None
+                    if account.converging is False and account.samples >= 8 and not out.warned:
+                        out.warned = True
+                        ctx.emit("warning", {"message": NOT_CONVERGING})
+                    received = await self._wait_events(events, out.abort, POLL_INTERVAL)
+        except BaseException:
+            # Only a failed transfer leaves the source running on: give it
+            # back its settings.  After success the qemu is stopped anyway.
             with contextlib.suppress(FerryError):
                 async with self.agent.jobs.nested(job):
                     await saved.restore(proc.qmp)
+            raise
+        finally:
+            out.set_downtime = None
 
-    async def _drain_events(self, events: Any) -> str | None:
+    @staticmethod
+    async def _wait_events(
+        events: EventSubscription, abort: asyncio.Event, timeout: float
+    ) -> list[QMPEvent]:
+        """Sleep until a qemu event, an abort request or ``timeout``.
+
+        Waking on qemu's MIGRATION event (rather than only polling) notices
+        completion within milliseconds, which is most of the orchestration
+        overhead.
+        """
+        getter = asyncio.ensure_future(events.get())
+        aborter = asyncio.ensure_future(abort.wait())
+        try:
+            await asyncio.wait({getter, aborter}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            aborter.cancel()
+            if not getter.done():
+                getter.cancel()
+        received = [getter.result()] if getter.done() and not getter.cancelled() else []
+        return received + events.pending()
+
+    @staticmethod
+    def _check_events(received: list[QMPEvent]) -> str | None:
         io_error = None
-        for event in events.pending():
-            assert isinstance(event, QMPEvent)
+        for event in received:
             if event.name == "BLOCK_IO_ERROR":
                 data = event.data or {}
-                io_error = f"{data.get('device') or data.get('node-name')}: {data.get('reason', '')}"
+                io_error = (
+                    f"{data.get('device') or data.get('node-name')}: {data.get('reason', '')}"
+                )
             elif event.name == "disconnected":
                 raise MigrationFailed("the source qemu went away during the migration")
         return io_error
@@ -569,8 +671,24 @@ class MigrationDriver:
                 return
             await asyncio.sleep(0.05)
 
-    async def _resume(self, proc: QemuProcess, was_running: bool, flags: MigrationFlags) -> None:
-        """Confirm after failure: give the VM its CPUs back if it had them."""
+    def _has_leases(self, name: str) -> bool:
+        status = self.agent.host.load_status(name)
+        return bool(status is not None and status.extra.get("leases"))
+
+    async def _resume(
+        self, proc: QemuProcess, was_running: bool, flags: MigrationFlags, out: Outgoing
+    ) -> None:
+        """Confirm after failure: take the leases back, then the CPUs if it had them."""
+        if out.leases_released:
+            live = self.agent.host.find(out.name)
+            try:
+                await self.agent.host.acquire_leases(live.domain, proc)
+            except FerryError as exc:
+                # Someone else holds a disk now: running would risk two
+                # writers.  The VM stays paused; the operator decides.
+                log.error("cannot take the disk leases back (%s); %s stays paused", exc, out.name)
+                return
+            out.leases_released = False
         if not was_running:
             return
         with contextlib.suppress(FerryError):
@@ -585,4 +703,3 @@ class MigrationDriver:
         await host.kill(domain.name)
         if flags & MigrationFlags.UNDEFINE_SOURCE:
             host.delete_definition(domain.name)
-

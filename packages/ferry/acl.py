@@ -63,9 +63,7 @@ def subject_from_ucred(uid: int, gid: int) -> Subject:
 def _matches_subject(rule: ACLRule, subject: Subject) -> bool:
     if subject.kind == "peer":
         return any(fnmatch.fnmatchcase(subject.peer or "", p) for p in rule.peers)
-    if subject.user is not None and any(
-        fnmatch.fnmatchcase(subject.user, p) for p in rule.users
-    ):
+    if subject.user is not None and any(fnmatch.fnmatchcase(subject.user, p) for p in rule.users):
         return True
     return any(fnmatch.fnmatchcase(g, p) for g in subject.groups for p in rule.groups)
 

@@ -141,9 +141,7 @@ def agent_main(
     except FerryError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
-    setup_logging(
-        name, level=logging.DEBUG if args.debug else logging.INFO, host=config.host.name
-    )
+    setup_logging(name, level=logging.DEBUG if args.debug else logging.INFO, host=config.host.name)
     # qemu.qmp logs every message at DEBUG and expected reconnect failures at
     # ERROR: keep our own debug output readable.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)

@@ -360,3 +360,12 @@ class StateFileError(FerryError):
 
 
 __all__ += ["StateFileError"]
+
+
+class LeaseBusy(DomainError):
+    """A disk's lease is held by another domain, on this host or another one."""
+
+    code = "lease-busy"
+
+
+__all__ += ["LeaseBusy"]

@@ -21,7 +21,8 @@ from typing import Literal
 
 from ferry.config import AgentConfig
 from ferry.domain import Domain, RuntimePaths, format_domain, parse_domain, to_qemu_argv
-from ferry.errors import NoDomain, QMPError, StateFileError
+from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
+from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
 from ferry.statefile import DomainStatus, atomic_write
 
@@ -55,6 +56,7 @@ class Host:
         self.agent = agent
         self.paths = config.paths
         self._procs: dict[str, QemuProcess] = {}
+        self.leases = LeaseManager(config.paths.lockspace_dir)
 
     # -- paths --------------------------------------------------------------
 
@@ -220,6 +222,13 @@ class Host:
         """
         paths = self.runtime_paths(domain.name)
         paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if not incoming:
+            # Refuse before qemu opens the images: qemu's own image locking
+            # would refuse too, but could not say which VM holds the disk.
+            for disk in self.writable_disks(domain):
+                owner = self.leases.owner_of(disk)
+                if owner is not None:
+                    raise busy_error(disk, owner)
         argv = to_qemu_argv(
             domain, paths=paths, incoming=incoming, qemu_binary=self.config.qemu.binary
         )
@@ -246,6 +255,18 @@ class Host:
                 timeout=self.config.qemu.launch_timeout_s,
                 qmp_name=f"{self.agent}:{domain.name}",
             )
+        except QemuLaunchError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                self.live_xml_path(domain.name).unlink()
+            if "(no message)" in exc.message and paths.log_file is not None:
+                # With -D, qemu writes its errors to the log file.
+                with contextlib.suppress(OSError):
+                    tail = paths.log_file.read_text(errors="replace").strip().splitlines()[-3:]
+                    if tail:
+                        raise QemuLaunchError(
+                            exc.message.replace("(no message)", " / ".join(tail)), **exc.details
+                        ) from None
+            raise
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
@@ -282,9 +303,7 @@ class Host:
             # No pid: a job record written before qemu exists (e.g. an
             # incoming migration being prepared) — not ours to clean up.
             raise NoDomain(f"domain '{name}' is not running", name=name)
-        mine = DomainStatus.from_dict(
-            {**status.to_dict(), "qmp_path": str(self.qmp_socket(name))}
-        )
+        mine = DomainStatus.from_dict({**status.to_dict(), "qmp_path": str(self.qmp_socket(name))})
         found = await reconnect(
             mine, timeout=timeout, pidfile=self.pidfile(name), qmp_name=f"{self.agent}:{name}"
         )
@@ -316,7 +335,11 @@ class Host:
             # The monitor is wedged: kill by pid, but only the very process
             # the status names (same start time), never a reused pid.
             status = self.load_status(name)
-            if status is not None and status.pid and read_start_time(status.pid) == status.start_time:
+            if (
+                status is not None
+                and status.pid
+                and read_start_time(status.pid) == status.start_time
+            ):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(status.pid, 9)
             self.cleanup(name)
@@ -336,6 +359,53 @@ class Host:
         ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+    # -- disk leases ------------------------------------------------------------
+
+    @staticmethod
+    def writable_disks(domain: Domain) -> list[str]:
+        """Disks two copies of the VM must never both write: they get a lease."""
+        return [
+            d.source
+            for d in domain.disks
+            if d.source and d.device == "disk" and not d.readonly and not d.shareable
+        ]
+
+    async def acquire_leases(self, domain: Domain, proc: QemuProcess) -> LeaseRecord | None:
+        """Take the leases of ``domain``'s writable disks for its qemu ``proc``.
+
+        The lease holder watches qemu: when qemu exits, the leases go with it.
+
+        Raises:
+            LeaseBusy: another VM (on any host) holds one of the disks.
+        """
+        owner = LeaseOwner(
+            host_uuid=self.config.host.uuid,
+            host_name=self.config.host.name,
+            domain=domain.name,
+            domain_uuid=domain.uuid,
+        )
+        record = await self.leases.acquire(
+            owner,
+            self.writable_disks(domain),
+            guard_pid=proc.pid,
+            guard_start_time=proc.start_time,
+        )
+        status = self.load_status(domain.name)
+        if status is not None:
+            status.extra["leases"] = record.to_dict() if record else None
+            self.save_status(status)
+        return record
+
+    async def release_leases(self, name: str) -> None:
+        """Give up ``name``'s leases (its qemu keeps running, paused)."""
+        status = self.load_status(name)
+        if status is None or not status.extra.get("leases"):
+            return
+        record = LeaseRecord.from_dict(status.extra["leases"])
+        await self.leases.release(record)
+        status.extra["leases"] = None
+        self.save_status(status)
 
     async def reconnect_all(self) -> list[str]:
         """At agent start: reconnect to every running qemu, clean up dead ones.

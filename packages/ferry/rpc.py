@@ -159,7 +159,9 @@ class Session:
 
     # -- reading ---------------------------------------------------------
 
-    def start(self, dispatch: Callable[[Session, Request], Coroutine[Any, Any, None]] | None) -> None:
+    def start(
+        self, dispatch: Callable[[Session, Request], Coroutine[Any, Any, None]] | None
+    ) -> None:
         """Start the reader task; ``dispatch`` handles incoming requests."""
         self._reader_task = asyncio.create_task(self._read_loop(dispatch))
 
@@ -233,7 +235,9 @@ class Session:
     def _finish(self, error: BaseException | None) -> None:
         self.close_error = error
         self._fail_all(
-            error if isinstance(error, FerryError) else ProtocolError(f"connection lost: {error}")
+            error
+            if isinstance(error, FerryError)
+            else ProtocolError(f"connection lost: {error}")
             if error
             else ProtocolError("connection closed by peer")
         )
@@ -331,9 +335,7 @@ async def connect_tcp(
         timeout,
     )
     try:
-        return await asyncio.wait_for(
-            _handshake_client(reader, writer, hello, max_frame), timeout
-        )
+        return await asyncio.wait_for(_handshake_client(reader, writer, hello, max_frame), timeout)
     except BaseException:
         writer.close()
         raise
@@ -378,9 +380,15 @@ class Server:
         self.on_tunnel = on_tunnel
         self.sessions: set[Session] = set()
 
-    async def handle_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """asyncio.start_server callback: handshake, then serve requests."""
         conn = Connection(self.hello, initiator=False, max_frame=self.max_frame)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             subject = peer_subject(writer)
             if self.admit is not None:
@@ -436,8 +444,9 @@ class Server:
         except Exception as exc:  # a bug must still get an answer, not a hang
             log.exception("handler for %s failed", request.op)
             session.send_nowait(
-                ErrorReply(id=request.id, error=FerryError(f"internal error in {request.op}: {exc}"))
+                ErrorReply(
+                    id=request.id, error=FerryError(f"internal error in {request.op}: {exc}")
+                )
             )
         with contextlib.suppress(Exception):
             await session.writer.drain()
-

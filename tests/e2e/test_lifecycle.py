@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 import testguest
 from cluster import Cluster, guest_xml, wait_until
 
@@ -83,8 +84,10 @@ def test_bad_input_is_refused_and_changes_nothing(
     cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
 ) -> None:
     a = cluster.a
-    a.write_config(acl=[{"users": ["nobody"], "ops": ["list", "info"], "domains": ["*"]}],
-                   **{"admin.group": "nogroup"})
+    a.write_config(
+        acl=[{"users": ["nobody"], "ops": ["list", "info"], "domains": ["*"]}],
+        **{"admin.group": "nogroup"},
+    )
     a.start_agent("source")
 
     _fails(a.ferryctl("dominfo", "nosuch"), "no domain with matching name 'nosuch'", "(no-domain)")
@@ -96,8 +99,9 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert a.ctl_json("list", "--all") == []
 
     _define(a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type))
-    other_uuid = guest_xml("g1", guest_kernel, virt_type=virt_type,
-                           uuid="11111111-2222-3333-4444-555555555555")
+    other_uuid = guest_xml(
+        "g1", guest_kernel, virt_type=virt_type, uuid="11111111-2222-3333-4444-555555555555"
+    )
     dup = tmp_path / "dup.xml"
     dup.write_text(other_uuid)
     _fails(a.ferryctl("define", str(dup)), "domain 'g1' already exists", "(domain-exists)")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 import testguest
 from cluster import Cluster, HostEnv, guest_xml, wait_until
 
@@ -31,8 +32,9 @@ def define_and_start(host: HostEnv, tmp: Path, xml: str, name: str = "g1") -> No
 
 
 @pytest.fixture
-def running_guest(two_hosts: Cluster, guest_kernel: Path, virt_type: str,
-                  tmp_path: Path) -> Iterator[testguest.SerialReader]:
+def running_guest(
+    two_hosts: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> Iterator[testguest.SerialReader]:
     """g1 running on host A with its serial reader attached and reporting."""
     define_and_start(two_hosts.a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type))
     serial = testguest.SerialReader(two_hosts.a.serial_socket("g1"))
@@ -44,7 +46,9 @@ def running_guest(two_hosts: Cluster, guest_kernel: Path, virt_type: str,
         serial.close()
 
 
-def migrate(host: HostEnv, name: str, dest: HostEnv, *extra: str) -> subprocess.CompletedProcess[str]:
+def migrate(
+    host: HostEnv, name: str, dest: HostEnv, *extra: str
+) -> subprocess.CompletedProcess[str]:
     """ferryctl migrate with --json; returns the finished process."""
     return host.ferryctl("migrate", name, dest.uri, "--live", "--json", *extra, timeout=300)
 
@@ -54,8 +58,9 @@ def events(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def assert_moved(cluster: Cluster, serial: testguest.SerialReader, name: str = "g1",
-                 dest_name: str | None = None) -> None:
+def assert_moved(
+    cluster: Cluster, serial: testguest.SerialReader, name: str = "g1", dest_name: str | None = None
+) -> None:
     """The guest runs on B (not on A), kept counting, and its memory is intact."""
     a, b = cluster.a, cluster.b
     dest_name = dest_name or name
@@ -73,8 +78,9 @@ def assert_moved(cluster: Cluster, serial: testguest.SerialReader, name: str = "
     assert a.domain_state(name) in (None, "shut off")
 
 
-def test_live_migration_moves_running_guest(running_guest: testguest.SerialReader,
-                                            two_hosts: Cluster) -> None:
+def test_live_migration_moves_running_guest(
+    running_guest: testguest.SerialReader, two_hosts: Cluster
+) -> None:
     a, b = two_hosts.a, two_hosts.b
     result = migrate(a, "g1", b)
     assert result.returncode == 0, result.stderr + two_hosts.logs()
@@ -134,8 +140,10 @@ def assert_stayed(cluster: Cluster, serial: testguest.SerialReader, name: str = 
     assert before is not None
     after = serial.wait_for(lambda r: r.counter > before.counter + 2, timeout=30)
     assert after.bad_pages == 0 and serial.boot_count == 1
-    assert b.ctl_json("list", agent="destination") == {"domains": []} or \
-        b.ctl_json("list", agent="destination") == []
+    assert (
+        b.ctl_json("list", agent="destination") == {"domains": []}
+        or b.ctl_json("list", agent="destination") == []
+    )
     leftovers = list((b.run_dir / "domains").glob(f"{name}.*"))
     assert leftovers == [], leftovers
     assert a.ctl_json("jobinfo", name)["job"] is None
@@ -149,14 +157,16 @@ def test_refusals_leave_the_guest_where_it_was(
     refused(migrate(a, "g1", a), "migration-refused", "same host")
     # Flag nonsense is refused before anything is sent.
     refused(migrate(a, "g1", b, "--postcopy", "--paused"), "flags-invalid", "POSTCOPY")
-    refused(migrate(a, "g1", b, "--auto-converge-initial", "30"), "flags-invalid",
-            "AUTO_CONVERGE")
+    refused(migrate(a, "g1", b, "--auto-converge-initial", "30"), "flags-invalid", "AUTO_CONVERGE")
     refused(migrate(a, "g1", b, "--offline"), "flags-invalid", "PERSIST_DEST")
     # An --xml that changes the guest ABI.
     xml = a.ctl_json("dumpxml", "g1")["xml"]
     changed = tmp_path / "bigger.xml"
-    changed.write_text(xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>")
-                       .replace("<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>"))
+    changed.write_text(
+        xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>").replace(
+            "<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>"
+        )
+    )
     assert changed.read_text() != xml
     refused(migrate(a, "g1", b, "--xml", str(changed)), "abi-unstable", "vcpu")
     # Snapshot metadata blocks migration.
@@ -225,11 +235,13 @@ def test_finish_failure_resumes_source(
 
 
 @pytest.fixture
-def dirtying_guest(two_hosts: Cluster, guest_kernel: Path, virt_type: str,
-                   tmp_path: Path) -> Iterator[testguest.SerialReader]:
+def dirtying_guest(
+    two_hosts: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> Iterator[testguest.SerialReader]:
     """A guest rewriting 64 MiB at 200 MiB/s: more than a 32 MiB/s link can copy."""
-    xml = guest_xml("g1", guest_kernel, virt_type=virt_type, mem_mib=256, wss_mib=64,
-                    rate_mib_s=200)
+    xml = guest_xml(
+        "g1", guest_kernel, virt_type=virt_type, mem_mib=256, wss_mib=64, rate_mib_s=200
+    )
     define_and_start(two_hosts.a, tmp_path, xml)
     serial = testguest.SerialReader(two_hosts.a.serial_socket("g1"))
     try:
@@ -250,8 +262,18 @@ def test_dirtying_guest_needs_auto_converge(
     assert any("not converging" in str(w["data"]) for w in warnings), result.stdout
     assert_stayed(two_hosts, dirtying_guest)
 
-    result = migrate(a, "g1", b, "--bandwidth", "32", "--auto-converge",
-                     "--auto-converge-initial", "50", "--auto-converge-increment", "25")
+    result = migrate(
+        a,
+        "g1",
+        b,
+        "--bandwidth",
+        "32",
+        "--auto-converge",
+        "--auto-converge-initial",
+        "50",
+        "--auto-converge-increment",
+        "25",
+    )
     assert result.returncode == 0, result.stderr + two_hosts.logs()
     stats = events(result)[-1]["data"]["stats"]  # type: ignore[index]
     assert stats["throttle_pct"] >= 50, stats
@@ -262,12 +284,25 @@ def test_jobabort_mid_transfer_then_retry(
     dirtying_guest: testguest.SerialReader, two_hosts: Cluster
 ) -> None:
     a, b = two_hosts.a, two_hosts.b
-    argv = [str(Path(sys.executable).parent / "ferryctl"), "--connect", str(a.source_socket),
-            "migrate", "g1", b.uri, "--live", "--json", "--bandwidth", "32"]
+    argv = [
+        str(Path(sys.executable).parent / "ferryctl"),
+        "--connect",
+        str(a.source_socket),
+        "migrate",
+        "g1",
+        b.uri,
+        "--live",
+        "--json",
+        "--bandwidth",
+        "32",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: a.ctl_json("jobinfo", "g1").get("transferred", 0) > 8 << 20, 60,
-                   "the transfer to get going")
+        wait_until(
+            lambda: a.ctl_json("jobinfo", "g1").get("transferred", 0) > 8 << 20,
+            60,
+            "the transfer to get going",
+        )
         assert len(b.qemu_pids()) == 1, "no incoming qemu on B mid-transfer"
         a.ferryctl("jobabort", "g1", check=True)
         out, err = proc.communicate(timeout=60)
@@ -285,12 +320,24 @@ def test_jobabort_mid_transfer_then_retry(
 
 def test_ctrl_c_aborts_cleanly(dirtying_guest: testguest.SerialReader, two_hosts: Cluster) -> None:
     a, b = two_hosts.a, two_hosts.b
-    argv = [str(Path(sys.executable).parent / "ferryctl"), "--connect", str(a.source_socket),
-            "migrate", "g1", b.uri, "--live", "--bandwidth", "32"]
+    argv = [
+        str(Path(sys.executable).parent / "ferryctl"),
+        "--connect",
+        str(a.source_socket),
+        "migrate",
+        "g1",
+        b.uri,
+        "--live",
+        "--bandwidth",
+        "32",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: a.ctl_json("jobinfo", "g1").get("transferred", 0) > 8 << 20, 60,
-                   "the transfer to get going")
+        wait_until(
+            lambda: a.ctl_json("jobinfo", "g1").get("transferred", 0) > 8 << 20,
+            60,
+            "the transfer to get going",
+        )
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -300,3 +347,47 @@ def test_ctrl_c_aborts_cleanly(dirtying_guest: testguest.SerialReader, two_hosts
     assert "aborting the migration" in err, err
     assert "(job-aborted)" in err, err
     assert_stayed(two_hosts, dirtying_guest)
+
+
+# -- disks: cache safety and leases ---------------------------------------------
+
+
+def test_disk_cache_safety_and_leases(
+    two_hosts: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    a, b = two_hosts.a, two_hosts.b
+    disk = two_hosts.tmp / "shared-disk.img"
+    with disk.open("wb") as f:
+        f.truncate(16 << 20)
+    xml = guest_xml("g1", guest_kernel, virt_type=virt_type, disks=[(str(disk), "writeback")])
+    define_and_start(a, tmp_path, xml)
+    serial = testguest.SerialReader(a.serial_socket("g1"))
+    try:
+        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
+        # The lease is held for A's g1.
+        lease_owner = a.ctl_json("dominfo", "g1")
+        assert lease_owner["state"] == "running"
+
+        # A second VM using the same disk, on the other host, is refused.
+        other = guest_xml("g2", guest_kernel, virt_type=virt_type,
+                          disks=[(str(disk), "none")])
+        path = tmp_path / "g2.xml"
+        path.write_text(other)
+        b.ferryctl("define", str(path), check=True)
+        refused(b.ferryctl("start", "g2"), "lease-busy", str(disk), "'g1'", "host 'a'")
+        assert b.qemu_pids() == []
+
+        # writeback cache: refused, naming the disk; --unsafe lets it pass.
+        refused(migrate(a, "g1", b), "migration-refused", "vda", "writeback", "--unsafe")
+        assert_stayed(two_hosts, serial)
+        result = migrate(a, "g1", b, "--unsafe")
+        assert result.returncode == 0, result.stderr + two_hosts.logs()
+        assert_moved(two_hosts, serial)
+        # The lease moved with the VM: g2 on A is refused, naming host b now.
+        a.ferryctl("define", str(path), check=True)
+        refused(a.ferryctl("start", "g2"), "lease-busy", "host 'b'")
+        # Destroying the VM frees the disk.
+        b.ferryctl("destroy", "g1", check=True)
+        wait_until(lambda: a.ferryctl("start", "g2").returncode == 0, 15, "g2 to start")
+    finally:
+        serial.close()

@@ -30,7 +30,9 @@ __all__ = ["main"]
 
 CLIENT_UUID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_SOURCE_SOCKET = Path(os.environ.get("FERRY_SOURCE_SOCKET", "/run/ferry/source.sock"))
-DEFAULT_DEST_SOCKET = Path(os.environ.get("FERRY_DESTINATION_SOCKET", "/run/ferry/destination.sock"))
+DEFAULT_DEST_SOCKET = Path(
+    os.environ.get("FERRY_DESTINATION_SOCKET", "/run/ferry/destination.sock")
+)
 
 Command = Callable[[argparse.Namespace, Session], Coroutine[Any, Any, int]]
 
@@ -45,11 +47,15 @@ async def _open(args: argparse.Namespace) -> Session:
     try:
         return await connect_unix(path, hello)
     except FileNotFoundError:
-        raise FerryError(f"cannot connect to {path}: no such socket (is the agent running?)") from None
+        raise FerryError(
+            f"cannot connect to {path}: no such socket (is the agent running?)"
+        ) from None
     except PermissionError:
         raise FerryError(f"cannot connect to {path}: permission denied") from None
     except ConnectionRefusedError:
-        raise FerryError(f"cannot connect to {path}: connection refused (agent not running?)") from None
+        raise FerryError(
+            f"cannot connect to {path}: connection refused (agent not running?)"
+        ) from None
 
 
 # -- simple verbs ---------------------------------------------------------
@@ -210,6 +216,7 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
     display = progress.make_display(json_lines=args.json, verbose=args.verbose)
     loop = asyncio.get_running_loop()
     aborting = False
+    abort_tasks: list[asyncio.Task[None]] = []
 
     async def abort() -> None:
         with contextlib.suppress(FerryError):
@@ -221,7 +228,7 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
             return
         aborting = True
         display.note("interrupted: aborting the migration (the VM stays on the source)")
-        loop.create_task(abort())
+        abort_tasks.append(loop.create_task(abort()))
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
@@ -243,27 +250,44 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
 
 
 async def _journal(args: argparse.Namespace, session: Session) -> int:
-    result = await session.request(
-        "journal_query",
-        {"migration_id": args.migration, "domain": args.name, "since": None},
-    )
-    entries = result.get("entries", [])
-    if args.json:
-        for entry in entries:
-            _print_json(entry)
-        return 0
-    progress.print_journal(entries)
-    return 0
+    if not args.name and not args.migration:
+        raise FerryError("journal: give a domain NAME or --migration ID")
+    since: float | None = None
+    seen: set[str] = set()
+    while True:
+        result = await session.request(
+            "journal_query",
+            {"migration_id": args.migration, "domain": args.name, "since": since},
+        )
+        for warning in result.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
+        entries = [e for e in result.get("entries", []) if e.get("cursor") not in seen]
+        seen.update(str(e.get("cursor")) for e in entries)
+        if args.json:
+            for entry in entries:
+                _print_json(entry)
+        else:
+            progress.print_journal(entries)
+        if not args.follow:
+            return 0
+        if entries:
+            since = max(float(e.get("timestamp", 0)) for e in entries)
+        await asyncio.sleep(1.0)
 
 
 # -- argument parsing ----------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole CLI: global options and one sub-command per verb."""
+def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI: global options and one sub-command per verb.
+
+    ``with_pki=False`` leaves out the ``pki`` verbs, whose ``cryptography``
+    import costs ~35 ms of every other command's start-up.
+    """
     parser = argparse.ArgumentParser(
         prog="ferryctl",
-        description="Manage Ferry's agents: define and run domains, migrate them live between hosts.",
+        description="Manage Ferry's agents: define and run domains, migrate them live "
+        "between hosts.",
     )
     parser.add_argument(
         "-c",
@@ -282,19 +306,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("define", _define, "define (or redefine) a persistent domain from an XML file")
     p.add_argument("file")
-    p = verb("undefine", _simple("undefine", "name", message="Domain '{name}' has been undefined"),
-             "remove a domain's persistent definition")
+    p = verb(
+        "undefine",
+        _simple("undefine", "name", message="Domain '{name}' has been undefined"),
+        "remove a domain's persistent definition",
+    )
     p.add_argument("name")
-    p = verb("start", _simple("start", "name", "paused", message="Domain '{name}' started"),
-             "start a defined domain")
+    p = verb(
+        "start",
+        _simple("start", "name", "paused", message="Domain '{name}' started"),
+        "start a defined domain",
+    )
     p.add_argument("name")
     p.add_argument("--paused", action="store_true", help="leave the CPUs paused")
-    p = verb("shutdown", _simple("shutdown", "name", "timeout", message="Domain '{name}' is shut down"),
-             "shut a domain down gracefully (ACPI), killing it after a timeout")
+    p = verb(
+        "shutdown",
+        _simple("shutdown", "name", "timeout", message="Domain '{name}' is shut down"),
+        "shut a domain down gracefully (ACPI), killing it after a timeout",
+    )
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before qemu is stopped hard")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before qemu is stopped hard"
+    )
     for name, op, msg, text in (
-        ("destroy", "destroy", "Domain '{name}' destroyed", "stop a domain immediately (power cut)"),
+        (
+            "destroy",
+            "destroy",
+            "Domain '{name}' destroyed",
+            "stop a domain immediately (power cut)",
+        ),
         ("suspend", "suspend", "Domain '{name}' suspended", "pause a running domain's CPUs"),
         ("resume", "resume", "Domain '{name}' resumed", "resume a paused domain"),
         ("jobabort", "job_abort", "Job on '{name}' aborted", "abort the domain's running job"),
@@ -307,28 +347,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = verb("dumpxml", _dumpxml, "print a domain's XML")
     p.add_argument("name")
-    p.add_argument("--inactive", action="store_true", help="the persistent definition, not the live one")
-    p = verb("snapshot-create", _simple("snapshot_create", "name", "snapshot", "description",
-             message="Domain snapshot {snapshot} created"), "record snapshot metadata")
+    p.add_argument(
+        "--inactive", action="store_true", help="the persistent definition, not the live one"
+    )
+    p = verb(
+        "snapshot-create",
+        _simple(
+            "snapshot_create",
+            "name",
+            "snapshot",
+            "description",
+            message="Domain snapshot {snapshot} created",
+        ),
+        "record snapshot metadata",
+    )
     p.add_argument("name")
     p.add_argument("snapshot")
     p.add_argument("--description", default="")
     p = verb("snapshot-list", _snapshot_list, "list a domain's snapshots")
     p.add_argument("name")
-    p = verb("snapshot-delete", _simple("snapshot_delete", "name", "snapshot",
-             message="Domain snapshot {snapshot} deleted"), "delete snapshot metadata")
+    p = verb(
+        "snapshot-delete",
+        _simple(
+            "snapshot_delete", "name", "snapshot", message="Domain snapshot {snapshot} deleted"
+        ),
+        "delete snapshot metadata",
+    )
     p.add_argument("name")
     p.add_argument("snapshot")
     p = verb("jobinfo", _jobinfo, "show the domain's running job and its progress")
     p.add_argument("name")
-    p = verb("migrate-setmaxdowntime", _simple("set_max_downtime", "name", "ms",
-             message="Maximum downtime of '{name}' set to {ms} ms"),
-             "set the tolerated downtime of a running migration")
+    p = verb(
+        "migrate-setmaxdowntime",
+        _simple(
+            "set_max_downtime", "name", "ms", message="Maximum downtime of '{name}' set to {ms} ms"
+        ),
+        "set the tolerated downtime of a running migration",
+    )
     p.add_argument("name")
     p.add_argument("ms", type=int)
-    p = verb("migrate-setspeed", _simple("set_max_bandwidth", "name", "mib_per_s",
-             message="Migration bandwidth of '{name}' set to {mib_per_s} MiB/s"),
-             "cap the bandwidth of a running migration (0 = unlimited)")
+    p = verb(
+        "migrate-setspeed",
+        _simple(
+            "set_max_bandwidth",
+            "name",
+            "mib_per_s",
+            message="Migration bandwidth of '{name}' set to {mib_per_s} MiB/s",
+        ),
+        "cap the bandwidth of a running migration (0 = unlimited)",
+    )
     p.add_argument("name")
     p.add_argument("mib_per_s", type=int)
 
@@ -336,25 +403,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("dest_uri", help="the destination agent, ferry://HOST[:PORT]")
     p.add_argument("--live", action="store_true", help="keep the VM running during the transfer")
-    p.add_argument("--p2p", action="store_true", help="peer to peer (always on; accepted for virsh habits)")
-    p.add_argument("--persistent", action="store_true", help="persist the definition on the destination")
-    p.add_argument("--undefine-source", action="store_true", help="undefine on the source after success")
+    p.add_argument(
+        "--p2p", action="store_true", help="peer to peer (always on; accepted for virsh habits)"
+    )
+    p.add_argument(
+        "--persistent", action="store_true", help="persist the definition on the destination"
+    )
+    p.add_argument(
+        "--undefine-source", action="store_true", help="undefine on the source after success"
+    )
     p.add_argument("--paused", action="store_true", help="leave the VM paused on the destination")
-    p.add_argument("--offline", action="store_true", help="migrate the definition only (not yet supported)")
-    p.add_argument("--auto-converge", action="store_true", help="throttle the guest's CPUs until it converges")
-    p.add_argument("--auto-converge-initial", type=int, metavar="PCT", help="initial throttle percentage")
-    p.add_argument("--auto-converge-increment", type=int, metavar="PCT", help="throttle increment per pass")
-    p.add_argument("--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error")
+    p.add_argument(
+        "--offline", action="store_true", help="migrate the definition only (not yet supported)"
+    )
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle the guest's CPUs until it converges"
+    )
+    p.add_argument(
+        "--auto-converge-initial", type=int, metavar="PCT", help="initial throttle percentage"
+    )
+    p.add_argument(
+        "--auto-converge-increment", type=int, metavar="PCT", help="throttle increment per pass"
+    )
+    p.add_argument(
+        "--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error"
+    )
     p.add_argument("--unsafe", action="store_true", help="allow disks with unsafe cache modes")
     p.add_argument("--tunnelled", action="store_true", help="carry the stream through the agents")
     p.add_argument("--parallel", action="store_true", help="use several migration connections")
     p.add_argument("--parallel-connections", type=int, metavar="N")
     p.add_argument("--compressed", action="store_true", help="compress the stream")
     p.add_argument("--postcopy", action="store_true", help="allow switching to post-copy")
-    p.add_argument("--change-protection", action="store_true", help="refuse domain changes during migration")
+    p.add_argument(
+        "--change-protection", action="store_true", help="refuse domain changes during migration"
+    )
     p.add_argument("--dname", metavar="NEW", help="rename the domain on the destination")
     p.add_argument("--xml", metavar="FILE", help="domain XML for the destination (ABI-checked)")
-    p.add_argument("--migrate-uri", metavar="URI", help="send the data over this address (tcp:HOST[:PORT])")
+    p.add_argument(
+        "--migrate-uri", metavar="URI", help="send the data over this address (tcp:HOST[:PORT])"
+    )
     p.add_argument("--max-downtime", type=int, metavar="MS", help="tolerated downtime in ms")
     p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="bandwidth cap in MiB/s")
     p.add_argument("--timeout", type=float, metavar="S", help="abort if not done after S seconds")
@@ -365,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migration", metavar="ID", help="one migration, both hosts merged")
     p.add_argument("--follow", action="store_true", help="keep printing new entries")
 
-    with contextlib.suppress(ImportError):
+    if with_pki:
         from ferryctl.pki import add_pki_commands
 
         add_pki_commands(sub)
@@ -383,8 +470,10 @@ async def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ferryctl`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    wants_pki = "pki" in words or not words or any(w in ("-h", "--help") for w in words[:1])
+    parser = build_parser(with_pki=wants_pki)
+    args = parser.parse_args(words)
     try:
         if args.verb == "pki":
             return int(args.func(args))

@@ -94,8 +94,10 @@ class Display:
         stats = result.get("stats", {})
         print(
             f"Migration completed: {result.get('name')} now runs on {result.get('dest_host')} "
-            f"(total {stats.get('total_time_ms', '-')} ms, downtime {stats.get('downtime_ms', '-')} ms, "
-            f"{_size(stats.get('transferred'))} transferred, throttle {stats.get('throttle_pct', 0)}%)",
+            f"(total {stats.get('total_time_ms', '-')} ms, "
+            f"downtime {stats.get('downtime_ms', '-')} ms, "
+            f"{_size(stats.get('transferred'))} transferred, "
+            f"throttle {stats.get('throttle_pct', 0)}%)",
             flush=True,
         )
 
@@ -122,7 +124,9 @@ class RichDisplay(Display):
         from rich.live import Live
 
         self.console = Console(stderr=False)
-        self.live = Live(self._render(), console=self.console, refresh_per_second=8, transient=False)
+        self.live = Live(
+            self._render(), console=self.console, refresh_per_second=8, transient=False
+        )
 
     def _render(self) -> Any:
         from rich.table import Table

@@ -164,6 +164,8 @@ class HostEnv:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            # Own session: a Ctrl-C at the terminal must not reach the agents.
+            start_new_session=True,
         )
         log.close()
         self.procs[agent] = proc
@@ -299,7 +301,9 @@ class Cluster:
 
         init_ca(self.pki)
         for host in (self.a, self.b):
-            files = issue_host(self.pki, self.pki, host.label, dns=[host.label], ips=[host.ns.address])
+            files = issue_host(
+                self.pki, self.pki, host.label, dns=[host.label], ips=[host.ns.address]
+            )
             # Names the config expects.
             if files.cert != self.pki / f"{host.label}.pem":
                 shutil.copy(files.cert, self.pki / f"{host.label}.pem")
