@@ -60,5 +60,15 @@ demo: build
 bench: build
 	$(VPY) tools/bench/relay.py
 
+# Install on this host, or under DESTDIR for a package: a venv in /opt/ferry
+# (non-editable, compiled ferry_native), the commands linked into
+# $(PREFIX)/bin, the systemd units, tmpfiles.d and sysusers.d, and a starting
+# /etc/ferry/agent.toml only when there is none. See tools/install.sh.
+PREFIX ?= /usr/local
+DESTDIR ?=
+.PHONY: install
+install: deps
+	DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" $(SHELL) tools/install.sh
+
 clean:
 	rm -rf build $(VENV) native/ferry_native/*.c native/ferry_native/*.so *.egg-info packages/*.egg-info

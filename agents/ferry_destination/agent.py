@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -211,7 +212,7 @@ class DestinationAgent:
             if isinstance(peername, tuple) and peername:
                 # Every host runs both agents on the same port: this is where
                 # the source host's journal can be asked for its side.
-                addr = str(peername[0])
+                addr = _unmapped(str(peername[0]))
                 addr = f"[{addr}]" if ":" in addr else addr
                 peer_uri = f"ferry://{addr}:{self.config.destination.listen[1]}"
             log_event(log, MessageID.MIGRATION_STARTED, f"prepare: receiving {domain.name} "
@@ -221,7 +222,9 @@ class DestinationAgent:
                 phase="prepare", migration_id=identity.migration_id, timeout=JOB_TIMEOUT,
             )  # fmt: skip
             try:
-                proc, uri = await self._start_incoming(domain, flags, params)
+                sockname = ctx.session.writer.get_extra_info("sockname")
+                reached = _unmapped(str(sockname[0])) if isinstance(sockname, tuple) else None
+                proc, uri = await self._start_incoming(domain, flags, params, reached)
             except BaseException:
                 await self.jobs.end_async(job)
                 raise
@@ -301,8 +304,18 @@ class DestinationAgent:
         raise MigrationRefused(f"no free migration port in {first}..{last} on {address}")
 
     async def _start_incoming(
-        self, domain: Domain, flags: MigrationFlags, params: MigrationParams
+        self,
+        domain: Domain,
+        flags: MigrationFlags,
+        params: MigrationParams,
+        reached: str | None = None,
     ) -> tuple[QemuProcess, str]:
+        """Start the incoming qemu and return it with the URI the source must use.
+
+        ``reached`` is the local address the source's control connection
+        arrived on: when qemu listens on a wildcard address, that is the
+        address the source can certainly reach, so it goes into the URI.
+        """
         address = self.config.destination.migration_address
         port: int | None = None
         if params.migrate_uri:
@@ -318,8 +331,12 @@ class DestinationAgent:
             if flags & MigrationFlags.PARALLEL:
                 await set_params(proc.qmp, {"multifd-channels": params.parallel_connections or 2})
             host = f"[{address}]" if ":" in address else address
-            uri = f"tcp:{host}:{port}"
-            await proc.qmp.execute("migrate-incoming", {"uri": uri})
+            await proc.qmp.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
+            advertised = address
+            if address in ("0.0.0.0", "::", "") and reached:
+                advertised = reached
+            advertised = f"[{advertised}]" if ":" in advertised else advertised
+            uri = f"tcp:{advertised}:{port}"
         except BaseException:
             await self.host.kill(domain.name)
             raise
@@ -507,3 +524,18 @@ def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
             raise MigrationRefused(f"migrate URI {uri!r}: bad port {port_text!r}")
         return host, int(port_text)
     return host, None
+
+
+def _unmapped(address: str) -> str:
+    """``::ffff:a.b.c.d`` (an IPv4 peer on a dual-stack socket) as ``a.b.c.d``.
+
+    Certificates name the IPv4 address, so a URI built from the mapped form
+    would fail the peer's name check.
+    """
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return address

@@ -551,9 +551,7 @@ class MigrationDriver:
                         await self.agent.host.release_leases(out.name)
                         out.leases_released = True
                         async with self.agent.jobs.nested(job):
-                            await proc.qmp.execute(
-                                "migrate-continue", {"state": "pre-switchover"}
-                            )
+                            await proc.qmp.execute("migrate-continue", {"state": "pre-switchover"})
                         received = []
                         continue
                     if stats.status == "completed" and not stats.total_time_ms:

@@ -369,8 +369,7 @@ def test_disk_cache_safety_and_leases(
         assert lease_owner["state"] == "running"
 
         # A second VM using the same disk, on the other host, is refused.
-        other = guest_xml("g2", guest_kernel, virt_type=virt_type,
-                          disks=[(str(disk), "none")])
+        other = guest_xml("g2", guest_kernel, virt_type=virt_type, disks=[(str(disk), "none")])
         path = tmp_path / "g2.xml"
         path.write_text(other)
         b.ferryctl("define", str(path), check=True)
