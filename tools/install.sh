@@ -168,6 +168,12 @@ ca = "/etc/ferry/pki/ca.pem"
 cert = "/etc/ferry/pki/$host_name.pem"
 key = "/etc/ferry/pki/$host_name-key.pem"
 
+[qemu]
+# Where qemu runs, so that restarting an agent never stops a VM: "auto" = a
+# transient scope in machine.slice (systemd-run --scope) when systemd is the
+# init system, else detached; or force "scope" / "detached".
+cgroup = "auto"
+
 # Root may always; members of group "ferry" may do everything.
 [[acl]]
 groups = ["ferry"]

@@ -33,6 +33,19 @@ Example::
     cert = "/etc/ferry/pki/host.pem"
     key = "/etc/ferry/pki/host-key.pem"
 
+    [qemu]
+    binary = "qemu-system-x86_64"
+    launch_timeout_s = 60
+    # Where qemu runs, so that restarting an agent never stops a VM:
+    #   "auto"     a scope when systemd is the init system, else detached
+    #   "scope"    always a transient scope machine.slice/ferry-qemu-NAME-ID.scope
+    #              (systemd-run --scope; an error if that fails)
+    #   "detached" own session only (-daemonize), in the agent's cgroup
+    cgroup = "auto"
+    # Extra properties for that scope, e.g. raw block devices as guest disks
+    # (the scope already gets DevicePolicy=closed and the units' DeviceAllow=):
+    scope_properties = ["DeviceAllow=block-sd rw"]
+
     [[acl]]
     groups = ["ferry"]
     ops = ["*"]
@@ -118,6 +131,11 @@ class PathsConfig:
         """qemu's own log files."""
         return self.run_dir / "log"
 
+    @property
+    def tunnel_dir(self) -> Path:
+        """Unix sockets between qemu and the agents for tunnelled migrations."""
+        return self.run_dir / "tunnel"
+
     def all_dirs(self) -> list[Path]:
         """Every directory an agent creates at start."""
         return [
@@ -128,6 +146,7 @@ class PathsConfig:
             self.qmp_dir,
             self.serial_dir,
             self.log_dir,
+            self.tunnel_dir,
             self.lockspace_dir,
         ]
 
@@ -159,6 +178,10 @@ class QemuConfig:
 
     binary: str = "qemu-system-x86_64"
     launch_timeout_s: float = 60.0
+    #: "auto" | "scope" | "detached": see :mod:`ferry.qemu.scope`.
+    cgroup: str = "auto"
+    #: Extra ``NAME=VALUE`` properties of the transient scope.
+    scope_properties: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,6 +223,11 @@ class AgentConfig:
     max_frame: int = 1 << 20
     testing: TestingConfig = field(default_factory=TestingConfig)
     source_path: Path | None = None
+
+
+# Values of [qemu] cgroup (ferry.qemu.scope.CGROUP_MODES; not imported from
+# there so that reading a config does not import the qemu package).
+_CGROUP_MODES = ("auto", "scope", "detached")
 
 
 def parse_hostport(value: str, *, what: str) -> tuple[str, int]:
@@ -353,9 +381,31 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         top.used.add("tls")
 
     qemu_s = _Section(top.get("qemu", dict, {}), "qemu")
+    cgroup = qemu_s.get("cgroup", str, "auto")
+    if cgroup not in _CGROUP_MODES:
+        raise ConfigError(
+            f"[qemu] cgroup: {cgroup!r} is not one of "
+            + ", ".join(f'"{m}"' for m in _CGROUP_MODES)
+            + ' ("auto": a systemd scope in machine.slice when systemd is init, else detached)'
+        )
+    scope_properties = _str_tuple(qemu_s, "scope_properties", ())
+    for prop in scope_properties:
+        name, sep, _ = prop.partition("=")
+        if (
+            not sep
+            or not name.isalnum()
+            or not name[0].isalpha()
+            or any(c in prop for c in "\n\r\0")
+        ):
+            raise ConfigError(
+                f"[qemu] scope_properties: {prop!r} is not NAME=VALUE "
+                '(e.g. "DeviceAllow=block-sd rw")'
+            )
     qemu = QemuConfig(
         binary=qemu_s.get("binary", str, "qemu-system-x86_64"),
         launch_timeout_s=float(qemu_s.get("launch_timeout_s", (int, float), 60.0)),
+        cgroup=cgroup,
+        scope_properties=scope_properties,
     )
     qemu_s.finish()
 

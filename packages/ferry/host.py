@@ -24,6 +24,7 @@ from ferry.domain import Domain, RuntimePaths, format_domain, parse_domain, to_q
 from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
+from ferry.qemu.scope import scope_for
 from ferry.statefile import DomainStatus, atomic_write
 
 __all__ = ["AgentName", "Host", "LiveDomain"]
@@ -246,6 +247,13 @@ class Host:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         proc_qmp = self.qmp_socket(domain.name)
+        # systemd is init: its own scope in machine.slice (out of our cgroup).
+        scope = scope_for(
+            self.config.qemu.cgroup,
+            domain.name,
+            domain.uuid,
+            extra_properties=self.config.qemu.scope_properties,
+        )
         self.save_live_definition(domain)
         try:
             proc = await launch(
@@ -254,6 +262,7 @@ class Host:
                 qmp_socket=proc_qmp,
                 timeout=self.config.qemu.launch_timeout_s,
                 qmp_name=f"{self.agent}:{domain.name}",
+                scope=scope,
             )
         except QemuLaunchError as exc:
             with contextlib.suppress(FileNotFoundError):

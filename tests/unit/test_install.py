@@ -248,6 +248,8 @@ def test_default_config_parses(installed: Installed) -> None:
     assert config.tls.cert == Path(f"/etc/ferry/pki/{config.host.name}.pem")
     assert config.tls.key == Path(f"/etc/ferry/pki/{config.host.name}-key.pem")
     assert [r.groups for r in config.acl] == [("ferry",)]
+    # qemu in a machine.slice scope under systemd, detached elsewhere.
+    assert config.qemu.cgroup == "auto"
     # The agents run as root: the file is read by them, written by root only.
     assert _mode(path) == 0o644
 

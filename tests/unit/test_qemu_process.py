@@ -368,3 +368,142 @@ async def test_close_while_waiting_for_exit(vm: VM) -> None:
     with pytest.raises(QemuError, match="closed"):
         await waiter
     assert _qemus_with(vm.uuid) == [proc.pid]  # close() never kills
+
+
+# ----------------------------------------------------------------- scope mode (systemd-run)
+#
+# systemd is not PID 1 here, so the real systemd-run cannot create a scope
+# ("System has not been booted with systemd as init system"). A stand-in
+# named systemd-run, first on PATH, records its argv, prints what the real
+# one prints when the scope exists ("Running scope as unit: NAME") and execs
+# what follows "--" in its own process, as systemd-run does. What runs is a
+# real qemu; the cgroup move itself is systemd's and is not exercised.
+
+_STANDIN = textwrap.dedent(
+    """\
+    #!{python}
+    import json, os, sys
+    args = sys.argv[1:]
+    if args == ["--version"]:
+        print("systemd 252 (252-stand-in)")
+        sys.exit(0)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.exists(os.path.join(here, "fail")):
+        print("Failed to connect to bus: No such file or directory", file=sys.stderr)
+        sys.exit(1)
+    cut = args.index("--")
+    unit = [a.split("=", 1)[1] for a in args[:cut] if a.startswith("--unit=")][0]
+    with open(os.path.join(here, "calls.jsonl"), "a") as log:
+        log.write(json.dumps({{"pid": os.getpid(), "argv": sys.argv}}) + "\\n")
+    print("Running scope as unit: " + unit, file=sys.stderr, flush=True)
+    os.environ["FERRY_STANDIN_PID"] = str(os.getpid())
+    os.execvp(args[cut + 1], args[cut + 1:])
+    """
+)
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch, vm: VM) -> Path:
+    """A directory holding the stand-in systemd-run, put first on PATH."""
+    from ferry.qemu import scope as scope_mod
+
+    d = vm.dir / "bin"
+    d.mkdir()
+    script = d / "systemd-run"
+    script.write_text(_STANDIN.format(python=sys.executable))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(scope_mod, "_versions", {})
+    return d
+
+
+def _calls(standin: Path) -> list[dict[str, object]]:
+    import json
+
+    path = standin / "calls.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_scope_launch_execs_qemu_through_systemd_run(vm: VM, standin: Path) -> None:
+    from ferry.qemu.scope import scope_for
+
+    req = scope_for("scope", "ferry-test", vm.uuid)
+    assert req is not None
+    argv = vm.argv()
+    argv[0] = "qemu-system-x86_64"  # resolved on PATH by launch()
+    proc = await launch(argv, pidfile=vm.pidfile, qmp_socket=vm.sock, scope=req)
+    vm.procs.append(proc)
+    assert proc.scope_unit == req.unit
+    (call,) = _calls(standin)
+    recorded = call["argv"]
+    assert isinstance(recorded, list)
+    assert recorded[0] == str(standin / "systemd-run")
+    cut = recorded.index("--")
+    assert recorded[1:cut] == [
+        "--scope",
+        "--slice=machine.slice",
+        f"--unit={req.unit}",
+        f"--description=Ferry qemu: domain ferry-test ({vm.uuid})",
+        "--collect",
+        "--no-ask-password",
+        *(f"--property={p}" for p in req.properties),
+    ]
+    assert recorded[cut + 1 :] == [QEMU, *argv[1:]]
+    # The pid we track is qemu's (read from its pidfile), not systemd-run's:
+    # the stand-in's process became qemu, which then daemonized.
+    assert proc.pid == int(vm.pidfile.read_text())
+    assert proc.pid != call["pid"]
+    assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1] == [
+        a.encode() for a in recorded[cut + 1 :]
+    ]
+    environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"FERRY_STANDIN_PID={call['pid']}".encode() in environ
+    # qemu's stderr seen by the caller no longer has systemd-run's line.
+    assert "Running scope as unit" not in proc.launch_stderr
+    assert (await proc.qmp.query_status()).status == "running"
+
+
+async def test_scope_launch_failure_names_unit_and_stderr(vm: VM, standin: Path) -> None:
+    from ferry.qemu.scope import scope_for
+
+    (standin / "fail").touch()
+    req = scope_for("scope", "ferry-test", vm.uuid)
+    assert req is not None
+    with pytest.raises(QemuLaunchError) as info:
+        await launch(vm.argv(), pidfile=vm.pidfile, qmp_socket=vm.sock, scope=req)
+    msg = info.value.message
+    assert f"systemd-run could not start scope machine.slice/{req.unit}" in msg
+    assert "Failed to connect to bus: No such file or directory" in msg
+    assert info.value.details["unit"] == req.unit
+    assert info.value.details["returncode"] == 1
+    # Nothing half-started.
+    assert _qemus_with(vm.uuid) == []
+    assert not vm.pidfile.exists() and not vm.sock.exists()
+
+
+async def test_scope_launch_qemu_failure_is_qemus(vm: VM, standin: Path) -> None:
+    from ferry.qemu.scope import scope_for
+
+    req = scope_for("scope", "ferry-test", vm.uuid)
+    assert req is not None
+    with pytest.raises(QemuLaunchError) as info:
+        await launch(vm.argv("-no-such-option"), pidfile=vm.pidfile, qmp_socket=vm.sock, scope=req)
+    msg = info.value.message
+    assert msg.startswith(f"qemu exited with status 1 in scope machine.slice/{req.unit}: ")
+    assert "invalid option" in msg and "Running scope as unit" not in msg
+    assert _qemus_with(vm.uuid) == []
+    assert not vm.pidfile.exists() and not vm.sock.exists()
+
+
+async def test_scope_launch_without_systemd_run(vm: VM, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferry.qemu.scope import scope_for
+
+    monkeypatch.setenv("PATH", str(vm.dir))
+    req = scope_for("scope", "ferry-test", vm.uuid)
+    assert req is not None
+    with pytest.raises(QemuLaunchError, match="systemd-run is not on PATH") as info:
+        await launch(vm.argv(), pidfile=vm.pidfile, qmp_socket=vm.sock, scope=req)
+    assert req.where in info.value.message
+    assert _qemus_with(vm.uuid) == []

@@ -13,6 +13,12 @@ its VMs. The consequences shape this module:
 * A pid alone does not identify a process after a restart: :func:`reconnect`
   also checks the process start time (``/proc/PID/stat`` field 22) and the
   command line (qemu, with the domain's UUID).
+
+Where systemd is the init system, :func:`launch` given a
+:class:`~ferry.qemu.scope.ScopeRequest` starts qemu through ``systemd-run
+--scope`` so that it also leaves the agent's cgroup for its own scope in
+``machine.slice``; systemd-run execs qemu in place, so everything above holds
+unchanged (see :mod:`ferry.qemu.scope`).
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
+import shutil
 import signal
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +38,14 @@ from pathlib import Path
 
 from ferry.errors import QemuError, QemuLaunchError, QMPError
 from ferry.qemu.qmp import QMP
+from ferry.qemu.scope import (
+    ScopeRequest,
+    find_systemd_run,
+    split_scope_marker,
+    systemd_run_argv,
+    systemd_run_env,
+    systemd_run_version,
+)
 from ferry.statefile import DomainStatus
 
 __all__ = [
@@ -39,6 +55,8 @@ __all__ = [
     "read_start_time",
     "reconnect",
 ]
+
+log = logging.getLogger("ferry.qemu")
 
 # How long qemu gets to act on ``quit`` before SIGKILL during shutdown().
 _QUIT_GRACE = 10.0
@@ -113,6 +131,7 @@ class QemuProcess:
         qmp_socket: Path,
         pidfile: Path | None = None,
         launch_stderr: str = "",
+        scope_unit: str | None = None,
     ) -> None:
         self.pid = pid
         self.pidfd = pidfd
@@ -122,6 +141,9 @@ class QemuProcess:
         self.pidfile = pidfile
         #: What qemu wrote on stderr while starting (warnings), if we launched it.
         self.launch_stderr = launch_stderr
+        #: The transient scope unit qemu was started in (None: plain detached,
+        #: or found again by :func:`reconnect`).
+        self.scope_unit = scope_unit
         self._exit: asyncio.Future[None] | None = None
         self._exit_waiters = 0
         self._reader_loop: asyncio.AbstractEventLoop | None = None
@@ -386,6 +408,14 @@ def _boot_ticks_now() -> int | None:
     return read_start_time(os.getpid())
 
 
+def _resolve_binary(argv: list[str]) -> list[str]:
+    """argv with argv[0] made absolute (as systemd-run would do it anyway)."""
+    found = shutil.which(argv[0])
+    if found is None:
+        raise QemuLaunchError(f"cannot execute {argv[0]}: not found or not executable", argv=argv)
+    return [os.path.abspath(found), *argv[1:]]
+
+
 async def launch(
     argv: list[str],
     *,
@@ -393,6 +423,7 @@ async def launch(
     qmp_socket: Path,
     timeout: float = 30.0,
     qmp_name: str | None = None,
+    scope: ScopeRequest | None = None,
 ) -> QemuProcess:
     """Start a detached qemu and connect to its QMP socket.
 
@@ -403,17 +434,37 @@ async def launch(
     is fully initialised (and the QMP socket listens), so its exit status is
     qemu's start verdict.
 
-    On any failure nothing is left behind: no qemu process, pidfile or socket.
+    With ``scope`` (systemd is init, see :mod:`ferry.qemu.scope`), the
+    launcher is ``systemd-run --scope ... -- ARGV`` instead: systemd-run
+    creates the scope for its own pid and then execs qemu in that same
+    process, so the exit status is still qemu's verdict and the pidfile
+    still names qemu; qemu's binary is made an absolute path first (as
+    systemd-run would), so the command line checks below see what runs.
+
+    On any failure nothing is left behind: no qemu process, pidfile or socket
+    (and no scope: an empty scope is stopped by systemd and, with
+    ``--collect``, unloaded even when failed).
 
     :raises QemuLaunchError: bad argv, a live qemu holds the pidfile, the
         binary is missing, qemu exited non-zero (message contains qemu's
         stderr), startup or QMP connect took longer than ``timeout``, or
-        qemu died right after starting.
+        qemu died right after starting; with ``scope``, also: systemd-run
+        is missing or could not create the scope (message names the unit
+        and has systemd-run's stderr).
     """
     argv = list(argv)
     pidfile = Path(pidfile)
     qmp_socket = Path(qmp_socket)
     _check_argv(argv, pidfile)
+    exec_argv = argv
+    env: dict[str, str] | None = None
+    if scope is not None:
+        systemd_run = find_systemd_run(scope)
+        argv = _resolve_binary(argv)
+        exec_argv = systemd_run_argv(
+            systemd_run, scope, argv, version=await systemd_run_version(systemd_run)
+        )
+        env = systemd_run_env()
     _clear_stale_pidfile(pidfile)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -422,6 +473,10 @@ async def launch(
     pidfd: int | None = None
     qmp: QMP | None = None
     stderr_text = ""
+    in_scope = f" in scope {scope.where}" if scope is not None else ""
+    details: dict[str, object] = {"argv": exec_argv}
+    if scope is not None:
+        details["unit"] = scope.unit
     ok = False
     try:
         # stderr goes to an unlinked temp file, not a pipe: the daemonized
@@ -430,15 +485,16 @@ async def launch(
         with tempfile.TemporaryFile() as errfile:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv,
+                    *exec_argv,
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=errfile,
                     start_new_session=True,
+                    env=env,
                 )
             except OSError as exc:
                 raise QemuLaunchError(
-                    f"cannot execute {argv[0]}: {exc.strerror or exc}", argv=argv
+                    f"cannot execute {exec_argv[0]}: {exc.strerror or exc}", **details
                 ) from None
             try:
                 async with asyncio.timeout_at(deadline):
@@ -454,41 +510,55 @@ async def launch(
                 stderr_text = errfile.read().decode(errors="replace").strip()
                 if loop.time() >= deadline:
                     raise QemuLaunchError(
-                        f"qemu did not finish starting within {timeout:g}s"
+                        f"qemu did not finish starting{in_scope} within {timeout:g}s"
                         + (f": {stderr_text}" if stderr_text else ""),
-                        argv=argv,
                         stderr=stderr_text,
+                        **details,
                     ) from None
                 raise
             errfile.seek(0)
             stderr_text = errfile.read().decode(errors="replace").strip()
+        if scope is not None:
+            execed, qemu_stderr = split_scope_marker(stderr_text, scope)
+            if not execed:
+                # systemd-run failed before exec: no scope, no qemu.
+                raise QemuLaunchError(
+                    f"systemd-run could not start scope {scope.where} for qemu "
+                    f"(exit status {rc}): {stderr_text or '(no message)'}",
+                    stderr=stderr_text,
+                    returncode=rc,
+                    **details,
+                )
+            stderr_text = qemu_stderr
         if rc != 0:
             raise QemuLaunchError(
-                f"qemu exited with status {rc}: {stderr_text or '(no message)'}",
-                argv=argv,
+                f"qemu exited with status {rc}{in_scope}: {stderr_text or '(no message)'}",
                 stderr=stderr_text,
                 returncode=rc,
+                **details,
             )
         pid = _read_pidfile(pidfile)
         if pid is None:
-            raise QemuLaunchError(f"qemu started but wrote no pid to {pidfile}", argv=argv)
+            raise QemuLaunchError(f"qemu started but wrote no pid to {pidfile}", **details)
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             raise QemuLaunchError(
                 f"qemu (pid {pid}) exited right after starting: {stderr_text or '(no message)'}",
-                argv=argv,
                 stderr=stderr_text,
+                **details,
             ) from None
         start_time = read_start_time(pid)
         if start_time is None:
-            raise QemuLaunchError(f"qemu (pid {pid}) exited right after starting", argv=argv)
+            raise QemuLaunchError(f"qemu (pid {pid}) exited right after starting", **details)
         qmp = QMP(qmp_name or f"qemu-{pid}")
         try:
             await qmp.connect(qmp_socket, timeout=max(0.1, deadline - loop.time()))
         except QMPError as exc:
             raise QemuLaunchError(f"qemu started but its QMP socket failed: {exc}") from None
         ok = True
+        if scope is not None:
+            log.info("qemu pid %d started in scope %s", pid, scope.where)
         return QemuProcess(
             pid=pid,
             pidfd=pidfd,
@@ -497,6 +567,7 @@ async def launch(
             qmp_socket=qmp_socket,
             pidfile=pidfile,
             launch_stderr=stderr_text,
+            scope_unit=scope.unit if scope is not None else None,
         )
     finally:
         if not ok:
