@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from ferry.errors import (
     MigrationRefused,
     MigrationTimeout,
     PhaseError,
+    TunnelError,
 )
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.host import Host
@@ -47,6 +49,9 @@ from ferry.protocol.phases import DestinationPhases
 from ferry.qemu import QemuProcess, query_migrate, set_caps, set_params
 from ferry.rpc import RequestContext, Server, Session, make_hello
 from ferry.tls import TLSFiles, server_context
+from ferry.tunnel import TokenBook
+from ferry.tunnel.channel import accept_channel, make_endpoint, name_os_thread
+from ferry_destination.tunnel import IncomingTunnel, PeerListener
 
 __all__ = ["DestinationAgent"]
 
@@ -68,6 +73,7 @@ class Incoming:
     phases: DestinationPhases = field(default_factory=DestinationPhases)
     finishing: bool = False
     watchdog: asyncio.Task[None] | None = None
+    tunnel: IncomingTunnel | None = None
 
 
 class DestinationAgent:
@@ -81,6 +87,10 @@ class DestinationAgent:
         )
         self.hello = make_hello(config.host.uuid, config.host.name, "destination")
         self.incoming: dict[str, Incoming] = {}
+        self.tokens: TokenBook[IncomingTunnel] = TokenBook()
+        self._endpoint: Any = None
+        self._endpoint_lock = threading.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     def handlers(self) -> dict[str, Any]:
         """Ops for peers and the admin socket."""
@@ -121,10 +131,9 @@ class DestinationAgent:
         server = Server(self.hello, self.handlers(), max_frame=self.config.max_frame,
                         admit=admit_local(self.config))  # fmt: skip
         ssl_ctx = self._tls()
-        tcp = await asyncio.start_server(
-            server.handle_stream, sock=self._listen_socket(), ssl=ssl_ctx,
-            limit=self.config.max_frame * 2, ssl_handshake_timeout=15,
-        )  # fmt: skip
+        tcp = PeerListener(self._listen_socket(), ssl_ctx, server.handle_stream,
+                           self._serve_data, limit=self.config.max_frame * 2)  # fmt: skip
+        tcp.start()
         admin = await open_admin_socket(
             self.config.destination.admin_socket, self.config.admin_group,
             server.handle_stream, limit=self.config.max_frame * 2,
@@ -135,8 +144,13 @@ class DestinationAgent:
             await stop.wait()
         finally:
             sdnotify.stopping("ferry-destination stopping")
-            tcp.close()
+            await tcp.close()
             admin.close()
+            for incoming in list(self.incoming.values()):
+                if incoming.tunnel is not None:
+                    incoming.tunnel.stop()
+            if self._background:
+                await asyncio.wait(self._background, timeout=15)
             for session in list(server.sessions):
                 await session.close()
             await self.host.close()
@@ -224,11 +238,18 @@ class DestinationAgent:
             try:
                 sockname = ctx.session.writer.get_extra_info("sockname")
                 reached = _unmapped(str(sockname[0])) if isinstance(sockname, tuple) else None
-                proc, uri = await self._start_incoming(domain, flags, params, reached)
+                tunnel = None
+                if flags & MigrationFlags.TUNNELLED:
+                    channels = 1
+                    if flags & MigrationFlags.PARALLEL:
+                        channels += params.parallel_connections or 2
+                    path = self.config.paths.tunnel_dir / f"{identity.migration_id[:16]}.sock"
+                    tunnel = IncomingTunnel(domain.name, path, channels)
+                proc, uri = await self._start_incoming(domain, flags, params, reached, tunnel)
             except BaseException:
                 await self.jobs.end_async(job)
                 raise
-            incoming = Incoming(domain, job, proc, identity.migration_id, flags)
+            incoming = Incoming(domain, job, proc, identity.migration_id, flags, tunnel=tunnel)
             incoming.phases.advance("prepare")
             self.incoming[domain.name] = incoming
             incoming.watchdog = asyncio.create_task(self._watchdog(incoming, ctx.session))
@@ -239,7 +260,15 @@ class DestinationAgent:
             graphics = await self._graphics(domain, proc)
             if graphics is not None:
                 reply = reply.with_graphics(graphics)
-            return {"uri": uri, "cookie": reply.encode(), "name": domain.name}
+            answer: dict[str, Any] = {"uri": uri, "cookie": reply.encode(), "name": domain.name}
+            if tunnel is not None:
+                token = self.tokens.issue(
+                    domain.name, tunnel.channels, self.config.destination.incoming_timeout_s,
+                    tunnel, allow_plaintext=self.config.tls is not None
+                    and self.config.tls.allow_plaintext_tunnel,
+                )  # fmt: skip
+                answer["tunnel"] = {"token": token, "channels": tunnel.channels}
+            return answer
 
     def _check_free(self, domain: Domain) -> None:
         status = self.host.load_status(domain.name)
@@ -309,6 +338,7 @@ class DestinationAgent:
         flags: MigrationFlags,
         params: MigrationParams,
         reached: str | None = None,
+        tunnel: IncomingTunnel | None = None,
     ) -> tuple[QemuProcess, str]:
         """Start the incoming qemu and return it with the URI the source must use.
 
@@ -318,10 +348,11 @@ class DestinationAgent:
         """
         address = self.config.destination.migration_address
         port: int | None = None
-        if params.migrate_uri:
-            address, port = _parse_tcp_uri(params.migrate_uri, address)
-        if port is None:
-            port = self._pick_port(address)
+        if tunnel is None:
+            if params.migrate_uri:
+                address, port = _parse_tcp_uri(params.migrate_uri, address)
+            if port is None:
+                port = self._pick_port(address)
         proc = await self.host.start(domain, incoming=True)
         try:
             caps = {"events": True}
@@ -330,6 +361,14 @@ class DestinationAgent:
             await set_caps(proc.qmp, caps)
             if flags & MigrationFlags.PARALLEL:
                 await set_params(proc.qmp, {"multifd-channels": params.parallel_connections or 2})
+            if tunnel is not None:
+                # Only ferry-destination can reach this socket; the source
+                # agent gets a token instead of a URI.
+                tunnel.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with contextlib.suppress(FileNotFoundError):
+                    tunnel.path.unlink()
+                await proc.qmp.execute("migrate-incoming", {"uri": tunnel.uri})
+                return proc, "tunnel"
             host = f"[{address}]" if ":" in address else address
             await proc.qmp.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
             advertised = address
@@ -387,6 +426,7 @@ class DestinationAgent:
         try:
             await self.host.kill(name)
         finally:
+            await self._end_tunnel(incoming, drain=False)
             await self.jobs.end_async(incoming.job)
 
     # -- finish ---------------------------------------------------------------
@@ -441,12 +481,66 @@ class DestinationAgent:
                 self.host.save_status(status)
             self.incoming.pop(name, None)
             await self.jobs.end_async(incoming.job)
+            if incoming.tunnel is not None:
+                # The relays end by themselves once both qemus closed the
+                # stream; Finish need not wait for that.
+                task = asyncio.create_task(self._end_tunnel(incoming, drain=True))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             # ferry-source of this host manages the domain from now on.
             await self.host.release(name)
             log_event(log, MessageID.MIGRATION_COMPLETED,
                       f"finish: {name} now runs here on {self.config.host.name}")  # fmt: skip
             reply = Cookie().with_statistics(Statistics(values=stats))
             return {"name": name, "cookie": reply.encode(), "host": self.config.host.name}
+
+    async def _end_tunnel(self, incoming: Incoming, *, drain: bool) -> None:
+        tunnel = incoming.tunnel
+        if tunnel is None:
+            return
+        self.tokens.revoke(incoming.domain.name)
+        await tunnel.close(drain=drain)
+
+    def _tunnel_endpoint(self) -> Any:
+        """The TLS endpoint of data connections, made on first use (certificates read once)."""
+        with self._endpoint_lock:
+            if self._endpoint is None:
+                tls = self.config.tls
+                assert tls is not None
+                files = TLSFiles(ca=tls.ca, cert=tls.cert, key=tls.key)
+                self._endpoint = make_endpoint(files, server=True)
+            return self._endpoint
+
+    def _serve_data(self, conn: socket.socket) -> None:
+        """Thread: authenticate one tunnel data connection, then relay it to qemu."""
+        name_os_thread()
+        try:
+            endpoint = self._tunnel_endpoint()
+        except Exception as exc:
+            log.error("tunnel data connection dropped: no TLS endpoint (%s)", exc)
+            conn.close()
+            return
+        try:
+            channel, grant, local = accept_channel(
+                endpoint, conn, self.tokens,
+                lambda grant, index: grant.sink.connect_qemu(index),
+            )  # fmt: skip
+        except FerryError as exc:
+            log.warning("tunnel data connection refused: %s", exc)
+            return
+        tunnel = grant.sink
+        tunnel.set.adopt_current_thread()
+        tunnel.set.add(channel)
+        try:
+            channel.run(local)
+        except Exception as exc:
+            if not tunnel.set.stopping.is_set():
+                tunnel.set.fail(TunnelError(f"tunnel channel {channel.index} of "
+                                            f"'{tunnel.name}': {exc}"))  # fmt: skip
+        finally:
+            tunnel.set.release(channel)
+            channel.close()
+            local.close()
 
     async def _wait_incoming(self, incoming: Incoming) -> dict[str, int | float]:
         """Wait until qemu has received the whole stream."""

@@ -52,6 +52,8 @@ from ferry.qemu import (
 )
 from ferry.rpc import Handler, RequestContext, Session, connect_tcp, make_hello
 from ferry.tls import TLSFiles, as_auth_error, client_context
+from ferry.tunnel.channel import make_endpoint
+from ferry_source.tunnel import SourceTunnel
 
 if TYPE_CHECKING:
     from ferry_source.agent import SourceAgent
@@ -160,6 +162,9 @@ class Outgoing:
     warned: bool = False
     lease_handover: bool = False
     leases_released: bool = False
+    tunnel: SourceTunnel | None = None
+    # Set (from a relay thread, through the loop) when the tunnel broke.
+    failure: FerryError | None = None
 
 
 class MigrationDriver:
@@ -187,8 +192,13 @@ class MigrationDriver:
         live = self.agent.resolve(ctx, "migrate", args["name"])
         if flags & MigrationFlags.OFFLINE:
             raise MigrationRefused("offline migration is not supported yet (--offline)")
-        if flags & MigrationFlags.TUNNELLED:
-            raise MigrationRefused("tunnelled migration is not supported yet (--tunnelled)")
+        if params.tunnel_plaintext and not (
+            self.agent.config.tls is not None and self.agent.config.tls.allow_plaintext_tunnel
+        ):
+            raise MigrationRefused(
+                "--tunnel-plaintext refused: this host's config does not allow plaintext "
+                "tunnel data ([tls] allow_plaintext_tunnel = true)"
+            )
         if live.status is None:
             raise DomainState(
                 f"domain '{live.domain.name}' is not running; only a running domain migrates live"
@@ -301,6 +311,14 @@ class MigrationDriver:
             proc = await agent.host.process(domain.name)
             out.proc = proc
             was_running = (await proc.qmp.query_status()).running
+            # libvirt's qemuMigrationSrcIsAllowed: refuse in Begin, before
+            # the destination starts a qemu for nothing.
+            await self.check_io_error(proc, domain.name, flags)
+            if not was_running and not flags & MigrationFlags.PAUSED:
+                # As libvirt's p2p driver: a domain paused when the migration
+                # starts stays paused on the destination.
+                flags |= MigrationFlags.PAUSED
+                out.flags = flags
             cookie = Cookie().with_identity(
                 Identity(name=domain.name, uuid=domain.uuid, hostname=agent.config.host.name,
                          host_uuid=agent.config.host.uuid, migration_id=out.migration_id)
@@ -320,6 +338,9 @@ class MigrationDriver:
             dest_name = str(prep.get("name") or domain.name)
             dest_cookie = Cookie.decode(prep["cookie"])
             uri = str(prep["uri"])
+            if flags & MigrationFlags.TUNNELLED:
+                out.tunnel = self._open_tunnel(out, host, port, prep)
+                uri = out.tunnel.uri
 
             # -- Perform ----------------------------------------------------------
             self._phase(ctx, out, job, "perform")
@@ -334,6 +355,9 @@ class MigrationDriver:
                 # or the VM would stay paused on the source.
                 log.exception("perform failed unexpectedly")
                 perform_error = MigrationFailed(f"perform failed: {exc}")
+            if out.tunnel is not None and perform_error is not None:
+                # Nothing more may reach the destination's qemu.
+                await out.tunnel.close(drain=False)
 
             # -- Finish (peer) ----------------------------------------------------
             self._phase(ctx, out, job, "finish")
@@ -347,6 +371,12 @@ class MigrationDriver:
                 dest_host = str(fin.get("host") or host)
             except FerryError as exc:
                 finish_error = exc
+            if out.tunnel is not None:
+                await out.tunnel.close(drain=finish_error is None)
+                sent, _ = out.tunnel.bytes()
+                stats["tunnel_bytes"] = sent
+                stats["tunnel_channels"] = len(out.tunnel.set.opened)
+                stats["tunnel_mode"] = out.tunnel.mode
 
             # -- Confirm ----------------------------------------------------------
             self._phase(ctx, out, job, "confirm")
@@ -378,6 +408,8 @@ class MigrationDriver:
                 "stats": summary,
             }
         finally:
+            if out.tunnel is not None:
+                await out.tunnel.close(drain=False)
             self.outgoing.pop(domain.name, None)
             agent.progress.pop(domain.name, None)
             if session is not None:
@@ -580,6 +612,11 @@ class MigrationDriver:
                         snap["status"] = stats.status
                         snap["expected_downtime_ms"] = stats.expected_downtime_ms
                         snap["elapsed_s"] = (stats.total_time_ms or 0) / 1000
+                        if out.tunnel is not None:
+                            sent, _ = out.tunnel.bytes()
+                            elapsed = max(time.monotonic() - out.tunnel.set.started_at, 1e-3)
+                            snap["tunnel_bytes"] = sent
+                            snap["tunnel_bytes_per_s"] = sent / elapsed
                         out.progress.clear()
                         out.progress.update(snap)
                         ctx.emit("progress", dict(snap))
@@ -595,10 +632,15 @@ class MigrationDriver:
                             "mbps": stats.ram_mbps,
                         }  # fmt: skip
                     if stats.status in ("failed", "cancelled"):
+                        if out.tunnel is not None and out.tunnel.set.error is not None:
+                            raise out.tunnel.set.error
                         raise MigrationFailed(
                             f"qemu reports the migration {stats.status}: "
                             f"{stats.error_desc or 'no reason given'}"
                         )
+                    if out.failure is not None:
+                        await self._cancel(proc)
+                        raise out.failure
                     if out.abort.is_set():
                         await self._cancel(proc)
                         raise JobAborted(f"migration of '{out.name}' {out.abort_reason}")
@@ -669,6 +711,40 @@ class MigrationDriver:
                 return
             await asyncio.sleep(0.05)
 
+    def _open_tunnel(
+        self, out: Outgoing, host: str, port: int, prep: dict[str, Any]
+    ) -> SourceTunnel:
+        """Listen where qemu will migrate to; its connections go to ``host:port``."""
+        config = self.agent.config
+        grant = prep.get("tunnel")
+        if not isinstance(grant, dict) or not isinstance(grant.get("token"), str):
+            raise MigrationFailed("the destination did not prepare a tunnel (no token)")
+        assert config.tls is not None
+        files = TLSFiles(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+        loop = asyncio.get_running_loop()
+
+        def broken(error: FerryError) -> None:
+            def record() -> None:
+                if out.failure is None:
+                    out.failure = error
+                out.abort.set()
+
+            loop.call_soon_threadsafe(record)
+
+        tunnel = SourceTunnel(
+            name=out.name,
+            socket_path=config.paths.tunnel_dir / f"{out.migration_id[:16]}.sock",
+            endpoint=make_endpoint(files, server=False),
+            host=host,
+            port=port,
+            token=grant["token"],
+            channels=int(grant.get("channels", 1)),
+            mode="plain" if out.params.tunnel_plaintext else "tls",
+            on_error=broken,
+        )
+        tunnel.listen()
+        return tunnel
+
     def _has_leases(self, name: str) -> bool:
         status = self.agent.host.load_status(name)
         return bool(status is not None and status.extra.get("leases"))
@@ -691,7 +767,9 @@ class MigrationDriver:
             return
         with contextlib.suppress(FerryError):
             run = await proc.qmp.query_status()
-            if not run.running:
+            # A guest paused on an I/O error stays paused (as libvirt):
+            # resuming would only repeat the failing request.
+            if not run.running and run.status != "io-error" and run.reason != "io-error":
                 await proc.qmp.execute("cont")
                 log.info("source CPUs resumed after the failed migration")
 

@@ -37,6 +37,7 @@ ferryctl or by the peer agent on another host (:func:`from_wire`).
      │    ├── MigrationRefused      "migration-refused" is_allowed / unsafe / same host
      │    ├── MigrationFailed       "migration-failed"
      │    ├── MigrationTimeout      "migration-timeout"
+     │    │    (TunnelError         "tunnel-failed"     a MigrationFailed: data connection broke)
      │    └── HookRefused           "hook-refused"
      ├── QemuError                  "qemu"
      │    ├── QemuLaunchError       "qemu-launch"
@@ -82,6 +83,7 @@ __all__ = [
     "QemuError",
     "QemuLaunchError",
     "SnapshotError",
+    "TunnelError",
     "UnknownOp",
     "VersionMismatch",
     "XMLError",
@@ -299,6 +301,12 @@ class MigrationTimeout(MigrationError):
     """A migration did not finish within its timeout."""
 
     code = "migration-timeout"
+
+
+class TunnelError(MigrationFailed):
+    """A tunnel data connection failed (connect, relay, or the peer dropped it)."""
+
+    code = "tunnel-failed"
 
 
 class HookRefused(MigrationError):

@@ -81,6 +81,7 @@ _PARAM_OPTION: dict[str, str] = {
     "timeout_s": "--timeout",
     "listen_address": "--listen-address",
     "persist_xml": "--persistent-xml",
+    "tunnel_plaintext": "--tunnel-plaintext",
 }
 
 
@@ -114,6 +115,7 @@ _PARAM_SPECS: Mapping[str, FieldSpec] = {
     "timeout_s": FieldSpec(float, nullable=True, gt=0),
     "listen_address": FieldSpec(str, nullable=True, min_len=1, max_len=255),
     "persist_xml": FieldSpec(str, nullable=True, min_len=1),
+    "tunnel_plaintext": FieldSpec(bool, nullable=True),
 }
 
 # The same fields with types only: from_wire reports a wrong type as a broken
@@ -139,6 +141,9 @@ class MigrationParams:
     timeout_s: float | None = None
     listen_address: str | None = None
     persist_xml: str | None = None
+    # Tunnel data unencrypted after TLS authenticated it (both hosts' configs
+    # must allow it: [tls] allow_plaintext_tunnel).
+    tunnel_plaintext: bool | None = None
 
     def __post_init__(self) -> None:
         """Raises :class:`~ferry.errors.FlagError` naming a field of wrong type or range."""
@@ -217,6 +222,7 @@ def validate(flags: MigrationFlags | int, params: MigrationParams) -> MigrationF
     param_needs("auto_converge_increment", M.AUTO_CONVERGE)
     param_needs("parallel_connections", M.PARALLEL)
     param_needs("persist_xml", M.PERSIST_DEST)
+    param_needs("tunnel_plaintext", M.TUNNELLED)
     if problems:
         raise FlagError("; ".join(problems), problems=problems, flags=flag_names(f))
     return f

@@ -12,6 +12,7 @@ ferry-source manages it without waiting for the other to let go).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -57,6 +58,7 @@ class Host:
         self.agent = agent
         self.paths = config.paths
         self._procs: dict[str, QemuProcess] = {}
+        self._process_locks: dict[str, asyncio.Lock] = {}
         self.leases = LeaseManager(config.paths.lockspace_dir)
 
     # -- paths --------------------------------------------------------------
@@ -300,6 +302,17 @@ class Host:
             NoDomain: not running here.
             QMPError: running but its monitor does not answer.
         """
+        proc = self._procs.get(name)
+        if proc is not None and proc.alive() and proc.qmp.connected:
+            return proc
+        # qemu's monitor takes one client at a time: two concurrent
+        # reconnects (the rescan loop and a request) would leave the second
+        # waiting for a greeting that never comes.
+        lock = self._process_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            return await self._process_locked(name, timeout)
+
+    async def _process_locked(self, name: str, timeout: float) -> QemuProcess:
         proc = self._procs.get(name)
         if proc is not None and proc.alive() and proc.qmp.connected:
             return proc

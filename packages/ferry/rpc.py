@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.acl import Subject, subject_from_ucred
-from ferry.errors import FerryError, ProtocolError, UnknownOp
+from ferry.errors import AuthError, FerryError, ProtocolError, UnknownOp
 from ferry.protocol.connection import Connection
 from ferry.protocol.messages import (
     PROTOCOL_VERSION,
@@ -39,6 +39,7 @@ from ferry.protocol.messages import (
     Welcome,
 )
 from ferry.protocol.ops import validate_args
+from ferry.tls import as_auth_error
 
 __all__ = [
     "FEATURES",
@@ -49,6 +50,7 @@ __all__ = [
     "connect_tcp",
     "connect_unix",
     "make_hello",
+    "refused_during_authentication",
 ]
 
 log = logging.getLogger("ferry.rpc")
@@ -273,26 +275,93 @@ class Session:
         await self.close()
 
 
+# What ends a TLS connection whose peer refused our certificate: TLS 1.3
+# lets the client finish its handshake before the server has checked the
+# client certificate, so the refusal reaches us only while we wait for the
+# welcome -- as an alert, a reset, or a plain end of stream, depending on
+# how the packets race.
+_REFUSAL_ERRORS = (ssl.SSLError, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class _ClosedBeforeWelcome(Exception):
+    """Internal: the peer ended the connection before its welcome (``cause``: how)."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__(str(cause) if cause else "end of stream")
+        self.cause = cause
+
+
 async def _handshake_client(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello, max_frame: int
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hello: Hello,
+    max_frame: int,
+    *,
+    tls: bool = False,
 ) -> Session:
+    """Send our hello and wait for the welcome.
+
+    With ``tls``, a connection that ends (or fails at the TLS layer) before
+    the welcome raises :class:`_ClosedBeforeWelcome`, for the caller to
+    report as an authentication failure; without, an end of stream is a
+    ProtocolError and other errors propagate as they are.
+    """
     conn = Connection(hello, initiator=True, max_frame=max_frame)
-    writer.write(conn.start())
-    await writer.drain()
-    while conn.negotiated is None:
-        data = await reader.read(READ_CHUNK)
-        if not data:
-            conn.receive_eof()
-            raise ProtocolError("peer closed the connection during the handshake")
-        conn.receive_data(data)
-        while conn.negotiated is None and (msg := conn.next_event()) is not None:
-            if isinstance(msg, ErrorReply):
-                raise msg.error
-            if not isinstance(msg, Welcome):
-                raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
+    try:
+        writer.write(conn.start())
+        await writer.drain()
+        while conn.negotiated is None:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                conn.receive_eof()
+                if tls:
+                    raise _ClosedBeforeWelcome(None)
+                raise ProtocolError("peer closed the connection during the handshake")
+            conn.receive_data(data)
+            _expect_welcome(conn)
+    except _REFUSAL_ERRORS as exc:
+        if tls:
+            raise _ClosedBeforeWelcome(exc) from None
+        raise
     session = Session(reader, writer, conn)
     session.start(None)
     return session
+
+
+def _expect_welcome(conn: Connection) -> None:
+    """Consume what arrived: a welcome ends the handshake, an error reply is raised."""
+    while conn.negotiated is None and (msg := conn.next_event()) is not None:
+        if isinstance(msg, ErrorReply):
+            raise msg.error
+        if not isinstance(msg, Welcome):
+            raise ProtocolError(f"expected welcome, got {type(msg).__name__}")
+
+
+def refused_during_authentication(
+    host: str, port: int, cause: BaseException | None = None
+) -> AuthError:
+    """The error for a TLS peer that ended the connection before its welcome.
+
+    The message is the same however the refusal arrived (alert, reset or
+    end of stream, see ``_REFUSAL_ERRORS``); ``details["reason"]`` says
+    which.  An ``ssl`` error that is not an alert from the peer is reported
+    the way :func:`ferry.tls.as_auth_error` does.
+    """
+    if isinstance(cause, ssl.SSLError) and "ALERT" not in str(cause.reason or ""):
+        return as_auth_error(cause, peer=host)
+    if cause is None:
+        reason = "connection closed before the welcome"
+    elif isinstance(cause, ssl.SSLError):
+        reason = str(cause.reason)
+    else:
+        reason = f"{type(cause).__name__}: {cause}"
+    return AuthError(
+        f"{host}:{port} closed the connection during authentication, before greeting us: "
+        "the peer refused this host's TLS certificate (not signed by the CA it trusts, "
+        "expired, or not for this host?)",
+        peer=host,
+        reason=reason,
+    )
 
 
 async def connect_unix(path: Path, hello: Hello, *, max_frame: int = 1 << 20) -> Session:
@@ -322,7 +391,12 @@ async def connect_tcp(
     """Open a (TLS) session to a peer agent.
 
     Raises:
-        ProtocolError, ssl.SSLError, OSError: on failure to connect or negotiate.
+        AuthError: over TLS, the peer ended the connection after the TLS
+            handshake but before its welcome: it refused our certificate
+            (see :func:`refused_during_authentication`).
+        ProtocolError, ssl.SSLError, OSError: on other failures to connect
+            or negotiate (an ``ssl`` error here is the TLS handshake itself
+            failing, e.g. our side refusing the peer's certificate).
     """
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(
@@ -334,8 +408,14 @@ async def connect_tcp(
         ),
         timeout,
     )
+    tls = ssl_context is not None
     try:
-        return await asyncio.wait_for(_handshake_client(reader, writer, hello, max_frame), timeout)
+        return await asyncio.wait_for(
+            _handshake_client(reader, writer, hello, max_frame, tls=tls), timeout
+        )
+    except _ClosedBeforeWelcome as exc:
+        writer.close()
+        raise refused_during_authentication(host, port, exc.cause) from None
     except BaseException:
         writer.close()
         raise

@@ -41,6 +41,7 @@ def _cmdlines() -> list[str]:
     return out
 
 
+@pytest.mark.multipass
 def test_demo_runs_and_cleans_up() -> None:
     reason = _not_ready()
     if reason:

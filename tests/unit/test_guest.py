@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,26 @@ def test_parse_lines() -> None:
     assert testguest.parse_line("SeaBIOS (version 1.16.2)") is None
 
 
+def test_parse_disk_variant_fields() -> None:
+    boot = testguest.parse_line(
+        "FERRY-GUEST boot mem_mib=64 wss=4 rate=0 report=100 seed=1 tsc_khz=2596169 "
+        "tsc_src=pit tsc_err_ppm=193 first_pfn=272 pages=16080 wss_pages=1024 disk=1"
+    )
+    assert isinstance(boot, BootInfo) and boot.disk_every == 1
+    rep = testguest.parse_line(
+        "FERRY-GUEST counter=5 gen=2822656 dirtied_mib=11026 verified=352832 bad=0 "
+        "sum=237195d0f1cefbc3 mem_mib=64 ms=665 sweeps=21 last_bad=0 disk_writes=4 "
+        "disk_errors=1 disk_last_err=81"
+    )
+    assert isinstance(rep, Report)
+    assert (rep.disk_writes, rep.disk_errors, rep.disk_last_err) == (4, 1, 81)
+    # the default image's lines have no such fields
+    plain = testguest.parse_line(
+        "FERRY-GUEST counter=2 gen=1 dirtied_mib=0 verified=1 bad=0 sum=0 mem_mib=128"
+    )
+    assert isinstance(plain, Report) and (plain.disk_writes, plain.disk_errors) == (0, 0)
+
+
 def test_page_format_and_static_sum() -> None:
     words = testguest.page_words(300, 5, 9)
     assert len(words) == 512 and words[:2] == [300, 5]
@@ -174,6 +195,18 @@ def test_build_is_cached_and_multiboot(guest_elf: Path, tmp_path: Path) -> None:
     assert data == guest_elf.read_bytes()  # reproducible
 
 
+@needs_binutils
+def test_disk_variant_is_a_separate_image(guest_elf: Path, tmp_path: Path) -> None:
+    disk_elf = testguest.build(variant="disk")
+    assert disk_elf.parent.name.endswith("-disk") and disk_elf != guest_elf
+    assert testguest.build(variant="disk") == disk_elf
+    assert b" disk_writes=" in disk_elf.read_bytes()
+    # the default image contains none of it
+    assert b"disk" not in guest_elf.read_bytes()
+    with pytest.raises(ValueError, match="unknown guest variant"):
+        testguest.build(tmp_path, variant="nope")
+
+
 # ---------------------------------------------------------------------------
 # qemu
 
@@ -216,12 +249,20 @@ def start_guest(guest_elf: Path) -> Iterator[StartGuest]:
     readers: list[testguest.SerialReader] = []
     workdirs: list[Path] = []
 
-    def start(*, accel: str, append: str, mem_mib: int = 128, gdb: bool = False) -> Guest:
+    def start(
+        *,
+        accel: str,
+        append: str,
+        mem_mib: int = 128,
+        gdb: bool = False,
+        variant: str = "default",
+        qemu_extra: tuple[str, ...] = (),
+    ) -> Guest:
         # unix socket paths must stay short: not under pytest's tmp_path
         workdir = Path(tempfile.mkdtemp(prefix="ferry-tg-"))
         workdirs.append(workdir)
         serial_sock = workdir / "serial.sock"
-        extra = ["-no-reboot"]
+        extra = ["-no-reboot", *qemu_extra]
         gdb_sock = None
         if gdb:
             gdb_sock = workdir / "gdb.sock"
@@ -231,8 +272,9 @@ def start_guest(guest_elf: Path) -> Iterator[StartGuest]:
                 "-gdb",
                 "chardev:gdb0",
             ]
+        kernel = guest_elf if variant == "default" else testguest.build(variant=variant)
         argv = testguest.qemu_argv(
-            guest_elf,
+            kernel,
             serial_socket=serial_sock,
             mem_mib=mem_mib,
             append=append,
@@ -387,3 +429,45 @@ def test_detects_stale_and_corrupted_pages(start_guest: StartGuest) -> None:
     rep = guest.wait_for(lambda r: r.last_bad == static_pfn, timeout=20)
     assert rep.bad_pages > 0
     assert guest.serial.boot_count == 1
+
+
+@needs_qemu
+@pytest.mark.parametrize("accel", ACCELS)
+def test_disk_variant_writes_sectors(accel: str, start_guest: StartGuest, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(32 << 20)  # the guest's 65536-sector cycle
+    guest = start_guest(
+        accel=accel,
+        append=testguest.cmdline(wss_mib=4, report_ms=50) + " disk=1",
+        mem_mib=64,
+        variant="disk",
+        qemu_extra=(
+            "-drive",
+            f"file={image},format=raw,if=none,id=d0",
+            "-device",
+            "ide-hd,drive=d0,bus=ide.0,unit=0",
+        ),
+    )
+    assert guest.wait_for_boot().disk_every == 1
+    rep = guest.wait_for(lambda r: r.disk_writes >= 3, timeout=30)
+    assert rep.disk_errors == 0 and rep.bad_pages == 0, rep.raw
+    # write k (after report k + 1) went to LBA 8 k: counter, LBA, page magic
+    data = image.read_bytes()
+    for k in range(3):
+        counter, lba, magic = struct.unpack_from("<QQQ", data, 8 * k * 512)
+        assert (counter, lba, magic) == (k + 1, 8 * k, 0x4741505952524546)
+
+
+@needs_qemu
+def test_disk_variant_without_a_drive_counts_errors(start_guest: StartGuest) -> None:
+    guest = start_guest(
+        accel=FAST_ACCEL,
+        append=testguest.cmdline(wss_mib=4, report_ms=50) + " disk=1",
+        mem_mib=64,
+        variant="disk",
+    )
+    guest.wait_for_boot()
+    rep = guest.wait_for(lambda r: r.disk_errors >= 3, timeout=30)
+    assert rep.disk_writes == 0 and rep.bad_pages == 0, rep.raw
+    assert rep.disk_last_err == 256, rep.raw  # "no drive"

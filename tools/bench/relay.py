@@ -7,6 +7,7 @@ the direct path, and the relay's CPU seconds per GiB moved::
 
     .venv/bin/python tools/bench/relay.py --gib 2 --reps 3
     .venv/bin/python tools/bench/relay.py --json
+    .venv/bin/python tools/bench/relay.py --tls --gib 2 --reps 3
 
 Modes (``--modes``, comma-separated):
 
@@ -17,6 +18,26 @@ Modes (``--modes``, comma-separated):
   relay one might deploy instead.
 - ``splice`` (not in the default set): an ``os.splice`` loop through a 1 MiB
   pipe, the zero-copy alternative the native relay was measured against.
+
+With ``--tls`` the run measures the encrypted tunnel instead, in the same
+run as ``direct`` and the plain ``native`` relay (``TLS_MODES``): the bytes
+cross *two* relays in a row, an encrypting and a decrypting one, joined by a
+TLS 1.3 connection with mutual authentication (a throwaway CA and host
+certificate from ``ferryctl pki``)::
+
+    sender -> [encrypting side] =TLS=> [decrypting side] -> receiver
+
+- ``tls-native``: two ``ferry_native.TlsStream.pump`` calls, each in its own
+  thread of this process (client side encrypts, server side decrypts).
+- ``tls-reference``: the same with ``ferry_native.reference.TlsStream``.
+- ``tls-socat``: two socat processes, ``TCP-LISTEN -> OPENSSL`` and
+  ``OPENSSL-LISTEN -> TCP``, with the same certificates, ``verify=1`` and
+  ``min-version=TLS1.3``.
+
+Their CPU figure is the sum of both sides (both threads' ``thread_time``, or
+both socats' rusage), so it is the whole cost of encrypting plus decrypting
+a GiB; the cipher suite is printed (OpenSSL's TLS 1.3 default,
+TLS_AES_256_GCM_SHA384, with AES-NI).
 
 Sender and receiver are fresh processes for every run, kept cheap so that
 the relay is what is measured: the sender ``sendfile``s a 64 MiB memfd over
@@ -43,14 +64,18 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 GIB = 1 << 30
 MODES = ("direct", "native", "reference", "socat")
-ALL_MODES = (*MODES, "splice")
+TLS_MODES = ("direct", "native", "tls-native", "tls-reference", "tls-socat")
+ALL_MODES = (*MODES, "splice", *TLS_MODES[2:])
+TLS_HANDSHAKE_S = 10.0
 SENDER_CHUNK = 64 << 20
 RECEIVER_BUFFER = 4 << 20
 CONNECT_TIMEOUT_S = 10.0
@@ -204,6 +229,137 @@ COPIES: dict[str, Callable[[int, int], int]] = {
 }
 
 
+# -- TLS tunnels (this process, or two socats) ---------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """CA, certificate and key of the one host both sides of the tunnel are."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def make_tls_files(directory: str) -> TlsFiles:
+    """A throwaway CA and a certificate for 127.0.0.1 (serverAuth + clientAuth), via ferryctl."""
+    from pathlib import Path
+
+    from ferryctl.pki import init_ca, issue_host
+
+    root = Path(directory)
+    init_ca(root / "ca")
+    host = issue_host(root / "ca", root / "host", "bench", dns=[], ips=["127.0.0.1"])
+    return TlsFiles(str(host.ca), str(host.cert), str(host.key))
+
+
+@dataclass
+class TlsPair:
+    """An encrypting and a decrypting TlsStream pump, each in its own thread.
+
+    ``listener`` takes the sender's plain connection; the encrypting side dials
+    ``tls_listener`` over TLS; the decrypting side writes to ``upstream``.
+    """
+
+    backend: str
+    files: TlsFiles
+    listener: socket.socket
+    upstream: socket.socket
+    tls_listener: socket.socket = field(init=False)
+    cpu_s: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    cipher: str | None = None
+    errors: list[BaseException] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tls_listener = socket.create_server(("127.0.0.1", 0))
+        self.threads = [
+            threading.Thread(target=self._guard, args=(self._encrypt,), name="bench-tls-enc"),
+            threading.Thread(target=self._guard, args=(self._decrypt,), name="bench-tls-dec"),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _module(self) -> Any:
+        import importlib
+
+        return importlib.import_module(self.backend)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def _endpoint(self, server: bool) -> Any:
+        f = self.files
+        return self._module().TlsEndpoint(
+            server=server, ca_file=f.ca, cert_file=f.cert, key_file=f.key
+        )
+
+    def _encrypt(self) -> None:
+        endpoint = self._endpoint(False)
+        plain, _ = self.listener.accept()
+        start = time.thread_time()
+        with (
+            plain,
+            socket.create_connection(self.tls_listener.getsockname()) as tls,
+            self._module().TlsStream(endpoint, tls.fileno(), peer_name="127.0.0.1") as s,
+        ):
+            s.handshake(TLS_HANDSHAKE_S)
+            self.cipher = s.cipher
+            s.pump(plain.fileno())
+        self.cpu_s[0] = time.thread_time() - start
+
+    def _decrypt(self) -> None:
+        endpoint = self._endpoint(True)
+        tls, _ = self.tls_listener.accept()
+        start = time.thread_time()
+        with tls, self.upstream, self._module().TlsStream(endpoint, tls.fileno()) as s:
+            s.handshake(TLS_HANDSHAKE_S)
+            s.pump(self.upstream.fileno())
+        self.cpu_s[1] = time.thread_time() - start
+
+    def join(self) -> None:
+        """Wait for both pumps; re-raise the first error.
+
+        Raises:
+            BaseException: whatever a pump raised.
+        """
+        for t in self.threads:
+            t.join()
+        self.tls_listener.close()
+        if self.errors:
+            raise self.errors[0]
+
+
+def _socat_tls_pair(
+    files: TlsFiles, receiver_port: int
+) -> tuple[int, list[subprocess.Popen[bytes]]]:
+    """Start the two socats of a TLS tunnel; return the plain port to send to."""
+    plain_port, tls_port = _free_port(), _free_port()
+    tls_opts = f"cert={files.cert},key={files.key},cafile={files.ca},verify=1,min-version=TLS1.3"
+    decrypting = subprocess.Popen(
+        [
+            "socat",
+            "-b",
+            "1048576",
+            f"OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,{tls_opts}",
+            f"TCP:127.0.0.1:{receiver_port}",
+        ]
+    )
+    encrypting = subprocess.Popen(
+        [
+            "socat",
+            "-b",
+            "1048576",
+            f"TCP-LISTEN:{plain_port},bind=127.0.0.1,reuseaddr",
+            f"OPENSSL:127.0.0.1:{tls_port},{tls_opts},retry=100,interval=0.01",
+        ]
+    )
+    return plain_port, [encrypting, decrypting]
+
+
 # -- one run -----------------------------------------------------------------
 
 
@@ -215,6 +371,7 @@ class Run:
     seconds: float
     gib_per_s: float
     relay_cpu_s: float | None
+    cipher: str | None = None
 
 
 def _child(*args: str) -> list[str]:
@@ -240,7 +397,7 @@ def _receiver(nbytes: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
         proc.wait()
 
 
-def run_once(mode: str, nbytes: int) -> Run:
+def run_once(mode: str, nbytes: int, tls_files: TlsFiles | None = None) -> Run:
     """Move ``nbytes`` once in ``mode`` and measure it.
 
     Raises:
@@ -250,8 +407,20 @@ def run_once(mode: str, nbytes: int) -> Run:
         relay_cpu: float | None = None
         relay: RelayThread | None = None
         socat: subprocess.Popen[bytes] | None = None
+        tls_pair: TlsPair | None = None
+        socats: list[subprocess.Popen[bytes]] = []
         if mode == "direct":
             port = receiver_port
+        elif mode.startswith("tls-"):
+            assert tls_files is not None
+            if mode == "tls-socat":
+                port, socats = _socat_tls_pair(tls_files, receiver_port)
+            else:
+                backend = {"tls-native": "ferry_native", "tls-reference": "ferry_native.reference"}
+                listener = socket.create_server(("127.0.0.1", 0))
+                port = listener.getsockname()[1]
+                upstream = socket.create_connection(("127.0.0.1", receiver_port))
+                tls_pair = TlsPair(backend[mode], tls_files, listener, upstream)
         elif mode == "socat":
             port = _free_port()
             socat = subprocess.Popen(
@@ -275,6 +444,20 @@ def run_once(mode: str, nbytes: int) -> Run:
             relay.join()
             relay.listener.close()
             relay_cpu = relay.cpu_s
+        cipher: str | None = None
+        if tls_pair is not None:
+            tls_pair.join()
+            tls_pair.listener.close()
+            relay_cpu = sum(tls_pair.cpu_s)
+            cipher = tls_pair.cipher
+        if socats:
+            relay_cpu = 0.0
+            for proc in socats:
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"socat exited with {proc.returncode}")
+                relay_cpu += usage.ru_utime + usage.ru_stime
         if socat is not None:
             _, status, usage = os.wait4(socat.pid, 0)
             socat.returncode = os.waitstatus_to_exitcode(status)
@@ -286,7 +469,7 @@ def run_once(mode: str, nbytes: int) -> Run:
         if receiver.wait() != 0 or result["bytes"] != nbytes:
             raise RuntimeError(f"{mode}: receiver got {result['bytes']} of {nbytes} bytes")
     seconds = float(result["seconds"])
-    return Run(mode, seconds, nbytes / GIB / seconds, relay_cpu)
+    return Run(mode, seconds, nbytes / GIB / seconds, relay_cpu, cipher)
 
 
 # -- report ------------------------------------------------------------------
@@ -338,11 +521,11 @@ def print_table(summary: dict[str, dict[str, float | None]], gib: float, reps: i
         return "-" if value is None else format(value, spec)
 
     print(f"{gib:g} GiB over loopback TCP, {reps} interleaved repetitions, {os.cpu_count()} CPUs")
-    print(f"{'mode':<10} {'median':>8} {'min':>8} {'max':>8}  {'vs direct':>9}  {'relay CPU':>10}")
-    print(f"{'':<10} {'GiB/s':>8} {'GiB/s':>8} {'GiB/s':>8}  {'':>9}  {'s/GiB':>10}")
+    print(f"{'mode':<13} {'median':>8} {'min':>8} {'max':>8}  {'vs direct':>9}  {'relay CPU':>10}")
+    print(f"{'':<13} {'GiB/s':>8} {'GiB/s':>8} {'GiB/s':>8}  {'':>9}  {'s/GiB':>10}")
     for mode, f in summary.items():
         print(
-            f"{mode:<10} {fmt(f['median_gib_s'], '8.2f')} {fmt(f['min_gib_s'], '8.2f')} "
+            f"{mode:<13} {fmt(f['median_gib_s'], '8.2f')} {fmt(f['min_gib_s'], '8.2f')} "
             f"{fmt(f['max_gib_s'], '8.2f')}  {fmt(f['ratio_to_direct'], '9.2f')}  "
             f"{fmt(f['cpu_s_per_gib'], '10.3f')}"
         )
@@ -353,6 +536,16 @@ def print_table(summary: dict[str, dict[str, float | None]], gib: float, reps: i
             f"{'yes' if v['native_fastest'] else 'NO'}; "
             f"native CPU/GiB < socat: {'yes' if v['native_cheaper_than_socat'] else 'NO'}"
         )
+    tls = summary.get("tls-native")
+    if tls is not None:
+        plain = summary.get("native", {}).get("median_gib_s")
+        others = {m: summary[m]["median_gib_s"] for m in ("tls-reference", "tls-socat")
+                  if m in summary}
+        parts = [f"tls-native / {m}: {(tls['median_gib_s'] or 0) / o:.2f}x"
+                 for m, o in others.items() if o]
+        if plain:
+            parts.append(f"tls-native / native relay: {(tls['median_gib_s'] or 0) / plain:.2f}")
+        print("; ".join(parts))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,27 +565,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(MODES),
         help=f"comma-separated, of {', '.join(ALL_MODES)} (default {','.join(MODES)})",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help=f"measure the TLS tunnel: --modes defaults to {','.join(TLS_MODES)}",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     opts = parser.parse_args(args)
+    if opts.tls and opts.modes == ",".join(MODES):
+        opts.modes = ",".join(TLS_MODES)
     modes = [m for m in opts.modes.split(",") if m]
     unknown = set(modes) - set(ALL_MODES)
     if unknown:
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
-    if "socat" in modes and shutil.which("socat") is None:
+    if {"socat", "tls-socat"} & set(modes) and shutil.which("socat") is None:
         parser.error("socat is not installed (apt-get install socat), or leave it out of --modes")
     nbytes = int(opts.gib * GIB)
     runs: list[Run] = []
-    for rep in range(opts.reps):
-        # Interleaved, so that a slow phase of the machine hits every mode.
-        for mode in modes:
-            run = run_once(mode, nbytes)
-            runs.append(run)
-            if not opts.json:
-                cpu = "" if run.relay_cpu_s is None else f", relay CPU {run.relay_cpu_s:.2f} s"
-                print(
-                    f"  rep {rep + 1} {mode:<10} {run.gib_per_s:6.2f} GiB/s{cpu}",
-                    file=sys.stderr,
-                )
+    with tempfile.TemporaryDirectory(prefix="ferry-bench-pki-") as pki_dir:
+        tls_files = make_tls_files(pki_dir) if any(m.startswith("tls-") for m in modes) else None
+        for rep in range(opts.reps):
+            # Interleaved, so that a slow phase of the machine hits every mode.
+            for mode in modes:
+                run = run_once(mode, nbytes, tls_files)
+                runs.append(run)
+                if not opts.json:
+                    cpu = "" if run.relay_cpu_s is None else f", relay CPU {run.relay_cpu_s:.2f} s"
+                    suite = f", {run.cipher}" if run.cipher else ""
+                    print(
+                        f"  rep {rep + 1} {mode:<13} {run.gib_per_s:6.2f} GiB/s{cpu}{suite}",
+                        file=sys.stderr,
+                    )
     summary = summarize(runs, nbytes / GIB)
     if opts.json:
         print(

@@ -207,6 +207,7 @@ def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, Migrat
         auto_converge_increment=args.auto_converge_increment,
         parallel_connections=args.parallel_connections,
         timeout_s=args.timeout,
+        tunnel_plaintext=True if args.tunnel_plaintext else None,
     )
     return validate(flags, params), params
 
@@ -429,9 +430,23 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
         "--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error"
     )
     p.add_argument("--unsafe", action="store_true", help="allow disks with unsafe cache modes")
-    p.add_argument("--tunnelled", action="store_true", help="carry the stream through the agents")
-    p.add_argument("--parallel", action="store_true", help="use several migration connections")
-    p.add_argument("--parallel-connections", type=int, metavar="N")
+    p.add_argument(
+        "--tunnelled",
+        action="store_true",
+        help="carry the stream through the agents (TLS on their port; needs --p2p, the default)",
+    )
+    p.add_argument(
+        "--tunnel-plaintext",
+        action="store_true",
+        help="with --tunnelled: authenticate the data connections with TLS but send the "
+        "stream unencrypted (both hosts' [tls] allow_plaintext_tunnel must be true)",
+    )
+    p.add_argument(
+        "--parallel", action="store_true", help="use several migration connections (qemu multifd)"
+    )
+    p.add_argument(
+        "--parallel-connections", type=int, metavar="N", help="multifd channels (default 2)"
+    )
     p.add_argument("--compressed", action="store_true", help="compress the stream")
     p.add_argument("--postcopy", action="store_true", help="allow switching to post-copy")
     p.add_argument(

@@ -87,6 +87,12 @@ class Display:
             f"dirty {_rate(data.get('dirty_rate'))}, "
             f"throttle {data.get('throttle_pct', 0)}%, "
             f"left {_secs(data.get('predicted_remaining_s'))}"
+            + (
+                f", tunnel {_size(data['tunnel_bytes'])} at "
+                f"{_rate(data.get('tunnel_bytes_per_s'))}"
+                if "tunnel_bytes" in data
+                else ""
+            )
         )
 
     def finish(self, result: dict[str, Any]) -> None:
@@ -97,7 +103,14 @@ class Display:
             f"(total {stats.get('total_time_ms', '-')} ms, "
             f"downtime {stats.get('downtime_ms', '-')} ms, "
             f"{_size(stats.get('transferred'))} transferred, "
-            f"throttle {stats.get('throttle_pct', 0)}%)",
+            f"throttle {stats.get('throttle_pct', 0)}%"
+            + (
+                f", {_size(stats['tunnel_bytes'])} through the {stats.get('tunnel_mode')} "
+                f"tunnel on {stats.get('tunnel_channels')} channel(s)"
+                if "tunnel_bytes" in stats
+                else ""
+            )
+            + ")",
             flush=True,
         )
 
@@ -147,6 +160,11 @@ class RichDisplay(Display):
         converging = data.get("converging")
         table.add_row("converging", "-" if converging is None else ("yes" if converging else "NO"))
         table.add_row("time left", _secs(data.get("predicted_remaining_s")))
+        if "tunnel_bytes" in data:
+            table.add_row(
+                "tunnel",
+                f"{_size(data['tunnel_bytes'])} at {_rate(data.get('tunnel_bytes_per_s'))}",
+            )
         return table
 
     def __enter__(self) -> Display:

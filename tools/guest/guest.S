@@ -20,6 +20,22 @@
  *     crash=1        execute ud2 after the boot line (tests the fault path)
  * Numbers are decimal or 0x-prefixed hex.
  *
+ * Disk variant (assembled with --defsym FERRY_DISK=1, testguest.build(
+ * variant="disk"); the default image is not changed by any of it):
+ *     disk=<n>       after every n-th report, write one 512-byte sector to
+ *                    the master disk on the primary IDE channel (ATA PIO,
+ *                    LBA28, ports 0x1f0-0x1f7, nIEN set), 0 = never (default)
+ * Sector k of the run goes to LBA 8*k modulo 65536 (32 MiB), so every
+ * write lands in a new 4 KiB block of the image until it wraps: on a
+ * full file system each write needs new space.  The sector holds the
+ * report counter, the LBA and the page magic.  The ATA command runs in
+ * ring 0 (service call 3) and polls the status register until the drive
+ * is done; qemu's werror=stop pauses the VM inside that poll and re-issues
+ * the write when it resumes.  The boot line gains " disk=<n>", every
+ * report " disk_writes=<n> disk_errors=<n> disk_last_err=<n>" (completed
+ * writes, writes that ended with ERR/DF set or found no drive, and the
+ * status of the last failed one: 256 = no drive).
+ *
  * Privilege split.  On the machine this was written for, /dev/kvm is
  * software-assisted: guest ring 0 (and real mode) runs at about 1.5 million
  * instructions per second while ring 3 runs natively; syscall and int $n
@@ -143,6 +159,19 @@
 
         .set SVC_WRITE,         1               /* ring-3 service calls */
         .set SVC_PIT,           2
+        .ifdef FERRY_DISK
+        .set SVC_DISK,          3
+        .set ATA_DATA,          0x1f0
+        .set ATA_COUNT,         0x1f2
+        .set ATA_LBA0,          0x1f3
+        .set ATA_LBA1,          0x1f4
+        .set ATA_LBA2,          0x1f5
+        .set ATA_DRIVE,         0x1f6
+        .set ATA_CMD,           0x1f7           /* status on read */
+        .set ATA_CTRL,          0x3f6
+        .set ATA_WRITE_SECTORS, 0x30
+        .set DISK_SPAN,         65536           /* sectors written cyclically */
+        .endif
         .set LINEBUF_SIZE,      512
 
         .set FAST_WRITE_PAGES,  256
@@ -299,6 +328,10 @@ gp_entry:
         jne 8f
         cmpl $SVC_WRITE, %eax
         je 1f
+        .ifdef FERRY_DISK
+        cmpl $SVC_DISK, %eax
+        je 7f
+        .endif
         cmpl $SVC_PIT, %eax
         jne 8f
         incq 8(%rsp)
@@ -309,8 +342,77 @@ gp_entry:
         addq $8, %rsp
         call serial_write
         iretq
+        .ifdef FERRY_DISK
+7:      incq 8(%rsp)
+        addq $8, %rsp
+        call ata_write
+        iretq
+        .endif
 8:      pushq $13
         jmp exc_common
+
+        .ifdef FERRY_DISK
+/* ata_write (ring 0): write disk_buf to sector disk_lba of the primary
+ * master (ATA PIO, LBA28).  Returns eax = the final status register, or
+ * 0x100 if there is no drive (status neither busy nor asking for data
+ * after the command; an absent drive reads as 0).  The waits for BSY to
+ * clear have no time-out: qemu finishes every request or, with
+ * werror=stop, pauses the VM inside the wait and re-issues the request
+ * when it resumes; a bound counted in status reads was seen to expire on a
+ * heavily loaded host (each read is a VM exit competing with qemu's main
+ * loop).  Clobbers rax, rcx, rdx, rsi. */
+ata_write:
+        movw $ATA_CTRL, %dx
+        movb $0x02, %al                 /* nIEN: no interrupts */
+        outb %al, %dx
+        movw $ATA_CMD, %dx
+1:      inb %dx, %al                    /* wait for not BSY */
+        testb $0x80, %al
+        jnz 1b
+        movq disk_lba, %rcx
+        movl %ecx, %eax
+        shrl $24, %eax
+        andb $0x0f, %al
+        orb $0xe0, %al                  /* LBA mode, master */
+        movw $ATA_DRIVE, %dx
+        outb %al, %dx
+        movb $1, %al
+        movw $ATA_COUNT, %dx
+        outb %al, %dx
+        movb %cl, %al
+        movw $ATA_LBA0, %dx
+        outb %al, %dx
+        movb %ch, %al
+        movw $ATA_LBA1, %dx
+        outb %al, %dx
+        movl %ecx, %eax
+        shrl $16, %eax
+        movw $ATA_LBA2, %dx
+        outb %al, %dx
+        movb $ATA_WRITE_SECTORS, %al
+        movw $ATA_CMD, %dx
+        outb %al, %dx
+3:      inb %dx, %al                    /* wait for DRQ (or an error) */
+        testb $0x80, %al
+        jnz 3b
+        testb $0x21, %al                /* ERR, DF */
+        jnz 9f
+        testb $0x08, %al                /* DRQ */
+        jz 8f                           /* neither busy nor ready: no drive */
+        movq $disk_buf, %rsi
+        movl $256, %ecx
+        movw $ATA_DATA, %dx
+        rep outsw
+        movw $ATA_CMD, %dx
+6:      inb %dx, %al                    /* wait for the write to complete */
+        testb $0x80, %al
+        jnz 6b
+        jmp 9f
+8:      movl $0x100, %eax
+        ret
+9:      movzbl %al, %eax
+        ret
+        .endif
 
 /* pit_measure (ring 0): one TSC measurement against PIT channel 2.
  * Channel 2 counts down from 0xffff in mode 0 (gate on, speaker off via port
@@ -480,6 +582,9 @@ main_loop:
         jb main_loop
         movq %rax, %rbx
         call report
+        .ifdef FERRY_DISK
+        call disk_tick
+        .endif
         movq next_report, %rcx
         addq report_ticks, %rcx
         cmpq %rbx, %rcx
@@ -558,6 +663,39 @@ fill_all:
         incq %r12
         jmp 1b
 2:      ret
+
+        .ifdef FERRY_DISK
+/* disk_tick: after a report, every disk_every-th time, write one sector
+ * through the ring-0 service and count the outcome (rbx preserved). */
+disk_tick:
+        movq disk_every, %rax
+        testq %rax, %rax
+        jz 9f
+        decq disk_left
+        jg 9f
+        movq %rax, disk_left
+        movq counter, %rax
+        movq %rax, disk_buf
+        movq disk_lba, %rax
+        movq %rax, disk_buf + 8
+        movabsq $PAGE_MAGIC, %rax
+        movq %rax, disk_buf + 16
+        movl $SVC_DISK, %eax
+        hlt                             /* -> #GP -> gp_entry -> ata_write */
+        testl $0x121, %eax              /* ERR, DF, or no drive */
+        jnz 1f
+        incq disk_writes
+        jmp 2f
+1:      incq disk_errors
+        movq %rax, disk_last_err
+2:      movq disk_lba, %rax
+        addq $8, %rax
+        cmpq $DISK_SPAN, %rax
+        jb 3f
+        xorl %eax, %eax
+3:      movq %rax, disk_lba
+9:      ret
+        .endif
 
 /* mix: rax = mix(pfn = rdi, gen = rsi, seed = rdx); clobbers rcx */
 mix:
@@ -703,6 +841,17 @@ report:
         movq $s_lastbad, %rsi
         movq last_bad, %rax
         call put_kv
+        .ifdef FERRY_DISK
+        movq $s_diskw, %rsi
+        movq disk_writes, %rax
+        call put_kv
+        movq $s_diske, %rsi
+        movq disk_errors, %rax
+        call put_kv
+        movq $s_disklast, %rsi
+        movq disk_last_err, %rax
+        call put_kv
+        .endif
         jmp line_flush
 
 print_boot:
@@ -743,6 +892,11 @@ print_boot:
         movq $s_wsspages, %rsi
         movq wss_pages, %rax
         call put_kv
+        .ifdef FERRY_DISK
+        movq $s_disk, %rsi
+        movq disk_every, %rax
+        call put_kv
+        .endif
         jmp line_flush
 
 /* parse_cmdline: key=value tokens from the multiboot command line */
@@ -1181,6 +1335,13 @@ k_rate:         .asciz "rate="
 k_report:       .asciz "report="
 k_seed:         .asciz "seed="
 k_crash:        .asciz "crash="
+        .ifdef FERRY_DISK
+k_disk:         .asciz "disk="
+s_disk:         .asciz " disk="
+s_diskw:        .asciz " disk_writes="
+s_diske:        .asciz " disk_errors="
+s_disklast:     .asciz " disk_last_err="
+        .endif
 
         .balign 8
 keytab:
@@ -1189,6 +1350,9 @@ keytab:
         .quad k_report, report_ms
         .quad k_seed, seed
         .quad k_crash, crash
+        .ifdef FERRY_DISK
+        .quad k_disk, disk_every
+        .endif
         .quad 0, 0
 
 /* ------------------------------------------------------------------------ */
@@ -1290,5 +1454,17 @@ linelen:        .quad 0
 linebuf:        .fill LINEBUF_SIZE, 1, 0
 numbuf:         .fill 31, 1, 0
 numbuf_end:     .byte 0
+        .ifdef FERRY_DISK
+        .balign 8
+/* disk variant */
+disk_every:     .quad 0
+disk_left:      .quad 0
+disk_lba:       .quad 0
+disk_writes:    .quad 0
+disk_errors:    .quad 0
+disk_last_err:  .quad 0
+        .balign 16
+disk_buf:       .fill 512, 1, 0
+        .endif
 
         .section .note.GNU-stack, "", @progbits

@@ -25,6 +25,13 @@ on ``sys.path``::
         serial.wait_for_boot(timeout=30)
         serial.wait_for(lambda r: r.counter > 3 and r.bad_pages == 0, timeout=30)
 
+A second image, ``build(variant="disk")``, also writes a sector to its IDE
+disk after every ``disk=N``-th report (see guest.S): the way to make a real
+disk I/O error happen in the guest, e.g. with the image on a full file
+system and ``error_policy='stop'``.  Its reports carry ``disk_writes`` and
+``disk_errors``; everything else is the same as the default image, which
+does not contain any of it.
+
 Run ``python3 tools/guest/testguest.py --help`` for a small CLI (build, run).
 """
 
@@ -69,6 +76,11 @@ __all__ = [
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ("guest.S", "guest.ld")
+# Image variants: extra assembler symbols (guest.S tests them with .ifdef).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "disk": ("--defsym", "FERRY_DISK=1"),
+}
 LINE_PREFIX = "FERRY-GUEST "
 PAGE_SIZE = 4096
 
@@ -99,8 +111,10 @@ class GuestFault(GuestError):
 # build
 
 
-def _source_digest() -> str:
+def _source_digest(variant: str = "default") -> str:
     h = hashlib.sha256()
+    if variant != "default":
+        h.update(f"variant={variant}".encode() + b"\0")
     for name in SOURCES:
         h.update(name.encode() + b"\0")
         h.update((SOURCE_DIR / name).read_bytes())
@@ -118,8 +132,12 @@ def _tool(name: str) -> str:
     return path
 
 
-def build(out_dir: Path | None = None) -> Path:
+def build(out_dir: Path | None = None, *, variant: str = "default") -> Path:
     """Assemble and link the guest; return the path of ``guest.elf``.
+
+    ``variant`` picks the image (see ``VARIANTS``): ``"disk"`` adds the IDE
+    sector writes of the ``disk=`` option; other variants get their own
+    default directory.
 
     The default output directory is ``/tmp/ferry-guest-<hash of the sources>``
     (under ``tempfile.gettempdir()``), so a build happens once per source
@@ -127,9 +145,12 @@ def build(out_dir: Path | None = None) -> Path:
     temporary file and renames it into place.  An existing image in the output
     directory is reused only if it was built from the same sources.
     """
-    digest = _source_digest()
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown guest variant {variant!r} (known: {', '.join(VARIANTS)})")
+    digest = _source_digest(variant)
     if out_dir is None:
-        out_dir = Path(tempfile.gettempdir()) / f"ferry-guest-{digest}"
+        suffix = "" if variant == "default" else f"-{variant}"
+        out_dir = Path(tempfile.gettempdir()) / f"ferry-guest-{digest}{suffix}"
     out_dir = Path(out_dir)
     elf = out_dir / "guest.elf"
     stamp = out_dir / "guest.elf.sources"
@@ -143,7 +164,7 @@ def build(out_dir: Path | None = None) -> Path:
         obj = Path(tmp) / "guest.o"
         tmp_elf = Path(tmp) / "guest.elf"
         steps: list[list[str]] = [
-            [as_path, "--64", "-o", str(obj), str(SOURCE_DIR / "guest.S")],
+            [as_path, "--64", *VARIANTS[variant], "-o", str(obj), str(SOURCE_DIR / "guest.S")],
             [
                 ld_path,
                 "-m",
@@ -291,6 +312,9 @@ class Report:
     sweeps: int = 0  # completed verification sweeps over all pages
     last_bad: int = 0  # pfn of the last bad page, 0 if none
     host_time: float = 0.0  # time.monotonic() when the line was read
+    disk_writes: int = 0  # disk variant: sectors written successfully
+    disk_errors: int = 0  # disk variant: writes that failed (ERR/DF or no drive)
+    disk_last_err: int = 0  # disk variant: ATA status of the last failed write (256: no drive)
 
 
 @dataclass(frozen=True)
@@ -310,6 +334,7 @@ class BootInfo:
     raw: str
     tsc_err_ppm: int = 0  # calibration uncertainty, parts per million
     host_time: float = 0.0
+    disk_every: int = 0  # disk variant: a sector write every this many reports
 
 
 _KV = re.compile(r"(\w+)=(\S+)")
@@ -345,6 +370,7 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 raw=line,
                 tsc_err_ppm=int(f.get("tsc_err_ppm", "0")),
                 host_time=host_time,
+                disk_every=int(f.get("disk", "0")),
             )
         if rest.startswith("counter="):
             return Report(
@@ -360,6 +386,9 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 sweeps=int(f.get("sweeps", "0")),
                 last_bad=int(f.get("last_bad", "0")),
                 host_time=host_time,
+                disk_writes=int(f.get("disk_writes", "0")),
+                disk_errors=int(f.get("disk_errors", "0")),
+                disk_last_err=int(f.get("disk_last_err", "0")),
             )
     except (KeyError, ValueError):
         return None  # truncated or garbled line

@@ -358,12 +358,16 @@ def guest_xml(
     prealloc: bool = True,
     disks: Sequence[tuple[str, str]] = (),
     extra_devices: str = "",
+    cmdline_extra: str = "",
 ) -> str:
     """Domain XML for the test guest; its serial port is a unix socket Ferry places.
 
     ``disks`` is a list of ``(path, cache)`` raw file disks on virtio.
+    ``cmdline_extra`` is appended to the guest's command line (e.g. ``disk=1``
+    for the disk variant of the guest, see tools/guest/guest.S).
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
+    tail = f" {cmdline_extra}" if cmdline_extra else ""
     backing = "<memoryBacking><allocation mode='immediate'/></memoryBacking>" if prealloc else ""
     disk_xml = "".join(
         f"<disk type='file' device='disk'><driver name='qemu' type='raw' cache='{cache}'/>"
@@ -377,7 +381,7 @@ def guest_xml(
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
-    <cmdline>wss={wss_mib} rate={rate_mib_s} report={report_ms} seed=7</cmdline>
+    <cmdline>wss={wss_mib} rate={rate_mib_s} report={report_ms} seed=7{tail}</cmdline>
   </os>
   {backing}
   <devices>

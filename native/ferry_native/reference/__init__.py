@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from ferry_native.reference.accounting import Sample, TransferAccount
 from ferry_native.reference.relay import MAX_BUFFER_SIZE, Relay, relay
+from ferry_native.reference.tls import TlsEndpoint, TlsError, TlsStream
 
-__all__ = ["BACKEND", "MAX_BUFFER_SIZE", "Relay", "Sample", "TransferAccount", "relay"]
+__all__ = [
+    "BACKEND",
+    "MAX_BUFFER_SIZE",
+    "Relay",
+    "Sample",
+    "TlsEndpoint",
+    "TlsError",
+    "TlsStream",
+    "TransferAccount",
+    "relay",
+]
 
 BACKEND = "reference"

@@ -43,6 +43,7 @@ __all__ = [
 
 PROTOCOL_VERSION: tuple[int, int] = (1, 0)
 ROLES: frozenset[str] = frozenset({"source", "destination", "client", "tunnel"})
+TUNNEL_MODES: frozenset[str] = frozenset({"tls", "plain"})
 # msgpack's largest signed integer: ids must survive any peer's decoder.
 MAX_REQUEST_ID = 2**63 - 1
 
@@ -265,12 +266,19 @@ class Tunnel:
     TYPE: ClassVar[str] = "tunnel"
     _SPECS: ClassVar[Mapping[str, FieldSpec]] = {
         "token": FieldSpec(str, required=True, min_len=1, max_len=512),
+        "channel": FieldSpec(int, default=0, ge=0, le=255),
+        "mode": FieldSpec(str, default="tls", choices=TUNNEL_MODES),
     }
 
     token: str
+    # Which of qemu's connections this is: 0 the main stream, 1.. multifd.
+    channel: int = 0
+    # "tls": the bytes stay inside TLS; "plain": TLS only authenticates, then
+    # both ends unwrap it (allowed only where the operators' configs say so).
+    mode: str = "tls"
 
     def __post_init__(self) -> None:
-        """Raises :class:`~ferry.errors.MessageInvalid` for a bad token."""
+        """Raises :class:`~ferry.errors.MessageInvalid` for a bad token, channel or mode."""
         _validate(self, self._SPECS)
 
     def __repr__(self) -> str:
@@ -279,7 +287,8 @@ class Tunnel:
 
     def to_wire(self) -> dict[str, Any]:
         """Return the wire map."""
-        return {"type": self.TYPE, "token": self.token}
+        return {"type": self.TYPE, "token": self.token, "channel": self.channel,
+                "mode": self.mode}  # fmt: skip
 
 
 Message: TypeAlias = Hello | Welcome | Request | Reply | ErrorReply | Event | Tunnel
