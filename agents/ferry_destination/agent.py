@@ -355,9 +355,7 @@ class DestinationAgent:
                 port = self._pick_port(address)
         proc = await self.host.start(domain, incoming=True)
         try:
-            caps = {"events": True}
-            if flags & MigrationFlags.PARALLEL:
-                caps["multifd"] = True
+            caps = {"events": True, "multifd": bool(flags & MigrationFlags.PARALLEL)}
             await set_caps(proc.qmp, caps)
             if flags & MigrationFlags.PARALLEL:
                 await set_params(proc.qmp, {"multifd-channels": params.parallel_connections or 2})

@@ -527,8 +527,9 @@ class MigrationDriver:
             # (and with it the right to write) moves.
             out.lease_handover = self._has_leases(out.name)
             caps["pause-before-switchover"] = out.lease_handover
-            if flags & MigrationFlags.PARALLEL:
-                caps["multifd"] = True
+            # Always set: a qemu that arrived here by a parallel migration
+            # still has multifd on, and both ends must agree.
+            caps["multifd"] = bool(flags & MigrationFlags.PARALLEL)
             await set_caps(proc.qmp, caps)
             tuning: dict[str, Any] = {
                 "max-bandwidth": params.bandwidth_mib * MIB if params.bandwidth_mib

@@ -14,9 +14,14 @@ import fnmatch
 import grp
 import pwd
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ferry.config import ACLRule
 from ferry.errors import AccessDenied
+
+if TYPE_CHECKING:
+    # Only a type here: ferryctl imports this module (through ferry.rpc) and
+    # need not pay for parsing the TOML machinery at every start.
+    from ferry.config import ACLRule
 
 __all__ = ["Subject", "check_access", "subject_from_ucred"]
 

@@ -182,6 +182,9 @@ class QemuConfig:
     cgroup: str = "auto"
     #: Extra ``NAME=VALUE`` properties of the transient scope.
     scope_properties: tuple[str, ...] = ()
+    #: Threads that preallocate guest RAM when the domain XML names none
+    #: (``<allocation threads=.../>``); 0 = one per host CPU, at most 4.
+    prealloc_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -401,11 +404,15 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
                 f"[qemu] scope_properties: {prop!r} is not NAME=VALUE "
                 '(e.g. "DeviceAllow=block-sd rw")'
             )
+    prealloc_threads = qemu_s.get("prealloc_threads", int, 0)
+    if not 0 <= prealloc_threads <= 64:
+        raise ConfigError("[qemu] prealloc_threads must be within 0..64 (0 = automatic)")
     qemu = QemuConfig(
         binary=qemu_s.get("binary", str, "qemu-system-x86_64"),
         launch_timeout_s=float(qemu_s.get("launch_timeout_s", (int, float), 60.0)),
         cgroup=cgroup,
         scope_properties=scope_properties,
+        prealloc_threads=prealloc_threads,
     )
     qemu_s.finish()
 

@@ -179,6 +179,13 @@ def test_tunnelled_parallel(
     assert stats["tunnel_channels"] == channels + 1, stats
     assert_moved(two_hosts, guest)
     baseline.assert_clean()
+    # The qemu that arrived with multifd on goes back on a single stream:
+    # both ends must agree on the capability again.
+    back = migrate(two_hosts.b, "g1", two_hosts.a, "--tunnelled")
+    assert back.returncode == 0, back.stderr + two_hosts.logs()
+    assert final_stats(back)["tunnel_channels"] == 1
+    wait_until(lambda: len(two_hosts.a.qemu_pids()) == 1 and not two_hosts.b.qemu_pids(), 15,
+               "the guest back on A")  # fmt: skip
 
 
 @pytest.mark.multipass

@@ -97,3 +97,31 @@ def test_docstring_example_parses(tmp_path: Path) -> None:
     config = load_config(path)
     assert data["qemu"]["cgroup"] == config.qemu.cgroup == "auto"
     assert config.qemu.scope_properties == ("DeviceAllow=block-sd rw",)
+
+
+def test_prealloc_threads_default_and_range() -> None:
+    assert _qemu().prealloc_threads == 0
+    assert _qemu(prealloc_threads=2).prealloc_threads == 2
+    for bad in (-1, 65):
+        with pytest.raises(ConfigError, match="prealloc_threads"):
+            _qemu(prealloc_threads=bad)
+
+
+def test_prealloc_threads_reach_the_incoming_argv(tmp_path: Path) -> None:
+    from ferry.domain import parse_domain
+    from ferry.host import Host
+
+    paths = {name: str(tmp_path / name) for name in ("state_dir", "run_dir", "lockspace_dir")}
+    config = parse_config({"host": HOST, "paths": paths, "qemu": {"prealloc_threads": 3}})
+    host = Host(config, "destination")
+    xml = ("<domain type='qemu'><name>p</name><memory unit='MiB'>64</memory>"
+           "<memoryBacking><allocation mode='immediate'/></memoryBacking>"
+           "<os><type arch='x86_64' machine='pc'>hvm</type></os></domain>")  # fmt: skip
+    domain = parse_domain(xml, where="test")
+    assert host._with_prealloc_threads(domain).prealloc_threads == 3
+    named = parse_domain(xml.replace("mode='immediate'", "mode='immediate' threads='1'"), where="t")
+    assert host._with_prealloc_threads(named).prealloc_threads == 1
+    plain = parse_domain(
+        xml.replace("<memoryBacking><allocation mode='immediate'/></memoryBacking>", ""), where="t"
+    )
+    assert host._with_prealloc_threads(plain) is plain

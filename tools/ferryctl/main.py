@@ -504,5 +504,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """Console-script entry: :func:`main`, then exit without interpreter teardown.
+
+    Everything ferryctl owns is closed by then; skipping the finalisation of
+    the modules it imported takes ~15 ms off every command (the migration
+    benchmark counts the CLI's whole wall time).
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # e.g. `ferryctl ... | head` closed the pipe
+            code = code or 1
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
