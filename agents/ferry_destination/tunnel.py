@@ -91,16 +91,7 @@ class IncomingTunnel:
 
     async def close(self, *, drain: bool) -> None:
         """Let the channels end by themselves (``drain``) or stop them; wait for the threads."""
-        loop = asyncio.get_running_loop()
-        if drain:
-            ended = await loop.run_in_executor(None, self.set.join, DRAIN_TIMEOUT)
-            if not ended:
-                log.warning("tunnel of %s did not drain in %.0fs; stopping it",
-                            self.name, DRAIN_TIMEOUT)  # fmt: skip
-        self.stop()
-        ended = await loop.run_in_executor(None, self.set.join, DRAIN_TIMEOUT)
-        if not ended:
-            log.error("tunnel of %s: %d relay thread(s) did not stop", self.name, self.set.alive())
+        await self.set.wind_down(drain=drain, stop=self.stop, timeout=DRAIN_TIMEOUT)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -570,6 +570,8 @@ class MigrationDriver:
                 async with self.agent.jobs.nested(job):
                     await proc.qmp.execute("migrate", {"uri": uri})
                 last_time = -1.0
+                last_tunnel_t = 0.0
+                tunnel_sent, tunnel_t = 0, 0.0
                 received: list[QMPEvent] = []
                 while True:
                     io_error = self._check_events(received)
@@ -606,6 +608,14 @@ class MigrationDriver:
                     ):
                         last_time = sample["time_s"]
                         account.feed(Sample(**sample))
+                        if out.tunnel is not None:
+                            # The relay's own counter, beside qemu's: bytes
+                            # that really crossed the tunnel, and its rate.
+                            tunnel_sent, _ = out.tunnel.bytes()
+                            tunnel_t = time.monotonic() - out.tunnel.set.started_at
+                            if tunnel_t > last_tunnel_t:
+                                account.feed_relay(tunnel_t, tunnel_sent)
+                                last_tunnel_t = tunnel_t
                         snap: dict[str, Any] = dict(account.snapshot())
                         snap["predicted_downtime_s"] = account.predicted_downtime_s(
                             downtime_limit_s[0]
@@ -614,10 +624,8 @@ class MigrationDriver:
                         snap["expected_downtime_ms"] = stats.expected_downtime_ms
                         snap["elapsed_s"] = (stats.total_time_ms or 0) / 1000
                         if out.tunnel is not None:
-                            sent, _ = out.tunnel.bytes()
-                            elapsed = max(time.monotonic() - out.tunnel.set.started_at, 1e-3)
-                            snap["tunnel_bytes"] = sent
-                            snap["tunnel_bytes_per_s"] = sent / elapsed
+                            snap["tunnel_bytes"] = tunnel_sent
+                            snap["tunnel_bytes_per_s"] = tunnel_sent / max(tunnel_t, 1e-3)
                         out.progress.clear()
                         out.progress.update(snap)
                         ctx.emit("progress", dict(snap))

@@ -127,13 +127,4 @@ class SourceTunnel:
             self._listener = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        loop = asyncio.get_running_loop()
-        if drain:
-            ended = await loop.run_in_executor(None, self.set.join, DRAIN_TIMEOUT)
-            if not ended:
-                log.warning("tunnel of %s did not drain in %.0fs; stopping it",
-                            self.name, DRAIN_TIMEOUT)  # fmt: skip
-        self.set.stop()
-        ended = await loop.run_in_executor(None, self.set.join, DRAIN_TIMEOUT)
-        if not ended:
-            log.error("tunnel of %s: %d relay thread(s) did not stop", self.name, self.set.alive())
+        await self.set.wind_down(drain=drain, timeout=DRAIN_TIMEOUT)

@@ -89,7 +89,7 @@ class Display:
             f"left {_secs(data.get('predicted_remaining_s'))}"
             + (
                 f", tunnel {_size(data['tunnel_bytes'])} at "
-                f"{_rate(data.get('tunnel_bytes_per_s'))}"
+                f"{_rate(data.get('tunnel_bandwidth') or data.get('tunnel_bytes_per_s'))}"
                 if "tunnel_bytes" in data
                 else ""
             )
@@ -163,7 +163,8 @@ class RichDisplay(Display):
         if "tunnel_bytes" in data:
             table.add_row(
                 "tunnel",
-                f"{_size(data['tunnel_bytes'])} at {_rate(data.get('tunnel_bytes_per_s'))}",
+                f"{_size(data['tunnel_bytes'])} at "
+                f"{_rate(data.get('tunnel_bandwidth') or data.get('tunnel_bytes_per_s'))}",
             )
         return table
 

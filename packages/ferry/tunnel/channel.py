@@ -13,6 +13,7 @@ directions reached end of file, or :meth:`DataChannel.stop`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -403,3 +404,16 @@ class ChannelSet:
         """Channel threads still running."""
         with self._lock:
             return sum(t.is_alive() for t in self._threads)
+
+    async def wind_down(
+        self, *, drain: bool, stop: Callable[[], None] | None = None, timeout: float = 10.0
+    ) -> None:
+        """From the event loop: let the channels end by themselves (``drain``),
+        then stop them (``stop``, default :meth:`stop`) and wait for the threads.
+        """
+        loop = asyncio.get_running_loop()
+        if drain and not await loop.run_in_executor(None, self.join, timeout):
+            log.warning("tunnel of %s did not drain in %.0fs; stopping it", self.name, timeout)
+        (stop or self.stop)()
+        if not await loop.run_in_executor(None, self.join, timeout):
+            log.error("tunnel of %s: %d relay thread(s) did not stop", self.name, self.alive())
