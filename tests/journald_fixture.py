@@ -194,9 +194,14 @@ def stop_journal(journal: PrivateJournal) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def journald() -> Iterator[PrivateJournal]:
-    """A running journald for the whole session (skip if none can be had)."""
+    """A running journald for one test (skip if none can be had).
+
+    Per test: a namespaced journald exits after about 30 s without
+    clients (measured here), so one shared across tests was found gone,
+    its socket refusing connections, when ``make test`` came back to it.
+    """
     journal = start_journal()
     if journal is None:
         pytest.skip("cannot run systemd-journald here (needs root and systemd installed)")
