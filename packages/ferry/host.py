@@ -293,6 +293,9 @@ class Host:
             run_state="incoming" if incoming else "paused",
             extra=dict(extra_status or {}),
         )
+        if proc.scope_unit is not None:
+            # Kept so that an agent restarted later still knows its scope.
+            status.extra["scope_unit"] = proc.scope_unit
         self.save_status(status)
         self._procs[domain.name] = proc
         return proc
@@ -348,6 +351,9 @@ class Host:
         if found is None:
             self.cleanup(name)
             raise NoDomain(f"domain '{name}' is not running (its qemu is gone)", name=name)
+        unit = status.extra.get("scope_unit")
+        if isinstance(unit, str) and found.scope_unit is None:
+            found.scope_unit = unit
         self._procs[name] = found
         return found
 

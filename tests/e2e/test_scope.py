@@ -163,6 +163,9 @@ def test_source_starts_qemu_through_systemd_run_scope(
         a.start_agent("source")
         info = a.ctl_json("dominfo", "g1")
         assert (info["state"], info["pid"]) == ("running", pid)
+        # The scope's name outlives the agent that made it.
+        status = json.loads((a.run_dir / "domains" / "g1.status").read_text())
+        assert status["extra"]["scope_unit"].startswith("ferry-qemu-g1-"), status
         after = serial.wait_for(lambda r: r.counter > before.counter + 6, timeout=30)
         assert after.bad_pages == 0 and serial.boot_count == 1
 
