@@ -156,8 +156,9 @@ class DestinationAgent:
             await self.host.close()
 
     def status_text(self) -> str:
-        """STATUS= line."""
-        return f"{len(self.incoming)} migration(s) in"
+        """STATUS= line: what the agent is doing."""
+        tunnelled = sum(1 for inc in self.incoming.values() if inc.tunnel is not None)
+        return f"{len(self.incoming)} migration(s) in ({tunnelled} tunnelled)"
 
     async def recover(self) -> None:
         """After a restart: finish or roll back incoming jobs found in status files.
@@ -252,6 +253,7 @@ class DestinationAgent:
             incoming = Incoming(domain, job, proc, identity.migration_id, flags, tunnel=tunnel)
             incoming.phases.advance("prepare")
             self.incoming[domain.name] = incoming
+            sdnotify.status(self.status_text())
             incoming.watchdog = asyncio.create_task(self._watchdog(incoming, ctx.session))
             reply = Cookie().with_identity(
                 Identity(name=domain.name, uuid=domain.uuid, hostname=self.config.host.name,
@@ -419,6 +421,7 @@ class DestinationAgent:
         if self.incoming.get(name) is not incoming:
             return
         self.incoming.pop(name, None)
+        sdnotify.status(self.status_text())
         with contextlib.suppress(FerryError, PhaseError):
             incoming.phases.abort()
         try:
@@ -478,6 +481,7 @@ class DestinationAgent:
                 status.run_state = "paused" if flags & MigrationFlags.PAUSED else "running"
                 self.host.save_status(status)
             self.incoming.pop(name, None)
+            sdnotify.status(self.status_text())
             await self.jobs.end_async(incoming.job)
             if incoming.tunnel is not None:
                 # The relays end by themselves once both qemus closed the

@@ -356,8 +356,10 @@ def test_socket_activated_destination_serves_a_migration(
     # ListenStream=49160 with BindIPv6Only=both, i.e. [::]:49160 taking IPv4
     # peers too. The tool passes only the environment it is told to.
     listen = f"{address}:{port}" if form == "address" else f"[::]:{port}"
+    notify = NotifySocket(tmp_path / "notify.sock")
     argv = ["systemd-socket-activate", "-l", listen,
             "--setenv=FERRY_JOURNAL_SOCKET=/nonexistent",
+            f"--setenv=NOTIFY_SOCKET={notify.path}",
             agent_binary("destination"), "--config", str(b.config_path), "--debug"]  # fmt: skip
     proc = spawn(b, "destination", argv, agent_env())
     wait_until(lambda: f"Listening on {listen} as 3." in b.agent_log("destination")
@@ -374,6 +376,13 @@ def test_socket_activated_destination_serves_a_migration(
         log = b.agent_log("destination")
         assert "Communication attempt on fd 3" in log, log
         assert "listening on the socket systemd passed (socket activation)" in log, log
+        # STATUS= followed the incoming migration: one in, then none.
+        statuses = [m.fields["STATUS"] for m in notify.wait_for(
+            lambda ms: any(m.fields.get("STATUS", "").startswith("0 migration(s) in")
+                           for m in ms[1:]), 20, "STATUS after the migration")
+            if "STATUS" in m]  # fmt: skip
+        assert any(st.startswith("1 migration(s) in (0 tunnelled)") for st in statuses), statuses
+        notify.close()
         # The tool exec'd the agent in its place: same pid, LISTEN_PID matched.
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert any(arg.endswith(b"ferry-destination") for arg in cmdline), cmdline
