@@ -32,12 +32,11 @@ import os
 import re
 import shutil
 import signal
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standins import write_systemd_run
 
 import testguest
 from cluster import Cluster, HostEnv, guest_xml, wait_until
@@ -47,37 +46,13 @@ pytestmark = pytest.mark.e2e
 QEMU = shutil.which("qemu-system-x86_64")
 UNIT_RE = re.compile(r"ferry-qemu-(?P<name>.+)-[0-9a-f]{8}\.scope")
 
-_STANDIN = textwrap.dedent(
-    """\
-    #!{python}
-    # Stand-in for systemd-run --scope (see tests/e2e/test_scope.py).
-    import json, os, sys
-    args = sys.argv[1:]
-    if args == ["--version"]:
-        print("systemd 252 (252-stand-in)")
-        sys.exit(0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    if os.path.exists(os.path.join(here, "fail")):
-        print("Failed to connect to bus: No such file or directory", file=sys.stderr)
-        sys.exit(1)
-    cut = args.index("--")
-    unit = [a.split("=", 1)[1] for a in args[:cut] if a.startswith("--unit=")][0]
-    with open(os.path.join(here, "calls.jsonl"), "a") as log:
-        log.write(json.dumps({{"pid": os.getpid(), "argv": sys.argv}}) + "\\n")
-    print("Running scope as unit: " + unit, file=sys.stderr, flush=True)
-    os.environ["FERRY_STANDIN_PID"] = str(os.getpid())
-    os.execvp(args[cut + 1], args[cut + 1:])
-    """
-)
 
 
 def _use_standin(host: HostEnv) -> Path:
     """Configure ``host`` for scope mode with the stand-in first on its agents' PATH."""
     bindir = host.root / "standin"
     bindir.mkdir()
-    script = bindir / "systemd-run"
-    script.write_text(_STANDIN.format(python=sys.executable))
-    script.chmod(0o755)
+    write_systemd_run(bindir)
     host.write_config(**{"qemu.cgroup": "scope"})
     # A dict of its own: the cluster's hosts share one agent_env by default.
     host.agent_env = {**host.agent_env, "PATH": f"{bindir}:{os.environ['PATH']}"}

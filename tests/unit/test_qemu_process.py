@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from standins import write_systemd_run
 
 from ferry.errors import QemuLaunchError, QMPError
 from ferry.qemu import DISCONNECTED, QMP, QemuProcess, launch, read_start_time, reconnect
@@ -379,27 +380,6 @@ async def test_close_while_waiting_for_exit(vm: VM) -> None:
 # what follows "--" in its own process, as systemd-run does. What runs is a
 # real qemu; the cgroup move itself is systemd's and is not exercised.
 
-_STANDIN = textwrap.dedent(
-    """\
-    #!{python}
-    import json, os, sys
-    args = sys.argv[1:]
-    if args == ["--version"]:
-        print("systemd 252 (252-stand-in)")
-        sys.exit(0)
-    here = os.path.dirname(os.path.abspath(__file__))
-    if os.path.exists(os.path.join(here, "fail")):
-        print("Failed to connect to bus: No such file or directory", file=sys.stderr)
-        sys.exit(1)
-    cut = args.index("--")
-    unit = [a.split("=", 1)[1] for a in args[:cut] if a.startswith("--unit=")][0]
-    with open(os.path.join(here, "calls.jsonl"), "a") as log:
-        log.write(json.dumps({{"pid": os.getpid(), "argv": sys.argv}}) + "\\n")
-    print("Running scope as unit: " + unit, file=sys.stderr, flush=True)
-    os.environ["FERRY_STANDIN_PID"] = str(os.getpid())
-    os.execvp(args[cut + 1], args[cut + 1:])
-    """
-)
 
 
 @pytest.fixture
@@ -409,9 +389,7 @@ def standin(monkeypatch: pytest.MonkeyPatch, vm: VM) -> Path:
 
     d = vm.dir / "bin"
     d.mkdir()
-    script = d / "systemd-run"
-    script.write_text(_STANDIN.format(python=sys.executable))
-    script.chmod(0o755)
+    write_systemd_run(d)
     monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setattr(scope_mod, "_versions", {})
     return d
