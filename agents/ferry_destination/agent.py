@@ -259,7 +259,7 @@ class DestinationAgent:
                 Identity(name=domain.name, uuid=domain.uuid, hostname=self.config.host.name,
                          host_uuid=self.config.host.uuid, migration_id=identity.migration_id)
             )  # fmt: skip
-            graphics = await self._graphics(domain, proc)
+            graphics = await self._graphics(domain, proc, reached)
             if graphics is not None:
                 reply = reply.with_graphics(graphics)
             answer: dict[str, Any] = {"uri": uri, "cookie": reply.encode(), "name": domain.name}
@@ -381,7 +381,14 @@ class DestinationAgent:
             raise
         return proc, uri
 
-    async def _graphics(self, domain: Domain, proc: QemuProcess) -> Graphics | None:
+    async def _graphics(
+        self, domain: Domain, proc: QemuProcess, reached: str | None = None
+    ) -> Graphics | None:
+        """The graphics port and address clients must use here (for the cookie).
+
+        A wildcard listen address is no address a client can connect to:
+        like libvirt, advertise the address the source reached us on.
+        """
         if not domain.graphics:
             return None
         g = domain.graphics[0]
@@ -392,6 +399,8 @@ class DestinationAgent:
                 if isinstance(info, dict) and info.get("service"):
                     port = int(info["service"])
         listen = g.listen or self.config.destination.migration_address
+        if listen in ("0.0.0.0", "::", "[::]") and reached:
+            listen = reached
         return Graphics(type=g.type, port=port or 0, tls_port=g.tls_port, listen=listen)
 
     async def _watchdog(self, incoming: Incoming, session: Session) -> None:

@@ -546,12 +546,18 @@ class MigrationDriver:
             await set_params(proc.qmp, tuning)
             graphics = dest_cookie.graphics
             if graphics is not None and graphics.type == "spice" and graphics.port:
-                with contextlib.suppress(FerryError):
+                # Connected SPICE clients reconnect to the destination by
+                # themselves at switchover; a failure here costs them only that.
+                try:
                     await proc.qmp.execute("client_migrate_info", {
                         "protocol": "spice", "hostname": graphics.listen or "",
                         "port": graphics.port,
                         **({"tls-port": graphics.tls_port} if graphics.tls_port else {}),
                     })  # fmt: skip
+                    log.info("spice clients told to follow to %s:%d", graphics.listen,
+                             graphics.port)  # fmt: skip
+                except FerryError as exc:
+                    log.warning("spice clients cannot be told where to go: %s", exc)
             if not flags & MigrationFlags.LIVE and was_running:
                 await proc.qmp.execute("stop")
         account = TransferAccount()

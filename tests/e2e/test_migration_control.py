@@ -476,3 +476,36 @@ def test_jobinfo_setspeed_setmaxdowntime_during_migration(
     assert_moved(cluster, serial)
     # And nothing to tune any more.
     refused(b.ferryctl("migrate-setspeed", "g1", "64"), "job", NO_MIGRATION)
+
+
+def listening_tcp_ports(host: HostEnv) -> set[int]:
+    """TCP ports listening in ``host``'s namespace."""
+    out = subprocess.run(host.ns.exec_argv(["ss", "-Hltn"]), capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.split()}
+
+
+def test_spice_clients_are_told_where_the_guest_went(
+    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    """The destination's SPICE port and address come back in the cookie and the
+    source hands them to qemu (client_migrate_info). The guest listens on the
+    wildcard address, so B advertises the address A reached it on."""
+    a, b = cluster.a, cluster.b
+    cluster.start()
+    spice = "<graphics type='spice' port='5930' autoport='no' listen='0.0.0.0'/>"
+    define_and_start(a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type,
+                                            extra_devices=spice))  # fmt: skip
+    serial = testguest.SerialReader(a.serial_socket("g1"))
+    try:
+        serial.wait_for_boot(timeout=60)
+        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
+        assert 5930 in listening_tcp_ports(a)
+        result = migrate(a, "g1", b)
+        assert result.returncode == 0, result.stderr + cluster.logs()
+        assert_moved(cluster, serial)
+        assert 5930 in listening_tcp_ports(b), "no SPICE server on B"
+        log = a.agent_log("source")
+        assert f"spice clients told to follow to {b.ns.address}:5930" in log, log
+    finally:
+        serial.close()
