@@ -38,7 +38,6 @@ from ferry.errors import (
     MigrationRefused,
     MigrationTimeout,
     PhaseError,
-    TunnelError,
 )
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.host import Host
@@ -371,9 +370,7 @@ class DestinationAgent:
                 return proc, "tunnel"
             host = f"[{address}]" if ":" in address else address
             await proc.qmp.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
-            advertised = address
-            if address in ("0.0.0.0", "::", "") and reached:
-                advertised = reached
+            advertised = _advertised(address, reached)
             advertised = f"[{advertised}]" if ":" in advertised else advertised
             uri = f"tcp:{advertised}:{port}"
         except BaseException:
@@ -398,9 +395,7 @@ class DestinationAgent:
                 info = await proc.qmp.execute("query-vnc")
                 if isinstance(info, dict) and info.get("service"):
                     port = int(info["service"])
-        listen = g.listen or self.config.destination.migration_address
-        if listen in ("0.0.0.0", "::", "[::]") and reached:
-            listen = reached
+        listen = _advertised(g.listen or self.config.destination.migration_address, reached)
         return Graphics(type=g.type, port=port or 0, tls_port=g.tls_port, listen=listen)
 
     async def _watchdog(self, incoming: Incoming, session: Session) -> None:
@@ -516,10 +511,8 @@ class DestinationAgent:
         """The TLS endpoint of data connections, made on first use (certificates read once)."""
         with self._endpoint_lock:
             if self._endpoint is None:
-                tls = self.config.tls
-                assert tls is not None
-                files = TLSFiles(ca=tls.ca, cert=tls.cert, key=tls.key)
-                self._endpoint = make_endpoint(files, server=True)
+                assert self.config.tls is not None
+                self._endpoint = make_endpoint(self.config.tls, server=True)
             return self._endpoint
 
     def _serve_data(self, conn: socket.socket) -> None:
@@ -541,17 +534,7 @@ class DestinationAgent:
             return
         tunnel = grant.sink
         tunnel.set.adopt_current_thread()
-        tunnel.set.add(channel)
-        try:
-            channel.run(local)
-        except Exception as exc:
-            if not tunnel.set.stopping.is_set():
-                tunnel.set.fail(TunnelError(f"tunnel channel {channel.index} of "
-                                            f"'{tunnel.name}': {exc}"))  # fmt: skip
-        finally:
-            tunnel.set.release(channel)
-            channel.close()
-            local.close()
+        tunnel.set.carry(channel, local)
 
     async def _wait_incoming(self, incoming: Incoming) -> dict[str, int | float]:
         """Wait until qemu has received the whole stream."""
@@ -629,6 +612,17 @@ def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
             raise MigrationRefused(f"migrate URI {uri!r}: bad port {port_text!r}")
         return host, int(port_text)
     return host, None
+
+
+def _advertised(address: str, reached: str | None) -> str:
+    """The address to give a peer for something listening on ``address`` here.
+
+    A wildcard (or empty) address is nothing a peer can connect to; the
+    address the source's control connection ``reached`` certainly is.
+    """
+    if address.strip("[]") in ("", "0.0.0.0", "::") and reached:
+        return reached
+    return address
 
 
 def _unmapped(address: str) -> str:

@@ -115,7 +115,6 @@ class PeerListener:
         self._limit = limit
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
-        self._transports: list[asyncio.BaseTransport] = []
 
     def start(self) -> None:
         """Start accepting."""
@@ -179,15 +178,13 @@ class PeerListener:
                 return asyncio.StreamReaderProtocol(reader, self._on_control)
 
             try:
-                transport, _ = await loop.connect_accepted_socket(
+                await loop.connect_accepted_socket(
                     factory, sock=conn, ssl=self._ssl, ssl_handshake_timeout=SNIFF_TIMEOUT
                 )
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 log.warning("peer TLS handshake failed: %s", exc)
                 conn.close()
                 return
-            self._transports = [t for t in self._transports if not t.is_closing()]
-            self._transports.append(transport)
             return
         if head == PREAMBLE:
             conn.recv(len(PREAMBLE))

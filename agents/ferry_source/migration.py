@@ -735,7 +735,6 @@ class MigrationDriver:
         if not isinstance(grant, dict) or not isinstance(grant.get("token"), str):
             raise MigrationFailed("the destination did not prepare a tunnel (no token)")
         assert config.tls is not None
-        files = TLSFiles(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
         loop = asyncio.get_running_loop()
 
         def broken(error: FerryError) -> None:
@@ -749,7 +748,7 @@ class MigrationDriver:
         tunnel = SourceTunnel(
             name=out.name,
             socket_path=config.paths.tunnel_dir / f"{out.migration_id[:16]}.sock",
-            endpoint=make_endpoint(files, server=False),
+            endpoint=make_endpoint(config.tls, server=False),
             host=host,
             port=port,
             token=grant["token"],

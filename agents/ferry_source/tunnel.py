@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.errors import FerryError
-from ferry.tunnel.channel import ChannelSet, map_error, open_channel
+from ferry.tunnel.channel import ChannelSet, open_channel
 
 __all__ = ["SourceTunnel"]
 
@@ -96,21 +96,15 @@ class SourceTunnel:
             channel = open_channel(self._endpoint, self._host, self._port, token=self._token,
                                    index=index, mode=self.mode,
                                    stopped=self.set.stopping)  # fmt: skip
-            self.set.add(channel)
-            try:
-                channel.run(qemu_side)
-            finally:
-                self.set.release(channel)
-                channel.close()
         except Exception as exc:
             # Recorded before qemu's socket closes: the perform loop must
             # see our reason, not only qemu's "broken pipe".
-            if not self.set.stopping.is_set():
-                self.set.fail(map_error(exc, f"tunnel channel {index} of '{self.name}'"))
-            raise
-        finally:
-            # qemu sees its stream end: on failure its migration fails at once.
+            self.set.fail_unless_stopping(exc, index)
             qemu_side.close()
+            return
+        # qemu sees its stream end when this returns: on failure its
+        # migration fails at once.
+        self.set.carry(channel, qemu_side)
 
     def bytes(self) -> tuple[int, int]:
         """(bytes sent to the destination, bytes received) through the tunnel."""

@@ -342,10 +342,7 @@ class ChannelSet:
         try:
             body()
         except BaseException as exc:
-            if self._stopping.is_set():
-                return
-            error = map_error(exc, f"tunnel channel {index} of '{self.name}'")
-            self.fail(error)
+            self.fail_unless_stopping(exc, index)
 
     def fail(self, error: FerryError) -> None:
         """Record the first error, stop every channel, tell the owner."""
@@ -367,6 +364,28 @@ class ChannelSet:
             stop = self._stopping.is_set()
         if stop:
             channel.stop()
+
+    def carry(self, channel: DataChannel, local: socket.socket) -> None:
+        """Relay ``channel`` ↔ ``local`` on the calling thread until it ends, then free both.
+
+        A failure is recorded (the first one wins) before ``local`` closes, so
+        whoever watches that end (qemu, and through it the agent) learns our
+        reason, not only a broken pipe.
+        """
+        self.add(channel)
+        try:
+            channel.run(local)
+        except Exception as exc:
+            self.fail_unless_stopping(exc, channel.index)
+        finally:
+            self.release(channel)
+            channel.close()
+            local.close()
+
+    def fail_unless_stopping(self, exc: BaseException, index: int) -> None:
+        """Record ``exc`` of channel ``index`` as the set's failure, unless we are stopping."""
+        if not self._stopping.is_set():
+            self.fail(map_error(exc, f"tunnel channel {index} of '{self.name}'"))
 
     def release(self, channel: DataChannel) -> None:
         """Forget a finished channel, keeping its byte counts."""

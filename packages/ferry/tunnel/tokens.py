@@ -68,12 +68,13 @@ class TokenBook(Generic[T]):
 
     def redeem(self, token: str, channel: int, mode: str) -> TunnelGrant[T]:
         """Admit one data connection; raise :class:`~ferry.errors.AuthError` saying why not."""
+        key = _digest(token)
         with self._lock:
-            grant = self._grants.get(_digest(token))
+            grant = self._grants.get(key)
             if grant is None:
                 raise AuthError("tunnel token unknown (never issued, revoked, or already ended)")
             if self._clock() > grant.expires_at:
-                del self._grants[_digest(token)]
+                del self._grants[key]
                 raise AuthError(f"tunnel token for '{grant.name}' expired")
             if not 0 <= channel < grant.channels:
                 raise AuthError(
