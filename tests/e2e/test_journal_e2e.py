@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from test_migration import boot_guest
 
 import testguest
 from cluster import Cluster, HostEnv, guest_xml
@@ -107,18 +108,7 @@ def second_journald(journald: PrivateJournal) -> Iterator[PrivateJournal]:
 
 
 def start_guest(host: HostEnv, tmp: Path, kernel: Path, virt_type: str) -> testguest.SerialReader:
-    path = tmp / "g1.xml"
-    path.write_text(guest_xml("g1", kernel, virt_type=virt_type))
-    host.ferryctl("define", str(path), check=True)
-    host.ferryctl("start", "g1", check=True)
-    serial = testguest.SerialReader(host.serial_socket("g1"))
-    try:
-        serial.wait_for_boot(timeout=60)
-        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
-    except BaseException:
-        serial.close()
-        raise
-    return serial
+    return boot_guest(host, tmp, guest_xml("g1", kernel, virt_type=virt_type))
 
 
 def migrate(host: HostEnv, dest: HostEnv) -> tuple[subprocess.CompletedProcess[str], list[Entry]]:

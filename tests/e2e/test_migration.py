@@ -31,16 +31,29 @@ def define_and_start(host: HostEnv, tmp: Path, xml: str, name: str = "g1") -> No
     host.ferryctl("start", name, check=True)
 
 
+def boot_guest(host: HostEnv, tmp: Path, xml: str, name: str = "g1") -> testguest.SerialReader:
+    """Define and start ``xml`` on ``host``; its serial reader once the guest reports.
+
+    The reader is closed again if the guest does not come up.
+    """
+    define_and_start(host, tmp, xml, name)
+    serial = testguest.SerialReader(host.serial_socket(name))
+    try:
+        serial.wait_for_boot(timeout=60)
+        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
+    except BaseException:
+        serial.close()
+        raise
+    return serial
+
+
 @pytest.fixture
 def running_guest(
     two_hosts: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
 ) -> Iterator[testguest.SerialReader]:
     """g1 running on host A with its serial reader attached and reporting."""
-    define_and_start(two_hosts.a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type))
-    serial = testguest.SerialReader(two_hosts.a.serial_socket("g1"))
+    serial = boot_guest(two_hosts.a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type))
     try:
-        serial.wait_for_boot(timeout=60)
-        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
         yield serial
     finally:
         serial.close()
@@ -250,11 +263,8 @@ def dirtying_guest(
     xml = guest_xml(
         "g1", guest_kernel, virt_type=virt_type, mem_mib=256, wss_mib=64, rate_mib_s=200
     )
-    define_and_start(two_hosts.a, tmp_path, xml)
-    serial = testguest.SerialReader(two_hosts.a.serial_socket("g1"))
+    serial = boot_guest(two_hosts.a, tmp_path, xml)
     try:
-        serial.wait_for_boot(timeout=60)
-        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
         yield serial
     finally:
         serial.close()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_migration import boot_guest
 
 import testguest
 from cluster import Cluster, HostEnv, guest_xml, wait_until
@@ -106,23 +107,13 @@ def accepts_tcp(host: HostEnv, address: str, port: int) -> bool:
     return result.returncode == 0
 
 
-def define_and_start(host: HostEnv, tmp: Path, xml: str, name: str = "g1") -> None:
-    path = tmp / f"{name}.xml"
-    path.write_text(xml)
-    host.ferryctl("define", str(path), check=True)
-    host.ferryctl("start", name, check=True)
-
-
 @contextlib.contextmanager
 def running_guest(
     host: HostEnv, tmp: Path, kernel: Path, virt_type: str
 ) -> Iterator[testguest.SerialReader]:
     """g1 running on ``host``, its serial port read and reporting."""
-    define_and_start(host, tmp, guest_xml("g1", kernel, virt_type=virt_type))
-    serial = testguest.SerialReader(host.serial_socket("g1"))
+    serial = boot_guest(host, tmp, guest_xml("g1", kernel, virt_type=virt_type))
     try:
-        serial.wait_for_boot(timeout=60)
-        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
         yield serial
     finally:
         serial.close()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_migration import assert_moved, assert_stayed, define_and_start, events, migrate, refused
+from test_migration import assert_moved, assert_stayed, boot_guest, events, migrate, refused
 
 import testguest
 from cluster import AGENT_PORT, Cluster, HostEnv, guest_xml, wait_until
@@ -87,11 +87,7 @@ def two_hosts(cluster: Cluster) -> Cluster:
 def start_guest(
     cluster: Cluster, tmp: Path, kernel: Path, virt_type: str, **xml: int
 ) -> testguest.SerialReader:
-    define_and_start(cluster.a, tmp, guest_xml("g1", kernel, virt_type=virt_type, **xml))
-    serial = testguest.SerialReader(cluster.a.serial_socket("g1"))
-    serial.wait_for_boot(timeout=60)
-    serial.wait_for(lambda r: r.counter >= 2, timeout=60)
-    return serial
+    return boot_guest(cluster.a, tmp, guest_xml("g1", kernel, virt_type=virt_type, **xml))
 
 
 @pytest.fixture
