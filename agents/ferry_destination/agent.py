@@ -27,7 +27,7 @@ from typing import Any
 from ferry import sdnotify
 from ferry.acl import check_access
 from ferry.config import AgentConfig
-from ferry.daemon import admit_local, open_admin_socket
+from ferry.daemon import admit_local, authorize_peer_ops, open_admin_socket
 from ferry.domain import Domain, check_abi_stability, format_domain, parse_domain
 from ferry.errors import (
     ConfigError,
@@ -49,7 +49,8 @@ from ferry.qemu import QemuProcess, query_migrate, set_caps, set_params
 from ferry.rpc import RequestContext, Server, Session, make_hello
 from ferry.tls import TLSFiles, server_context
 from ferry.tunnel import TokenBook
-from ferry.tunnel.channel import accept_channel, make_endpoint, name_os_thread
+from ferry.tunnel.accept import PendingChannel
+from ferry.tunnel.channel import make_endpoint, name_os_thread
 from ferry_destination.tunnel import IncomingTunnel, PeerListener
 
 __all__ = ["DestinationAgent"]
@@ -128,10 +129,12 @@ class DestinationAgent:
         self.host.ensure_dirs()
         await self.recover()
         server = Server(self.hello, self.handlers(), max_frame=self.config.max_frame,
-                        admit=admit_local(self.config))  # fmt: skip
+                        admit=admit_local(self.config),
+                        authorize=authorize_peer_ops(self.config))  # fmt: skip
         ssl_ctx = self._tls()
-        tcp = PeerListener(self._listen_socket(), ssl_ctx, server.handle_stream,
-                           self._serve_data, limit=self.config.max_frame * 2)  # fmt: skip
+        tcp = PeerListener(self._listen_socket(), ssl_ctx, self.config,
+                           on_control=server.handle_stream, on_data=self._serve_data,
+                           endpoint=self._tunnel_endpoint, tokens=self.tokens)  # fmt: skip
         tcp.start()
         admin = await open_admin_socket(
             self.config.destination.admin_socket, self.config.admin_group,
@@ -515,20 +518,13 @@ class DestinationAgent:
                 self._endpoint = make_endpoint(self.config.tls, server=True)
             return self._endpoint
 
-    def _serve_data(self, conn: socket.socket) -> None:
-        """Thread: authenticate one tunnel data connection, then relay it to qemu."""
+    def _serve_data(self, pending: PendingChannel) -> None:
+        """Thread: an authenticated tunnel data connection: connect it to qemu, relay."""
         name_os_thread()
         try:
-            endpoint = self._tunnel_endpoint()
-        except Exception as exc:
-            log.error("tunnel data connection dropped: no TLS endpoint (%s)", exc)
-            conn.close()
-            return
-        try:
-            channel, grant, local = accept_channel(
-                endpoint, conn, self.tokens,
-                lambda grant, index: grant.sink.connect_qemu(index),
-            )  # fmt: skip
+            channel, grant, local = pending.complete(
+                lambda grant, index: grant.sink.connect_qemu(index)
+            )
         except FerryError as exc:
             log.warning("tunnel data connection refused: %s", exc)
             return

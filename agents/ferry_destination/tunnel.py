@@ -5,7 +5,8 @@ TLS from the first byte, served by :class:`ferry.rpc.Server`) and tunnel
 data connections, which announce themselves with
 :data:`ferry.tunnel.wire.PREAMBLE` before their own TLS handshake, done by
 ``ferry_native`` so that the bulk data never passes through Python's event
-loop.  :class:`PeerListener` tells them apart by peeking at the first bytes.
+loop.  :class:`PeerListener` tells them apart by peeking at the first bytes,
+and holds both to the pre-authentication limits of :mod:`ferry.preauth`.
 
 :class:`IncomingTunnel` is one incoming migration's side: the incoming qemu
 listens on a unix socket (mode 0600, in the run directory), and each
@@ -23,16 +24,22 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from ferry.errors import TunnelError
+from ferry.acl import Subject, check_access
+from ferry.config import AgentConfig
+from ferry.errors import FerryError, TunnelError
+from ferry.preauth import AdmissionGate, Ticket, TicketedHandler, accept_tls
+from ferry.tls import PeerIdentity, check_peer_allowed
+from ferry.tunnel.accept import PendingChannel, authenticate
 from ferry.tunnel.channel import ChannelSet
+from ferry.tunnel.tokens import TokenBook, TunnelGrant
 from ferry.tunnel.wire import PREAMBLE, TLS_HANDSHAKE_RECORD
 
 __all__ = ["IncomingTunnel", "PeerListener"]
 
 log = logging.getLogger("ferry.destination.tunnel")
 
-SNIFF_TIMEOUT = 15.0
 CONNECT_ORDER_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 10.0
 
@@ -97,32 +104,57 @@ class IncomingTunnel:
 
 
 class PeerListener:
-    """Accepts on the peer port and routes each connection by its first bytes."""
+    """Accepts on the peer port and routes each connection by its first bytes.
+
+    Nothing a connection does before it authenticated costs a thread or a
+    large buffer (:mod:`ferry.preauth`): the first bytes are peeked at from
+    the event loop, control connections do their TLS handshake in asyncio
+    (small receive buffer) and data connections in ``ferry_native`` driven
+    from the loop (:func:`ferry.tunnel.accept.authenticate`).  At most
+    ``[limits] max_unauthenticated`` connections are in that state at once,
+    each until ``handshake_timeout_s``; only an authenticated data
+    connection gets its thread (``on_data``).
+    """
 
     def __init__(
         self,
         sock: socket.socket,
         ssl_context: ssl.SSLContext,
-        on_control: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-        on_data: Callable[[socket.socket], None],
+        config: AgentConfig,
         *,
-        limit: int,
+        on_control: TicketedHandler,
+        on_data: Callable[[PendingChannel], None],
+        endpoint: Callable[[], Any],
+        tokens: TokenBook[Any],
     ) -> None:
         self._sock = sock
         self._ssl = ssl_context
+        self._config = config
         self._on_control = on_control
         self._on_data = on_data
-        self._limit = limit
+        self._endpoint = endpoint
+        self._tokens = tokens
+        self._limit = config.max_frame * 2
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self.gate: AdmissionGate | None = None
 
     def start(self) -> None:
-        """Start accepting."""
+        """Start accepting (and say who may connect)."""
+        allowed = self._config.peers.allowed
+        if allowed:
+            log.info("peer port: only hosts whose certificate names match [peers] allowed "
+                     "may connect: %s", ", ".join(allowed))  # fmt: skip
+        else:
+            log.warning("peer port: [peers] allowed is empty: every host with a certificate "
+                        "signed by our CA may connect")  # fmt: skip
+        self.gate = AdmissionGate("peer port", self._config.limits, log)
         self._sock.setblocking(False)
         self._task = asyncio.create_task(self._accept(), name="peer-accept")
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self.gate is not None
         while True:
             try:
                 conn, _addr = await loop.sock_accept(self._sock)
@@ -131,24 +163,26 @@ class PeerListener:
                 log.error("accept on the peer port failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.create_task(self._dispatch(conn))
+            ticket = self.gate.admit()
+            if ticket is None:
+                conn.close()
+                continue
+            task = asyncio.create_task(self._dispatch(conn, ticket))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
     async def _sniff(self, conn: socket.socket) -> bytes:
-        """Peek until the kind of connection is known (or the peer gives up)."""
+        """Peek until the kind of connection is known (the caller bounds the wait)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SNIFF_TIMEOUT
         while True:
             try:
                 head = conn.recv(len(PREAMBLE), socket.MSG_PEEK)
             except BlockingIOError:
                 head = None
-            if head is not None:
-                if not head or head[0] == TLS_HANDSHAKE_RECORD or len(head) >= len(PREAMBLE):
-                    return head
-                if not PREAMBLE.startswith(head):
-                    return head
+            if head is not None and (
+                not head or len(head) >= len(PREAMBLE) or not PREAMBLE.startswith(head)
+            ):
+                return head
             readable: asyncio.Future[None] = loop.create_future()
 
             def ready(fut: asyncio.Future[None] = readable) -> None:
@@ -158,51 +192,96 @@ class PeerListener:
 
             loop.add_reader(conn.fileno(), ready)
             try:
-                await asyncio.wait_for(readable, max(deadline - loop.time(), 0))
+                await readable
             finally:
                 loop.remove_reader(conn.fileno())
-            if head is not None and loop.time() > deadline:
-                return head
 
-    async def _dispatch(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    async def _dispatch(self, conn: socket.socket, ticket: Ticket) -> None:
+        gate = ticket.gate
+        handed_over = False
         try:
-            head = await self._sniff(conn)
-        except (TimeoutError, OSError):
-            conn.close()
-            return
-        if head[:1] == bytes([TLS_HANDSHAKE_RECORD]):
-
-            def factory() -> asyncio.StreamReaderProtocol:
-                reader = asyncio.StreamReader(limit=self._limit)
-                return asyncio.StreamReaderProtocol(reader, self._on_control)
-
             try:
-                await loop.connect_accepted_socket(
-                    factory, sock=conn, ssl=self._ssl, ssl_handshake_timeout=SNIFF_TIMEOUT
-                )
-            except (OSError, ssl.SSLError, TimeoutError) as exc:
-                log.warning("peer TLS handshake failed: %s", exc)
+                async with asyncio.timeout_at(ticket.deadline):
+                    head = await self._sniff(conn)
+            except TimeoutError:
+                gate.timed_out()
                 conn.close()
                 return
-            return
-        if head == PREAMBLE:
+            except OSError:
+                conn.close()
+                return
+            if head[:1] == bytes([TLS_HANDSHAKE_RECORD]):
+                handed_over = await self._control(conn, ticket)
+            elif head == PREAMBLE:
+                await self._data(conn, ticket)
+            else:
+                if head:
+                    gate.failed("a connection that is neither TLS nor a tunnel preamble")
+                conn.close()
+        finally:
+            if not handed_over:
+                ticket.release()
+
+    async def _control(self, conn: socket.socket, ticket: Ticket) -> bool:
+        """TLS in the loop; True once the hello is up to ``on_control`` (it owns the ticket)."""
+
+        def connected(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> Awaitable[None]:
+            return self._on_control(r, w, ticket=ticket)
+
+        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=self._limit), connected)
+        try:
+            await accept_tls(conn, self._ssl, protocol, timeout=ticket.remaining())
+        except TimeoutError:
+            ticket.gate.timed_out()
+            conn.close()
+            return False
+        except (OSError, ssl.SSLError) as exc:
+            ticket.gate.failed(f"TLS handshake failed: {exc}")
+            conn.close()
+            return False
+        return True
+
+    async def _data(self, conn: socket.socket, ticket: Ticket) -> None:
+        """Authenticate a data connection in the loop, then give it its thread."""
+        config = self._config
+
+        def check_peer(identity: PeerIdentity) -> None:
+            check_peer_allowed(identity, config.peers.allowed, host=config.host.name)
+
+        def check_grant(subject: Subject, grant: TunnelGrant[Any]) -> None:
+            check_access(config.acl, subject, "tunnel", grant.name)
+
+        try:
             conn.recv(len(PREAMBLE))
-            conn.setblocking(True)
-            thread = threading.Thread(target=self._on_data, args=(conn,),
-                                      name="tunnel-accept", daemon=True)  # fmt: skip
-            thread.start()
+            endpoint = self._endpoint()
+        except Exception as exc:
+            log.error("tunnel data connection dropped: %s", exc)
+            conn.close()
             return
-        if head:
-            log.warning("peer port: connection that is neither TLS nor a tunnel; closed")
-        conn.close()
+        try:
+            pending = await authenticate(
+                endpoint, conn, self._tokens, deadline=ticket.deadline,
+                check_peer=check_peer, check_grant=check_grant,
+            )  # fmt: skip
+        except TimeoutError:
+            ticket.gate.timed_out()
+            return
+        except FerryError as exc:
+            ticket.gate.failed(f"tunnel data connection refused: {exc}")
+            return
+        ticket.authenticated()
+        thread = threading.Thread(target=self._on_data, args=(pending,),
+                                  name="tunnel-accept", daemon=True)  # fmt: skip
+        thread.start()
 
     async def close(self) -> None:
-        """Stop accepting and drop connections still being sniffed."""
+        """Stop accepting and drop connections not yet authenticated."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for task in list(self._pending):
             task.cancel()
+        if self.gate is not None:
+            self.gate.close()
         self._sock.close()

@@ -35,6 +35,8 @@ class Subject:
     user: str | None = None
     groups: frozenset[str] = field(default_factory=frozenset)
     peer: str | None = None  # certificate common name of a peer agent
+    #: The peer certificate's DNS subjectAltNames (an ACL rule may name those too).
+    peer_names: tuple[str, ...] = ()
 
     @property
     def is_root(self) -> bool:
@@ -67,7 +69,8 @@ def subject_from_ucred(uid: int, gid: int) -> Subject:
 
 def _matches_subject(rule: ACLRule, subject: Subject) -> bool:
     if subject.kind == "peer":
-        return any(fnmatch.fnmatchcase(subject.peer or "", p) for p in rule.peers)
+        names = [n for n in (subject.peer, *subject.peer_names) if n] or [""]
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in rule.peers)
     if subject.user is not None and any(fnmatch.fnmatchcase(subject.user, p) for p in rule.users):
         return True
     return any(fnmatch.fnmatchcase(g, p) for g in subject.groups for p in rule.groups)

@@ -46,6 +46,15 @@ Example::
     # (the scope already gets DevicePolicy=closed and the units' DeviceAllow=):
     scope_properties = ["DeviceAllow=block-sd rw"]
 
+    [limits]
+    max_frame = 1048576           # bytes of one wire frame
+    max_unauthenticated = 64      # per listening socket; more are closed at once
+    handshake_timeout_s = 5       # accept -> TLS handshake and hello done
+    frame_read_timeout_s = 30     # a started frame must be complete by then
+
+    [peers]
+    allowed = ["hv-a", "hv-*.example.org"]   # certificate CN or DNS SAN; [] = any host of the CA
+
     [[acl]]
     groups = ["ferry"]
     ops = ["*"]
@@ -70,7 +79,9 @@ __all__ = [
     "AgentConfig",
     "DestinationConfig",
     "HostConfig",
+    "LimitsConfig",
     "PathsConfig",
+    "PeersConfig",
     "QemuConfig",
     "TLSConfig",
     "TestingConfig",
@@ -204,6 +215,40 @@ class ACLRule:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What a connection may cost before and after it authenticated ([limits]).
+
+    Before authentication (TLS handshake, peer allow-list, ``hello``) a
+    connection holds no thread and no large buffer, at most
+    ``max_unauthenticated`` of them exist per listening socket (more are
+    accepted and closed at once), and each has ``handshake_timeout_s`` to
+    authenticate.  Afterwards a frame that has started must be complete
+    within ``frame_read_timeout_s``.
+    """
+
+    #: Concurrent unauthenticated connections per listening socket.
+    max_unauthenticated: int = 64
+    #: Seconds from accept to a completed TLS handshake and hello.
+    handshake_timeout_s: float = 5.0
+    #: Seconds an authenticated peer has to finish a frame it started.
+    frame_read_timeout_s: float = 30.0
+    #: Seconds between two "refused N connections" log lines.
+    refusal_log_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """Which peer hosts may connect at all ([peers]).
+
+    ``allowed`` holds certificate names (the common name or a DNS
+    subjectAltName; shell-style patterns).  Empty: every host whose
+    certificate our CA signed (the agent logs that at start-up).
+    """
+
+    allowed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TestingConfig:
     """Fault injection used only by the test suite; all off by default."""
 
@@ -224,6 +269,8 @@ class AgentConfig:
     acl: tuple[ACLRule, ...] = ()
     migrate_hook: Path | None = None
     max_frame: int = 1 << 20
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
     source_path: Path | None = None
 
@@ -439,7 +486,14 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
     max_frame = limits_s.get("max_frame", int, 1 << 20)
     if not 4096 <= max_frame <= 64 << 20:
         raise ConfigError("[limits] max_frame must be within 4096..67108864")
+    limits = _parse_limits(limits_s)
     limits_s.finish()
+
+    peers_s = _Section(top.get("peers", dict, {}), "peers")
+    peers = PeersConfig(allowed=_str_tuple(peers_s, "allowed", ()))
+    if any(not name.strip() for name in peers.allowed):
+        raise ConfigError("[peers] allowed: names must not be empty")
+    peers_s.finish()
 
     testing_s = _Section(top.get("testing", dict, {}), "testing")
     testing = TestingConfig(fail_cpu_start=bool(testing_s.get("fail_cpu_start", bool, False)))
@@ -457,9 +511,26 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         acl=tuple(rules),
         migrate_hook=migrate_hook,
         max_frame=max_frame,
+        limits=limits,
+        peers=peers,
         testing=testing,
         source_path=source_path,
     )
+
+
+def _parse_limits(section: _Section) -> LimitsConfig:
+    """The pre-authentication and frame-deadline keys of [limits]."""
+    defaults = LimitsConfig()
+    cap = section.get("max_unauthenticated", int, defaults.max_unauthenticated)
+    if not 1 <= cap <= 65536:
+        raise ConfigError("[limits] max_unauthenticated must be within 1..65536")
+    seconds: dict[str, float] = {}
+    for key in ("handshake_timeout_s", "frame_read_timeout_s", "refusal_log_interval_s"):
+        value = float(section.get(key, (int, float), getattr(defaults, key)))
+        if not 0 < value <= 3600:
+            raise ConfigError(f"[limits] {key} must be > 0 and at most 3600 seconds")
+        seconds[key] = value
+    return LimitsConfig(max_unauthenticated=cap, **seconds)
 
 
 def load_config(path: Path) -> AgentConfig:

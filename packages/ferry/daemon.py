@@ -21,14 +21,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ferry import sdnotify
-from ferry.acl import Subject
-from ferry.config import AgentConfig, load_config
+from ferry.acl import Subject, check_access
+from ferry.config import AgentConfig, LimitsConfig, load_config
 from ferry.errors import AccessDenied, FerryError, NativeError
 from ferry.journal import setup_logging
+from ferry.preauth import AdmissionGate, TicketedHandler, set_process_limits
+from ferry.tls import PeerIdentity, check_peer_allowed
 
 __all__ = [
     "admit_local",
     "agent_main",
+    "authorize_peer_ops",
     "open_admin_socket",
     "require_native",
     "watchdog_loop",
@@ -56,10 +59,17 @@ def require_native() -> str:
 
 
 def admit_local(config: AgentConfig) -> Callable[[Subject], None]:
-    """Admin-socket admission: root and members of the admin group only."""
+    """Connection admission: on the admin sockets root and members of the admin
+    group only; on the peer port, hosts in ``[peers] allowed`` (all hosts of
+    the CA when the list is empty).
+    """
 
     def admit(subject: Subject) -> None:
-        if subject.kind != "local" or subject.is_root:
+        if subject.kind == "peer":
+            identity = PeerIdentity(common_name=subject.peer, dns_names=subject.peer_names)
+            check_peer_allowed(identity, config.peers.allowed, host=config.host.name)
+            return
+        if subject.is_root:
             return
         if config.admin_group and config.admin_group in subject.groups:
             return
@@ -71,25 +81,57 @@ def admit_local(config: AgentConfig) -> Callable[[Subject], None]:
     return admit
 
 
+def authorize_peer_ops(config: AgentConfig) -> Callable[[Subject, str], None]:
+    """Op-level ACL for peers (``ferry.rpc.Server(authorize=...)``).
+
+    Every op a peer calls (prepare, finish, journal_query, ...) is checked
+    against ``[[acl]]`` as the admin ops are; the handlers check the domain
+    again once they know it.  Local callers pass: their ops check the ACL
+    in the handlers, as before.
+    """
+
+    def authorize(subject: Subject, op: str) -> None:
+        if subject.kind == "peer":
+            check_access(config.acl, subject, op)
+
+    return authorize
+
+
 async def open_admin_socket(
     path: Path,
     group: str | None,
-    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    handler: TicketedHandler,
     *,
     limit: int,
+    limits: LimitsConfig | None = None,
 ) -> asyncio.Server:
     """Listen on a unix socket with mode 0660 owned by ``root:group``.
 
     The file mode is only the first gate: every connection's peer
-    credentials are checked again (:func:`admit_local`).
+    credentials are checked again (:func:`admit_local`).  Connections
+    that have not sent their hello count against ``limits``
+    (``[limits]`` of the process when not given): at most
+    ``max_unauthenticated`` at once, each until ``handshake_timeout_s``.
     """
+    gate = AdmissionGate(f"admin socket {path}", limits)
+
+    async def admitted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ticket = gate.admit()
+        if ticket is None:
+            writer.transport.abort()
+            return
+        try:
+            await handler(reader, writer, ticket=ticket)
+        finally:
+            ticket.release()
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             path.unlink()
     old_umask = os.umask(0o117)
     try:
-        server = await asyncio.start_unix_server(handler, path=str(path), limit=limit)
+        server = await asyncio.start_unix_server(admitted, path=str(path), limit=limit)
     finally:
         os.umask(old_umask)
     gid = -1
@@ -142,6 +184,7 @@ def agent_main(
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     setup_logging(name, level=logging.DEBUG if args.debug else logging.INFO, host=config.host.name)
+    set_process_limits(config.limits)
     # qemu.qmp logs every message at DEBUG and expected reconnect failures at
     # ERROR: keep our own debug output readable.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.acl import Subject, subject_from_ucred
 from ferry.errors import AuthError, FerryError, ProtocolError, UnknownOp
@@ -39,7 +39,12 @@ from ferry.protocol.messages import (
     Welcome,
 )
 from ferry.protocol.ops import validate_args
-from ferry.tls import as_auth_error
+from ferry.tls import as_auth_error, peer_identity
+
+if TYPE_CHECKING:
+    # Types only: ferryctl imports this module and never serves, so it need
+    # not load the config machinery that ferry.preauth pulls in.
+    from ferry.preauth import Ticket
 
 __all__ = [
     "FEATURES",
@@ -93,7 +98,6 @@ class RequestContext:
 
 
 Handler = Callable[[RequestContext, dict[str, Any]], Awaitable[dict[str, Any]]]
-TunnelHandler = Callable[["Session", Tunnel], Awaitable[None]]
 
 
 @dataclass
@@ -115,6 +119,9 @@ class Session:
     _closed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     close_error: BaseException | None = None
+    #: Seconds a started frame has to arrive completely (None: no deadline).
+    frame_timeout: float | None = None
+    _frame_started: float | None = None
 
     # -- sending ---------------------------------------------------------
 
@@ -176,7 +183,7 @@ class Session:
             while (msg := self.conn.next_event()) is not None:
                 self._route(msg, dispatch)
             while True:
-                data = await self.reader.read(READ_CHUNK)
+                data = await self._read_some()
                 if not data:
                     self.conn.receive_eof()
                     # Frames that arrived just before the end still count.
@@ -194,6 +201,39 @@ class Session:
             error = ProtocolError("connection closed")
         finally:
             self._finish(error)
+
+    async def _read_some(self) -> bytes:
+        """Read what arrived; a frame that started must end within ``frame_timeout``.
+
+        The deadline runs from the read that brought the frame's first
+        bytes, not from the last read: a peer dribbling a byte now and then
+        cannot hold the connection and its buffer forever.
+
+        Raises:
+            ProtocolError: the frame did not complete in time (the peer is
+                told why before the connection closes).
+        """
+        loop = asyncio.get_running_loop()
+        partial = self.conn.partial_frame
+        if not partial or self.frame_timeout is None:
+            self._frame_started = None
+            return await self.reader.read(READ_CHUNK)
+        if self._frame_started is None:
+            self._frame_started = loop.time()
+        try:
+            async with asyncio.timeout_at(self._frame_started + self.frame_timeout):
+                return await self.reader.read(READ_CHUNK)
+        except TimeoutError:
+            waited = loop.time() - self._frame_started
+            error = ProtocolError(
+                f"frame incomplete after {waited:.1f} s: {partial} byte(s) of it arrived, "
+                f"then nothing ([limits] frame_read_timeout_s = {self.frame_timeout:g})",
+                received=partial,
+            )
+            log.warning("dropping %s (%s): %s", self.subject.describe(),
+                        self.writer.get_extra_info("peername") or "local", error)  # fmt: skip
+            self.send_nowait(ErrorReply(id=None, error=error))
+            raise error from None
 
     def _route(
         self, msg: Message, dispatch: Callable[[Session, Request], Coroutine[Any, Any, None]] | None
@@ -422,16 +462,14 @@ async def connect_tcp(
 
 
 def peer_subject(writer: asyncio.StreamWriter) -> Subject:
-    """Who is on the other end: SO_PEERCRED for unix sockets, the cert CN for TLS."""
+    """Who is on the other end: SO_PEERCRED for unix sockets, the certificate for TLS."""
     sslobj = writer.get_extra_info("ssl_object")
     if sslobj is not None:
-        cert = sslobj.getpeercert() or {}
-        cn = None
-        for rdn in cert.get("subject", ()):
-            for key, value in rdn:
-                if key == "commonName":
-                    cn = value
-        return Subject(kind="peer", peer=cn)
+        try:
+            identity = peer_identity(sslobj)
+        except AuthError:
+            return Subject(kind="peer", peer=None)
+        return Subject(kind="peer", peer=identity.common_name, peer_names=identity.dns_names)
     sock: socket.socket | None = writer.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -450,54 +488,67 @@ class Server:
         *,
         max_frame: int = 1 << 20,
         admit: Callable[[Subject], None] | None = None,
-        on_tunnel: TunnelHandler | None = None,
+        authorize: Callable[[Subject, str], None] | None = None,
+        handshake_timeout: float | None = None,
+        frame_timeout: float | None = None,
     ) -> None:
-        """``admit`` may raise AccessDenied to refuse a caller before any op."""
+        """``admit`` may raise AccessDenied (or AuthError) to refuse a caller
+        before any op; ``authorize(subject, op)`` may refuse one op before its
+        handler runs.  ``handshake_timeout`` (connections that come without a
+        :class:`~ferry.preauth.Ticket`) and ``frame_timeout`` default to the
+        process's ``[limits]`` (:func:`ferry.preauth.process_limits`).
+        """
+        from ferry.preauth import process_limits
+
+        limits = process_limits()
         self.hello = hello
         self.handlers = dict(handlers)
         self.max_frame = max_frame
         self.admit = admit
-        self.on_tunnel = on_tunnel
+        self.authorize = authorize
+        self.handshake_timeout = handshake_timeout or limits.handshake_timeout_s
+        self.frame_timeout = frame_timeout or limits.frame_read_timeout_s
         self.sessions: set[Session] = set()
 
     async def handle_stream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        ticket: Ticket | None = None,
     ) -> None:
-        """asyncio.start_server callback: handshake, then serve requests."""
+        """asyncio.start_server callback: handshake, then serve requests.
+
+        ``ticket`` is the connection's admission (:mod:`ferry.preauth`): the
+        hello must arrive by its deadline, and the ticket is given back once
+        it did.  Without one, ``handshake_timeout`` applies.
+        """
         conn = Connection(self.hello, initiator=False, max_frame=self.max_frame)
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = (
+            asyncio.timeout_at(ticket.deadline)
+            if ticket is not None
+            else asyncio.timeout(self.handshake_timeout)
+        )
         try:
             subject = peer_subject(writer)
-            if self.admit is not None:
-                try:
-                    self.admit(subject)
-                except FerryError as exc:
-                    writer.write(conn.send(ErrorReply(id=None, error=exc)))
-                    await writer.drain()
-                    return
-            while conn.negotiated is None:
-                data = await reader.read(READ_CHUNK)
-                if not data:
-                    return
-                msg: Message | None = None
-                try:
-                    conn.receive_data(data)
-                    msg = conn.next_event()
-                finally:
-                    out = conn.data_to_send()
-                    if out:
-                        writer.write(out)
-                        await writer.drain()
-                if isinstance(msg, Tunnel):
-                    if self.on_tunnel is None:
+            try:
+                async with deadline:
+                    if not await self._handshake(reader, writer, conn, subject, ticket):
                         return
-                    tunnel_session = Session(reader, writer, conn, subject=subject)
-                    await self.on_tunnel(tunnel_session, msg)
-                    return
-            session = Session(reader, writer, conn, subject=subject)
+            except TimeoutError:
+                if ticket is not None:
+                    ticket.gate.timed_out()
+                else:
+                    log.info("connection closed: no hello within %gs", self.handshake_timeout)
+                return
+            if ticket is not None:
+                ticket.authenticated()
+            session = Session(reader, writer, conn, subject=subject,
+                              frame_timeout=self.frame_timeout)  # fmt: skip
             self.sessions.add(session)
             session.start(self._dispatch)
             await session.wait_closed()
@@ -505,14 +556,57 @@ class Server:
         except (FerryError, OSError, ssl.SSLError) as exc:
             log.info("connection refused or dropped: %s", exc)
         finally:
+            if ticket is not None:
+                ticket.release()
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _handshake(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        subject: Subject,
+        ticket: Ticket | None,
+    ) -> bool:
+        """Admission and hello; True once negotiated, False when the connection ended."""
+        if self.admit is not None:
+            try:
+                self.admit(subject)
+            except FerryError as exc:
+                if ticket is not None:
+                    ticket.gate.failed(exc)
+                else:
+                    log.info("connection refused: %s", exc)
+                writer.write(conn.send(ErrorReply(id=None, error=exc)))
+                await writer.drain()
+                return False
+        while conn.negotiated is None:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                return False
+            msg: Message | None = None
+            try:
+                conn.receive_data(data)
+                msg = conn.next_event()
+            finally:
+                out = conn.data_to_send()
+                if out:
+                    writer.write(out)
+                    await writer.drain()
+            if isinstance(msg, Tunnel):
+                # Data connections have their own preamble and never reach
+                # this server (ferry_destination.tunnel.PeerListener).
+                return False
+        return True
 
     async def _dispatch(self, session: Session, request: Request) -> None:
         handler = self.handlers.get(request.op)
         try:
             if handler is None:
                 raise UnknownOp(f"unknown op {request.op!r}", op=request.op)
+            if self.authorize is not None:
+                self.authorize(session.subject, request.op)
             args = validate_args(request.op, request.args)
             ctx = RequestContext(session, request.id, request.op, session.subject)
             result = await handler(ctx, args)

@@ -24,6 +24,7 @@ verification raises :class:`~ferry.errors.AuthError` (see
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import ssl
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ __all__ = [
     "PeerIdentity",
     "TLSFiles",
     "as_auth_error",
+    "check_peer_allowed",
     "check_peer_name",
     "client_context",
+    "identity_from_der",
     "peer_identity",
     "server_context",
 ]
@@ -210,6 +213,63 @@ def peer_identity(sslobj: _HasPeerCert) -> PeerIdentity:
             if ip is not None:
                 ips.append(ip)
     return PeerIdentity(common_name=common_name, dns_names=tuple(dns), ips=tuple(ips))
+
+
+def identity_from_der(der: bytes) -> PeerIdentity:
+    """Read a verified peer certificate in DER form (``ferry_native`` hands those).
+
+    Raises:
+        AuthError: the bytes are not a certificate (cannot happen after a
+            verified handshake, but is checked rather than assumed).
+    """
+    # Imported here: only ferry-destination's data connections need it, and
+    # ferryctl imports this module without wanting cryptography's start-up.
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise AuthError(f"peer certificate unreadable: {exc}") from None
+    common_name: str | None = None
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        common_name = attr.value if isinstance(attr.value, str) else attr.value.decode()
+    dns: list[str] = []
+    ips: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        dns = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
+        ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return PeerIdentity(common_name=common_name, dns_names=tuple(dns), ips=tuple(ips))
+
+
+def check_peer_allowed(identity: PeerIdentity, allowed: tuple[str, ...], *, host: str) -> None:
+    """The ``[peers] allowed`` check, right after a peer's TLS handshake.
+
+    A peer is let in when its common name or one of its DNS names matches
+    an entry (shell-style pattern, case-insensitive).  An empty list lets
+    every host of the CA in.
+
+    Raises:
+        AuthError: naming the peer's certificate names, ``host`` (this host)
+            and the setting.
+    """
+    if not allowed:
+        return
+    names = [n for n in (identity.common_name, *identity.dns_names) if n]
+    patterns = [p.lower().rstrip(".") for p in allowed]
+    for name in names:
+        if any(fnmatch.fnmatchcase(name.lower().rstrip("."), p) for p in patterns):
+            return
+    raise AuthError(
+        f"peer refused: certificate {identity.describe()} is not in [peers] allowed of "
+        f"host {host} (allowed: {', '.join(allowed)})",
+        peer=identity.common_name,
+        setting="[peers] allowed",
+    )
 
 
 def check_peer_name(identity: PeerIdentity, expected: str) -> None:

@@ -91,6 +91,16 @@ class Connection:
         return ConnectionState.HANDSHAKE
 
     @property
+    def partial_frame(self) -> int:
+        """Bytes of a frame that has started but is not complete yet (0: none).
+
+        Once :meth:`next_event` returned None, anything still buffered is
+        the start of a frame: the transport uses this for its frame read
+        deadline.
+        """
+        return self._decoder.buffered
+
+    @property
     def negotiated(self) -> Negotiated | None:
         """The handshake's result once it completed, else None."""
         return self._negotiated
