@@ -31,12 +31,17 @@ from ferry.errors import (
     QMPError,
     SnapshotError,
 )
+from ferry.faults import Faults, parse_faults
+from ferry.fences import FenceBook
 from ferry.host import Host, LiveDomain
 from ferry.jobs import JobManager, JobType
 from ferry.journal import MessageID, log_event, merge_entries, read_journal
 from ferry.qemu import DISCONNECTED, QemuProcess
 from ferry.rpc import RequestContext, Server, make_hello
 from ferry.statefile import atomic_write
+from ferry_source.context import SourceContext
+from ferry_source.migration import MigrationDriver
+from ferry_source.recovery import OutgoingRecovery
 
 __all__ = ["SourceAgent"]
 
@@ -53,15 +58,19 @@ class SourceAgent:
         self.config = config
         self.host = Host(config, "source")
         self.jobs = JobManager(
-            config.paths.locks_dir, config.paths.status_dir, agent="ferry-source"
+            config.paths.locks_dir, config.paths.jobs_dir, agent="ferry-source"
         )
         self.hello = make_hello(config.host.uuid, config.host.name, "source")
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self.fences = FenceBook(config.paths.fences_dir)
+        self.ctx = SourceContext(
+            config=config, host=self.host, jobs=self.jobs, fences=self.fences,
+            faults=Faults(parse_faults(config.testing.faults)), snapshots=self._snapshots,
+        )  # fmt: skip
         # Live progress of outgoing migrations, for job_info.
-        self.progress: dict[str, dict[str, Any]] = {}
-        from ferry_source.migration import MigrationDriver
-
-        self.migration = MigrationDriver(self)
+        self.progress = self.ctx.progress
+        self.migration = MigrationDriver(self.ctx, self.resolve)
+        self.recovery = OutgoingRecovery(self.ctx)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -83,6 +92,7 @@ class SourceAgent:
             "snapshot_delete": self.op_snapshot_delete,
             "job_info": self.op_job_info,
             "journal_query": self.op_journal_query,
+            "agent_state": self.op_agent_state,
         }
         table.update(self.migration.handlers())
         return table
@@ -101,9 +111,14 @@ class SourceAgent:
     async def run(self, stop: asyncio.Event) -> None:
         """Start-up, serve until ``stop``, shutdown."""
         self.host.ensure_dirs()
+        # Outgoing jobs of a previous run are adopted before anything else
+        # can touch their domains; settling them may need the peer, so
+        # that goes on in the background while we serve.
+        await self.recovery.adopt_all()
         found = await self.host.reconnect_all()
         for name in found:
             self.watch(name)
+        self.recovery.start()
         server = Server(
             self.hello,
             self.handlers(),
@@ -128,6 +143,7 @@ class SourceAgent:
         finally:
             sdnotify.stopping("ferry-source stopping; domains keep running")
             rescan.cancel()
+            await self.recovery.stop()
             admin.close()
             for session in list(server.sessions):
                 await session.close()
@@ -151,8 +167,10 @@ class SourceAgent:
                 status = self.host.load_status(name)
                 if status is None or status.pid is None or status.run_state == "incoming":
                     continue
-                if status.job is not None and status.job.async_job is not None:
-                    continue  # the other agent is working on it
+                with contextlib.suppress(FerryError):
+                    record = self.jobs.recover(status.uuid)
+                    if record is not None and record.async_job is not None:
+                        continue  # the other agent is working on it
                 with contextlib.suppress(FerryError, OSError):
                     await self.host.process(name)
                     self.watch(name)
@@ -199,8 +217,9 @@ class SourceAgent:
 
     async def state_of(self, live: LiveDomain) -> tuple[str, str | None]:
         """(state, reason) in virsh's words."""
+        fence = self.fences.get(live.domain.uuid)
         if live.status is None:
-            return "shut off", None
+            return "shut off", fence.describe() if fence is not None else None
         if live.status.run_state == "incoming":
             return "paused", "migrating in"
         try:
@@ -208,7 +227,11 @@ class SourceAgent:
             run = await proc.qmp.query_status()
         except (NoDomain, QMPError):
             return live.status.run_state or "unknown", None
-        return ("running", None) if run.running else ("paused", run.reason)
+        if run.running:
+            return "running", None
+        if fence is not None:
+            return "paused", fence.describe()
+        return "paused", run.reason
 
     # -- lifecycle ops --------------------------------------------------------
 
@@ -265,6 +288,7 @@ class SourceAgent:
         async with self.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY, timeout=JOB_TIMEOUT):
             if self.host.load_status(dom.name) is not None:
                 raise DomainState(f"domain '{dom.name}' is already running", name=dom.name)
+            self._check_fence(dom, "start", force=args["force"])
             definition = self.host.load_definition(dom.name) or dom
             proc = await self.host.start(definition)
             try:
@@ -348,9 +372,27 @@ class SourceAgent:
             run = await proc.qmp.query_status()
             if run.running:
                 raise DomainState(f"domain '{dom.name}' is not paused", name=dom.name)
+            self._check_fence(dom, "resume", force=args["force"])
+            status = self.host.load_status(dom.name)
+            if self.host.writable_disks(dom) and not (status and status.extra.get("leases")):
+                # As Finish does: the disks are ours again before a CPU
+                # can write to them (a migration handed them over).
+                await self.host.acquire_leases(dom, proc)
             await proc.qmp.execute("cont")
             self._set_run_state(dom.name, "running")
         return {"name": dom.name}
+
+    def _check_fence(self, dom: Domain, verb: str, *, force: bool) -> None:
+        """Refuse to run a copy that migrated away (or may have), unless forced."""
+        fence = self.fences.get(dom.uuid)
+        if fence is None:
+            return
+        if not force:
+            raise fence.refusal(verb)
+        log_event(log, MessageID.DOMAIN_STARTED,
+                  f"{verb} --force on {dom.name} despite: {fence.describe()}",
+                  level=logging.WARNING, domain=dom.name, uuid=dom.uuid)  # fmt: skip
+        self.fences.clear(dom.uuid)
 
     def _set_run_state(self, name: str, state: str) -> None:
         status = self.host.load_status(name)
@@ -374,6 +416,7 @@ class SourceAgent:
                     "name": live.domain.name,
                     "uuid": live.domain.uuid,
                     "state": state,
+                    "reason": _reason,
                     "id": live.status.pid if live.status else None,
                     "persistent": live.persistent,
                 }
@@ -493,6 +536,20 @@ class SourceAgent:
         }
         out.update(self.progress.get(live.domain.name, {}))
         return out
+
+    async def op_agent_state(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """What this agent holds: recorded jobs, migrations in flight, fences (diagnostics)."""
+        check_access(self.config.acl, ctx.subject, "agent_state", None)
+        return {
+            "agent": "ferry-source",
+            "host": self.config.host.name,
+            "jobs": [{"name": f.name, "uuid": f.uuid, **f.job.to_dict()}
+                     for f in self.jobs.recorded()],
+            "outgoing": [{"name": o.name, "migration_id": o.migration_id,
+                          "phase": o.phases.current} for o in self.migration.outgoing.values()],
+            "fences": [vars(f) for f in self.fences.all()],
+            "recovering": self.recovery.pending(),
+        }  # fmt: skip
 
     async def op_journal_query(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         """Journal entries of one domain or one migration.

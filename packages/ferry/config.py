@@ -80,6 +80,7 @@ __all__ = [
     "DestinationConfig",
     "HostConfig",
     "LimitsConfig",
+    "MigrationConfig",
     "PathsConfig",
     "PeersConfig",
     "QemuConfig",
@@ -147,6 +148,21 @@ class PathsConfig:
         """Unix sockets between qemu and the agents for tunnelled migrations."""
         return self.run_dir / "tunnel"
 
+    @property
+    def jobs_dir(self) -> Path:
+        """Job records (one ``UUID.job`` per domain with a recorded job)."""
+        return self.run_dir / "jobs"
+
+    @property
+    def outcomes_dir(self) -> Path:
+        """The destination's durable record of each incoming migration's outcome."""
+        return self.run_dir / "outcomes"
+
+    @property
+    def fences_dir(self) -> Path:
+        """Domains that migrated away (or whose outcome is unknown): not to be run here."""
+        return self.state_dir / "fences"
+
     def all_dirs(self) -> list[Path]:
         """Every directory an agent creates at start."""
         return [
@@ -158,6 +174,9 @@ class PathsConfig:
             self.serial_dir,
             self.log_dir,
             self.tunnel_dir,
+            self.jobs_dir,
+            self.outcomes_dir,
+            self.fences_dir,
             self.lockspace_dir,
         ]
 
@@ -215,6 +234,25 @@ class ACLRule:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    """How long the source waits, and how long outcomes are remembered.
+
+    The source never guesses the outcome of a migration whose Finish it sent:
+    it asks the destination (``migration_outcome``) for ``outcome_timeout_s``
+    before it leaves the VM paused with the outcome unknown.
+    """
+
+    #: No progress in qemu's counters for this long cancels the migration.
+    stall_timeout_s: float = 30.0
+    #: How long the source waits for Prepare's and Finish's replies.
+    reply_timeout_s: float = 120.0
+    #: How long the source keeps asking a lost destination for the outcome.
+    outcome_timeout_s: float = 60.0
+    #: How long the destination keeps the outcome record of a migration.
+    outcome_retention_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """What a connection may cost before and after it authenticated ([limits]).
 
@@ -253,6 +291,8 @@ class TestingConfig:
     """Fault injection used only by the test suite; all off by default."""
 
     fail_cpu_start: bool = False
+    #: ``POINT=ACTION`` strings; see :mod:`ferry.faults`.
+    faults: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,6 +311,7 @@ class AgentConfig:
     max_frame: int = 1 << 20
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
     source_path: Path | None = None
 
@@ -495,8 +536,25 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         raise ConfigError("[peers] allowed: names must not be empty")
     peers_s.finish()
 
+    migration_s = _Section(top.get("migration", dict, {}), "migration")
+    timeouts: dict[str, float] = {}
+    for key, default in (("stall_timeout_s", 30.0), ("reply_timeout_s", 120.0),
+                         ("outcome_timeout_s", 60.0), ("outcome_retention_s", 7 * 86400.0)):
+        value = float(migration_s.get(key, (int, float), default))
+        if value <= 0:
+            raise ConfigError(f"[migration] {key} must be > 0")
+        timeouts[key] = value
+    migration = MigrationConfig(**timeouts)
+    migration_s.finish()
+
     testing_s = _Section(top.get("testing", dict, {}), "testing")
-    testing = TestingConfig(fail_cpu_start=bool(testing_s.get("fail_cpu_start", bool, False)))
+    faults = _str_tuple(testing_s, "faults", ())
+    from ferry.faults import parse_faults
+
+    parse_faults(faults)  # refuse a typo at start, not when the point is reached
+    testing = TestingConfig(
+        fail_cpu_start=bool(testing_s.get("fail_cpu_start", bool, False)), faults=faults
+    )
     testing_s.finish()
 
     top.finish()
@@ -513,6 +571,7 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         max_frame=max_frame,
         limits=limits,
         peers=peers,
+        migration=migration,
         testing=testing,
         source_path=source_path,
     )

@@ -74,14 +74,17 @@ __all__ = [
     "MigrationError",
     "MigrationFailed",
     "MigrationRefused",
+    "MigrationStalled",
     "MigrationTimeout",
     "NativeError",
     "NoDomain",
+    "OutcomeUnknown",
     "PhaseError",
     "ProtocolError",
     "QMPError",
     "QemuError",
     "QemuLaunchError",
+    "ReplyLost",
     "SnapshotError",
     "TunnelError",
     "UnknownOp",
@@ -313,6 +316,24 @@ class HookRefused(MigrationError):
     """The operator's migrate hook refused the migration."""
 
     code = "hook-refused"
+
+
+class ReplyLost(MigrationFailed):
+    """A request to a peer got no reply (timeout or lost connection): it may have acted."""
+
+    code = "reply-lost"
+
+
+class MigrationStalled(MigrationFailed):
+    """No data moved for the stall timeout: the link looks down."""
+
+    code = "migration-stalled"
+
+
+class OutcomeUnknown(MigrationError):
+    """The destination could not say whether it runs the VM; the source stays paused."""
+
+    code = "outcome-unknown"
 
 
 class QemuError(FerryError):

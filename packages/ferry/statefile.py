@@ -28,6 +28,7 @@ from ferry.errors import StateFileError
 __all__ = [
     "FORMAT_VERSION",
     "DomainStatus",
+    "JobFile",
     "JobRecord",
     "atomic_write",
 ]
@@ -129,6 +130,9 @@ class JobRecord:
     started: float | None = None
     migration_id: str | None = None
     saved_migration: dict[str, Any] | None = None
+    #: What recovery needs beyond the phase (peer URI, whether the VM ran,
+    #: the outcome once known…); set by the job's owner.
+    data: dict[str, Any] = field(default_factory=dict)
     unknown: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +140,7 @@ class JobRecord:
         out: dict[str, Any] = dict(self.unknown)
         out.update(
             {
+                "data": self.data,
                 "async_job": self.async_job,
                 "active": self.active,
                 "phase": self.phase,
@@ -160,7 +165,7 @@ class JobRecord:
         started = _field(data, "started", (int, float), None, where)
         known = {
             "async_job", "active", "phase", "flags", "owner", "owner_pid",
-            "started", "migration_id", "saved_migration",
+            "started", "migration_id", "saved_migration", "data",
         }  # fmt: skip
         return cls(
             async_job=_field(data, "async_job", str, None, where),
@@ -172,6 +177,7 @@ class JobRecord:
             started=float(started) if started is not None else None,
             migration_id=_field(data, "migration_id", str, None, where),
             saved_migration=_field(data, "saved_migration", dict, None, where),
+            data=_field(data, "data", dict, {}, where),
             unknown={k: v for k, v in data.items() if k not in known},
         )
 
@@ -179,9 +185,12 @@ class JobRecord:
 _STATUS_KEYS = frozenset(
     {
         "format", "name", "uuid", "pid", "qmp_path", "start_time", "run_state",
-        "job", "phase", "migration_id", "cookie", "extra",
+        "cookie", "extra",
     }
 )  # fmt: skip
+# Keys of the first layout, when the job lived in the status file: dropped
+# on read so a stale copy is never written back (jobs live in JOBS_DIR now).
+_LEGACY_KEYS = frozenset({"job", "phase", "migration_id"})
 
 
 @dataclass
@@ -190,9 +199,9 @@ class DomainStatus:
 
     ``start_time`` is field 22 of ``/proc/PID/stat`` (clock ticks after boot)
     of the qemu process: together with ``pid`` it identifies the process even
-    if the pid is reused after qemu died. ``phase`` and ``migration_id``
-    mirror the async job's (kept up to date by :mod:`ferry.jobs`) so that a
-    reader of the file needs no knowledge of the job record's layout.
+    if the pid is reused after qemu died.  The domain's job is *not* here: it
+    has its own file (:class:`JobFile`, written only by :mod:`ferry.jobs`), so
+    no writer of the status can drop a job record by forgetting to copy it.
     ``cookie`` holds migration cookie data to survive a restart, ``extra`` is
     free for the agents.
     """
@@ -203,9 +212,6 @@ class DomainStatus:
     qmp_path: Path | None = None
     start_time: int | None = None
     run_state: str | None = None
-    job: JobRecord | None = None
-    phase: str | None = None
-    migration_id: str | None = None
     cookie: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     unknown: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -222,9 +228,6 @@ class DomainStatus:
                 "qmp_path": str(self.qmp_path) if self.qmp_path is not None else None,
                 "start_time": self.start_time,
                 "run_state": self.run_state,
-                "job": self.job.to_dict() if self.job is not None else None,
-                "phase": self.phase,
-                "migration_id": self.migration_id,
                 "cookie": self.cookie,
                 "extra": self.extra,
             }
@@ -244,7 +247,6 @@ class DomainStatus:
             if key not in data:
                 raise StateFileError(f"{where}: required field {key!r} is missing", field=key)
         qmp_path = _field(data, "qmp_path", str, None, where)
-        job = data.get("job")
         return cls(
             name=_field(data, "name", str, "", where),
             uuid=_field(data, "uuid", str, "", where),
@@ -252,12 +254,11 @@ class DomainStatus:
             qmp_path=Path(qmp_path) if qmp_path is not None else None,
             start_time=_field(data, "start_time", int, None, where),
             run_state=_field(data, "run_state", str, None, where),
-            job=JobRecord.from_dict(job, f"{where}: job") if job is not None else None,
-            phase=_field(data, "phase", str, None, where),
-            migration_id=_field(data, "migration_id", str, None, where),
             cookie=_field(data, "cookie", dict, {}, where),
             extra=_field(data, "extra", dict, {}, where),
-            unknown={k: v for k, v in data.items() if k not in _STATUS_KEYS},
+            unknown={
+                k: v for k, v in data.items() if k not in _STATUS_KEYS and k not in _LEGACY_KEYS
+            },
         )
 
     def dumps(self) -> bytes:
@@ -303,3 +304,44 @@ class DomainStatus:
         path = Path(path)
         raw = path.read_bytes()
         return cls.loads(raw, f"status file {path}")
+
+
+@dataclass
+class JobFile:
+    """The job record of one domain, in ``JOBS_DIR/UUID.job``.
+
+    Keyed by UUID (a migration with ``--dname`` renames the domain, never
+    changes its UUID) and written only by :class:`ferry.jobs.JobManager`
+    while it holds the domain's lock: one owner, one file.
+    """
+
+    name: str
+    uuid: str
+    job: JobRecord
+
+    def dumps(self) -> bytes:
+        """Bytes on disk."""
+        data = {"format": FORMAT_VERSION, "name": self.name, "uuid": self.uuid,
+                "job": self.job.to_dict()}  # fmt: skip
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def load(cls, path: Path) -> JobFile:
+        """Read a job file.
+
+        :raises FileNotFoundError: no job is recorded.
+        :raises StateFileError: the file is corrupt.
+        """
+        where = f"job file {path}"
+        raw = Path(path).read_bytes()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise StateFileError(f"{where} is corrupt (not UTF-8 JSON)") from None
+        if not isinstance(data, dict) or not isinstance(data.get("job"), dict):
+            raise StateFileError(f"{where}: expected an object with a job")
+        return cls(
+            name=_field(data, "name", str, "", where),
+            uuid=_field(data, "uuid", str, "", where),
+            job=JobRecord.from_dict(data["job"], f"{where}: job"),
+        )

@@ -21,7 +21,7 @@ from ferry.jobs import (
     JobType,
     allowed_during,
 )
-from ferry.statefile import DomainStatus
+from ferry.statefile import DomainStatus, JobRecord
 
 UUID = "0b4f3a52-1111-4c2c-9a57-2b3c4d5e6f70"
 SYNC_TYPES = [t for t in JobType if t is not JobType.NESTED]
@@ -39,7 +39,7 @@ EXPECTED_ALLOWED = {
 
 @pytest.fixture
 def mgr(tmp_path: Path) -> JobManager:
-    return JobManager(tmp_path / "locks", tmp_path / "domains", agent="ferry-source")
+    return JobManager(tmp_path / "locks", tmp_path / "jobs", agent="ferry-source")
 
 
 @pytest.fixture(autouse=True)
@@ -201,87 +201,100 @@ async def test_abort_request(mgr: JobManager) -> None:
     await mgr.end_async(job)
 
 
-def _status(mgr: JobManager) -> DomainStatus:
-    return DomainStatus.load(mgr.status_path("g1"))
+def _job(mgr: JobManager) -> JobRecord:
+    record = mgr.recover(UUID, "g1")
+    assert record is not None
+    return record
 
 
 async def test_persisted_at_every_change(mgr: JobManager) -> None:
-    # The domain's own fields are left alone.
-    DomainStatus(name="g1", uuid=UUID, pid=77, run_state="running").save(mgr.status_path("g1"))
+    # The domain's status file is someone else's: never touched here.
+    status_path = mgr.jobs_dir.parent / "g1.status"
+    DomainStatus(name="g1", uuid=UUID, pid=77, run_state="running").save(status_path)
+    before = status_path.read_bytes()
     job = await mgr.begin_async(UUID, "g1", AsyncJob.MIGRATION_OUT, flags=0x9, phase="begin")
-    st = _status(mgr)
-    assert st.job is not None
-    assert (st.job.async_job, st.job.phase, st.job.flags) == ("migration-out", "begin", 9)
-    assert (st.job.owner, st.job.owner_pid) == ("ferry-source", os.getpid())
-    assert st.job.started == pytest.approx(job.started)
-    assert (st.pid, st.run_state, st.phase) == (77, "running", "begin")
+    st = _job(mgr)
+    assert (st.async_job, st.phase, st.flags) == ("migration-out", "begin", 9)
+    assert (st.owner, st.owner_pid) == ("ferry-source", os.getpid())
+    assert st.started == pytest.approx(job.started)
 
     job.phase = "perform"
-    assert _status(mgr).job.phase == "perform"  # type: ignore[union-attr]
-    assert _status(mgr).phase == "perform"
+    assert _job(mgr).phase == "perform"
     holder = mgr.holder(UUID)
     assert holder is not None and holder["phase"] == "perform"
     job.migration_id = "mig-42"
-    assert _status(mgr).migration_id == "mig-42"
+    assert _job(mgr).migration_id == "mig-42"
     job.saved_migration = {"caps": {"events": False}, "params": {"max-bandwidth": 1}}
-    assert _status(mgr).job.saved_migration == job.saved_migration  # type: ignore[union-attr]
+    assert _job(mgr).saved_migration == job.saved_migration
+    job.record(peer="ferry://b", was_running=True)
+    job.record(outcome="running")
+    assert _job(mgr).data == {"peer": "ferry://b", "was_running": True, "outcome": "running"}
 
     # A QUERY is not tracked (libvirt's VIR_DOMAIN_TRACK_JOBS), a DESTROY is.
     async with mgr.sync_job(UUID, "g1", JobType.QUERY):
-        assert _status(mgr).job.active is None  # type: ignore[union-attr]
+        assert _job(mgr).active is None
     async with mgr.sync_job(UUID, "g1", JobType.DESTROY):
-        assert _status(mgr).job.active == "destroy"  # type: ignore[union-attr]
-    assert _status(mgr).job.active is None  # type: ignore[union-attr]
+        assert _job(mgr).active == "destroy"
+    assert _job(mgr).active is None
 
     await mgr.end_async(job)
-    st = _status(mgr)
-    assert (st.job, st.phase, st.migration_id, st.pid) == (None, None, None, 77)
+    assert mgr.recover(UUID) is None
+    assert not mgr.job_path(UUID).exists()
+    assert status_path.read_bytes() == before
     with pytest.raises(JobError, match="has ended"):
         job.phase = "late"
+    with pytest.raises(JobError, match="has ended"):
+        job.record(x=1)
+
+
+async def test_a_status_rewrite_cannot_lose_the_job(mgr: JobManager) -> None:
+    """The bug of issue 10: starting qemu replaced the status file holding the job."""
+    job = await mgr.begin_async(UUID, "g1", AsyncJob.MIGRATION_IN, phase="prepare")
+    DomainStatus(name="g1", uuid=UUID, pid=5, run_state="incoming").save(
+        mgr.jobs_dir.parent / "g1.status"
+    )
+    assert _job(mgr).phase == "prepare"
+    await mgr.end_async(job)
 
 
 async def test_sync_jobs_have_no_phase(mgr: JobManager) -> None:
     async with mgr.sync_job(UUID, "g1", JobType.QUERY) as job:
         with pytest.raises(JobError, match="only kept for async jobs"):
             job.phase = "x"
-    # Untracked jobs never create a status file.
-    assert not mgr.status_path("g1").exists()
+    # Untracked jobs never create a job file.
+    assert not mgr.job_path(UUID).exists()
 
 
 async def test_recover_and_adopt(mgr: JobManager, tmp_path: Path) -> None:
     job = await mgr.begin_async(UUID, "g1", AsyncJob.MIGRATION_IN, flags=5, phase="prepare")
     job.migration_id = "m-7"
+    job.record(peer="ferry://a")
     # Simulate the agent dying: forget the in-memory state, drop the flock.
     mgr._domains[UUID].lock.release()
     mgr._domains.clear()
 
-    restarted = JobManager(tmp_path / "locks", tmp_path / "domains", agent="ferry-destination")
-    (tmp_path / "domains" / "junk.status").write_text("{not json")
-    record = restarted.recover(UUID)  # found by scanning, junk skipped
+    restarted = JobManager(tmp_path / "locks", tmp_path / "jobs", agent="ferry-destination")
+    (tmp_path / "jobs" / "junk.job").write_text("{not json")
+    record = restarted.recover(UUID)
     assert record is not None
     assert (record.async_job, record.phase, record.flags) == ("migration-in", "prepare", 5)
     assert (record.owner, record.migration_id) == ("ferry-source", "m-7")
+    assert record.data == {"peer": "ferry://a"}
     assert restarted.recover(UUID, "g1") == record
     assert restarted.recover("no-such-uuid") is None
-    with pytest.raises(StateFileError, match=r"junk\.status"):
-        restarted.recover(UUID, "junk")
+    with pytest.raises(StateFileError, match="belongs to domain"):
+        restarted.recover(UUID, "other-name")
+    assert [(f.name, f.uuid) for f in restarted.recorded()] == [("g1", UUID)]
 
     adopted = await restarted.adopt(UUID, "g1", record)
     assert (adopted.type, adopted.phase, adopted.flags) == (AsyncJob.MIGRATION_IN, "prepare", 5)
     assert adopted.started == pytest.approx(job.started)
-    assert _status(restarted).job.owner == "ferry-destination"  # type: ignore[union-attr]
+    assert adopted.data == {"peer": "ferry://a"}
+    assert _job(restarted).owner == "ferry-destination"
     adopted.phase = "finish"
     await restarted.end_async(adopted)
     assert restarted.recover(UUID, "g1") is None
-
-
-async def test_status_of_another_domain_is_refused(mgr: JobManager) -> None:
-    DomainStatus(name="g1", uuid="someone-else").save(mgr.status_path("g1"))
-    with pytest.raises(StateFileError, match="belongs to domain someone-else"):
-        await mgr.begin_async(UUID, "g1", AsyncJob.SAVE)
-    # Nothing stayed reserved or locked.
-    assert mgr.current(UUID) is None
-    assert DomainLock(mgr.lock_path(UUID)).try_acquire()
+    assert restarted.recorded() == []
 
 
 _HOLDER = textwrap.dedent(
@@ -306,7 +319,7 @@ _HOLDER = textwrap.dedent(
 
 async def _start_holder(tmp_path: Path) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _HOLDER, str(tmp_path / "locks"), str(tmp_path / "domains"), UUID,
+        sys.executable, "-c", _HOLDER, str(tmp_path / "locks"), str(tmp_path / "jobs"), UUID,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -358,18 +371,8 @@ async def test_killed_holder_releases_lock_and_job_is_recoverable(
     assert mgr.recover(UUID, "g1") is None
 
 
-async def test_removed_status_is_not_recreated(mgr: JobManager) -> None:
-    job = await mgr.begin_async(UUID, "g1", AsyncJob.MIGRATION_OUT, phase="perform")
-    assert mgr.status_path("g1").exists()
-    async with mgr.sync_job(UUID, "g1", JobType.DESTROY):
-        mgr.status_path("g1").unlink()  # the domain code destroyed the VM
-    job.phase = "confirm"
-    await mgr.end_async(job)
-    assert not mgr.status_path("g1").exists()
-
-
 async def test_lock_dir_is_created(tmp_path: Path) -> None:
-    mgr = JobManager(tmp_path / "new" / "locks", tmp_path / "new" / "domains")
+    mgr = JobManager(tmp_path / "new" / "locks", tmp_path / "new" / "jobs")
     async with mgr.sync_job(UUID, "g1", JobType.DESTROY):
         assert mgr.lock_path(UUID).exists()
-        assert mgr.status_path("g1").exists()
+        assert mgr.job_path(UUID).exists()

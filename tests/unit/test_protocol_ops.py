@@ -118,7 +118,7 @@ def test_message_example_from_the_design() -> None:
 @pytest.mark.parametrize(
     ("op", "args", "expected"),
     [
-        ("start", {"name": "vm"}, {"name": "vm", "paused": False}),
+        ("start", {"name": "vm"}, {"name": "vm", "paused": False, "force": False}),
         ("shutdown", {"name": "vm"}, {"name": "vm", "timeout": 60.0}),
         ("list", {}, {"all": False}),
         ("dumpxml", {"name": "vm"}, {"name": "vm", "inactive": False}),
@@ -145,7 +145,8 @@ def test_message_example_from_the_design() -> None:
         (
             "finish",
             {"name": "vm", "cookie": b"c", "flags": 1},
-            {"name": "vm", "cookie": b"c", "flags": 1, "params": {}, "cancelled": False},
+            {"name": "vm", "cookie": b"c", "flags": 1, "params": {}, "cancelled": False,
+             "migration_id": None},
         ),
         (
             "confirm",

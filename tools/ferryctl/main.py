@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import FerryError, FlagError
+from ferry.errors import FerryError, FlagError, ProtocolError
 from ferry.flags import MigrationFlags, MigrationParams, validate
 from ferry.rpc import Session, connect_unix, make_hello
 
@@ -231,6 +231,13 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
         display.note("interrupted: aborting the migration (the VM stays on the source)")
         abort_tasks.append(loop.create_task(abort()))
 
+    migration_id: list[str] = []
+
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        if event == "phase" and data.get("migration_id") and not migration_id:
+            migration_id.append(str(data["migration_id"]))
+        display.event(event, data)
+
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
         with display:
@@ -242,11 +249,56 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
                     "flags": int(flags),
                     "params": params.to_wire(),
                 },
-                on_event=display.event,
+                on_event=on_event,
             )
+    except ProtocolError as exc:
+        if not session.closed:
+            raise
+        ident = f" {migration_id[0]}" if migration_id else ""
+        hint = (
+            f"'ferryctl journal --migration {migration_id[0]}'" if migration_id
+            else f"'ferryctl journal {args.name}'"
+        )  # fmt: skip
+        raise FerryError(
+            f"lost the connection to ferry-source during migration{ident} ({exc}); the "
+            f"migration may have gone on without us: see 'ferryctl dominfo {args.name}' "
+            f"and {hint}"
+        ) from None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     display.finish(result)
+    return 0
+
+
+async def _migrate_recover(args: argparse.Namespace, session: Session) -> int:
+    def on_event(event: str, data: dict[str, Any]) -> None:
+        if event == "warning" and not args.json:
+            print(f"  {data.get('message', '')}", file=sys.stderr)
+
+    result = await session.request("migrate_recover", {"name": args.name}, on_event=on_event)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Migration {result['migration_id']} of '{result['name']}' to {result['peer']}: "
+              f"{result['result']} — {result['message']}")  # fmt: skip
+    return 0 if result["result"] != "unknown" else 2
+
+
+async def _agent_state(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("agent_state", {})
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{result.get('agent')} on {result.get('host')}")
+    for key in ("jobs", "outgoing", "incoming", "fences", "outcomes"):
+        items = result.get(key)
+        if items is None:
+            continue
+        print(f"  {key}: {len(items)}")
+        for item in items:
+            print(f"    {json.dumps(item, sort_keys=True, default=str)}")
+    if "tokens" in result:
+        print(f"  tunnel tokens: {result['tokens']}")
     return 0
 
 
@@ -315,11 +367,17 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     p.add_argument("name")
     p = verb(
         "start",
-        _simple("start", "name", "paused", message="Domain '{name}' started"),
+        _simple("start", "name", "paused", "force", message="Domain '{name}' started"),
         "start a defined domain",
     )
     p.add_argument("name")
     p.add_argument("--paused", action="store_true", help="leave the CPUs paused")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start even though the domain migrated away (or may have): only after checking "
+        "that it does not run on the other host",
+    )
     p = verb(
         "shutdown",
         _simple("shutdown", "name", "timeout", message="Domain '{name}' is shut down"),
@@ -337,11 +395,35 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
             "stop a domain immediately (power cut)",
         ),
         ("suspend", "suspend", "Domain '{name}' suspended", "pause a running domain's CPUs"),
-        ("resume", "resume", "Domain '{name}' resumed", "resume a paused domain"),
         ("jobabort", "job_abort", "Job on '{name}' aborted", "abort the domain's running job"),
     ):
         p = verb(name, _simple(op, "name", message=msg), text)
         p.add_argument("name")
+    p = verb(
+        "resume",
+        _simple("resume", "name", "force", message="Domain '{name}' resumed"),
+        "resume a paused domain (refused for a copy that migrated away, unless --force)",
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even though a migration moved the domain away (or its outcome is "
+        "unknown): only after checking that it does not run on the other host",
+    )
+    p = verb(
+        "migrate-recover",
+        _migrate_recover,
+        "settle a migration whose outcome is unknown: ask the destination again, then stop "
+        "the copy here (it runs there) or resume it (it does not)",
+    )
+    p.add_argument("name")
+    verb(
+        "agent-state",
+        _agent_state,
+        "what the agent holds: recorded jobs, migrations in flight, fences or outcome "
+        "records, tunnel tokens (diagnostics)",
+    )
     p = verb("list", _list, "list domains (running ones; --all for defined too)")
     p.add_argument("--all", action="store_true", help="include inactive domains")
     p = verb("dominfo", _dominfo, "show a domain's state and resources")

@@ -19,15 +19,13 @@ shared between processes, so another process's QUERY waits for the whole
 job; two agents driving one qemu at once is what this model exists to prevent.
 
 Every change of an async job (begin, phase, migration id, saved migration
-settings, end) and of a DESTROY job is written to the domain's status file
-(``STATUS_DIR/NAME.status``) while the flock is held, so a restarted agent can
-:meth:`~JobManager.recover` what was in flight and :meth:`~JobManager.adopt`
-it to finish or roll back. Only the ``job``, ``phase`` and ``migration_id``
-fields of the status are touched; the file is created if a job starts on a
-domain without one, never re-created once its owner removed it, and never
-deleted here. Other writers of the status file
-should load-modify-save it while holding a job on the domain, as this module
-does, so that no write is lost.
+settings, recovery data, end) and of a DESTROY job is written to the domain's
+job file (``JOBS_DIR/UUID.job``) while the flock is held, so a restarted agent
+can :meth:`~JobManager.recover` what was in flight and
+:meth:`~JobManager.adopt` it to finish or roll back.  This module is the only
+writer of job files: the file exists exactly while a tracked job runs, and
+the domain's status file (qemu's pid, sockets…) never holds a job, so no
+writer of either can drop the other's record.
 """
 
 from __future__ import annotations
@@ -44,7 +42,7 @@ from typing import Any
 from ferry.errors import JobAborted, JobBusy, JobError, StateFileError
 from ferry.jobs.lockfile import DomainLock, read_holder
 from ferry.jobs.model import TRACKED_SYNC_JOBS, AsyncJob, JobType, allowed_during
-from ferry.statefile import DomainStatus, JobRecord
+from ferry.statefile import JobFile, JobRecord, atomic_write
 
 __all__ = ["Job", "JobManager"]
 
@@ -62,7 +60,7 @@ class Job:
     """A job held by this process; returned by the ``begin_*`` methods.
 
     Setting :attr:`phase`, :attr:`migration_id` or :attr:`saved_migration`
-    of an async job writes the status file at once (and updates the lock
+    of an async job writes the job file at once (and updates the lock
     file's holder record), so a crash right after the assignment is
     recoverable.
     """
@@ -77,6 +75,7 @@ class Job:
         phase: str | None = None,
         migration_id: str | None = None,
         saved_migration: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
         started: float | None = None,
         parent: Job | None = None,
     ) -> None:
@@ -93,6 +92,22 @@ class Job:
         self._phase = phase
         self._migration_id = migration_id
         self._saved_migration = saved_migration
+        self._data: dict[str, Any] = dict(data or {})
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """Recovery data of an async job (a copy; change it with :meth:`record`)."""
+        return dict(self._data)
+
+    def record(self, **values: Any) -> None:
+        """Merge ``values`` into the recovery data and persist it at once.
+
+        Values must be JSON-encodable.  A crash right after this returns is
+        recoverable with them.
+        """
+        self._require_async("data")
+        self._data.update(values)
+        self._manager._changed(self)
 
     @property
     def uuid(self) -> str:
@@ -204,13 +219,13 @@ class JobManager:
     """Per-domain job rules for one agent process (see the module docstring).
 
     :param lock_dir: where ``UUID.lock`` files live (``/run/ferry/locks``).
-    :param status_dir: where ``NAME.status`` files live (``/run/ferry/domains``).
+    :param jobs_dir: where ``UUID.job`` files live (``/run/ferry/jobs``).
     :param agent: this agent's name, shown to whoever finds the domain busy.
     """
 
-    def __init__(self, lock_dir: Path, status_dir: Path, *, agent: str = "ferry") -> None:
+    def __init__(self, lock_dir: Path, jobs_dir: Path, *, agent: str = "ferry") -> None:
         self.lock_dir = Path(lock_dir)
-        self.status_dir = Path(status_dir)
+        self.jobs_dir = Path(jobs_dir)
         self.agent = agent
         self._domains: dict[str, _Domain] = {}
 
@@ -220,9 +235,9 @@ class JobManager:
         """Path of the domain's lock file."""
         return self.lock_dir / f"{uuid}.lock"
 
-    def status_path(self, name: str) -> Path:
-        """Path of the domain's status file."""
-        return self.status_dir / f"{name}.status"
+    def job_path(self, uuid: str) -> Path:
+        """Path of the domain's job file."""
+        return self.jobs_dir / f"{uuid}.job"
 
     # -- sync jobs ----------------------------------------------------------
 
@@ -238,9 +253,7 @@ class JobManager:
         :raises JobBusy: not possible within ``timeout`` seconds; the message
             names the holding job, agent, pid and start time.
         :raises JobError: ``job_type`` is NESTED (use :meth:`nested`).
-        :raises StateFileError: a DESTROY job could not be recorded because
-            the status file is corrupt or belongs to another domain.
-        :raises OSError: the lock or status directory is unusable.
+        :raises OSError: the lock or jobs directory is unusable.
         """
         job_type = JobType(job_type)
         if job_type is JobType.NESTED:
@@ -282,7 +295,7 @@ class JobManager:
 
         :raises JobError: ``job`` is not this domain's current sync job
             (ended twice, or a nested job).
-        :raises StateFileError, OSError: the status file could not be updated
+        :raises OSError: the job file could not be updated
             (the job is ended regardless).
         """
         dom = job._dom
@@ -329,13 +342,11 @@ class JobManager:
         """Start an async job; end it with :meth:`end_async`.
 
         Waits until the domain has neither an async nor a sync job, here or
-        in another process. The job is written to the status file before
+        in another process. The job is written to its job file before
         this returns.
 
         :raises JobBusy: not possible within ``timeout`` seconds.
-        :raises StateFileError: the status file is corrupt or belongs to
-            another domain (the job is not started).
-        :raises OSError: the lock or status directory is unusable.
+        :raises OSError: the lock or jobs directory is unusable.
         """
         dom = self._domain(uuid, name)
         job = Job(self, dom, AsyncJob(job_type), flags=flags, phase=phase,
@@ -343,7 +354,7 @@ class JobManager:
         return await self._begin_async(dom, job, timeout)
 
     async def adopt(self, uuid: str, name: str, record: JobRecord, *, timeout: float = 30.0) -> Job:
-        """Take over an async job a previous agent left in the status file.
+        """Take over an async job a previous agent left in its job file.
 
         For a restarted agent: ``record`` comes from :meth:`recover`; the
         returned job keeps its type, phase, flags, start time, migration id
@@ -360,7 +371,7 @@ class JobManager:
             job_type = AsyncJob(record.async_job)
         except ValueError:
             raise JobError(
-                f"domain '{name}': unknown async job {record.async_job!r} in status file"
+                f"domain '{name}': unknown async job {record.async_job!r} in its job file"
             ) from None
         dom = self._domain(uuid, name)
         job = Job(
@@ -371,6 +382,7 @@ class JobManager:
             phase=record.phase,
             migration_id=record.migration_id,
             saved_migration=record.saved_migration,
+            data=record.data,
             started=record.started,
         )
         return await self._begin_async(dom, job, timeout)
@@ -406,14 +418,14 @@ class JobManager:
             self._forget_if_idle(dom)
 
     async def end_async(self, job: Job) -> None:
-        """End an async job: clear it from the status file, release the domain.
+        """End an async job: delete its job file, release the domain.
 
         Sync jobs the mask let in keep running (and keep the domain locked
         until they end).
 
         :raises JobError: ``job`` is not the domain's running async job, or
             its nested job is still active.
-        :raises StateFileError, OSError: the status file could not be updated
+        :raises OSError: the job file could not be updated
             (the job is ended regardless).
         """
         dom = job._dom
@@ -465,7 +477,7 @@ class JobManager:
     def current(self, uuid: str) -> JobRecord | None:
         """This process's jobs on the domain as a record (None: no job here).
 
-        Unlike the status file, this includes untracked sync jobs (QUERY…).
+        Unlike the job file, this includes untracked sync jobs (QUERY…).
         """
         dom = self._domains.get(uuid)
         if dom is None or (dom.sync is None and dom.async_job is None):
@@ -477,34 +489,32 @@ class JobManager:
         return read_holder(self.lock_path(uuid))
 
     def recover(self, uuid: str, name: str | None = None) -> JobRecord | None:
-        """Read back the job recorded in the domain's status file (after a restart).
+        """Read back the job recorded for the domain (after a restart); None if none.
 
-        Without ``name``, the status directory is searched for the file with
-        this UUID (corrupt files are skipped). Returns None when there is no
-        status file or no job in it.
+        ``name``, when given, must match the recorded one.
 
-        :raises StateFileError: the named domain's status file is corrupt or
-            belongs to another UUID.
+        :raises StateFileError: the job file is corrupt or names another domain.
         """
-        if name is not None:
+        try:
+            found = JobFile.load(self.job_path(uuid))
+        except FileNotFoundError:
+            return None
+        if found.uuid != uuid or (name is not None and found.name != name):
+            raise StateFileError(
+                f"job file {self.job_path(uuid)} belongs to domain "
+                f"{found.name!r} ({found.uuid}), not {name!r} ({uuid})"
+            )
+        return found.job
+
+    def recorded(self) -> list[JobFile]:
+        """Every job recorded on this host (corrupt files are skipped)."""
+        out = []
+        for path in sorted(self.jobs_dir.glob("*.job")) if self.jobs_dir.is_dir() else []:
             try:
-                status = DomainStatus.load(self.status_path(name))
-            except FileNotFoundError:
-                return None
-            if status.uuid != uuid:
-                raise StateFileError(
-                    f"status file {self.status_path(name)} belongs to domain "
-                    f"{status.uuid}, not {uuid}"
-                )
-            return status.job
-        for path in sorted(self.status_dir.glob("*.status")):
-            try:
-                status = DomainStatus.load(path)
+                out.append(JobFile.load(path))
             except (OSError, StateFileError):
                 continue
-            if status.uuid == uuid:
-                return status.job
-        return None
+        return out
 
     def request_abort(self, uuid: str) -> bool:
         """Ask the domain's async job to stop (its owner sees ``check_aborted``).
@@ -604,28 +614,20 @@ class JobManager:
             started=main.started,
             migration_id=aj.migration_id if aj is not None else None,
             saved_migration=aj.saved_migration if aj is not None else None,
+            data=aj.data if aj is not None else {},
         )
 
     def _persist(self, dom: _Domain, *, create: bool = False) -> None:
-        path = self.status_path(dom.name)
+        path = self.job_path(dom.uuid)
         record = self._record(dom, tracked_only=True)
-        try:
-            status = DomainStatus.load(path)
-        except FileNotFoundError:
-            # Created only when a job starts; if the domain's owner removed
-            # the file later (the domain is gone), it stays removed.
-            if record is None or not create:
+        if record is None:
+            try:
+                path.unlink()
+            except FileNotFoundError:
                 return
-            status = DomainStatus(name=dom.name, uuid=dom.uuid)
-        if status.uuid != dom.uuid:
-            raise StateFileError(
-                f"status file {path} belongs to domain {status.uuid}, not {dom.uuid}"
-            )
-        status.job = record
-        status.phase = record.phase if record is not None else None
-        status.migration_id = record.migration_id if record is not None else None
-        self.status_dir.mkdir(parents=True, exist_ok=True)
-        status.save(path)
+            return
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, JobFile(name=dom.name, uuid=dom.uuid, job=record).dumps())
 
     def _blocker(self, dom: _Domain, wanted: JobType | AsyncJob) -> Job | None:
         """The job that keeps ``wanted`` from starting (for the JobBusy message)."""

@@ -38,6 +38,9 @@ _COOKIE = FieldSpec(bytes, required=True)
 _FLAGS = FieldSpec(int, required=True, ge=0)
 _PARAMS = FieldSpec(dict, default={})
 _CANCELLED = FieldSpec(bool, default=False)
+_MIGRATION_ID = FieldSpec(str, required=True, min_len=1, max_len=64)
+_MIGRATION_ID_OPT = FieldSpec(str, nullable=True, default=None, min_len=1, max_len=64)
+_FORCE = FieldSpec(bool, default=False)
 
 
 def _spec(doc: str, **fields: FieldSpec) -> OpSpec:
@@ -48,7 +51,12 @@ _REGISTRY: dict[str, OpSpec] = {
     # lifecycle
     "define": _spec("define a persistent domain from XML", xml=_XML),
     "undefine": _spec("remove a domain's persistent definition", name=_NAME),
-    "start": _spec("start a defined domain", name=_NAME, paused=FieldSpec(bool, default=False)),
+    "start": _spec(
+        "start a defined domain",
+        name=_NAME,
+        paused=FieldSpec(bool, default=False),
+        force=_FORCE,
+    ),
     "shutdown": _spec(
         "ask the guest to power off, then wait",
         name=_NAME,
@@ -56,7 +64,7 @@ _REGISTRY: dict[str, OpSpec] = {
     ),
     "destroy": _spec("kill the domain's qemu", name=_NAME),
     "suspend": _spec("pause the domain's vCPUs", name=_NAME),
-    "resume": _spec("resume the domain's vCPUs", name=_NAME),
+    "resume": _spec("resume the domain's vCPUs", name=_NAME, force=_FORCE),
     "list": _spec("list domains (running only unless all)", all=FieldSpec(bool, default=False)),
     "info": _spec("state, memory and vCPUs of a domain", name=_NAME),
     "dumpxml": _spec("a domain's XML", name=_NAME, inactive=FieldSpec(bool, default=False)),
@@ -122,7 +130,21 @@ _REGISTRY: dict[str, OpSpec] = {
         flags=_FLAGS,
         params=_PARAMS,
         cancelled=_CANCELLED,
+        migration_id=_MIGRATION_ID_OPT,
     ),
+    "migration_outcome": _spec(
+        "destination: what became of an incoming migration (fences one still prepared)",
+        migration_id=_MIGRATION_ID,
+    ),
+    "migration_progress": _spec(
+        "source → destination: the stream still moves (bytes so far)",
+        migration_id=_MIGRATION_ID,
+        transferred=FieldSpec(int, required=True, ge=0),
+    ),
+    "migrate_recover": _spec(
+        "source: ask the destination again and settle an unknown outcome", name=_NAME
+    ),
+    "agent_state": _spec("jobs, migrations and tokens this agent holds (diagnostics)"),
     "confirm": _spec(
         "source: clean up, or resume after a failure",
         name=_NAME,

@@ -1,0 +1,317 @@
+"""Dst Prepare: accept the domain and start qemu waiting for the stream.
+
+The XML is parsed before anything else looks at the request, the ACL is
+checked on what it declares, and the migration's outcome record
+(``prepared``) is written before any qemu exists, so the source's question
+"what became of migration X?" always finds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+from ferry.acl import check_access
+from ferry.domain import Domain, check_abi_stability, format_domain, parse_domain
+from ferry.errors import DomainExists, FerryError, HookRefused, MigrationRefused
+from ferry.flags import MigrationFlags, MigrationParams
+from ferry.jobs import AsyncJob
+from ferry.journal import LogContext, MessageID, log_event
+from ferry.outcomes import FAILED, PREPARED, valid_migration_id
+from ferry.protocol.cookie import Cookie, Graphics, Identity
+from ferry.qemu import QemuProcess, set_caps, set_params
+from ferry.rpc import RequestContext
+from ferry_destination.context import DestinationContext
+from ferry_destination.incoming import Incoming, watchdog
+from ferry_destination.tunnel import IncomingTunnel
+
+__all__ = ["prepare", "unmapped"]
+
+log = logging.getLogger("ferry.destination")
+
+JOB_TIMEOUT = 30.0
+HOOK_TIMEOUT = 30.0
+
+
+async def prepare(
+    dst: DestinationContext, ctx: RequestContext, args: dict[str, Any]
+) -> dict[str, Any]:
+    """Prepare phase: accept the domain and start qemu waiting for the stream."""
+    # The XML first, before anything else looks at the request.
+    domain = parse_domain(args["xml"], where="prepare")
+    flags = MigrationFlags(args["flags"])
+    params = MigrationParams.from_wire(args["params"])
+    cookie = Cookie.decode(args["cookie"])
+    identity = cookie.identity
+    if identity is None:
+        raise MigrationRefused("prepare: the source's cookie has no identity section")
+    if not valid_migration_id(identity.migration_id):
+        raise MigrationRefused(
+            f"prepare: migration id {identity.migration_id!r} is not 1..64 hex digits"
+        )
+    if params.dest_name:
+        domain = domain.renamed(params.dest_name)
+    check_access(dst.config.acl, ctx.subject, "prepare", domain.name, domain.uuid)
+    with LogContext(domain=domain.name, uuid=domain.uuid, migration_id=identity.migration_id,
+                    phase="prepare", peer=identity.hostname):  # fmt: skip
+        if identity.host_uuid == dst.config.host.uuid:
+            raise MigrationRefused(
+                f"source and destination are the same host (host UUID {identity.host_uuid})",
+                host_uuid=identity.host_uuid,
+            )
+        if identity.name != domain.name and not params.dest_name:
+            raise MigrationRefused(
+                f"domain XML names '{domain.name}' but the cookie names '{identity.name}'"
+            )
+        if identity.uuid != domain.uuid:
+            raise MigrationRefused(
+                f"domain XML has uuid {domain.uuid} but the cookie has {identity.uuid}"
+            )
+        _check_free(dst, domain)
+        domain = await _run_hook(dst, domain)
+        peer_uri = None
+        peername = ctx.session.writer.get_extra_info("peername")
+        if isinstance(peername, tuple) and peername:
+            # Every host runs both agents on the same port: this is where
+            # the source host's journal can be asked for its side.
+            addr = unmapped(str(peername[0]))
+            addr = f"[{addr}]" if ":" in addr else addr
+            peer_uri = f"ferry://{addr}:{dst.config.destination.listen[1]}"
+        log_event(log, MessageID.MIGRATION_STARTED, f"prepare: receiving {domain.name} "
+                  f"from {identity.hostname}", peer_uri=peer_uri)  # fmt: skip
+        job = await dst.jobs.begin_async(
+            domain.uuid, domain.name, AsyncJob.MIGRATION_IN, flags=int(flags),
+            phase="prepare", migration_id=identity.migration_id, timeout=JOB_TIMEOUT,
+        )  # fmt: skip
+        try:
+            # Durable before any qemu exists: the outcome question always
+            # finds this migration, whatever happens next.
+            dst.outcomes.record(identity.migration_id, PREPARED, domain=domain.name,
+                                uuid=domain.uuid, source_host=identity.hostname)  # fmt: skip
+            sockname = ctx.session.writer.get_extra_info("sockname")
+            reached = unmapped(str(sockname[0])) if isinstance(sockname, tuple) else None
+            tunnel = None
+            if flags & MigrationFlags.TUNNELLED:
+                channels = 1
+                if flags & MigrationFlags.PARALLEL:
+                    channels += params.parallel_connections or 2
+                path = dst.config.paths.tunnel_dir / f"{identity.migration_id[:16]}.sock"
+                tunnel = IncomingTunnel(domain.name, path, channels)
+            proc, uri = await _start_incoming(dst, domain, flags, params, reached, tunnel)
+        except BaseException as exc:
+            with contextlib.suppress(FerryError):
+                dst.outcomes.record(identity.migration_id, FAILED, domain=domain.name,
+                                    uuid=domain.uuid, reason=f"prepare failed: {exc}",
+                                    source_host=identity.hostname)  # fmt: skip
+            await dst.jobs.end_async(job)
+            raise
+        incoming = Incoming(domain, job, proc, identity.migration_id, flags,
+                            source_host=identity.hostname, tunnel=tunnel)  # fmt: skip
+        incoming.phases.advance("prepare")
+        dst.incoming[domain.name] = incoming
+        dst.notify_status()
+        incoming.watchdog = asyncio.create_task(watchdog(dst, incoming, ctx.session))
+        reply = Cookie().with_identity(
+            Identity(name=domain.name, uuid=domain.uuid, hostname=dst.config.host.name,
+                     host_uuid=dst.config.host.uuid, migration_id=identity.migration_id)
+        )  # fmt: skip
+        graphics = await _graphics(dst, domain, proc, reached)
+        if graphics is not None:
+            reply = reply.with_graphics(graphics)
+        answer: dict[str, Any] = {"uri": uri, "cookie": reply.encode(), "name": domain.name}
+        if tunnel is not None:
+            token = dst.tokens.issue(
+                domain.name, tunnel.channels, dst.config.destination.incoming_timeout_s,
+                tunnel, allow_plaintext=dst.config.tls is not None
+                and dst.config.tls.allow_plaintext_tunnel,
+            )  # fmt: skip
+            answer["tunnel"] = {"token": token, "channels": tunnel.channels}
+        if dst.faults.hit("dst.prepare") == "drop-reply":
+            ctx.session.writer.transport.abort()
+        return answer
+
+
+def _check_free(dst: DestinationContext, domain: Domain) -> None:
+    status = dst.host.load_status(domain.name)
+    if status is not None:
+        raise DomainExists(
+            f"domain '{domain.name}' is already running on host {dst.config.host.name}",
+            name=domain.name,
+        )
+    other = dst.host.find_uuid(domain.uuid)
+    if other is not None and other.active:
+        raise DomainExists(
+            f"domain with uuid {domain.uuid} is already running here as '{other.domain.name}'"
+        )
+    persistent = dst.host.load_definition(domain.name)
+    if persistent is not None and persistent.uuid != domain.uuid:
+        raise DomainExists(
+            f"domain '{domain.name}' is already defined here with uuid {persistent.uuid}"
+        )
+
+
+async def _run_hook(dst: DestinationContext, domain: Domain) -> Domain:
+    """The operator's ``migrate`` hook: XML on stdin; output replaces it.
+
+    Argument order follows libvirt's qemu hook (``NAME migrate begin -``).
+    """
+    hook = dst.config.migrate_hook
+    if hook is None or not hook.exists():
+        return domain
+    xml = format_domain(domain)
+    proc = await asyncio.create_subprocess_exec(
+        str(hook), domain.name, "migrate", "begin", "-",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(xml.encode()), HOOK_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise HookRefused(
+            f"migrate hook {hook} did not answer within {HOOK_TIMEOUT:.0f}s"
+        ) from None
+    if proc.returncode != 0:
+        reason = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        raise HookRefused(f"migrate hook {hook} refused the migration: {reason}")
+    if not out.strip():
+        return domain
+    replaced = parse_domain(out, where=f"migrate hook {hook} output")
+    check_abi_stability(domain, replaced)
+    return replaced
+
+
+def _pick_port(dst: DestinationContext, address: str) -> int:
+    first, last = dst.config.destination.migration_ports
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for port in range(first, last + 1):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError:
+                continue
+            return port
+    raise MigrationRefused(f"no free migration port in {first}..{last} on {address}")
+
+
+async def _start_incoming(
+    dst: DestinationContext,
+    domain: Domain,
+    flags: MigrationFlags,
+    params: MigrationParams,
+    reached: str | None = None,
+    tunnel: IncomingTunnel | None = None,
+) -> tuple[QemuProcess, str]:
+    """Start the incoming qemu and return it with the URI the source must use.
+
+    ``reached`` is the local address the source's control connection
+    arrived on: when qemu listens on a wildcard address, that is the
+    address the source can certainly reach, so it goes into the URI.
+    """
+    address = dst.config.destination.migration_address
+    port: int | None = None
+    if tunnel is None:
+        if params.migrate_uri:
+            address, port = _parse_tcp_uri(params.migrate_uri, address)
+        if port is None:
+            port = _pick_port(dst, address)
+    proc = await dst.host.start(domain, incoming=True)
+    try:
+        caps = {"events": True, "multifd": bool(flags & MigrationFlags.PARALLEL)}
+        await set_caps(proc.qmp, caps)
+        if flags & MigrationFlags.PARALLEL:
+            await set_params(proc.qmp, {"multifd-channels": params.parallel_connections or 2})
+        if tunnel is not None:
+            # Only ferry-destination can reach this socket; the source
+            # agent gets a token instead of a URI.
+            tunnel.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                tunnel.path.unlink()
+            await proc.qmp.execute("migrate-incoming", {"uri": tunnel.uri})
+            return proc, "tunnel"
+        host = f"[{address}]" if ":" in address else address
+        await proc.qmp.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
+        advertised = _advertised(address, reached)
+        advertised = f"[{advertised}]" if ":" in advertised else advertised
+        uri = f"tcp:{advertised}:{port}"
+    except BaseException:
+        await dst.host.kill(domain.name)
+        raise
+    return proc, uri
+
+
+async def _graphics(
+    dst: DestinationContext, domain: Domain, proc: QemuProcess, reached: str | None = None
+) -> Graphics | None:
+    """The graphics port and address clients must use here (for the cookie).
+
+    A wildcard listen address is no address a client can connect to:
+    like libvirt, advertise the address the source reached us on.
+    """
+    if not domain.graphics:
+        return None
+    g = domain.graphics[0]
+    port = g.port if g.port and g.port > 0 else None
+    if g.type == "vnc":
+        with contextlib.suppress(FerryError):
+            info = await proc.qmp.execute("query-vnc")
+            if isinstance(info, dict) and info.get("service"):
+                port = int(info["service"])
+    listen = _advertised(g.listen or dst.config.destination.migration_address, reached)
+    return Graphics(type=g.type, port=port or 0, tls_port=g.tls_port, listen=listen)
+
+
+def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
+    """``tcp:HOST[:PORT]`` or ``tcp://HOST[:PORT]`` → (host, port)."""
+    rest = uri
+    for prefix in ("tcp://", "tcp:"):
+        if rest.startswith(prefix):
+            rest = rest[len(prefix) :]
+            break
+    else:
+        raise MigrationRefused(f"migrate URI {uri!r}: only tcp:HOST[:PORT] is supported")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    else:
+        host, port_text = rest, ""
+    host = host or default_host
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise MigrationRefused(f"migrate URI {uri!r}: bad port {port_text!r}")
+        return host, int(port_text)
+    return host, None
+
+
+def _advertised(address: str, reached: str | None) -> str:
+    """The address to give a peer for something listening on ``address`` here.
+
+    A wildcard (or empty) address is nothing a peer can connect to; the
+    address the source's control connection ``reached`` certainly is.
+    """
+    if address.strip("[]") in ("", "0.0.0.0", "::") and reached:
+        return reached
+    return address
+
+
+def unmapped(address: str) -> str:
+    """``::ffff:a.b.c.d`` (an IPv4 peer on a dual-stack socket) as ``a.b.c.d``.
+
+    Certificates name the IPv4 address, so a URI built from the mapped form
+    would fail the peer's name check.
+    """
+    try:
+        parsed = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return address

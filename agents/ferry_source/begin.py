@@ -1,0 +1,86 @@
+"""Src Begin: checks, the MIGRATION_OUT job, the XML and cookie for Prepare."""
+
+from __future__ import annotations
+
+import logging
+
+from ferry.domain import check_abi_stability, format_domain, parse_domain
+from ferry.errors import DomainState
+from ferry.flags import MigrationFlags, flag_names
+from ferry.jobs import AsyncJob
+from ferry.journal import MessageID, log_event
+from ferry.protocol.cookie import Cookie, Identity, LockState, Persistent
+from ferry_source.checks import check_io_error, is_allowed
+from ferry_source.context import Emit, SourceContext
+from ferry_source.outgoing import Outgoing
+
+__all__ = ["JOB_TIMEOUT", "begin"]
+
+log = logging.getLogger("ferry.source.migration")
+
+JOB_TIMEOUT = 30.0
+
+
+async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, str]:
+    """Check the migration, take the job, and return (cookie, XML) for Prepare.
+
+    On return ``out.job`` is held; the caller ends it (Confirm, or on error).
+    Nothing of the domain has changed yet.
+
+    Raises:
+        MigrationRefused, DomainState, ABIError, JobBusy: the migration is refused.
+    """
+    domain, flags, params = out.domain, out.flags, out.params
+    out.phases.advance("begin")
+    emit("phase", {"phase": "begin", "migration_id": out.migration_id})
+    fence = ctx.fences.get(domain.uuid)
+    if fence is not None:
+        raise DomainState(
+            f"cannot migrate domain '{domain.name}': {fence.describe()}; settle it first "
+            f"(ferryctl migrate-recover {domain.name})",
+            name=domain.name,
+        )
+    status = ctx.host.load_status(domain.name)
+    snapshots = [s["name"] for s in ctx.snapshots(domain.name)]
+    is_allowed(domain, flags, snapshots, status.run_state if status else None)
+    xml_domain = domain
+    if params.dest_xml:
+        supplied = parse_domain(params.dest_xml, where="--xml")
+        check_abi_stability(domain, supplied, allow_rename=bool(params.dest_name))
+        xml_domain = supplied
+    log_event(log, MessageID.MIGRATION_STARTED,
+              f"migrating {domain.name} to {out.host}:{out.port} "
+              f"(flags {', '.join(flag_names(flags))})",
+              phase="begin", flags=int(flags), peer_uri=out.peer_uri)  # fmt: skip
+    job = await ctx.jobs.begin_async(
+        domain.uuid, domain.name, AsyncJob.MIGRATION_OUT, flags=int(flags),
+        phase="begin", migration_id=out.migration_id, timeout=JOB_TIMEOUT,
+    )  # fmt: skip
+    out.job = job
+    try:
+        proc = await ctx.host.process(domain.name)
+        out.proc = proc
+        out.was_running = (await proc.qmp.query_status()).running
+        # libvirt's qemuMigrationSrcIsAllowed: refuse in Begin, before the
+        # destination starts a qemu for nothing.
+        await check_io_error(proc, domain.name, flags)
+        if not out.was_running and not flags & MigrationFlags.PAUSED:
+            # As libvirt's p2p driver: a domain paused when the migration
+            # starts stays paused on the destination.
+            out.flags = flags = flags | MigrationFlags.PAUSED
+        # Recovery needs to know where the VM went and whether it ran.
+        job.record(peer_uri=out.peer_uri, peer=out.host, was_running=out.was_running,
+                   flags=int(flags))  # fmt: skip
+        cookie = Cookie().with_identity(
+            Identity(name=domain.name, uuid=domain.uuid, hostname=ctx.config.host.name,
+                     host_uuid=ctx.config.host.uuid, migration_id=out.migration_id)
+        ).with_lockstate(LockState(driver="lease", leases=()))  # fmt: skip
+        if flags & MigrationFlags.PERSIST_DEST:
+            persistent = ctx.host.load_definition(domain.name) or domain
+            cookie = cookie.with_persistent(Persistent(xml=format_domain(persistent)))
+        xml = format_domain(xml_domain, migratable=True)
+    except BaseException:
+        out.job = None
+        await ctx.jobs.end_async(job)
+        raise
+    return cookie, xml

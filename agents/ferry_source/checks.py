@@ -1,0 +1,129 @@
+"""Begin's refusals: what makes a migration unsafe before anything moves.
+
+libvirt's ``qemuMigrationSrcIsAllowed`` and ``qemuMigrationSrcIsSafe``,
+in our words.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ferry.domain import Domain
+from ferry.errors import MigrationRefused
+from ferry.flags import MigrationFlags
+from ferry.qemu import QemuProcess
+
+__all__ = ["DEFAULT_AGENT_PORT", "check_io_error", "is_allowed", "parse_dest_uri", "unsafe_disks"]
+
+DEFAULT_AGENT_PORT = 49160
+# Cache modes that bypass the host page cache: safe when another host opens
+# the same image (libvirt's qemuMigrationSrcIsSafe).
+SAFE_CACHE = frozenset({"none", "directsync"})
+# statfs f_type of cluster filesystems whose coherent caches make any mode safe.
+CLUSTER_FS_MAGIC = {
+    0x01161970: "gfs2",
+    0x7461636F: "ocfs2",
+    0x00C36400: "ceph",
+    0x47504653: "gpfs",
+}
+
+
+def parse_dest_uri(uri: str) -> tuple[str, int]:
+    """``ferry://HOST[:PORT]`` → (host, port).
+
+    Raises:
+        MigrationRefused: for any other form.
+    """
+    prefix = "ferry://"
+    if not uri.startswith(prefix):
+        raise MigrationRefused(f"destination URI {uri!r} must look like ferry://HOST[:PORT]")
+    rest = uri[len(prefix) :].rstrip("/")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, _, port_text = rest.partition(":")
+    else:
+        host, port_text = rest, ""
+    if not host:
+        raise MigrationRefused(f"destination URI {uri!r} has no host")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise MigrationRefused(f"destination URI {uri!r}: bad port {port_text!r}")
+        return host, int(port_text)
+    return host, DEFAULT_AGENT_PORT
+
+
+def _fs_magic(path: str) -> int | None:
+    """statfs(2) f_type of the filesystem holding ``path`` (None if unknown)."""
+    import ctypes
+    import ctypes.util
+
+    class StatFS(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    buf = StatFS()
+    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return None
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def unsafe_disks(domain: Domain) -> list[str]:
+    """Disks whose cache mode makes migration unsafe, each with the reason."""
+    problems = []
+    for disk in domain.disks:
+        if disk.readonly or disk.shareable or disk.source is None or disk.device == "cdrom":
+            continue
+        cache = disk.cache or "default"
+        if cache in SAFE_CACHE:
+            continue
+        magic = _fs_magic(disk.source)
+        if magic in CLUSTER_FS_MAGIC:
+            continue
+        problems.append(
+            f"disk {disk.target_dev} ({disk.source}) uses cache mode '{cache}': the source "
+            "host may still hold unwritten data for it in its page cache; use cache "
+            "'none' or 'directsync', or pass --unsafe"
+        )
+    return problems
+
+
+def is_allowed(
+    domain: Domain, flags: MigrationFlags, snapshots: list[str], run_state: str | None
+) -> None:
+    """Refuse a migration of ``domain`` that cannot be safe.
+
+    Raises:
+        MigrationRefused: naming the reason (snapshots, unsafe cache, I/O error).
+    """
+    if snapshots:
+        raise MigrationRefused(
+            f"cannot migrate domain '{domain.name}' with {len(snapshots)} snapshot(s)",
+            snapshots=snapshots,
+        )
+    if not flags & MigrationFlags.UNSAFE:
+        problems = unsafe_disks(domain)
+        if problems:
+            raise MigrationRefused("unsafe migration: " + "; ".join(problems))
+    if run_state == "io-error" and flags & MigrationFlags.ABORT_ON_ERROR:
+        raise MigrationRefused(
+            f"cannot migrate domain '{domain.name}': it is paused after an I/O error "
+            "and --abort-on-error was given"
+        )
+
+
+async def check_io_error(proc: QemuProcess, domain: str, flags: MigrationFlags) -> None:
+    """Refuse with ABORT_ON_ERROR when qemu says the guest is paused on an I/O error.
+
+    Raises:
+        MigrationRefused: the guest is paused on an I/O error.
+    """
+    if not flags & MigrationFlags.ABORT_ON_ERROR:
+        return
+    run = await proc.qmp.query_status()
+    if run.reason == "io-error" or run.status == "io-error":
+        raise MigrationRefused(
+            f"cannot migrate domain '{domain}': it is paused after an I/O error "
+            "and --abort-on-error was given"
+        )

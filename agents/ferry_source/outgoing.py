@@ -1,0 +1,58 @@
+"""The state of one outgoing migration, shared by its phases and the admin ops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.domain import Domain
+from ferry.errors import FerryError
+from ferry.flags import MigrationFlags, MigrationParams
+from ferry.jobs import Job
+from ferry.protocol.phases import SourcePhases
+from ferry.qemu import QemuProcess
+from ferry.rpc import Session
+from ferry_source.tunnel import SourceTunnel
+
+__all__ = ["Outgoing"]
+
+
+@dataclass
+class Outgoing:
+    """One outgoing migration: set up by Begin, read by job_info and job_abort."""
+
+    domain: Domain
+    migration_id: str
+    flags: MigrationFlags
+    params: MigrationParams
+    host: str
+    port: int
+    phases: SourcePhases = field(default_factory=SourcePhases)
+    progress: dict[str, Any] = field(default_factory=dict)
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    abort_reason: str = "aborted on request"
+    job: Job | None = None
+    proc: QemuProcess | None = None
+    was_running: bool = True
+    set_downtime: Callable[[int], None] | None = None
+    warned: bool = False
+    lease_handover: bool = False
+    leases_released: bool = False
+    tunnel: SourceTunnel | None = None
+    session: Session | None = None
+    dest_name: str = ""
+    # Set (from a relay thread, through the loop) when the tunnel broke.
+    failure: FerryError | None = None
+
+    @property
+    def name(self) -> str:
+        """The domain's name on this host."""
+        return self.domain.name
+
+    @property
+    def peer_uri(self) -> str:
+        """The destination agent, as a ``ferry://`` URI."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ferry://{host}:{self.port}"

@@ -1,0 +1,251 @@
+"""The peer-to-peer driver: Begin → Prepare → Perform → Finish → Confirm.
+
+ferry-source runs the whole v3 protocol for ``ferryctl migrate``, calling
+the Src phases (:mod:`~ferry_source.begin`, :mod:`~ferry_source.perform`,
+:mod:`~ferry_source.confirm`) and the destination's Prepare and Finish.
+
+The safety rule: the phase is recorded as ``finish`` before Finish is sent;
+from then on our copy runs again only if the destination answers that its
+copy does not run.  A Finish whose reply is lost is settled by asking
+(:mod:`~ferry_source.settle`), never by guessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ferry.errors import FerryError, MigrationFailed, OutcomeUnknown, ReplyLost
+from ferry.flags import MigrationFlags
+from ferry.journal import MessageID, log_event
+from ferry.protocol.cookie import Cookie
+from ferry.rpc import RequestContext
+from ferry.tunnel.channel import make_endpoint
+from ferry_source.begin import begin
+from ferry_source.confirm import resume_source, stop_source
+from ferry_source.context import Emit, SourceContext
+from ferry_source.outgoing import Outgoing
+from ferry_source.peer import ask_outcome, connect_peer, request
+from ferry_source.perform import perform
+from ferry_source.settle import Subject, settle
+from ferry_source.tunnel import SourceTunnel
+
+__all__ = ["migrate_p2p"]
+
+log = logging.getLogger("ferry.source.migration")
+
+# A Finish(cancelled) whose reply is lost needs no long wait: the
+# destination never starts CPUs on it; asking only tidies its qemu away.
+TIDY_DEADLINE_S = 5.0
+
+
+def _phase(out: Outgoing, emit: Emit, phase: str) -> None:
+    if phase in ("perform", "confirm"):
+        out.phases.advance(phase, cancelled=False)
+    if out.job is not None:
+        out.job.phase = phase  # durable before the phase does anything
+    emit("phase", {"phase": phase, "migration_id": out.migration_id})
+    log_event(log, MessageID.MIGRATION_PHASE, f"{out.name}: entering {phase}", phase=phase)
+
+
+async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) -> dict[str, Any]:
+    """Run the whole migration; the summary on success.
+
+    Raises:
+        FerryError: it was refused or failed (the VM runs here again), or
+            OutcomeUnknown (the VM stays paused here; see ``migrate-recover``).
+    """
+    emit = req.emit
+    started = time.monotonic()
+    cookie, xml = await begin(ctx, out, emit)
+    job = out.job
+    assert job is not None and out.proc is not None
+    ctx.progress[out.name] = out.progress
+    lost_client = False
+    try:
+        if ctx.faults.hit("src.begin") == "drop-reply":
+            req.session.writer.transport.abort()
+        # -- Prepare (peer) ------------------------------------------------
+        out.session = session = await connect_peer(ctx.config, out.host, out.port)
+        _phase(out, emit, "prepare")
+        reply_timeout = ctx.config.migration.reply_timeout_s
+        prep = await request(session, "prepare", {
+            "xml": xml, "cookie": cookie.encode(), "flags": int(out.flags),
+            "params": out.params.to_wire(),
+        }, timeout=reply_timeout, peer=out.host)  # fmt: skip
+        out.dest_name = str(prep.get("name") or out.name)
+        job.record(dest_name=out.dest_name)
+        dest_cookie = Cookie.decode(prep["cookie"])
+        uri = str(prep["uri"])
+        if out.flags & MigrationFlags.TUNNELLED:
+            out.tunnel = _open_tunnel(ctx, out, prep)
+            uri = out.tunnel.uri
+
+        # -- Perform -------------------------------------------------------
+        _phase(out, emit, "perform")
+        perform_error: FerryError | None = None
+        stats: dict[str, Any] = {}
+        try:
+            stats = await perform(ctx, out, uri, dest_cookie, emit)
+        except FerryError as exc:
+            perform_error = exc
+        except Exception as exc:
+            # A bug here must still reach Finish(cancelled) and Confirm,
+            # or the VM would stay paused on the source.
+            log.exception("perform failed unexpectedly")
+            perform_error = MigrationFailed(f"perform failed: {exc}")
+        if out.tunnel is not None and perform_error is not None:
+            # Nothing more may reach the destination's qemu.
+            await out.tunnel.close(drain=False)
+        # With our qemu gone, the destination's copy is the only one left:
+        # let it try to finish rather than discard it.
+        cancelled = perform_error is not None and out.proc.alive()
+
+        # -- Finish (peer) -------------------------------------------------
+        _phase(out, emit, "finish")
+        result, finish_error, dest_host, settled = await _finish(
+            ctx, out, session, cancelled, emit
+        )
+        if out.tunnel is not None:
+            await out.tunnel.close(drain=finish_error is None)
+            sent, _ = out.tunnel.bytes()
+            stats.update(tunnel_bytes=sent, tunnel_channels=len(out.tunnel.set.opened),
+                         tunnel_mode=out.tunnel.mode)  # fmt: skip
+
+        # -- Confirm -------------------------------------------------------
+        _phase(out, emit, "confirm")
+        if result != "unknown":
+            job.record(result=result)
+        lost_client = ctx.faults.hit("src.confirm") == "drop-reply"
+        if result == "unknown":
+            assert finish_error is not None
+            raise finish_error
+        if result == "failed":
+            what = "resumed on the source"
+            if not settled:
+                what = await resume_source(ctx, out.name, was_running=out.was_running,
+                                           leases_released=out.leases_released,
+                                           saved=job.saved_migration)  # fmt: skip
+            error = perform_error or finish_error
+            assert error is not None
+            if what != "resumed on the source" and out.was_running:
+                error.message += f" (the VM was {what})"
+                error.args = (error.message,)
+            raise error
+        if not settled:
+            undefine = bool(out.flags & MigrationFlags.UNDEFINE_SOURCE)
+            await stop_source(ctx, out.name, out.domain.uuid, migration_id=out.migration_id,
+                              peer=dest_host, peer_uri=out.peer_uri, undefine=undefine)
+        return _summary(out, stats, dest_host, started)
+    finally:
+        if out.tunnel is not None:
+            await out.tunnel.close(drain=False)
+        ctx.progress.pop(out.name, None)
+        if out.session is not None:
+            await out.session.close()
+        await ctx.jobs.end_async(job)
+        if lost_client:
+            req.session.writer.transport.abort()
+
+
+async def _finish(
+    ctx: SourceContext, out: Outgoing, session: Any, cancelled: bool, emit: Emit
+) -> tuple[str, FerryError | None, str, bool]:
+    """Send Finish: (result, error, destination host, settled).
+
+    ``settled`` means the outcome had to be asked for and the source copy
+    has already been stopped or resumed accordingly.
+    """
+    try:
+        fin = await request(session, "finish", {
+            "name": out.dest_name, "cookie": Cookie().encode(), "flags": int(out.flags),
+            "params": out.params.to_wire(), "cancelled": cancelled,
+            "migration_id": out.migration_id,
+        }, timeout=ctx.config.migration.reply_timeout_s, peer=out.host)  # fmt: skip
+    except FerryError as exc:
+        if cancelled:
+            # The destination never starts CPUs on a cancelled Finish.
+            if isinstance(exc, ReplyLost):
+                await ask_outcome(ctx.config, out.host, out.port, out.migration_id,
+                                  deadline_s=TIDY_DEADLINE_S)  # fmt: skip
+            return "failed", exc, out.host, False
+        settled = await settle(ctx, _subject(out), job=out.job, emit=emit,
+                               deadline_s=ctx.config.migration.outcome_timeout_s)  # fmt: skip
+        if settled.result == "completed":
+            return "completed", None, out.host, True
+        if settled.result == "failed":
+            reason = settled.reply.get("reason")
+            if reason and not isinstance(exc, ReplyLost):
+                return "failed", exc, out.host, True
+            note = f": {reason}" if reason else ""
+            return "failed", MigrationFailed(f"{exc} — the destination says it did not "
+                                             f"take the VM{note}"), out.host, True  # fmt: skip
+        return "unknown", OutcomeUnknown(
+            f"{exc}; {settled.message}. {out.name} stays paused here; run "
+            f"'ferryctl migrate-recover {out.name}' once {out.host} is reachable",
+            migration_id=out.migration_id, peer=out.host,
+        ), out.host, True  # fmt: skip
+    if cancelled:
+        return "failed", None, out.host, False
+    return "completed", None, str(fin.get("host") or out.host), False
+
+
+def _subject(out: Outgoing) -> Subject:
+    job = out.job
+    return Subject(name=out.name, uuid=out.domain.uuid, migration_id=out.migration_id,
+                   peer=out.host, peer_uri=out.peer_uri, was_running=out.was_running,
+                   leases_released=out.leases_released,
+                   undefine=bool(out.flags & MigrationFlags.UNDEFINE_SOURCE),
+                   saved=job.saved_migration if job is not None else None)  # fmt: skip
+
+
+def _summary(
+    out: Outgoing, stats: dict[str, Any], dest_host: str, started: float
+) -> dict[str, Any]:
+    total_s = time.monotonic() - started
+    summary = {**stats, "wall_time_ms": int(total_s * 1000), "result": "completed"}
+    log_event(log, MessageID.MIGRATION_COMPLETED,
+              f"{out.name} migrated to {dest_host} as {out.dest_name} in {total_s:.2f}s",
+              phase="confirm")  # fmt: skip
+    summary_fields: dict[str, Any] = {
+        f"summary_{k}": v for k, v in summary.items() if isinstance(v, int | float | str)
+    }
+    log_event(log, MessageID.MIGRATION_SUMMARY,
+              "summary: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.items())),
+              phase="confirm", **summary_fields)  # fmt: skip
+    return {"name": out.name, "dest_name": out.dest_name, "dest_host": dest_host,
+            "migration_id": out.migration_id, "stats": summary}  # fmt: skip
+
+
+def _open_tunnel(ctx: SourceContext, out: Outgoing, prep: dict[str, Any]) -> SourceTunnel:
+    """Listen where qemu will migrate to; its connections go to the destination."""
+    config = ctx.config
+    grant = prep.get("tunnel")
+    if not isinstance(grant, dict) or not isinstance(grant.get("token"), str):
+        raise MigrationFailed("the destination did not prepare a tunnel (no token)")
+    assert config.tls is not None
+    loop = asyncio.get_running_loop()
+
+    def broken(error: FerryError) -> None:
+        def record() -> None:
+            if out.failure is None:
+                out.failure = error
+            out.abort.set()
+
+        loop.call_soon_threadsafe(record)
+
+    tunnel = SourceTunnel(
+        name=out.name,
+        socket_path=config.paths.tunnel_dir / f"{out.migration_id[:16]}.sock",
+        endpoint=make_endpoint(config.tls, server=False),
+        host=out.host,
+        port=out.port,
+        token=grant["token"],
+        channels=int(grant.get("channels", 1)),
+        mode="plain" if out.params.tunnel_plaintext else "tls",
+        on_error=broken,
+    )
+    tunnel.listen()
+    return tunnel

@@ -1,0 +1,133 @@
+"""ferry-source after a restart: settle every outgoing migration it left behind.
+
+The decision is the sans-I/O table of :mod:`ferry.jobs.recovery`; this is
+its driver.  Jobs are adopted at start-up, before the admin socket serves
+(so nobody can resume a domain whose migration is being settled); the
+settling runs in the background because asking a destination may take up
+to ``outcome_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ferry.errors import FerryError
+from ferry.flags import MigrationFlags
+from ferry.jobs import AsyncJob, Job
+from ferry.jobs.recovery import OutgoingAction, QemuView, decide_outgoing
+from ferry.journal import LogContext, MessageID, log_event
+from ferry.qemu import query_migrate
+from ferry.statefile import JobRecord
+from ferry_source.confirm import resume_source, stop_source
+from ferry_source.context import SourceContext
+from ferry_source.perform import cancel_migration
+from ferry_source.settle import Subject, settle
+
+__all__ = ["OutgoingRecovery"]
+
+log = logging.getLogger("ferry.source.recovery")
+
+
+class OutgoingRecovery:
+    """Adopts and settles the outgoing jobs a previous ferry-source left."""
+
+    def __init__(self, ctx: SourceContext) -> None:
+        self.ctx = ctx
+        self._adopted: list[tuple[Job, JobRecord]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def adopt_all(self) -> None:
+        """Take over every recorded MIGRATION_OUT job (they hold their domains)."""
+        for found in self.ctx.jobs.recorded():
+            if found.job.async_job != AsyncJob.MIGRATION_OUT:
+                continue
+            try:
+                job = await self.ctx.jobs.adopt(found.uuid, found.name, found.job, timeout=5.0)
+            except FerryError as exc:
+                log.error("cannot adopt the outgoing job of %s: %s", found.name, exc)
+                continue
+            self._adopted.append((job, found.job))
+
+    def start(self) -> None:
+        """Settle the adopted jobs in the background."""
+        for job, record in self._adopted:
+            task = asyncio.create_task(self._recover(job, record))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._adopted.clear()
+
+    def pending(self) -> int:
+        """How many recoveries are still running."""
+        return len(self._tasks)
+
+    async def stop(self) -> None:
+        """Cancel recoveries still running (their jobs stay recorded for the next start)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _recover(self, job: Job, record: JobRecord) -> None:
+        name = job.name
+        data = record.data
+        with LogContext(domain=name, uuid=job.uuid, migration_id=record.migration_id or "",
+                        phase=record.phase or ""):  # fmt: skip
+            try:
+                view = await self._observe(name)
+                decision = decide_outgoing(record.phase, view, result=data.get("result"))
+                what = f"{decision.action.value} — {decision.reason}"
+                log_event(log, MessageID.MIGRATION_PHASE,
+                          f"recovering the outgoing migration of {name} (phase "
+                          f"{record.phase}): {what}")  # fmt: skip
+                await self._act(job, record, decision.action)
+            except asyncio.CancelledError:
+                # Stopping: leave the record for the next start.
+                raise
+            except Exception:
+                log.exception("recovery of %s failed; its job record is cleared", name)
+            await self.ctx.jobs.end_async(job)
+
+    async def _act(self, job: Job, record: JobRecord, action: OutgoingAction) -> None:
+        ctx, name, data = self.ctx, job.name, record.data
+        was_running = bool(data.get("was_running", True))
+        leases_released = bool(data.get("leases_released", False))
+        flags = MigrationFlags(int(data.get("flags", record.flags)))
+        peer = str(data.get("peer") or "")
+        peer_uri = str(data.get("peer_uri") or "")
+        migration_id = record.migration_id or ""
+        if action is OutgoingAction.CANCEL:
+            with contextlib.suppress(FerryError):
+                await cancel_migration(await ctx.host.process(name))
+        if action in (OutgoingAction.CANCEL, OutgoingAction.RESUME):
+            what = await resume_source(ctx, name, was_running=was_running,
+                                       leases_released=leases_released,
+                                       saved=record.saved_migration)  # fmt: skip
+            log_event(log, MessageID.MIGRATION_FAILED,
+                      f"migration {migration_id} of {name} rolled back after a restart: {what}",
+                      level=logging.WARNING)  # fmt: skip
+        elif action is OutgoingAction.CONFIRM:
+            await stop_source(ctx, name, job.uuid, migration_id=migration_id, peer=peer,
+                              peer_uri=peer_uri,
+                              undefine=bool(flags & MigrationFlags.UNDEFINE_SOURCE))  # fmt: skip
+            log_event(log, MessageID.MIGRATION_COMPLETED,
+                      f"migration {migration_id} of {name} confirmed after a restart: "
+                      f"it runs on {peer}")  # fmt: skip
+        elif action is OutgoingAction.ASK:
+            await settle(ctx, Subject(
+                name=name, uuid=job.uuid, migration_id=migration_id, peer=peer,
+                peer_uri=peer_uri, was_running=was_running, leases_released=leases_released,
+                undefine=bool(flags & MigrationFlags.UNDEFINE_SOURCE),
+                saved=record.saved_migration,
+            ), deadline_s=ctx.config.migration.outcome_timeout_s, job=job)  # fmt: skip
+
+    async def _observe(self, name: str) -> QemuView:
+        try:
+            proc = await self.ctx.host.process(name, timeout=5.0)
+            run = await proc.qmp.query_status()
+            stats = await query_migrate(proc.qmp)
+        except FerryError:
+            return QemuView(alive=False)
+        return QemuView(alive=True, running=run.running, migration=stats.status)
