@@ -433,7 +433,8 @@ async def connect_tcp(
     Raises:
         AuthError: over TLS, the peer ended the connection after the TLS
             handshake but before its welcome: it refused our certificate
-            (see :func:`refused_during_authentication`).
+            (see :func:`refused_during_authentication`), or it answered
+            with its own auth-failed error (e.g. not in its ``[peers] allowed``).
         ProtocolError, ssl.SSLError, OSError: on other failures to connect
             or negotiate (an ``ssl`` error here is the TLS handshake itself
             failing, e.g. our side refusing the peer's certificate).
@@ -456,6 +457,13 @@ async def connect_tcp(
     except _ClosedBeforeWelcome as exc:
         writer.close()
         raise refused_during_authentication(host, port, exc.cause) from None
+    except ProtocolError as exc:
+        writer.close()
+        # The peer refused us by name ([peers] allowed): report its
+        # auth-failed error as it is, not wrapped as a protocol error.
+        if isinstance(exc.__cause__, AuthError):
+            raise exc.__cause__ from None
+        raise
     except BaseException:
         writer.close()
         raise

@@ -265,8 +265,8 @@ def check_peer_allowed(identity: PeerIdentity, allowed: tuple[str, ...], *, host
         if any(fnmatch.fnmatchcase(name.lower().rstrip("."), p) for p in patterns):
             return
     raise AuthError(
-        f"peer refused: certificate {identity.describe()} is not in [peers] allowed of "
-        f"host {host} (allowed: {', '.join(allowed)})",
+        f"host {host} refuses peer certificate {identity.describe()}: not in its "
+        f"[peers] allowed ({', '.join(allowed)})",
         peer=identity.common_name,
         setting="[peers] allowed",
     )
