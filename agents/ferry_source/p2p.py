@@ -39,6 +39,7 @@ log = logging.getLogger("ferry.source.migration")
 # A Finish(cancelled) whose reply is lost needs no long wait: the
 # destination never starts CPUs on it; asking only tidies its qemu away.
 TIDY_DEADLINE_S = 5.0
+CANCELLED_FINISH_TIMEOUT_S = 10.0
 
 
 def _phase(out: Outgoing, emit: Emit, phase: str) -> None:
@@ -155,15 +156,21 @@ async def _finish(
 ) -> tuple[str, FerryError | None, str, bool]:
     """Send Finish: (result, error, destination host, settled).
 
+    A cancelled Finish gets a short wait: whatever happens to it, the
+    destination never starts CPUs on it.
+
     ``settled`` means the outcome had to be asked for and the source copy
     has already been stopped or resumed accordingly.
     """
+    timeout = ctx.config.migration.reply_timeout_s
+    if cancelled:
+        timeout = min(timeout, CANCELLED_FINISH_TIMEOUT_S)
     try:
         fin = await request(session, "finish", {
             "name": out.dest_name, "cookie": Cookie().encode(), "flags": int(out.flags),
             "params": out.params.to_wire(), "cancelled": cancelled,
             "migration_id": out.migration_id,
-        }, timeout=ctx.config.migration.reply_timeout_s, peer=out.host)  # fmt: skip
+        }, timeout=timeout, peer=out.host)  # fmt: skip
     except FerryError as exc:
         if cancelled:
             # The destination never starts CPUs on a cancelled Finish.

@@ -292,6 +292,14 @@ async def _follow(
                 if out.failure is not None:
                     await cancel_migration(proc)
                     raise out.failure
+                if out.session is not None and out.session.closed:
+                    # The destination discards its side when our control
+                    # connection ends; the stream cannot land anywhere.
+                    await cancel_migration(proc)
+                    raise MigrationFailed(
+                        f"the control connection to {out.host} broke during Perform "
+                        f"({out.session.close_error or 'closed'}); the migration was cancelled"
+                    )
                 if out.abort.is_set():
                     await cancel_migration(proc)
                     raise JobAborted(f"migration of '{out.name}' {out.abort_reason}")

@@ -81,6 +81,12 @@ def admit_local(config: AgentConfig) -> Callable[[Subject], None]:
     return admit
 
 
+#: Peer ops whose handlers run check_access on the parsed domain themselves.
+DOMAIN_CHECKED_PEER_OPS = frozenset(
+    {"prepare", "finish", "migration_outcome", "migration_progress", "journal_query"}
+)
+
+
 def authorize_peer_ops(config: AgentConfig) -> Callable[[Subject, str], None]:
     """Op-level ACL for peers (``ferry.rpc.Server(authorize=...)``).
 
@@ -91,7 +97,10 @@ def authorize_peer_ops(config: AgentConfig) -> Callable[[Subject, str], None]:
     """
 
     def authorize(subject: Subject, op: str) -> None:
-        if subject.kind == "peer":
+        # Ops that name a domain check the ACL in their handler, once the
+        # request (the XML, for Prepare) is parsed: their refusal names the
+        # domain, which this early check could not.
+        if subject.kind == "peer" and op not in DOMAIN_CHECKED_PEER_OPS:
             check_access(config.acl, subject, op)
 
     return authorize
