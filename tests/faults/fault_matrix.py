@@ -1,0 +1,873 @@
+"""The fault matrix of issue 10: which fault, at which point, and what must hold after it.
+
+Every cell is one migration of ``g1`` from A to B on a fresh two-host test
+bed, broken once at a deterministic point:
+
+1. the agent that reaches the phase's fault point (``[testing] faults``, see
+   :mod:`ferry.faults`) freezes itself there (``stop``), or loses that step's
+   reply (``drop-reply``, the "lose one reply" column);
+2. while it is frozen the test applies the fault: kill -9 an agent, kill a
+   qemu, or cut the link (the veth inside B's namespace);
+3. the frozen agent is thawed if it is alive; killed agents are restarted
+   (without the fault) at once, or once ``ferryctl migrate`` has exited where
+   that is the meaningful order; the link is restored once ``ferryctl
+   migrate`` has exited;
+4. if A reports the outcome unknown, ``ferryctl migrate-recover g1`` settles it;
+5. once everything settled (no job record, no incoming job or token, one
+   qemu per active domain), the safety rule is checked (:func:`check_settled`)
+   and a next migration must succeed with the guest's memory intact.
+
+Nothing here sleeps to synchronise: every wait polls a condition with a bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from faults import Link, freeze_point_logged, kill_qemu, thaw, wait_frozen
+
+import testguest
+from cluster import VENV_BIN, Cluster, HostEnv, guest_xml, wait_until
+
+__all__ = [
+    "CELLS",
+    "FAULTS",
+    "NOT_APPLICABLE",
+    "PHASES",
+    "TIMEOUTS",
+    "Cell",
+    "CellRecord",
+    "run_cell",
+]
+
+class CellFailure(AssertionError):
+    """The safety rule or the harness's expectations do not hold."""
+
+
+# -- the matrix -------------------------------------------------------------------
+
+FAULTS = (
+    "kill-source-agent",
+    "kill-destination-agent",
+    "kill-source-qemu",
+    "kill-destination-qemu",
+    "cut-link",
+    "lose-reply",
+)
+FAULT_TITLES = {
+    "kill-source-agent": "kill -9 ferry-source (A)",
+    "kill-destination-agent": "kill -9 ferry-destination (B)",
+    "kill-source-qemu": "kill source qemu (A)",
+    "kill-destination-qemu": "kill destination qemu (B)",
+    "cut-link": "cut the link",
+    "lose-reply": "lose one reply",
+}
+PHASES = ("begin", "prepare", "perform", "finish", "confirm")
+
+#: The point each phase is driven at (a cell may pick another, see CELLS).
+PHASE_POINTS = {
+    "begin": "src.begin",
+    "prepare": "dst.prepare",
+    "perform": "src.perform",
+    "finish": "dst.finish",
+    "confirm": "src.confirm",
+}
+
+NOT_APPLICABLE = {
+    ("kill-destination-qemu", "begin"): "no destination qemu exists before Prepare",
+}
+
+#: Short timeouts so that every cell settles fast (agent.toml keys).
+TIMEOUTS: dict[str, Any] = {
+    "migration.stall_timeout_s": 5,
+    "migration.reply_timeout_s": 15,
+    "migration.outcome_timeout_s": 10,
+    "destination.incoming_timeout_s": 20,
+}
+
+# Bounds of the waits (seconds).  The slowest legitimate path of a cell is a
+# lost Finish reply over a cut link: reply timeout, then the outcome timeout.
+FREEZE_WAIT = 60.0
+MIGRATE_EXIT_WAIT = 90.0
+RECOVER_WAIT = 30.0
+SETTLE_WAIT = 60.0
+
+# Perform cells cap the copy so that it is still running when the fault hits
+# (32 MiB at 4 MiB/s: ~8 s); the guest dirties slowly enough to converge.
+PERFORM_BANDWIDTH_MIB_S = 4
+GUEST_MEM_MIB = 32
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fault at one point of one phase."""
+
+    fault: str
+    phase: str
+    point: str
+    #: Outcomes that honour the safety rule for this cell: "A", "B" (where the
+    #: one running copy is), "none" (the fault killed the only copy).
+    expect: tuple[str, ...] = ("A", "B")
+    #: When a killed agent comes back: "at-once" (right after the fault) or
+    #: "after-exit" (once ``ferryctl migrate`` has exited).
+    restart: str = "at-once"
+    #: The guest has a disk with a lease in the shared lockspace.
+    leased: bool = False
+    #: Row of the issue's table of broken cases this cell reproduces.
+    headline: int | None = None
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        """The pytest id: ``[leased-]FAULT-PHASE``."""
+        return f"{'leased-' if self.leased else ''}{self.fault}-{self.phase}"
+
+    @property
+    def action(self) -> str:
+        """What the fault point does: ``stop`` or ``drop-reply``."""
+        return "drop-reply" if self.fault == "lose-reply" else "stop"
+
+    @property
+    def point_host(self) -> str:
+        """``a`` for ``src.*`` points, ``b`` for ``dst.*``."""
+        return "a" if self.point.startswith("src.") else "b"
+
+    @property
+    def point_agent(self) -> str:
+        """The agent that reaches the point."""
+        return "source" if self.point.startswith("src.") else "destination"
+
+
+def _cells() -> list[Cell]:
+    specials: dict[tuple[str, str], dict[str, Any]] = {
+        # -- Begin: the VM never paused; A must keep it.
+        ("kill-source-agent", "begin"): {"expect": ("A",)},
+        ("kill-destination-agent", "begin"): {
+            "expect": ("A",),
+            "restart": "after-exit",
+            "why": "A finds no ferry-destination on B",
+        },
+        ("kill-source-qemu", "begin"): {"expect": ("none",)},
+        ("cut-link", "begin"): {"expect": ("A",)},
+        ("lose-reply", "begin"): {"why": "ferryctl's connection is lost; the migration goes on"},
+        # -- Prepare: nothing was copied; A must keep it.
+        ("kill-source-agent", "prepare"): {"expect": ("A",)},
+        ("kill-destination-agent", "prepare"): {"expect": ("A",), "restart": "after-exit"},
+        ("kill-source-qemu", "prepare"): {"expect": ("none",)},
+        ("kill-destination-qemu", "prepare"): {"expect": ("A",)},
+        ("cut-link", "prepare"): {"expect": ("A",)},
+        ("lose-reply", "prepare"): {"expect": ("A",)},
+        # -- Perform: the copy is running (bandwidth capped).
+        ("kill-destination-agent", "perform"): {"headline": 3},
+        ("kill-source-qemu", "perform"): {"expect": ("none",)},
+        ("kill-destination-qemu", "perform"): {"expect": ("A",)},
+        ("cut-link", "perform"): {
+            "expect": ("A",),
+            "headline": 4,
+            "why": "ferryctl must end with an error naming the stall",
+        },
+        # -- Finish: dst.finish is after B started the CPUs and recorded it.
+        ("kill-source-agent", "finish"): {"expect": ("B",), "headline": 2},
+        ("kill-destination-agent", "finish"): {
+            "point": "dst.finish.begin",
+            "headline": 3,
+            "why": "killed before it handles Finish",
+        },
+        ("kill-source-qemu", "finish"): {"expect": ("B",)},
+        ("kill-destination-qemu", "finish"): {
+            "point": "dst.finish.begin",
+            "expect": ("A",),
+            "why": "B's copy dies before its CPUs start",
+        },
+        ("cut-link", "finish"): {"expect": ("B",), "headline": 1},
+        ("lose-reply", "finish"): {"expect": ("B",), "headline": 1},
+        # -- Confirm: B runs the VM, the outcome is known on A.
+        ("kill-source-agent", "confirm"): {"expect": ("B",)},
+        ("kill-destination-agent", "confirm"): {"expect": ("B",)},
+        ("kill-source-qemu", "confirm"): {"expect": ("B",)},
+        ("kill-destination-qemu", "confirm"): {
+            "expect": ("none",),
+            "why": "the fault kills the only running copy",
+        },
+        ("cut-link", "confirm"): {"expect": ("B",)},
+        ("lose-reply", "confirm"): {"expect": ("B",), "why": "ferryctl's reply is lost"},
+    }
+    cells = []
+    for phase in PHASES:
+        for fault in FAULTS:
+            if (fault, phase) in NOT_APPLICABLE:
+                continue
+            extra = {"point": PHASE_POINTS[phase], **specials.get((fault, phase), {})}
+            cells.append(Cell(fault=fault, phase=phase, **extra))
+    # The same with a leased disk: the Finish row and the issue's headline cells.
+    leased = [
+        Cell(**{**asdict(c), "leased": True})
+        for c in cells
+        if c.phase == "finish" or (c.headline is not None and c.phase == "perform")
+    ]
+    return cells + leased
+
+
+CELLS: tuple[Cell, ...] = tuple(_cells())
+
+
+# -- what a cell records ------------------------------------------------------------
+
+
+@dataclass
+class CellRecord:
+    """What happened in one cell; printed in the matrix and saved as JSON."""
+
+    id: str
+    fault: str
+    phase: str
+    point: str
+    leased: bool
+    headline: int | None
+    expect: tuple[str, ...]
+    #: "A runs", "B runs", "none (shut off)", "paused on A" …
+    outcome: str | None = None
+    #: migrate-recover settled an unknown outcome.
+    recovered: bool = False
+    #: The stage the cell was in (the failing one if it failed).
+    stage: str = "setup"
+    status: str = "not run"
+    error: str | None = None
+    migrate_rc: int | None = None
+    migrate_error: str | None = None
+    #: Seconds: fault applied → everything settled; the whole cell.
+    settle_s: float | None = None
+    total_s: float | None = None
+    #: Seconds from the fault to ferryctl migrate's exit.
+    exit_s: float | None = None
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_cell(cls, cell: Cell) -> CellRecord:
+        """An empty record for ``cell``."""
+        return cls(
+            id=cell.id,
+            fault=cell.fault,
+            phase=cell.phase,
+            point=cell.point,
+            leased=cell.leased,
+            headline=cell.headline,
+            expect=cell.expect,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        return asdict(self)
+
+
+# -- observing both hosts -------------------------------------------------------------
+
+#: FERRY_FAULTS_LENIENT=1: skip the agent-state checks where ferryctl lacks the
+#: verb (to try the harness against agents that do not have it yet).
+LENIENT = os.environ.get("FERRY_FAULTS_LENIENT") == "1"
+
+NAME = "g1"
+UUID = "5f1e1d2c-0b7a-4c3e-9f60-000000000a10"
+
+
+@dataclass
+class HostView:
+    """What one host says and has, at one moment."""
+
+    label: str
+    #: ``list --all`` of ferry-source: name → state.
+    domains: dict[str, str]
+    reason: str | None
+    qemu: list[int]
+    job_files: list[str]
+    fence: dict[str, Any] | None
+    agent_state: dict[str, Any]
+    problems: list[str]
+
+    @property
+    def state(self) -> str | None:
+        """g1's state here, None if this host does not know it."""
+        return self.domains.get(NAME)
+
+
+def _json_of(host: HostEnv, *args: str, agent: str = "source") -> tuple[Any, str | None]:
+    """ferryctl's decoded ``--json`` answer, or None and why not.
+
+    Raises:
+        CellFailure: ferryctl does not know the verb (a usage error cannot
+            go away by waiting).
+    """
+    try:
+        result = host.ferryctl(*args, "--json", agent=agent, timeout=20)
+    except subprocess.TimeoutExpired:
+        return None, f"ferryctl {' '.join(args)} on {host.label}/{agent} timed out"
+    if result.returncode == 2:
+        raise CellFailure(f"ferryctl {' '.join(args)}: usage error: {result.stderr.strip()[-300:]}")
+    if result.returncode != 0:
+        return None, (
+            f"ferryctl {' '.join(args)} on {host.label}/{agent} failed: "
+            f"{(result.stderr or result.stdout).strip()[-300:]}"
+        )
+    try:
+        return json.loads(result.stdout), None
+    except ValueError:
+        return None, f"ferryctl {' '.join(args)} on {host.label}/{agent}: not JSON"
+
+
+def observe_host(host: HostEnv) -> HostView:
+    """Everything the safety rule looks at on one host."""
+    problems: list[str] = []
+    listing, list_err = _json_of(host, "list", "--all")
+    domains: dict[str, str] = {}
+    if list_err:
+        problems.append(list_err)
+    else:
+        domains = {d["name"]: d["state"] for d in listing}
+    reason = None
+    if NAME in domains:
+        info, _ = _json_of(host, "dominfo", NAME)
+        if info is not None:
+            reason = info.get("reason")
+    qemu = host.qemu_pids()
+    active = [n for n, s in domains.items() if s != "shut off"]
+    if not list_err and len(qemu) != len(active):
+        problems.append(
+            f"{host.label}: {len(qemu)} qemu process(es) {qemu} but {len(active)} active "
+            f"domain(s) {active}"
+        )
+    jobs = sorted(p.name for p in (host.run_dir / "jobs").glob("*.job"))
+    if jobs:
+        problems.append(f"{host.label}: job records left: {jobs}")
+    fence = None
+    with contextlib.suppress(OSError, ValueError):
+        fence = json.loads((host.state_dir / "fences" / f"{UUID}.json").read_text())
+    agent_state: dict[str, Any] = {}
+    for agent in ("source", "destination"):
+        if agent not in host.procs:
+            problems.append(f"{host.label}: ferry-{agent} is not running")
+            continue
+        if LENIENT:
+            try:
+                st, err = _json_of(host, "agent-state", agent=agent)
+            except CellFailure:
+                continue
+        else:
+            st, err = _json_of(host, "agent-state", agent=agent)
+        agent_state[agent] = st if st is not None else {"error": err}
+        if st is None:
+            problems.append(str(err))
+            continue
+        for key in ("jobs", "incoming", "outgoing"):
+            if st.get(key):
+                problems.append(f"{host.label}/{agent}: agent-state {key}: {st[key]}")
+        if st.get("tokens"):
+            problems.append(f"{host.label}/{agent}: agent-state tokens: {st['tokens']}")
+    return HostView(
+        label=host.label,
+        domains=domains,
+        reason=reason,
+        qemu=qemu,
+        job_files=jobs,
+        fence=fence,
+        agent_state=agent_state,
+        problems=problems,
+    )
+
+
+@dataclass
+class Observation:
+    """Both hosts at one moment."""
+
+    a: HostView
+    b: HostView
+
+    @property
+    def hosts(self) -> tuple[HostView, HostView]:
+        return (self.a, self.b)
+
+    @property
+    def problems(self) -> list[str]:
+        return self.a.problems + self.b.problems
+
+    @property
+    def running(self) -> list[str]:
+        """Labels of the hosts that report g1 running."""
+        return [h.label for h in self.hosts if h.state == "running"]
+
+    @property
+    def paused(self) -> list[str]:
+        return [h.label for h in self.hosts if h.state == "paused"]
+
+    @property
+    def unknown_on_a(self) -> bool:
+        """A holds a paused copy whose outcome it does not know."""
+        return self.a.state == "paused" and "outcome unknown" in (self.a.reason or "")
+
+    def describe(self) -> str:
+        """A short dump for failure messages."""
+        lines = []
+        for h in self.hosts:
+            lines.append(
+                f"  {h.label}: g1={h.state!r} reason={h.reason!r} qemu={h.qemu} "
+                f"jobs={h.job_files} fence={(h.fence or {}).get('outcome')!r}"
+            )
+        lines += [f"  problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _where(obs: Observation) -> str:
+    """Where g1 is, in the matrix's words (for a record, not a verdict)."""
+    parts = [f"{h} runs" for h in (x.upper() for x in obs.running)]
+    parts += [f"paused on {h.upper()}" for h in obs.paused]
+    return " + ".join(parts) or "none"
+
+
+def observe(cluster: Cluster) -> Observation:
+    """Both hosts, A first."""
+    return Observation(observe_host(cluster.a), observe_host(cluster.b))
+
+
+# -- running a cell -----------------------------------------------------------------
+
+
+@dataclass
+class Migrate:
+    """A ``ferryctl migrate`` running in the background, output in files."""
+
+    proc: subprocess.Popen[str]
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, cluster: Cluster, *extra: str, tag: str = "migrate") -> Migrate:
+        a, b = cluster.a, cluster.b
+        out, err = cluster.tmp / f"{tag}.out", cluster.tmp / f"{tag}.err"
+        argv = [
+            str(VENV_BIN / "ferryctl"),
+            "--connect",
+            str(a.source_socket),
+            "migrate",
+            NAME,
+            b.uri,
+            "--live",
+            "--json",
+            *extra,
+        ]
+        with out.open("w") as fo, err.open("w") as fe:
+            proc = subprocess.Popen(argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, text=True)
+        return cls(proc, out, err)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for ferryctl to exit; kill it and fail if it does not."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise CellFailure(
+                f"ferryctl migrate did not exit within {timeout:.0f}s (hangs):\n{self.stderr}"
+            ) from None
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def error_line(self) -> str | None:
+        """The ``error: …`` line ferryctl printed, if any."""
+        lines = [ln for ln in self.stderr.splitlines() if ln.startswith("error:")]
+        return lines[-1] if lines else None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@dataclass
+class Guest:
+    """g1's serial reader and the report taken just before the migration."""
+
+    serial: testguest.SerialReader
+    before: testguest.Report | None = None
+
+    def snapshot(self) -> testguest.Report:
+        rep = self.serial.wait_for(lambda r: r.sweeps > 0, timeout=30)
+        self.before = rep
+        return rep
+
+    def check_runs_on(self, host: HostEnv, what: str) -> testguest.Report:
+        """The guest, read on ``host``, kept counting with its memory intact."""
+        assert self.before is not None
+        self.serial.reconnect(host.serial_socket(NAME))
+        last = self.serial.latest()
+        base = last.counter if last is not None else self.before.counter
+        try:
+            after = self.serial.wait_for(lambda r: r.counter > base + 2, timeout=30, fresh=True)
+        except TimeoutError as exc:
+            raise CellFailure(f"{what}: the guest on {host.label} does not report: {exc}") from None
+        if self.serial.boot_count != 1:
+            raise CellFailure(f"{what}: the guest rebooted ({self.serial.boot_count} boot lines)")
+        if after.bad_pages != 0:
+            raise CellFailure(f"{what}: {after.bad_pages} bad pages on {host.label}: {after.raw}")
+        if after.checksum != self.before.checksum:
+            raise CellFailure(
+                f"{what}: checksum {after.checksum:x} on {host.label}, "
+                f"{self.before.checksum:x} before"
+            )
+        if after.counter <= self.before.counter:
+            raise CellFailure(f"{what}: the counter went back: {after.raw}")
+        return after
+
+
+def _xml(kernel: Path, virt_type: str, disk: Path | None, *, slow: bool) -> str:
+    # A Perform cell's guest dirties 1 MiB/s of a 2 MiB working set, which a
+    # 4 MiB/s copy overtakes; the others rewrite 4 MiB as fast as they can.
+    return guest_xml(
+        NAME,
+        kernel,
+        virt_type=virt_type,
+        mem_mib=GUEST_MEM_MIB,
+        wss_mib=2 if slow else 4,
+        rate_mib_s=1 if slow else 0,
+        uuid=UUID,
+        disks=[(str(disk), "none")] if disk is not None else (),
+    )
+
+
+def _boot(host: HostEnv, tmp: Path, xml: str, *, force: bool = False) -> Guest:
+    path = tmp / f"{NAME}.xml"
+    path.write_text(xml)
+    host.ferryctl("define", str(path), check=True)
+    if force:
+        host.ferryctl("start", NAME, "--force", check=True)
+    else:
+        host.ferryctl("start", NAME, check=True)
+    serial = testguest.SerialReader(host.serial_socket(NAME))
+    try:
+        serial.wait_for_boot(timeout=60)
+        serial.wait_for(lambda r: r.counter >= 2, timeout=60)
+    except BaseException:
+        serial.close()
+        raise
+    return Guest(serial)
+
+
+class CellRun:
+    """The steps of one cell, each one recorded in the cell's record."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        cell: Cell,
+        record: CellRecord,
+        kernel: Path,
+        virt_type: str,
+        tmp: Path,
+    ) -> None:
+        self.cluster = cluster
+        self.cell = cell
+        self.record = record
+        self.kernel = kernel
+        self.virt_type = virt_type
+        self.tmp = tmp
+        self.t0 = time.monotonic()
+        self.link = Link(cluster, "b")
+        self.disk: Path | None = None
+        self.guest: Guest | None = None
+        self.killed: list[tuple[HostEnv, str]] = []
+        #: When the fault hit (for a lost reply: when the migration started).
+        self.fault_at = time.monotonic()
+
+    # -- bookkeeping
+
+    def stage(self, name: str) -> None:
+        self.record.stage = name
+        self.record.timeline.append((round(time.monotonic() - self.t0, 2), name))
+
+    def note(self, text: str) -> None:
+        self.record.notes.append(text)
+
+    def host(self, label: str) -> HostEnv:
+        return self.cluster.a if label == "a" else self.cluster.b
+
+    # -- the steps
+
+    def configure(self) -> None:
+        """Short timeouts on both hosts; the fault on the host that reaches its point."""
+        self.stage("configure")
+        for host in (self.cluster.a, self.cluster.b):
+            host.extra_config = dict(TIMEOUTS)
+            host.write_config()
+        faulted = self.host(self.cell.point_host)
+        faulted.write_config(**{"testing.faults": [f"{self.cell.point}={self.cell.action}"]})
+        self.cluster.start()
+
+    def boot(self) -> Guest:
+        self.stage("boot")
+        if self.cell.leased:
+            self.disk = self.cluster.tmp / "leased-disk.img"
+            with self.disk.open("wb") as f:
+                f.truncate(16 << 20)
+        xml = _xml(self.kernel, self.virt_type, self.disk, slow=self.cell.phase == "perform")
+        self.guest = _boot(self.cluster.a, self.tmp, xml)
+        self.guest.snapshot()
+        return self.guest
+
+    def drive(self) -> Migrate:
+        """Start the migration, apply the fault at its point, thaw, restart."""
+        cell, a, b = self.cell, self.cluster.a, self.cluster.b
+        extra = ["--bandwidth", str(PERFORM_BANDWIDTH_MIB_S)] if cell.phase == "perform" else []
+        self.stage("migrate")
+        mig = Migrate.start(self.cluster, *extra)
+        faulted = self.host(cell.point_host)
+        if cell.action == "drop-reply":
+            # Nothing to do while frozen: the agent loses the reply by itself.
+            self.fault_at = time.monotonic()
+            self.stage("wait-migrate-exit")
+            self.record.migrate_rc = mig.wait(MIGRATE_EXIT_WAIT)
+            if not freeze_point_logged(faulted, cell.point_agent, cell.point):
+                self.note(f"{cell.point} was never reached (no fault fired)")
+            faulted.write_config()
+            return mig
+        self.stage(f"freeze@{cell.point}")
+        pid = wait_frozen(faulted, cell.point_agent, FREEZE_WAIT, also=mig.proc)
+        faulted.write_config()  # a restarted agent must not hit it again
+        self.stage(f"fault:{cell.fault}")
+        frozen_killed = False
+        if cell.fault == "kill-source-agent":
+            a.stop_agent("source", signal.SIGKILL)
+            self.killed.append((a, "source"))
+            frozen_killed = cell.point_host == "a"
+        elif cell.fault == "kill-destination-agent":
+            b.stop_agent("destination", signal.SIGKILL)
+            self.killed.append((b, "destination"))
+            frozen_killed = cell.point_host == "b"
+        elif cell.fault == "kill-source-qemu":
+            self.note(f"killed source qemu {kill_qemu(a)}")
+        elif cell.fault == "kill-destination-qemu":
+            self.note(f"killed destination qemu {kill_qemu(b)}")
+        elif cell.fault == "cut-link":
+            self.link.cut()
+        else:  # pragma: no cover - the table holds nothing else
+            raise AssertionError(cell.fault)
+        self.fault_at = time.monotonic()
+        if not frozen_killed:
+            thaw(pid)
+        if cell.restart == "at-once":
+            self.restart_killed()
+        self.stage("wait-migrate-exit")
+        self.record.migrate_rc = mig.wait(MIGRATE_EXIT_WAIT)
+        return mig
+
+    def restart_killed(self) -> None:
+        for host, agent in self.killed:
+            self.stage(f"restart {host.label}/{agent}")
+            host.write_config()
+            host.start_agent(agent)
+        self.killed.clear()
+
+    def after_exit(self, mig: Migrate) -> None:
+        """Restart what is still down, restore the link, record ferryctl's verdict."""
+        self.record.exit_s = round(time.monotonic() - self.fault_at, 1)
+        self.record.migrate_error = mig.error_line()
+        self.restart_killed()
+        if self.link.is_cut:
+            self.stage("restore-link")
+            self.link.restore()
+            self.note(f"link down for {self.link.down_for:.1f}s")
+        if self.cell.fault == "cut-link" and self.cell.phase == "perform":
+            err = mig.error_line() or ""
+            if not re.search(r"no data moved|stall|link .* down", err, re.I):
+                raise CellFailure(
+                    f"ferryctl migrate over a cut link must end with an error naming the stall, "
+                    f"got rc={mig.proc.returncode} {err!r}"
+                )
+
+    def settle(self) -> Observation:
+        """Wait until nothing is in flight; settle an unknown outcome on A on the way."""
+        self.stage("settle")
+        deadline = time.monotonic() + SETTLE_WAIT
+        obs = observe(self.cluster)
+        while True:
+            if obs.unknown_on_a and not self.record.recovered:
+                self.note(f"A: {obs.a.reason}")
+                self.recover()
+                obs = observe(self.cluster)
+                continue
+            if not obs.problems:
+                return obs
+            if time.monotonic() > deadline:
+                self.record.outcome = _where(obs)
+                raise CellFailure(
+                    f"not settled {SETTLE_WAIT:.0f}s after ferryctl migrate exited:\n"
+                    + obs.describe()
+                )
+            time.sleep(0.3)
+            obs = observe(self.cluster)
+
+    def recover(self) -> None:
+        self.stage("migrate-recover")
+        a = self.cluster.a
+        last: list[str] = []
+
+        def recovered() -> bool:
+            result = a.ferryctl("migrate-recover", NAME, "--json", timeout=60)
+            last[:] = [result.stdout.strip(), result.stderr.strip()]
+            if result.returncode == 2:
+                raise CellFailure(f"ferryctl migrate-recover: usage error: {last[1][-300:]}")
+            return result.returncode == 0
+
+        try:
+            wait_until(recovered, RECOVER_WAIT, "ferryctl migrate-recover g1 to succeed", 0.5)
+        except TimeoutError:
+            raise CellFailure(f"migrate-recover g1 on A keeps failing: {last}") from None
+        self.record.recovered = True
+        self.note(f"migrate-recover: {last[0][-200:]}")
+        self.stage("settle")
+
+    def check(self, obs: Observation) -> str:
+        """The safety rule on a settled test bed; returns the outcome."""
+        self.stage("check")
+        a, b = self.cluster.a, self.cluster.b
+        running = obs.running
+        if len(running) > 1:
+            raise CellFailure("TWO RUNNING COPIES:\n" + obs.describe())
+        paused = obs.paused
+        if running:
+            where = running[0].upper()
+            outcome = f"{where} runs"
+            if paused:
+                raise CellFailure(f"a running and a paused copy:\n{obs.describe()}")
+        elif paused:
+            where = paused[0].upper()
+            view = obs.a if where == "A" else obs.b
+            outcome = f"paused on {where}"
+            if not view.reason:
+                raise CellFailure(f"a paused copy on {where} with no reason given")
+            self.note(f"paused on {where}: {view.reason}")
+        else:
+            where = "none"
+            outcome = "none (shut off)"
+        if self.record.recovered:
+            outcome += " (unknown → recovered)"
+        self.record.outcome = outcome
+        if where not in self.cell.expect:
+            raise CellFailure(
+                f"outcome {outcome!r}, expected one of {self.cell.expect}:\n{obs.describe()}"
+            )
+        # Both hosts agree: the other host reports g1 shut off or not at all.
+        for view in obs.hosts:
+            if view.label.upper() != where and view.state not in (None, "shut off"):
+                raise CellFailure(f"{view.label} reports g1 {view.state!r}:\n{obs.describe()}")
+        if where in ("A", "B"):
+            runner = a if where == "A" else b
+            assert self.guest is not None
+            self.guest.check_runs_on(runner, "after the fault")
+            self.check_leases(runner.label)
+            other_view = obs.b if where == "A" else obs.a
+            other = b if where == "A" else a
+            if other_view.state == "shut off":
+                self.check_fenced(other, other_view)
+        else:
+            self.check_leases(None)
+        return where
+
+    def check_leases(self, runner: str | None) -> None:
+        """The lockspace holds the disk's lease for the running copy only."""
+        if self.disk is None:
+            return
+        from ferry.lease import LeaseManager
+
+        held = [e for e in LeaseManager(self.cluster.lockspace).inspect() if e["held"]]
+        owners = [(e["owner"] or {}).get("host_name") for e in held]
+        if runner is None:
+            if held:
+                raise CellFailure(f"leases held with no running copy: {held}")
+            return
+        if owners != [runner]:
+            raise CellFailure(f"leases held by {owners}, the copy runs on {runner}: {held}")
+
+    def check_fenced(self, host: HostEnv, view: HostView) -> None:
+        """A host that handed g1 away refuses to start it again."""
+        if view.fence is None:
+            raise CellFailure(f"g1 runs elsewhere but {host.label} has no fence for it")
+        result = host.ferryctl("start", NAME)
+        if result.returncode == 0:
+            raise CellFailure(f"TWO RUNNING COPIES: 'start g1' on {host.label} succeeded")
+        self.note(f"{host.label} refuses start: {result.stderr.strip()[-160:]}")
+
+    def next_migration(self, where: str) -> None:
+        """From wherever g1 is to the other host, with the guest's memory intact."""
+        self.stage("next-migration")
+        a, b = self.cluster.a, self.cluster.b
+        assert self.guest is not None
+        if where == "none":
+            # The fault killed the only copy: boot it again where it is defined.
+            self.guest.serial.close()
+            fence = observe_host(a).fence
+            xml = _xml(self.kernel, self.virt_type, self.disk, slow=False)
+            self.guest = _boot(a, self.tmp, xml, force=fence is not None)
+            if fence is not None:
+                self.note(f"A kept a fence ({fence.get('outcome')}): started with --force")
+            self.guest.snapshot()
+            where = "A"
+        src, dst = (a, b) if where == "A" else (b, a)
+        self.guest.snapshot()
+        result = src.ferryctl("migrate", NAME, dst.uri, "--live", "--json", timeout=120)
+        if result.returncode != 0:
+            raise CellFailure(
+                f"the next migration {src.label} → {dst.label} failed: {result.stderr.strip()}"
+            )
+        self.guest.check_runs_on(dst, "after the next migration")
+        wait_until(lambda: not src.qemu_pids(), 15, f"no qemu left on {src.label}")
+        obs = observe(self.cluster)
+        if obs.running != [dst.label] or obs.problems:
+            raise CellFailure(f"after the next migration:\n{obs.describe()}")
+        self.check_leases(dst.label)
+
+    def close(self) -> None:
+        self.link.close()
+        if self.guest is not None:
+            self.guest.serial.close()
+
+
+def run_cell(
+    cluster: Cluster,
+    cell: Cell,
+    record: CellRecord,
+    kernel: Path,
+    virt_type: str,
+    tmp: Path,
+) -> None:
+    """Run one cell; raises CellFailure (or another error) when it fails."""
+    run = CellRun(cluster, cell, record, kernel, virt_type, tmp)
+    mig: Migrate | None = None
+    try:
+        run.configure()
+        run.boot()
+        mig = run.drive()
+        run.after_exit(mig)
+        obs = run.settle()
+        record.settle_s = round(time.monotonic() - run.fault_at, 1)
+        where = run.check(obs)
+        run.next_migration(where)
+        run.stage("done")
+    finally:
+        if mig is not None:
+            mig.close()
+        run.close()
+        record.total_s = round(time.monotonic() - run.t0, 1)
