@@ -81,7 +81,11 @@ def _cell_text(record: CellRecord | None) -> str:
 
 
 def _table(leased: bool) -> list[str]:
-    by_key = {(r.fault, r.phase): r for r in _RECORDS.values() if r.leased == leased}
+    by_key = {
+        (r.fault, r.phase): r
+        for r in _RECORDS.values()
+        if r.leased == leased and not r.variant
+    }
     if not by_key:
         return []
     width = 26
@@ -113,6 +117,11 @@ def pytest_terminal_summary(
             tr.write_line("leased disk:" if leased else "plain guest:")
             for line in lines:
                 tr.write_line("  " + line)
+    extras = [r for r in _RECORDS.values() if r.variant]
+    if extras:
+        tr.write_line("beside the matrix:")
+        for r in extras:
+            tr.write_line(f"  {r.id} ({r.point}): {_cell_text(r)}")
     tr.write_line(
         "  (seconds: from the fault to everything settled; 'recovered': A reported the "
         "outcome unknown and 'ferryctl migrate-recover' settled it)"

@@ -125,11 +125,14 @@ class Cell:
     #: Row of the issue's table of broken cases this cell reproduces.
     headline: int | None = None
     why: str = ""
+    #: A cell beside the matrix (another point of the same phase): its name.
+    variant: str = ""
 
     @property
     def id(self) -> str:
-        """The pytest id: ``[leased-]FAULT-PHASE``."""
-        return f"{'leased-' if self.leased else ''}{self.fault}-{self.phase}"
+        """The pytest id: ``[leased-]FAULT-PHASE[-VARIANT]``."""
+        tail = f"-{self.variant}" if self.variant else ""
+        return f"{'leased-' if self.leased else ''}{self.fault}-{self.phase}{tail}"
 
     @property
     def action(self) -> str:
@@ -214,7 +217,18 @@ def _cells() -> list[Cell]:
         for c in cells
         if c.phase == "finish" or (c.headline is not None and c.phase == "perform")
     ]
-    return cells + leased
+    extras = [
+        Cell(
+            fault="kill-destination-agent",
+            phase="finish",
+            point="dst.finish",
+            expect=("B",),
+            headline=3,
+            variant="after-cpus",
+            why="B started the CPUs and recorded it, then died before replying",
+        ),
+    ]
+    return cells + extras + leased
 
 
 CELLS: tuple[Cell, ...] = tuple(_cells())
@@ -234,6 +248,7 @@ class CellRecord:
     leased: bool
     headline: int | None
     expect: tuple[str, ...]
+    variant: str
     #: "A runs", "B runs", "none (shut off)", "paused on A" …
     outcome: str | None = None
     #: migrate-recover settled an unknown outcome.
@@ -263,6 +278,7 @@ class CellRecord:
             leased=cell.leased,
             headline=cell.headline,
             expect=cell.expect,
+            variant=cell.variant,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -645,6 +661,8 @@ class CellRun:
             return mig
         self.stage(f"freeze@{cell.point}")
         pid = wait_frozen(faulted, cell.point_agent, FREEZE_WAIT, also=mig.proc)
+        if not freeze_point_logged(faulted, cell.point_agent, cell.point):
+            raise CellFailure(f"ferry-{cell.point_agent} froze, but not at {cell.point}")
         faulted.write_config()  # a restarted agent must not hit it again
         self.stage(f"fault:{cell.fault}")
         frozen_killed = False
@@ -705,10 +723,12 @@ class CellRun:
         while True:
             if obs.unknown_on_a and not self.record.recovered:
                 self.note(f"A: {obs.a.reason}")
+                self.check_unknown_fenced(obs)
                 self.recover()
                 obs = observe(self.cluster)
                 continue
             if not obs.problems:
+                self.note_pending_outcomes()
                 return obs
             if time.monotonic() > deadline:
                 self.record.outcome = _where(obs)
@@ -718,6 +738,29 @@ class CellRun:
                 )
             time.sleep(0.3)
             obs = observe(self.cluster)
+
+    def note_pending_outcomes(self) -> None:
+        """Outcome records still in a pending state once everything settled (history
+        may remain, but a pending one would answer a later migrate-recover "pending")."""
+        for host in (self.cluster.a, self.cluster.b):
+            for path in sorted((host.run_dir / "outcomes").glob("*.json")):
+                with contextlib.suppress(OSError, ValueError):
+                    state = json.loads(path.read_text()).get("state")
+                    if state not in ("running", "failed"):
+                        self.note(f"{host.label}: outcome record {path.stem} left {state!r}")
+
+    def check_unknown_fenced(self, obs: Observation) -> None:
+        """A copy paused with its outcome unknown says why and refuses a plain resume."""
+        a = self.cluster.a
+        reason = obs.a.reason or ""
+        if not re.search(r"migration \w+ to \S+: outcome unknown", reason):
+            raise CellFailure(f"A's paused copy does not name the migration and host: {reason!r}")
+        if obs.a.fence is None or obs.a.fence.get("outcome") != "unknown":
+            raise CellFailure(f"A's copy has an unknown outcome but no such fence: {obs.a.fence}")
+        result = a.ferryctl("resume", NAME)
+        if result.returncode == 0:
+            raise CellFailure("'resume g1' on A succeeded while the outcome is unknown")
+        self.note(f"A refuses resume: {result.stderr.strip()[-160:]}")
 
     def recover(self) -> None:
         self.stage("migrate-recover")
