@@ -43,6 +43,10 @@ class Outgoing:
     tunnel: SourceTunnel | None = None
     session: Session | None = None
     dest_name: str = ""
+    #: True once qemu was told to migrate (the destination may hold the state).
+    migrate_sent: bool = False
+    #: The destination's host name (from Prepare's cookie; its address until then).
+    peer_name: str = ""
     # Set (from a relay thread, through the loop) when the tunnel broke.
     failure: FerryError | None = None
 
@@ -50,6 +54,11 @@ class Outgoing:
     def name(self) -> str:
         """The domain's name on this host."""
         return self.domain.name
+
+    @property
+    def peer(self) -> str:
+        """What to call the destination in messages: its host name once known."""
+        return self.peer_name or self.host
 
     @property
     def peer_uri(self) -> str:

@@ -27,7 +27,7 @@ from ferry_source.begin import begin
 from ferry_source.confirm import resume_source, stop_source
 from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
-from ferry_source.peer import ask_outcome, connect_peer, request
+from ferry_source.peer import ask_outcome, close_session, connect_peer, request
 from ferry_source.perform import perform
 from ferry_source.settle import Subject, settle
 from ferry_source.tunnel import SourceTunnel
@@ -39,7 +39,7 @@ log = logging.getLogger("ferry.source.migration")
 # A Finish(cancelled) whose reply is lost needs no long wait: the
 # destination never starts CPUs on it; asking only tidies its qemu away.
 TIDY_DEADLINE_S = 5.0
-CANCELLED_FINISH_TIMEOUT_S = 10.0
+CANCELLED_FINISH_TIMEOUT_S = 5.0
 
 
 def _phase(out: Outgoing, emit: Emit, phase: str) -> None:
@@ -79,6 +79,9 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
         out.dest_name = str(prep.get("name") or out.name)
         job.record(dest_name=out.dest_name)
         dest_cookie = Cookie.decode(prep["cookie"])
+        if dest_cookie.identity is not None and dest_cookie.identity.hostname:
+            out.peer_name = dest_cookie.identity.hostname
+            job.record(peer=out.peer_name)
         uri = str(prep["uri"])
         if out.flags & MigrationFlags.TUNNELLED:
             out.tunnel = _open_tunnel(ctx, out, prep)
@@ -100,9 +103,9 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
         if out.tunnel is not None and perform_error is not None:
             # Nothing more may reach the destination's qemu.
             await out.tunnel.close(drain=False)
-        # With our qemu gone, the destination's copy is the only one left:
-        # let it try to finish rather than discard it.
-        cancelled = perform_error is not None and out.proc.alive()
+        # With our qemu gone after the stream started, the destination's copy
+        # is the only one left: let it try to finish rather than discard it.
+        cancelled = perform_error is not None and (out.proc.alive() or not out.migrate_sent)
 
         # -- Finish (peer) -------------------------------------------------
         _phase(out, emit, "finish")
@@ -145,7 +148,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             await out.tunnel.close(drain=False)
         ctx.progress.pop(out.name, None)
         if out.session is not None:
-            await out.session.close()
+            await close_session(out.session)
         await ctx.jobs.end_async(job)
         if lost_client:
             req.session.writer.transport.abort()
@@ -170,39 +173,39 @@ async def _finish(
             "name": out.dest_name, "cookie": Cookie().encode(), "flags": int(out.flags),
             "params": out.params.to_wire(), "cancelled": cancelled,
             "migration_id": out.migration_id,
-        }, timeout=timeout, peer=out.host)  # fmt: skip
+        }, timeout=timeout, peer=out.peer)  # fmt: skip
     except FerryError as exc:
         if cancelled:
             # The destination never starts CPUs on a cancelled Finish.
             if isinstance(exc, ReplyLost):
                 await ask_outcome(ctx.config, out.host, out.port, out.migration_id,
                                   deadline_s=TIDY_DEADLINE_S)  # fmt: skip
-            return "failed", exc, out.host, False
+            return "failed", exc, out.peer, False
         settled = await settle(ctx, _subject(out), job=out.job, emit=emit,
                                deadline_s=ctx.config.migration.outcome_timeout_s)  # fmt: skip
         if settled.result == "completed":
-            return "completed", None, out.host, True
+            return "completed", None, out.peer, True
         if settled.result == "failed":
             reason = settled.reply.get("reason")
             if reason and not isinstance(exc, ReplyLost):
-                return "failed", exc, out.host, True
+                return "failed", exc, out.peer, True
             note = f": {reason}" if reason else ""
             return "failed", MigrationFailed(f"{exc} — the destination says it did not "
-                                             f"take the VM{note}"), out.host, True  # fmt: skip
+                                             f"take the VM{note}"), out.peer, True  # fmt: skip
         return "unknown", OutcomeUnknown(
             f"{exc}; {settled.message}. {out.name} stays paused here; run "
-            f"'ferryctl migrate-recover {out.name}' once {out.host} is reachable",
-            migration_id=out.migration_id, peer=out.host,
-        ), out.host, True  # fmt: skip
+            f"'ferryctl migrate-recover {out.name}' once {out.peer} is reachable",
+            migration_id=out.migration_id, peer=out.peer,
+        ), out.peer, True  # fmt: skip
     if cancelled:
-        return "failed", None, out.host, False
-    return "completed", None, str(fin.get("host") or out.host), False
+        return "failed", None, out.peer, False
+    return "completed", None, str(fin.get("host") or out.peer), False
 
 
 def _subject(out: Outgoing) -> Subject:
     job = out.job
     return Subject(name=out.name, uuid=out.domain.uuid, migration_id=out.migration_id,
-                   peer=out.host, peer_uri=out.peer_uri, was_running=out.was_running,
+                   peer=out.peer, peer_uri=out.peer_uri, was_running=out.was_running,
                    leases_released=out.leases_released,
                    undefine=bool(out.flags & MigrationFlags.UNDEFINE_SOURCE),
                    saved=job.saved_migration if job is not None else None)  # fmt: skip

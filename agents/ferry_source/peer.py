@@ -24,7 +24,7 @@ from ferry.jobs.recovery import PeerOutcome
 from ferry.rpc import Session, connect_tcp, make_hello
 from ferry.tls import TLSFiles, as_auth_error, client_context
 
-__all__ = ["ask_outcome", "connect_peer", "peer_request", "request"]
+__all__ = ["ask_outcome", "close_session", "connect_peer", "peer_request", "request"]
 
 log = logging.getLogger("ferry.source.peer")
 
@@ -88,6 +88,19 @@ async def connect_peer(
     return session
 
 
+async def close_session(session: Session, *, timeout: float = 2.0) -> None:
+    """Close a peer session without waiting on a dead link.
+
+    A graceful TLS close waits for the peer; over a cut link that is the
+    kernel's retransmission timeout, which the user would wait out.
+    """
+    try:
+        await asyncio.wait_for(session.close(), timeout)
+    except (TimeoutError, OSError):
+        with contextlib.suppress(Exception):
+            session.writer.transport.abort()
+
+
 async def request(
     session: Session, op: str, args: dict[str, Any], *, timeout: float, peer: str
 ) -> dict[str, Any]:
@@ -109,14 +122,14 @@ async def request(
 
 async def peer_request(
     config: AgentConfig, host: str, port: int, op: str, args: dict[str, Any], *,
-    timeout: float = 60.0,
+    timeout: float = 60.0, connect_timeout: float = CONNECT_TIMEOUT,
 ) -> dict[str, Any]:  # fmt: skip
     """Connect, send one request, close."""
-    session = await connect_peer(config, host, port)
+    session = await connect_peer(config, host, port, timeout=connect_timeout)
     try:
         return await request(session, op, args, timeout=timeout, peer=host)
     finally:
-        await session.close()
+        await close_session(session)
 
 
 async def ask_outcome(
@@ -141,11 +154,11 @@ async def ask_outcome(
     delay = 0.2
     last: tuple[PeerOutcome, dict[str, Any]] = (PeerOutcome.UNREACHABLE, {"error": "not asked"})
     while True:
-        remaining = deadline - time.monotonic()
+        bound = max(1.0, min(10.0, deadline - time.monotonic()))
         try:
             reply = await peer_request(config, host, port, "migration_outcome",
                                        {"migration_id": migration_id},
-                                       timeout=max(1.0, min(10.0, remaining)))  # fmt: skip
+                                       timeout=bound, connect_timeout=bound)  # fmt: skip
             outcome = PeerOutcome(str(reply.get("outcome")))
             last = (outcome, reply)
             if outcome in (PeerOutcome.RUNNING, PeerOutcome.NOT_RUNNING):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any
 
@@ -193,6 +194,7 @@ async def _follow(
     fault_armed = True
     try:
         with proc.qmp.events({"MIGRATION", "BLOCK_IO_ERROR", "disconnected"}) as events:
+            out.migrate_sent = True
             async with ctx.jobs.nested(job):
                 await proc.qmp.execute("migrate", {"uri": uri})
             last_time = -1.0
@@ -238,9 +240,9 @@ async def _follow(
                 elif stats.status in MIGRATING and now - last_move > stall_s:
                     await cancel_migration(proc)
                     raise MigrationStalled(
-                        f"no data moved for {stall_s:g} s: the link to {out.host} looks down; "
+                        f"no data moved for {stall_s:g} s: the link to {out.peer} looks down; "
                         "the migration was cancelled",
-                        peer=out.host,
+                        peer=out.peer,
                     )
                 sample = stats.to_sample()
                 # A query held up by the switchover repeats the final
@@ -254,9 +256,9 @@ async def _follow(
                         account.feed_relay(tunnel_t, tunnel_sent)
                         last_tunnel_t = tunnel_t
                     snap: dict[str, Any] = dict(account.snapshot())
-                    snap["predicted_downtime_s"] = account.predicted_downtime_s(
-                        downtime_limit_s[0]
-                    )
+                    predicted = account.predicted_downtime_s(downtime_limit_s[0])
+                    # JSON has no Infinity: "never, at this rate" is null.
+                    snap["predicted_downtime_s"] = predicted if math.isfinite(predicted) else None
                     snap["status"] = stats.status
                     snap["expected_downtime_ms"] = stats.expected_downtime_ms
                     snap["elapsed_s"] = (stats.total_time_ms or 0) / 1000
@@ -297,7 +299,7 @@ async def _follow(
                     # connection ends; the stream cannot land anywhere.
                     await cancel_migration(proc)
                     raise MigrationFailed(
-                        f"the control connection to {out.host} broke during Perform "
+                        f"the control connection to {out.peer} broke during Perform "
                         f"({out.session.close_error or 'closed'}); the migration was cancelled"
                     )
                 if out.abort.is_set():

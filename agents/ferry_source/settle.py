@@ -70,6 +70,8 @@ async def settle(
     log_event(log, MessageID.MIGRATION_PHASE,
               f"{subject.name}: the outcome of migration {subject.migration_id} is not known "
               f"here; asking {subject.peer}", phase="finish")  # fmt: skip
+    emit("warning", {"message": f"asking {subject.peer} for the outcome of migration "
+                                f"{subject.migration_id}"})  # fmt: skip
     answer, reply = await ask_outcome(ctx.config, host, port, subject.migration_id,
                                       deadline_s=deadline_s, on_attempt=attempt)  # fmt: skip
     decision = decide_outgoing("finish", await _view(ctx, subject.name), peer=answer,

@@ -237,6 +237,11 @@ class HostEnv:
             )
         return result
 
+    def ferryctl_argv(self, *args: str, agent: str = "source") -> list[str]:
+        """argv of ferryctl against one of this host's agents (for a background Popen)."""
+        sock = self.source_socket if agent == "source" else self.destination_socket
+        return [_bin("ferryctl"), "--connect", str(sock), *args]
+
     def ctl_json(self, *args: str, agent: str = "source") -> Any:
         """Run ferryctl with --json and decode its output."""
         result = self.ferryctl(*args, "--json", agent=agent, check=True)
