@@ -25,6 +25,7 @@ from ferry.outcomes import FAILED, PREPARED, valid_migration_id
 from ferry.protocol.cookie import Cookie, Graphics, Identity
 from ferry.qemu import QemuProcess, set_caps, set_params
 from ferry.rpc import RequestContext
+from ferry.uri import split_authority
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, watchdog
 from ferry_destination.tunnel import IncomingTunnel
@@ -276,13 +277,7 @@ def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
             break
     else:
         raise MigrationRefused(f"migrate URI {uri!r}: only tcp:HOST[:PORT] is supported")
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        port_text = tail[1:] if tail.startswith(":") else ""
-    elif rest.count(":") == 1:
-        host, _, port_text = rest.partition(":")
-    else:
-        host, port_text = rest, ""
+    host, port_text = split_authority(rest)
     host = host or default_host
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:

@@ -12,6 +12,7 @@ from ferry.domain import Domain
 from ferry.errors import MigrationRefused
 from ferry.flags import MigrationFlags
 from ferry.qemu import QemuProcess
+from ferry.uri import split_authority
 
 __all__ = ["DEFAULT_AGENT_PORT", "check_io_error", "is_allowed", "parse_dest_uri", "unsafe_disks"]
 
@@ -38,13 +39,7 @@ def parse_dest_uri(uri: str) -> tuple[str, int]:
     if not uri.startswith(prefix):
         raise MigrationRefused(f"destination URI {uri!r} must look like ferry://HOST[:PORT]")
     rest = uri[len(prefix) :].rstrip("/")
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        port_text = tail[1:] if tail.startswith(":") else ""
-    elif rest.count(":") == 1:
-        host, _, port_text = rest.partition(":")
-    else:
-        host, port_text = rest, ""
+    host, port_text = split_authority(rest)
     if not host:
         raise MigrationRefused(f"destination URI {uri!r} has no host")
     if port_text:
