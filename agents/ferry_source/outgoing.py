@@ -45,6 +45,8 @@ class Outgoing:
     dest_name: str = ""
     #: True once qemu was told to migrate (the destination may hold the state).
     migrate_sent: bool = False
+    #: Why the destination ended its side, when it did so on its own.
+    peer_reason: str = ""
     #: The destination's host name (from Prepare's cookie; its address until then).
     peer_name: str = ""
     # Set (from a relay thread, through the loop) when the tunnel broke.

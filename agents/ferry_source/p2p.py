@@ -134,8 +134,13 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
                                            saved=job.saved_migration)  # fmt: skip
             error = perform_error or finish_error
             assert error is not None
+            notes = []
+            if out.peer_reason and perform_error is not None:
+                notes.append(f"{out.peer} says: {out.peer_reason}")
             if what != "resumed on the source" and out.was_running:
-                error.message += f" (the VM was {what})"
+                notes.append(f"the VM was {what}")
+            if notes:
+                error.message += f" ({'; '.join(notes)})"
                 error.args = (error.message,)
             raise error
         if not settled:
@@ -176,10 +181,12 @@ async def _finish(
         }, timeout=timeout, peer=out.peer)  # fmt: skip
     except FerryError as exc:
         if cancelled:
-            # The destination never starts CPUs on a cancelled Finish.
-            if isinstance(exc, ReplyLost):
-                await ask_outcome(ctx.config, out.host, out.port, out.migration_id,
-                                  deadline_s=TIDY_DEADLINE_S)  # fmt: skip
+            # The destination never starts CPUs on a cancelled Finish.  It
+            # may have given up on its own (its watchdog): ask why, so the
+            # error says what it did.
+            _, reply = await ask_outcome(ctx.config, out.host, out.port, out.migration_id,
+                                         deadline_s=TIDY_DEADLINE_S)  # fmt: skip
+            out.peer_reason = str(reply.get("reason") or "")
             return "failed", exc, out.peer, False
         settled = await settle(ctx, _subject(out), job=out.job, emit=emit,
                                deadline_s=ctx.config.migration.outcome_timeout_s)  # fmt: skip
