@@ -100,7 +100,7 @@ def fence_unknown(
                   peer_uri=peer_uri, outcome=UNKNOWN, reason=reason, was_running=was_running,
                   leases_released=leases_released)  # fmt: skip
     ctx.fences.put(fence)
-    log_event(log, MessageID.MIGRATION_FAILED,
+    log_event(log, MessageID.MIGRATION_PHASE,
               f"{name} stays paused here: {fence.describe()}; "
               f"run 'ferryctl migrate-recover {name}' once {peer} is back",
               level=logging.ERROR)  # fmt: skip

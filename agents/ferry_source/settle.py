@@ -85,7 +85,9 @@ async def settle(
                           peer=subject.peer, peer_uri=subject.peer_uri,
                           undefine=subject.undefine)  # fmt: skip
         message = f"{subject.peer} runs {subject.name}: the source copy was stopped"
-        log_event(log, MessageID.MIGRATION_COMPLETED, message, phase="confirm")
+        # The migration's one COMPLETED/FAILED entry is its driver's; this
+        # is how the outcome was learnt.
+        log_event(log, MessageID.MIGRATION_PHASE, message, phase="confirm")
         return Settled("completed", message, reply)
     if decision.action is OutgoingAction.RESUME:
         if job is not None:
@@ -96,7 +98,7 @@ async def settle(
                                    leases_released=subject.leases_released,
                                    saved=subject.saved)  # fmt: skip
         message = f"{subject.peer} does not run {subject.name} ({said}); {what}"
-        log_event(log, MessageID.MIGRATION_FAILED, message, phase="confirm",
+        log_event(log, MessageID.MIGRATION_PHASE, message, phase="confirm",
                   level=logging.WARNING)  # fmt: skip
         return Settled("failed", message, reply)
     reason = f"{subject.peer} unreachable" if answer is PeerOutcome.UNREACHABLE else (
