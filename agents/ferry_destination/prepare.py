@@ -25,6 +25,7 @@ from ferry.outcomes import FAILED, PREPARED, valid_migration_id
 from ferry.protocol.cookie import Cookie, Graphics, Identity
 from ferry.qemu import QemuProcess, set_caps, set_params
 from ferry.rpc import RequestContext
+from ferry.storage_policy import check_domain
 from ferry.uri import split_authority
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, watchdog
@@ -57,6 +58,7 @@ async def prepare(
     if params.dest_name:
         domain = domain.renamed(params.dest_name)
     check_access(dst.config.acl, ctx.subject, "prepare", domain.name, domain.uuid)
+    check_domain(domain, dst.config, where="prepare")  # name fits, paths within [storage]
     with LogContext(domain=domain.name, uuid=domain.uuid, migration_id=identity.migration_id,
                     phase="prepare", peer=identity.hostname):  # fmt: skip
         if identity.host_uuid == dst.config.host.uuid:

@@ -39,6 +39,7 @@ from ferry.journal import MessageID, log_event, merge_entries, read_journal
 from ferry.qemu import DISCONNECTED, QemuProcess
 from ferry.rpc import RequestContext, Server, make_hello
 from ferry.statefile import atomic_write
+from ferry.storage_policy import check_domain
 from ferry_source.context import SourceContext
 from ferry_source.migration import MigrationDriver
 from ferry_source.recovery import OutgoingRecovery
@@ -239,6 +240,7 @@ class SourceAgent:
         """Define (or update) a persistent domain from XML."""
         domain = parse_domain(args["xml"], where="define")
         self.check(ctx, "define", domain)
+        check_domain(domain, self.config, where="define")
         existing = self.host.load_definition(domain.name)
         if existing is not None and existing.uuid != domain.uuid:
             raise DomainExists(
@@ -290,6 +292,7 @@ class SourceAgent:
                 raise DomainState(f"domain '{dom.name}' is already running", name=dom.name)
             self._check_fence(dom, "start", force=args["force"])
             definition = self.host.load_definition(dom.name) or dom
+            check_domain(definition, self.config, where="start")
             proc = await self.host.start(definition)
             try:
                 await self.host.acquire_leases(definition, proc)

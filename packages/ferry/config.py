@@ -55,6 +55,11 @@ Example::
     [peers]
     allowed = ["hv-a", "hv-*.example.org"]   # certificate CN or DNS SAN; [] = any host of the CA
 
+    [storage]
+    # Every host path a domain names (disks, kernel, initrd, chardev files and
+    # sockets) must resolve, symlinks included, to one of these (or below one).
+    allowed = ["/var/lib/ferry/images", "/var/lib/libvirt/images"]
+
     [[acl]]
     groups = ["ferry"]
     ops = ["*"]
@@ -64,6 +69,7 @@ Example::
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import tomllib
 import uuid as uuidlib
@@ -84,6 +90,7 @@ __all__ = [
     "PathsConfig",
     "PeersConfig",
     "QemuConfig",
+    "StorageConfig",
     "TLSConfig",
     "TestingConfig",
     "load_config",
@@ -287,6 +294,19 @@ class PeersConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Which host paths a domain may make qemu open ([storage]).
+
+    ``allowed`` holds absolute directories (or single files or devices);
+    :mod:`ferry.storage_policy` checks every path of a domain against them
+    after resolving symlinks.  Sockets Ferry places itself (under the run
+    directory) need no entry.
+    """
+
+    allowed: tuple[Path, ...] = (Path("/var/lib/ferry/images"), Path("/var/lib/libvirt/images"))
+
+
+@dataclass(frozen=True)
 class TestingConfig:
     """Fault injection used only by the test suite; all off by default."""
 
@@ -312,6 +332,7 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
     source_path: Path | None = None
 
@@ -547,6 +568,8 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
     migration = MigrationConfig(**timeouts)
     migration_s.finish()
 
+    storage = _parse_storage(_Section(top.get("storage", dict, {}), "storage"))
+
     testing_s = _Section(top.get("testing", dict, {}), "testing")
     faults = _str_tuple(testing_s, "faults", ())
     from ferry.faults import parse_faults
@@ -572,6 +595,7 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         limits=limits,
         peers=peers,
         migration=migration,
+        storage=storage,
         testing=testing,
         source_path=source_path,
     )
@@ -590,6 +614,22 @@ def _parse_limits(section: _Section) -> LimitsConfig:
             raise ConfigError(f"[limits] {key} must be > 0 and at most 3600 seconds")
         seconds[key] = value
     return LimitsConfig(max_unauthenticated=cap, **seconds)
+
+
+def _parse_storage(section: _Section) -> StorageConfig:
+    """[storage] allowed: absolute, normalised paths (a typo must not widen the policy)."""
+    items = _str_tuple(section, "allowed", tuple(str(p) for p in StorageConfig().allowed))
+    allowed: list[Path] = []
+    for text in items:
+        normal = os.path.normpath(text) == (text.rstrip("/") or "/")
+        if not text.startswith("/") or not normal or "\0" in text:
+            raise ConfigError(
+                f"[storage] allowed: {text!r} must be an absolute, normalised path "
+                "(no '..', no doubled '/')"
+            )
+        allowed.append(Path(text))
+    section.finish()
+    return StorageConfig(allowed=tuple(allowed))
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -21,9 +21,11 @@ ferryctl or by the peer agent on another host (:func:`from_wire`).
      ├── FlagError                  "flags-invalid"     nonsense flag combination
      ├── ConfigError                "config-invalid"
      ├── AccessDenied               "access-denied"     ACL or socket credentials
+     │    └── PathNotAllowed        "path-not-allowed"  a host path outside [storage] allowed
      ├── AuthError                  "auth-failed"       TLS peer / tunnel token
      ├── XMLError                   "xml-invalid"       malformed or hostile XML
      │    ├── XMLUnsupported        "xml-unsupported"   element we refuse to drop silently
+     │    ├── NameInvalid           "name-invalid"      a domain name that would not work here
      │    └── ABIError              "abi-unstable"      destination XML changes the guest ABI
      ├── DomainError                "domain"
      │    ├── NoDomain              "no-domain"
@@ -398,3 +400,22 @@ class LeaseBusy(DomainError):
 
 
 __all__ += ["LeaseBusy"]
+
+
+class PathNotAllowed(AccessDenied):
+    """A domain names a host path outside the storage policy (``[storage] allowed``).
+
+    ``details`` carry ``element`` (where in the domain), ``path`` (as written),
+    ``resolved`` (after symlinks) and ``setting``.
+    """
+
+    code = "path-not-allowed"
+
+
+class NameInvalid(XMLError):
+    """A domain name that would not work on this host (length, characters, paths built from it)."""
+
+    code = "name-invalid"
+
+
+__all__ += ["NameInvalid", "PathNotAllowed"]

@@ -28,6 +28,7 @@ from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
 from ferry.qemu.scope import scope_for
 from ferry.statefile import DomainStatus, atomic_write
+from ferry.storage_policy import OpenedFiles, open_domain_files
 
 __all__ = ["AgentName", "Host", "LiveDomain"]
 
@@ -221,9 +222,25 @@ class Host:
         The caller resumes the CPUs (``cont``) when the domain should run;
         starting paused means nothing runs before the status file exists.
 
+        Disk images, kernel and initrd are opened here, within the storage
+        policy, and qemu gets the descriptors (:mod:`ferry.storage_policy`).
+
         Raises:
             QemuLaunchError: qemu refused to start (message has qemu's words).
+            PathNotAllowed: a path of the domain is outside ``[storage] allowed``.
         """
+        where = "prepare" if incoming else "start"
+        with open_domain_files(domain, self.config, where=where) as files:
+            return await self._start(domain, files, incoming=incoming, extra_status=extra_status)
+
+    async def _start(
+        self,
+        domain: Domain,
+        files: OpenedFiles,
+        *,
+        incoming: bool,
+        extra_status: dict[str, object] | None,
+    ) -> QemuProcess:
         paths = self.runtime_paths(domain.name)
         paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         if not incoming:
@@ -235,7 +252,7 @@ class Host:
                     raise busy_error(disk, owner)
         argv = to_qemu_argv(
             self._with_prealloc_threads(domain), paths=paths, incoming=incoming,
-            qemu_binary=self.config.qemu.binary,
+            qemu_binary=self.config.qemu.binary, files=files.passed,
         )  # fmt: skip
         if "-S" not in argv:
             argv.append("-S")
@@ -267,6 +284,7 @@ class Host:
                 timeout=self.config.qemu.launch_timeout_s,
                 qmp_name=f"{self.agent}:{domain.name}",
                 scope=scope,
+                pass_fds=files.fds,
             )
         except QemuLaunchError as exc:
             with contextlib.suppress(FileNotFoundError):

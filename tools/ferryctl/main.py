@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from ferry.errors import FerryError, FlagError, ProtocolError
+from ferry.errors import FerryError, FlagError, FrameTooLarge, ProtocolError
 from ferry.flags import MigrationFlags, MigrationParams, validate
 from ferry.rpc import Session, connect_unix, make_hello
 
@@ -77,11 +77,16 @@ def _simple(op: str, *fields: str, message: str | None = None) -> Command:
 
 
 async def _define(args: argparse.Namespace, session: Session) -> int:
+    from .xmlfile import read_domain_xml, too_large  # lxml only for the verbs that read XML
+
+    xml = read_domain_xml(args.file)
     try:
-        xml = Path(args.file).read_text()
-    except OSError as exc:
-        raise FerryError(f"cannot read {args.file}: {exc.strerror}") from None
-    result = await session.request("define", {"xml": xml})
+        result = await session.request("define", {"xml": xml})
+    except FrameTooLarge as exc:
+        # Under the XML limit in bytes, but not with the request around it
+        # (or more bytes once decoded to UTF-8).
+        raise too_large(args.file, len(xml.encode()), int(exc.details.get("limit", 0)),
+                        "of one request frame") from None  # fmt: skip
     if args.json:
         _print_json(result)
     else:
@@ -193,10 +198,9 @@ def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, Migrat
             flags |= flag
     dest_xml = None
     if args.xml:
-        try:
-            dest_xml = Path(args.xml).read_text()
-        except OSError as exc:
-            raise FerryError(f"cannot read {args.xml}: {exc.strerror}") from None
+        from .xmlfile import read_domain_xml  # lxml only for the verbs that read XML
+
+        dest_xml = read_domain_xml(args.xml)
     params = MigrationParams(
         dest_name=args.dname,
         dest_xml=dest_xml,

@@ -126,6 +126,11 @@ class HostEnv:
                 "cert": str(self.pki_dir / f"{self.label}.pem"),
                 "key": str(self.pki_dir / f"{self.label}-key.pem"),
             },
+            # The test guests' kernels (testguest.build: TMPDIR/ferry-guest-*)
+            # and disk images (the cluster's tree, pytest's tmp_path, private
+            # tmpfs mounts) all live in the temp directory; a test that needs
+            # a narrower policy sets "storage.allowed" itself.
+            "storage": {"allowed": sorted({str(self.root.parent), tempfile.gettempdir()})},
         }
         settings = {**self.extra_config, **overrides}
         acl_rules: list[dict[str, Any]] = settings.pop("acl", [])

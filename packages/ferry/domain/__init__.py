@@ -74,7 +74,14 @@ its subclasses escape :func:`parse_domain`.
 """
 
 from ferry.domain.abi import check_abi_stability
-from ferry.domain.argv import GraphicsPorts, RuntimePaths, kvm_usable, qemu_disk_ids, to_qemu_argv
+from ferry.domain.argv import (
+    GraphicsPorts,
+    PassedFiles,
+    RuntimePaths,
+    kvm_usable,
+    qemu_disk_ids,
+    to_qemu_argv,
+)
 from ferry.domain.format import format_domain
 from ferry.domain.model import (
     OS,
@@ -122,6 +129,7 @@ __all__ = [
     "Input",
     "Interface",
     "Memballoon",
+    "PassedFiles",
     "Rng",
     "RuntimePaths",
     "Timer",

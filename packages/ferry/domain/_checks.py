@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import unicodedata
 from typing import Any
 
-from ferry.errors import XMLError
+from ferry.errors import NameInvalid, XMLError
 
 __all__ = [
     "Loc",
@@ -25,8 +26,18 @@ __all__ = [
     "normalise_uuid",
 ]
 
-# Names become file names (NAME.xml, NAME.status) and appear in logs.
-_NAME_MAX = 200
+# Names become file names (NAME.xml, NAME.status, NAME.destination.sock, and
+# the atomic writer's ".NAME.status.XXXXXXXX.tmp": 21 bytes more than the
+# name) within the 255-byte file name limit, and appear in logs.  The run
+# directory usually sets a lower limit: see ferry.names.
+NAME_MAX_BYTES = 200
+# Characters that change how the text around them is displayed (bidi
+# embeddings, overrides, isolates and marks), or that are invisible or break
+# lines: with them one name can be made to look like another.
+_DECEPTIVE = frozenset(
+    "\u061c\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2028\u2029\u2060\u2066\u2067\u2068\u2069\ufeff"
+)
 # PATH_MAX; anything longer cannot be opened anyway.
 _PATH_MAX = 4096
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -75,24 +86,42 @@ def fail(
 
 
 def check_name(name: str, loc: Loc | None = None) -> str:
-    """Validate a domain name: 1..200 characters, no '/', no control characters,
-    no leading '.' (names become file names under the state directories).
+    """Validate a domain name: 1..200 bytes of UTF-8, no '/', no control,
+    bidi or invisible characters, no leading '.' and no surrounding white
+    space (names become file names under the state directories, and are
+    shown to operators who must be able to tell two names apart).
 
-    :raises XMLError: the name is not acceptable.
+    This is the host-independent part; :func:`ferry.names.check_name_fits`
+    adds the limit that the host's run directory sets.
+
+    :raises NameInvalid: the name is not acceptable (an :class:`XMLError`).
     """
     loc = loc or Loc(element="domain/name")
+
+    def bad(message: str) -> XMLError:
+        return fail(loc, message, cls=NameInvalid)
+
     if not name:
-        raise fail(loc, "domain name is empty")
-    if len(name) > _NAME_MAX:
-        raise fail(loc, f"domain name is longer than {_NAME_MAX} characters")
+        raise bad("domain name is empty")
+    if any(unicodedata.category(c) == "Cs" for c in name):
+        raise bad(f"domain name {name!r} contains a lone surrogate (not valid Unicode)")
+    size = len(name.encode())
+    if size > NAME_MAX_BYTES:
+        raise bad(f"domain name is {size} bytes long (UTF-8), longer than {NAME_MAX_BYTES} "
+                  "bytes")
     if "/" in name:
-        raise fail(loc, f"domain name {name!r} contains '/'")
-    if _CONTROL_RE.search(name):
-        raise fail(loc, f"domain name {name!r} contains a NUL, newline or control character")
+        raise bad(f"domain name {name!r} contains '/'")
+    if _CONTROL_RE.search(name) or any(unicodedata.category(c) == "Cc" for c in name):
+        raise bad(f"domain name {name!r} contains a NUL, newline or control character")
+    deceptive = sorted({f"U+{ord(c):04X}" for c in name if c in _DECEPTIVE})
+    if deceptive:
+        raise bad(f"domain name {name!r} contains {', '.join(deceptive)} (a bidirectional "
+                  "override, isolate or mark, or an invisible character): it could be made "
+                  "to look like another name")
     if name.startswith("."):
-        raise fail(loc, f"domain name {name!r} starts with '.'")
+        raise bad(f"domain name {name!r} starts with '.'")
     if name != name.strip():
-        raise fail(loc, f"domain name {name!r} has leading or trailing white space")
+        raise bad(f"domain name {name!r} has leading or trailing white space")
     return name
 
 

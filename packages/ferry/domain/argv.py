@@ -32,6 +32,8 @@ What the argv does with the model (where it does nothing, it says so):
 * ``-smp N,sockets,cores,threads`` (from ``<cpu><topology>`` or N sockets).
 * ``-kernel/-initrd/-append``, ``-boot order=…,menu=…``, ``-no-reboot`` for
   ``on_reboot=destroy``. Other lifecycle actions are the agent's job.
+* Files the agent opened for qemu (:class:`PassedFiles`): ``-add-fd`` and
+  ``/dev/fdset/N`` for disks, ``/proc/self/fd/N`` for kernel and initrd.
 * ``-rtc base=…[,driftfix=slew][,clock=…]``; pit tickpolicy as
   ``-global kvm-pit.lost_tick_policy`` under KVM (TCG's PIT has no policy).
 * ``<pm>`` as ``-global PIIX4_PM|ICH9-LPC.disable_s3/disable_s4``.
@@ -63,6 +65,7 @@ from ferry.errors import QemuLaunchError, XMLUnsupported
 __all__ = [
     "SANDBOX",
     "GraphicsPorts",
+    "PassedFiles",
     "RuntimePaths",
     "kvm_usable",
     "qemu_disk_ids",
@@ -98,6 +101,29 @@ class RuntimePaths:
     pidfile: Path
     log_file: Path | None = None
     spice_tls_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class PassedFiles:
+    """Files the agent opened for qemu, so that qemu gets descriptors, not paths.
+
+    :mod:`ferry.storage_policy` opens them (after checking the policy) and
+    keeps them open across the exec of qemu. ``fd_sets`` become ``-add-fd
+    fd=FD,set=SET,opaque=TEXT`` (one set per disk, with one descriptor in
+    the disk's access mode); ``disks`` maps a disk's target dev to the
+    file name qemu opens instead of its source (``/dev/fdset/SET``), and
+    ``kernel``/``initrd`` replace those paths (``/proc/self/fd/FD``: qemu
+    reads them with ``fopen``, which knows nothing of fd sets).
+    """
+
+    fd_sets: tuple[tuple[int, int, str], ...] = ()
+    disks: tuple[tuple[str, str], ...] = ()
+    kernel: str | None = None
+    initrd: str | None = None
+
+    def disk_file(self, target_dev: str) -> str | None:
+        """The file name qemu opens for disk ``target_dev``, if it was passed."""
+        return next((f for dev, f in self.disks if dev == target_dev), None)
 
 
 @dataclass(frozen=True)
@@ -291,9 +317,11 @@ _CACHE = {
 
 class _Builder:
     def __init__(self, domain: Domain, paths: RuntimePaths, kvm: bool,
-                 graphics_ports: Mapping[int, GraphicsPorts]) -> None:
+                 graphics_ports: Mapping[int, GraphicsPorts],
+                 files: PassedFiles | None = None) -> None:
         self.d = domain
         self.paths = paths
+        self.files = files or PassedFiles()
         self.kvm = kvm
         self.ports = graphics_ports
         self.argv: list[str] = []
@@ -375,14 +403,14 @@ class _Builder:
     def boot(self) -> None:
         os_ = self.d.os
         if os_.kernel:
-            self.add("-kernel", _plain(os_.kernel, "kernel path"))
+            self.add("-kernel", _plain(self.files.kernel or os_.kernel, "kernel path"))
         if os_.initrd:
             # For a multiboot kernel qemu splits -initrd on commas (module
             # list) but does not for Linux: no escaping works for both.
             if "," in os_.initrd:
                 raise _refuse(self.d, "domain/os/initrd", "an initrd path with ',' cannot be "
                                                           "passed to qemu")
-            self.add("-initrd", _plain(os_.initrd, "initrd path"))
+            self.add("-initrd", _plain(self.files.initrd or os_.initrd, "initrd path"))
         if os_.cmdline is not None:
             self.add("-append", _plain(os_.cmdline, "kernel command line"))
         letters = "".join({"hd": "c", "cdrom": "d", "network": "n"}[b] for b in os_.boot_devs)
@@ -481,9 +509,18 @@ class _Builder:
             cache_opts: list[tuple[str, object | None]] = []
             if cache is not None:
                 cache_opts = [("cache.direct", cache[0]), ("cache.no-flush", cache[1])]
+            passed = self.files.disk_file(d.target_dev)
+            # A passed descriptor has one access mode: qemu must not reopen
+            # the file with another (auto-read-only would, and a reopen via
+            # an fd set leaves the old description, and its image locks, in
+            # place until qemu exits).
+            access: list[tuple[str, object | None]] = (
+                [("read-only", True if d.readonly else None)] if passed
+                else [("auto-read-only", True)]
+            )  # fmt: skip
             self.add("-blockdev", _opts(
-                f"driver={driver}", ("filename", d.source), ("node-name", storage),
-                ("auto-read-only", True), ("discard", d.discard), *cache_opts,
+                f"driver={driver}", ("filename", passed or d.source), ("node-name", storage),
+                *access, ("discard", d.discard), *cache_opts,
                 ("aio", d.io),
             ))
             self.add("-blockdev", _opts(
@@ -768,6 +805,7 @@ def to_qemu_argv(
     paused: bool = False,
     graphics_ports: Mapping[int, GraphicsPorts] | None = None,
     sandbox: bool = True,
+    files: PassedFiles | None = None,
 ) -> list[str]:
     """Return the qemu argv (a list of strings, for exec, never a shell) for ``domain``.
 
@@ -779,7 +817,9 @@ def to_qemu_argv(
     ``query-vnc``), and spice, which cannot pick a port itself, is refused.
     ``kvm_usable`` replaces the check of ``/dev/kvm`` for ``type='kvm'``
     (tests, or hosts with their own policy). ``sandbox=False`` leaves out
-    ``-sandbox`` for qemu builds without seccomp.
+    ``-sandbox`` for qemu builds without seccomp. ``files`` replaces disk,
+    kernel and initrd paths with descriptors the caller opened and passes
+    to qemu (see :class:`PassedFiles`).
 
     The module docstring lists what each part of the model becomes.
 
@@ -803,7 +843,7 @@ def to_qemu_argv(
                 "(use <domain type='qemu'> for TCG emulation)",
                 domain=d.name, reason=problem,
             )
-    b = _Builder(d, paths, kvm, graphics_ports or {})
+    b = _Builder(d, paths, kvm, graphics_ports or {}, files)
     b.add(_plain(qemu_binary, "qemu binary"))
     b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))
     if paused:
@@ -821,6 +861,8 @@ def to_qemu_argv(
     b.add("-pidfile", _plain(paths.pidfile, "pidfile"), "-daemonize")
     if paths.log_file is not None:
         b.add("-D", _plain(paths.log_file, "log file"))
+    for fd, fdset, opaque in (files.fd_sets if files else ()):
+        b.add("-add-fd", _opts(("fd", fd), ("set", fdset), ("opaque", opaque)))
     b.clock_and_pm()
     b.boot()
     b.graphics()

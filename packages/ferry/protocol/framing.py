@@ -128,7 +128,10 @@ class FrameDecoder:
         if length > self.max_frame:
             raise self._poison(
                 FrameTooLarge(
-                    f"frame header announces {length} bytes, limit is {self.max_frame}",
+                    # Said so that a client sending a big domain XML learns
+                    # why: the frame is refused before a byte of it is read.
+                    f"frame of {length} bytes refused: the limit is {self.max_frame} bytes "
+                    "([limits] max_frame); a request, such as a domain XML, must fit in one",
                     size=length,
                     limit=self.max_frame,
                 )

@@ -424,6 +424,7 @@ async def launch(
     timeout: float = 30.0,
     qmp_name: str | None = None,
     scope: ScopeRequest | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> QemuProcess:
     """Start a detached qemu and connect to its QMP socket.
 
@@ -433,6 +434,10 @@ async def launch(
     session with stdin on /dev/null; with ``-daemonize`` it exits once qemu
     is fully initialised (and the QMP socket listens), so its exit status is
     qemu's start verdict.
+
+    ``pass_fds`` stay open, with their numbers, in qemu (files the agent
+    opened for it: ``-add-fd``, ``/proc/self/fd/N``); the caller still owns
+    and closes its own copies.
 
     With ``scope`` (systemd is init, see :mod:`ferry.qemu.scope`), the
     launcher is ``systemd-run --scope ... -- ARGV`` instead: systemd-run
@@ -491,6 +496,7 @@ async def launch(
                     stderr=errfile,
                     start_new_session=True,
                     env=env,
+                    pass_fds=tuple(pass_fds),
                 )
             except OSError as exc:
                 raise QemuLaunchError(
