@@ -14,13 +14,25 @@ from typing import Any
 
 from ferry.errors import FerryError, NoDomain
 from ferry.fences import MIGRATED, UNKNOWN, Fence
+from ferry.jobs.recovery import QemuView
 from ferry.journal import MessageID, log_event
-from ferry.qemu import SavedMigrationSettings
+from ferry.qemu import SavedMigrationSettings, query_migrate
 from ferry_source.context import SourceContext
 
-__all__ = ["fence_unknown", "resume_source", "stop_source"]
+__all__ = ["fence_unknown", "observe_qemu", "resume_source", "stop_source"]
 
 log = logging.getLogger("ferry.source.migration")
+
+
+async def observe_qemu(ctx: SourceContext, name: str) -> QemuView:
+    """What the recovery table needs from our qemu: alive, running, migration state."""
+    try:
+        proc = await ctx.host.process(name, timeout=5.0)
+        run = await proc.qmp.query_status()
+        stats = await query_migrate(proc.qmp)
+    except FerryError:
+        return QemuView(alive=False)
+    return QemuView(alive=True, running=run.running, migration=stats.status)
 
 
 async def resume_source(

@@ -16,11 +16,10 @@ import logging
 from ferry.errors import FerryError
 from ferry.flags import MigrationFlags
 from ferry.jobs import AsyncJob, Job
-from ferry.jobs.recovery import OutgoingAction, QemuView, decide_outgoing
+from ferry.jobs.recovery import OutgoingAction, decide_outgoing
 from ferry.journal import LogContext, MessageID, log_event
-from ferry.qemu import query_migrate
 from ferry.statefile import JobRecord
-from ferry_source.confirm import resume_source, stop_source
+from ferry_source.confirm import observe_qemu, resume_source, stop_source
 from ferry_source.context import SourceContext
 from ferry_source.perform import cancel_migration
 from ferry_source.settle import Subject, settle
@@ -76,7 +75,7 @@ class OutgoingRecovery:
         with LogContext(domain=name, uuid=job.uuid, migration_id=record.migration_id or "",
                         phase=record.phase or ""):  # fmt: skip
             try:
-                view = await self._observe(name)
+                view = await observe_qemu(self.ctx, name)
                 decision = decide_outgoing(record.phase, view, result=data.get("result"))
                 what = f"{decision.action.value} — {decision.reason}"
                 log_event(log, MessageID.MIGRATION_PHASE,
@@ -122,12 +121,3 @@ class OutgoingRecovery:
                 undefine=bool(flags & MigrationFlags.UNDEFINE_SOURCE),
                 saved=record.saved_migration,
             ), deadline_s=ctx.config.migration.outcome_timeout_s, job=job)  # fmt: skip
-
-    async def _observe(self, name: str) -> QemuView:
-        try:
-            proc = await self.ctx.host.process(name, timeout=5.0)
-            run = await proc.qmp.query_status()
-            stats = await query_migrate(proc.qmp)
-        except FerryError:
-            return QemuView(alive=False)
-        return QemuView(alive=True, running=run.running, migration=stats.status)

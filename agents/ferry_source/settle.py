@@ -14,9 +14,8 @@ from typing import Any
 from ferry.jobs import Job
 from ferry.jobs.recovery import OutgoingAction, PeerOutcome, decide_outgoing
 from ferry.journal import MessageID, log_event
-from ferry.qemu import query_migrate
 from ferry_source.checks import parse_dest_uri
-from ferry_source.confirm import fence_unknown, resume_source, stop_source
+from ferry_source.confirm import fence_unknown, observe_qemu, resume_source, stop_source
 from ferry_source.context import Emit, SourceContext, no_events
 from ferry_source.peer import ask_outcome
 
@@ -74,7 +73,7 @@ async def settle(
                                 f"{subject.migration_id}"})  # fmt: skip
     answer, reply = await ask_outcome(ctx.config, host, port, subject.migration_id,
                                       deadline_s=deadline_s, on_attempt=attempt)  # fmt: skip
-    decision = decide_outgoing("finish", await _view(ctx, subject.name), peer=answer,
+    decision = decide_outgoing("finish", await observe_qemu(ctx, subject.name), peer=answer,
                                deadline_passed=True)  # fmt: skip
     said = reply.get("reason") or reply.get("error") or answer.value
     if decision.action is OutgoingAction.CONFIRM:
@@ -109,16 +108,3 @@ async def settle(
                           was_running=subject.was_running,
                           leases_released=subject.leases_released)  # fmt: skip
     return Settled("unknown", fence.describe(), reply)
-
-
-async def _view(ctx: SourceContext, name: str) -> Any:
-    from ferry.errors import FerryError
-    from ferry.jobs.recovery import QemuView
-
-    try:
-        proc = await ctx.host.process(name, timeout=5.0)
-        run = await proc.qmp.query_status()
-        stats = await query_migrate(proc.qmp)
-    except FerryError:
-        return QemuView(alive=False)
-    return QemuView(alive=True, running=run.running, migration=stats.status)

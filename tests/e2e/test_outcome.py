@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,24 @@ def _stays_then_moves(cluster: Cluster, serial: testguest.SerialReader) -> None:
     result = cluster.a.ferryctl("migrate", "g1", cluster.b.uri, "--live", timeout=120)
     assert result.returncode == 0, result.stderr + cluster.logs()
     assert_moved(cluster, serial)
+
+
+def _migrate_during(
+    argv: list[str], fault: Callable[[subprocess.Popen[str]], None], *, timeout: float = 120
+) -> tuple[int, str, str]:
+    """Run ferryctl in the background, apply ``fault`` while it runs; (exit code, out, err).
+
+    The process is killed if the fault or the wait fails, so no ferryctl outlives the test.
+    """
+    mig = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fault(mig)
+        out, err = mig.communicate(timeout=timeout)
+    finally:
+        if mig.poll() is None:
+            mig.kill()
+            mig.communicate()
+    return mig.returncode, out, err
 
 
 def _jobs(cluster: Cluster) -> list[Path]:
@@ -85,20 +104,13 @@ def test_unknown_outcome_stays_paused_until_migrate_recover(
     before = serial.latest()
     assert before is not None
     with Link(cluster) as link:
-        mig = subprocess.Popen(
-            [*a.ferryctl_argv("migrate", "g1", b.uri, "--live")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            pid = wait_frozen(b, "destination", 60, also=mig)  # type: ignore[arg-type]
+        def fault(mig: subprocess.Popen[str]) -> None:
+            pid = wait_frozen(b, "destination", 60, also=mig)
             link.cut()
             thaw(pid)  # B starts the CPUs; its reply goes nowhere
-            out, err = mig.communicate(timeout=120)
-        finally:
-            if mig.poll() is None:
-                mig.kill()
-                mig.communicate()
-        assert mig.returncode == 1, out + err
+
+        code, out, err = _migrate_during(a.ferryctl_argv("migrate", "g1", b.uri, "--live"), fault)
+        assert code == 1, out + err
         assert "(outcome-unknown)" in err, err
         assert "migrate-recover g1" in err
         info = a.ctl_json("dominfo", "g1")
@@ -137,18 +149,14 @@ def test_outcome_op_fences_a_prepared_migration(
     serial = _guest(cluster, guest_kernel, virt_type, tmp_path)
     a, b = cluster.a, cluster.b
     try:
-        mig = subprocess.Popen(a.ferryctl_argv("migrate", "g1", b.uri, "--live"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            pid = wait_frozen(b, "destination", 60, also=mig)  # type: ignore[arg-type]
+        def fault(mig: subprocess.Popen[str]) -> None:
+            pid = wait_frozen(b, "destination", 60, also=mig)
             a.stop_agent("source", 9)
             thaw(pid)
-            _out, err = mig.communicate(timeout=60)
-        finally:
-            if mig.poll() is None:
-                mig.kill()
-                mig.communicate()
-        assert mig.returncode == 1
+
+        code, _out, err = _migrate_during(a.ferryctl_argv("migrate", "g1", b.uri, "--live"),
+                                          fault, timeout=60)  # fmt: skip
+        assert code == 1
         assert "lost the connection to ferry-source during migration" in err, err
         a.start_agent("source")
         wait_until(lambda: not b.qemu_pids(), 30, "B's incoming qemu to go")
@@ -172,22 +180,18 @@ def test_cut_link_during_perform_is_a_stall_not_a_hang(
     a, b = cluster.a, cluster.b
     try:
         with Link(cluster) as link:
-            mig = subprocess.Popen(
-                a.ferryctl_argv("migrate", "g1", b.uri, "--live", "--bandwidth", "2", "--json"),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            try:
+            def fault(mig: subprocess.Popen[str]) -> None:
                 assert mig.stdout is not None
                 for line in mig.stdout:  # the first progress event: data is moving
                     if '"progress"' in line:
                         break
                 link.cut()
-                _out, err = mig.communicate(timeout=120)
-            finally:
-                if mig.poll() is None:
-                    mig.kill()
-                    mig.communicate()
-            assert mig.returncode == 1
+
+            code, _out, err = _migrate_during(
+                a.ferryctl_argv("migrate", "g1", b.uri, "--live", "--bandwidth", "2", "--json"),
+                fault,
+            )
+            assert code == 1
             assert "(migration-stalled)" in err, err
             assert "no data moved for 5 s: the link to b looks down" in err
             wait_until(lambda: a.domain_state("g1") == "running", 30, "g1 resumed on A")
