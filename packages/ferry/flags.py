@@ -19,7 +19,16 @@ from typing import Any
 from ferry.errors import FlagError, MessageInvalid
 from ferry.protocol.fields import FieldSpec, check_fields, check_value
 
-__all__ = ["ALL_FLAGS", "MigrationFlags", "MigrationParams", "flag_names", "validate"]
+__all__ = [
+    "ALL_FLAGS",
+    "COMPRESSION_METHODS",
+    "TIMEOUT_ACTIONS",
+    "MigrationFlags",
+    "MigrationParams",
+    "compression_methods",
+    "flag_names",
+    "validate",
+]
 
 
 class MigrationFlags(enum.IntFlag):
@@ -44,6 +53,7 @@ class MigrationFlags(enum.IntFlag):
     AUTO_CONVERGE = 1 << 13
     POSTCOPY = 1 << 15
     PARALLEL = 1 << 17
+    POSTCOPY_RESUME = 1 << 19
 
 
 ALL_FLAGS = MigrationFlags(0)
@@ -67,6 +77,7 @@ _OPTION: dict[MigrationFlags, str] = {
     MigrationFlags.AUTO_CONVERGE: "--auto-converge",
     MigrationFlags.POSTCOPY: "--postcopy",
     MigrationFlags.PARALLEL: "--parallel",
+    MigrationFlags.POSTCOPY_RESUME: "--postcopy-resume",
 }
 
 _PARAM_OPTION: dict[str, str] = {
@@ -82,7 +93,22 @@ _PARAM_OPTION: dict[str, str] = {
     "listen_address": "--listen-address",
     "persist_xml": "--persistent-xml",
     "tunnel_plaintext": "--tunnel-plaintext",
+    "timeout_action": "--timeout-suspend/--timeout-postcopy/--timeout-abort",
+    "postcopy_after_precopy": "--postcopy-after-precopy",
+    "postcopy_bandwidth_mib": "--postcopy-bandwidth",
+    "compression_methods": "--comp-methods",
+    "compression_xbzrle_cache": "--comp-xbzrle-cache",
+    "compression_zlib_level": "--comp-zlib-level",
+    "compression_zstd_level": "--comp-zstd-level",
+    "deadline_s": "--deadline",
+    "max_throttle_pct": "--max-throttle",
 }
+
+#: What ``--timeout`` does when it fires (virsh: suspend unless --timeout-postcopy).
+TIMEOUT_ACTIONS = frozenset({"suspend", "postcopy", "abort"})
+#: ``--comp-methods``: xbzrle rides the main stream, zlib/zstd are multifd's.
+COMPRESSION_METHODS = ("xbzrle", "zlib", "zstd")
+MULTIFD_COMPRESSION = frozenset({"zlib", "zstd"})
 
 
 def _flag(flag: MigrationFlags) -> str:
@@ -116,12 +142,28 @@ _PARAM_SPECS: Mapping[str, FieldSpec] = {
     "listen_address": FieldSpec(str, nullable=True, min_len=1, max_len=255),
     "persist_xml": FieldSpec(str, nullable=True, min_len=1),
     "tunnel_plaintext": FieldSpec(bool, nullable=True),
+    "timeout_action": FieldSpec(str, nullable=True, choices=TIMEOUT_ACTIONS),
+    "postcopy_after_precopy": FieldSpec(bool, nullable=True),
+    "postcopy_bandwidth_mib": FieldSpec(int, nullable=True, ge=0, le=2**53),
+    "compression_methods": FieldSpec(
+        list, nullable=True, min_len=1, max_len=len(COMPRESSION_METHODS),
+        items=FieldSpec(str, choices=frozenset(COMPRESSION_METHODS)),
+    ),
+    # qemu wants the xbzrle cache a power of two of at least one page.
+    "compression_xbzrle_cache": FieldSpec(int, nullable=True, ge=4096, le=2**53),
+    "compression_zlib_level": FieldSpec(int, nullable=True, ge=0, le=9),
+    "compression_zstd_level": FieldSpec(int, nullable=True, ge=0, le=20),
+    "deadline_s": FieldSpec(float, nullable=True, gt=0, le=86400 * 7),
+    "max_throttle_pct": FieldSpec(int, nullable=True, ge=0, le=99),
 }
 
 # The same fields with types only: from_wire reports a wrong type as a broken
 # message and leaves out-of-range values to the constructor's FlagError.
 _PARAM_TYPES: Mapping[str, FieldSpec] = {
-    name: dataclasses.replace(spec, ge=None, gt=None, le=None, min_len=None, max_len=None)
+    name: dataclasses.replace(
+        spec, ge=None, gt=None, le=None, min_len=None, max_len=None, choices=None,
+        items=FieldSpec(str) if spec.items is not None else None,
+    )
     for name, spec in _PARAM_SPECS.items()
 }
 
@@ -144,6 +186,19 @@ class MigrationParams:
     # Tunnel data unencrypted after TLS authenticated it (both hosts' configs
     # must allow it: [tls] allow_plaintext_tunnel).
     tunnel_plaintext: bool | None = None
+    #: What --timeout does: "suspend" (virsh's default), "postcopy" or "abort".
+    timeout_action: str | None = None
+    #: Switch to post-copy by itself once the first full pass is done.
+    postcopy_after_precopy: bool | None = None
+    postcopy_bandwidth_mib: int | None = None
+    compression_methods: list[str] | None = None
+    compression_xbzrle_cache: int | None = None
+    compression_zlib_level: int | None = None
+    compression_zstd_level: int | None = None
+    #: The convergence controller's goal: done within this many seconds.
+    deadline_s: float | None = None
+    #: The most the guest's CPUs may be throttled (the controller's and auto-converge's cap).
+    max_throttle_pct: int | None = None
 
     def __post_init__(self) -> None:
         """Raises :class:`~ferry.errors.FlagError` naming a field of wrong type or range."""
@@ -223,6 +278,86 @@ def validate(flags: MigrationFlags | int, params: MigrationParams) -> MigrationF
     param_needs("parallel_connections", M.PARALLEL)
     param_needs("persist_xml", M.PERSIST_DEST)
     param_needs("tunnel_plaintext", M.TUNNELLED)
+    _check_postcopy(f, params, problems)
+    _check_compression(f, params, problems)
     if problems:
         raise FlagError("; ".join(problems), problems=problems, flags=flag_names(f))
     return f
+
+
+def _check_postcopy(f: MigrationFlags, params: MigrationParams, problems: list[str]) -> None:
+    M = MigrationFlags
+    for name in ("postcopy_after_precopy", "postcopy_bandwidth_mib"):
+        if getattr(params, name) is not None and M.POSTCOPY not in f:
+            problems.append(f"{_param(name)} requires {_flag(M.POSTCOPY)}")
+    if params.timeout_action is not None and params.timeout_s is None:
+        problems.append(f"{_PARAM_OPTION['timeout_action']} requires {_param('timeout_s')}")
+    if params.timeout_action == "postcopy" and M.POSTCOPY not in f:
+        problems.append(f"--timeout-postcopy requires {_flag(M.POSTCOPY)}")
+    if M.POSTCOPY in f and M.PARALLEL in f:
+        problems.append(
+            f"{_flag(M.POSTCOPY)} cannot be combined with {_flag(M.PARALLEL)}: "
+            "qemu 7.2 cannot switch a multifd migration to post-copy"
+        )
+    if M.POSTCOPY_RESUME in f:
+        if M.POSTCOPY not in f:
+            problems.append(f"{_flag(M.POSTCOPY_RESUME)} requires {_flag(M.POSTCOPY)}")
+        for other in (M.OFFLINE, M.PAUSED):
+            if other in f:
+                problems.append(
+                    f"{_flag(M.POSTCOPY_RESUME)} cannot be combined with {_flag(other)}: "
+                    "it only reconnects a paused post-copy migration"
+                )
+    if params.max_throttle_pct is not None and params.deadline_s is None \
+            and M.AUTO_CONVERGE not in f:
+        problems.append(
+            f"{_param('max_throttle_pct')} needs {_param('deadline_s')} (the controller) "
+            f"or {_flag(M.AUTO_CONVERGE)}"
+        )
+
+
+def compression_methods(f: MigrationFlags, params: MigrationParams) -> list[str]:
+    """The compression methods in force: as given, else xbzrle (zstd with --parallel)."""
+    if MigrationFlags.COMPRESSED not in f:
+        return []
+    if params.compression_methods:
+        return list(dict.fromkeys(params.compression_methods))
+    return ["zstd"] if MigrationFlags.PARALLEL in f else ["xbzrle"]
+
+
+def _check_compression(f: MigrationFlags, params: MigrationParams, problems: list[str]) -> None:
+    M = MigrationFlags
+    for name in ("compression_methods", "compression_xbzrle_cache",
+                 "compression_zlib_level", "compression_zstd_level"):  # fmt: skip
+        if getattr(params, name) is not None and M.COMPRESSED not in f:
+            problems.append(f"{_param(name)} requires {_flag(M.COMPRESSED)}")
+    if M.COMPRESSED not in f:
+        return
+    methods = compression_methods(f, params)
+    multifd = [m for m in methods if m in MULTIFD_COMPRESSION]
+    if len(multifd) > 1:
+        problems.append(
+            f"{_param('compression_methods')}: zlib and zstd cannot be used together "
+            "(qemu compresses multifd pages with one method)"
+        )
+    if multifd and M.PARALLEL not in f:
+        problems.append(
+            f"{_param('compression_methods')} {multifd[0]} requires {_flag(M.PARALLEL)}: "
+            "qemu only compresses multifd channels with it"
+        )
+    if "xbzrle" in methods and M.PARALLEL in f:
+        problems.append(
+            f"{_param('compression_methods')} xbzrle cannot be combined with "
+            f"{_flag(M.PARALLEL)}: qemu applies xbzrle only to the single main stream"
+        )
+    cache = params.compression_xbzrle_cache
+    if cache is not None:
+        if "xbzrle" not in methods:
+            problems.append(f"{_param('compression_xbzrle_cache')} requires the xbzrle method")
+        elif cache & (cache - 1):
+            problems.append(f"{_param('compression_xbzrle_cache')} must be a power of two "
+                            f"(got {cache})")  # fmt: skip
+    if params.compression_zlib_level is not None and "zlib" not in methods:
+        problems.append(f"{_param('compression_zlib_level')} requires the zlib method")
+    if params.compression_zstd_level is not None and "zstd" not in methods:
+        problems.append(f"{_param('compression_zstd_level')} requires the zstd method")

@@ -275,7 +275,7 @@ def test_dirtying_guest_needs_auto_converge(
     dirtying_guest: testguest.SerialReader, two_hosts: Cluster
 ) -> None:
     a, b = two_hosts.a, two_hosts.b
-    result = migrate(a, "g1", b, "--bandwidth", "32", "--timeout", "10")
+    result = migrate(a, "g1", b, "--bandwidth", "32", "--timeout", "10", "--timeout-abort")
     refused(result, "migration-timeout", "not converging")
     warnings = [e for e in events(result) if e["event"] == "warning"]
     assert any("not converging" in str(w["data"]) for w in warnings), result.stdout

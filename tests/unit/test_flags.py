@@ -29,6 +29,7 @@ def test_bit_values_match_libvirt() -> None:
         "AUTO_CONVERGE": 8192,
         "POSTCOPY": 32768,
         "PARALLEL": 131072,
+        "POSTCOPY_RESUME": 524288,
     }
 
 

@@ -177,6 +177,13 @@ async def _jobinfo(args: argparse.Namespace, session: Session) -> int:
 # -- migrate -------------------------------------------------------------
 
 
+def _comp_methods(text: str | None) -> list[str] | None:
+    """virsh's ``--comp-methods a,b``: the list, or None when not given."""
+    if text is None:
+        return None
+    return [m.strip() for m in text.split(",") if m.strip()] or None
+
+
 def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, MigrationParams]:
     flags = MigrationFlags.PEER2PEER
     for option, flag in (
@@ -192,6 +199,7 @@ def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, Migrat
         ("parallel", MigrationFlags.PARALLEL),
         ("compressed", MigrationFlags.COMPRESSED),
         ("postcopy", MigrationFlags.POSTCOPY),
+        ("postcopy_resume", MigrationFlags.POSTCOPY_RESUME),
         ("change_protection", MigrationFlags.CHANGE_PROTECTION),
     ):
         if getattr(args, option, False):
@@ -211,7 +219,16 @@ def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, Migrat
         auto_converge_increment=args.auto_converge_increment,
         parallel_connections=args.parallel_connections,
         timeout_s=args.timeout,
+        timeout_action=args.timeout_action,
         tunnel_plaintext=True if args.tunnel_plaintext else None,
+        postcopy_after_precopy=True if args.postcopy_after_precopy else None,
+        postcopy_bandwidth_mib=args.postcopy_bandwidth,
+        compression_methods=_comp_methods(args.comp_methods),
+        compression_xbzrle_cache=args.comp_xbzrle_cache,
+        compression_zlib_level=args.comp_zlib_level,
+        compression_zstd_level=args.comp_zstd_level,
+        deadline_s=args.deadline,
+        max_throttle_pct=args.max_throttle,
     )
     return validate(flags, params), params
 
@@ -485,6 +502,16 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("name")
     p.add_argument("mib_per_s", type=int)
+    p = verb(
+        "migrate-postcopy",
+        _simple(
+            "migrate_postcopy", "name",
+            message="Migration of '{name}' switched to post-copy: it now runs on the "
+            "destination",
+        ),
+        "switch a running migration (started with --postcopy) to post-copy",
+    )
+    p.add_argument("name")
 
     p = verb("migrate", _migrate, "migrate a domain to another host (peer to peer)")
     p.add_argument("name")
@@ -533,8 +560,48 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--parallel-connections", type=int, metavar="N", help="multifd channels (default 2)"
     )
-    p.add_argument("--compressed", action="store_true", help="compress the stream")
-    p.add_argument("--postcopy", action="store_true", help="allow switching to post-copy")
+    p.add_argument(
+        "--compressed", action="store_true",
+        help="compress the stream (xbzrle by default; zstd with --parallel)",
+    )
+    p.add_argument(
+        "--comp-methods", metavar="LIST",
+        help="comma-separated: xbzrle (main stream, repeated pages as deltas), "
+        "zstd or zlib (multifd channels; need --parallel)",
+    )
+    p.add_argument(
+        "--comp-xbzrle-cache", type=int, metavar="BYTES",
+        help="xbzrle page cache size in bytes (a power of two; qemu's default 64 MiB)",
+    )
+    p.add_argument("--comp-zlib-level", type=int, metavar="0-9", help="zlib compression level")
+    p.add_argument("--comp-zstd-level", type=int, metavar="0-20", help="zstd compression level")
+    p.add_argument(
+        "--postcopy", action="store_true",
+        help="allow switching to post-copy (by 'ferryctl migrate-postcopy', "
+        "--postcopy-after-precopy, --timeout-postcopy or the --deadline controller)",
+    )
+    p.add_argument(
+        "--postcopy-after-precopy", action="store_true",
+        help="switch to post-copy by itself once the first full pass is done",
+    )
+    p.add_argument(
+        "--postcopy-bandwidth", type=int, metavar="MiB/s",
+        help="bandwidth cap once in post-copy (default: unlimited)",
+    )
+    p.add_argument(
+        "--postcopy-resume", action="store_true",
+        help="reconnect a post-copy migration that paused when the link broke",
+    )
+    p.add_argument(
+        "--deadline", type=float, metavar="S",
+        help="let the convergence controller finish within S seconds, choosing the "
+        "downtime (up to --max-downtime), a throttle (up to --max-throttle) and, with "
+        "--postcopy, the switch; refused up front when the pre-flight says it cannot",
+    )
+    p.add_argument(
+        "--max-throttle", type=int, metavar="PCT",
+        help="the most the guest's CPUs may be slowed (controller and --auto-converge)",
+    )
     p.add_argument(
         "--change-protection", action="store_true", help="refuse domain changes during migration"
     )
@@ -545,7 +612,24 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-downtime", type=int, metavar="MS", help="tolerated downtime in ms")
     p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="bandwidth cap in MiB/s")
-    p.add_argument("--timeout", type=float, metavar="S", help="abort if not done after S seconds")
+    p.add_argument(
+        "--timeout", type=float, metavar="S",
+        help="when not done after S seconds: suspend the guest so the copy finishes "
+        "(default, as virsh), switch to post-copy, or abort",
+    )
+    action = p.add_mutually_exclusive_group()
+    action.add_argument(
+        "--timeout-suspend", dest="timeout_action", action="store_const", const="suspend",
+        help="on --timeout, pause the guest and finish the copy (the default)",
+    )
+    action.add_argument(
+        "--timeout-postcopy", dest="timeout_action", action="store_const", const="postcopy",
+        help="on --timeout, switch to post-copy (needs --postcopy)",
+    )
+    action.add_argument(
+        "--timeout-abort", dest="timeout_action", action="store_const", const="abort",
+        help="on --timeout, cancel the migration; the VM keeps running here",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="print every progress event")
 
     p = verb("journal", _journal, "show a domain's or a migration's story from the journal")
