@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,10 @@ def test_cmdline() -> None:
         testguest.cmdline(wss_mib=-1)
     with pytest.raises(ValueError):
         testguest.cmdline(wss_mib=1, report_ms=5)
+    assert testguest.cmdline(wss_mib=16, zip=True) == "wss=16 rate=0 report=200 seed=1 zip=1"
+    assert testguest.cmdline(wss_mib=16, zip=False) == testguest.cmdline(wss_mib=16)
+    with pytest.raises(ValueError):
+        testguest.cmdline(wss_mib=1, zip=1)  # type: ignore[arg-type]
 
 
 def test_parse_lines() -> None:
@@ -79,6 +84,13 @@ def test_parse_lines() -> None:
     assert isinstance(boot, BootInfo)
     assert (boot.mem_mib, boot.wss_pages, boot.tsc_source) == (128, 4096, "pit")
     assert boot.host_time == 1.5
+    assert boot.zip is False  # a guest from before zip mode prints no zip=
+    for text, want in (("zip=0", False), ("zip=1", True)):
+        zboot = testguest.parse_line(
+            "FERRY-GUEST boot mem_mib=128 wss=16 rate=0 report=200 seed=1 tsc_khz=2597804 "
+            f"tsc_src=pit tsc_err_ppm=190 first_pfn=272 pages=32464 wss_pages=4096 {text}"
+        )
+        assert isinstance(zboot, BootInfo) and zboot.zip is want
     rep = testguest.parse_line(
         "FERRY-GUEST counter=2 gen=475904 dirtied_mib=1859 verified=59488 bad=0 "
         "sum=4c651776645279bc mem_mib=128 ms=496 sweeps=1 last_bad=0"
@@ -143,6 +155,33 @@ def test_page_format_and_static_sum() -> None:
     assert testguest.expected_static_sum(boot) == (
         testguest.page_words(301, 0, 9)[3] ^ testguest.page_words(302, 0, 9)[3]
     )
+
+
+def test_zip_page_format() -> None:
+    """zip=1: the same header and check word, a body shared by every page and
+    generation, so a rewrite changes q[1] and q[3] only and pages compress."""
+    seed = 9
+    plain, page = testguest.page_words(300, 5, seed), testguest.page_words(300, 5, seed, zip=True)
+    assert page[:4] == plain[:4]  # header, hence stale-page detection and the sum, unchanged
+    body = testguest.zip_body(seed)
+    assert len(body) == 8 and len(set(body)) == 8 and 0 not in body
+    assert page[4:] == [body[i % 8] for i in range(4, 512)]
+    assert not set(body) & {w for w in plain[:4]}  # body words are no page's header
+    # a rewrite (and another page) differs in the header only
+    later = testguest.page_words(300, 6, seed, zip=True)
+    assert [i for i in range(512) if later[i] != page[i]] == [1, 3]
+    assert testguest.page_words(301, 5, seed, zip=True)[4:] == page[4:]
+    assert testguest.page_words(300, 5, seed + 1, zip=True)[4:] != page[4:]
+    # xbzrle's view: bytes that changed between two versions of the page
+    a = testguest.page_bytes(300, 5, seed, zip=True)
+    b = testguest.page_bytes(300, 6, seed, zip=True)
+    assert sum(x != y for x, y in zip(a, b, strict=True)) <= 16
+    # on its own a page deflates ~30x; the default format not at all
+    assert len(zlib.compress(a)) < 200
+    assert len(zlib.compress(testguest.page_bytes(300, 5, seed))) > 4000
+    # different pages one after another (a stream compressor's window)
+    stream = b"".join(testguest.page_bytes(pfn, 0, seed, zip=True) for pfn in range(300, 332))
+    assert len(zlib.compress(stream)) < len(stream) // 100
 
 
 def test_dirty_rate() -> None:
@@ -383,6 +422,34 @@ def test_rate_limited(
 
 
 @needs_qemu
+def test_zip_mode_runs_healthy_with_compressible_pages(
+    start_guest: StartGuest, record_property: Callable[[str, object], None]
+) -> None:
+    """zip=1 under the fast accelerator: bad=0, the same sum as the default
+    format, and guest memory holds exactly ``page_words(..., zip=True)``."""
+    guest = start_guest(
+        accel=FAST_ACCEL,
+        gdb=True,
+        append=testguest.cmdline(wss_mib=16, rate_mib_s=0, report_ms=100, zip=True),
+    )
+    boot = guest.wait_for_boot()
+    assert boot.zip is True and "zip=1" in boot.raw
+    first = guest.wait_for(lambda r: r.counter >= 2, timeout=30)
+    rep = _assert_healthy_run(guest, boot)
+    rate = testguest.dirty_rate_mib_s(first, rep)
+    print(f"\n[{FAST_ACCEL}] zip=1 dirty rate {rate:.0f} MiB/s flat out (wss=16 MiB)")
+    record_property("zip_dirty_rate_mib_s", round(rate))
+    assert guest.gdb_socket is not None
+    with testguest.GdbStub(guest.gdb_socket) as gdb:  # connecting pauses the guest
+        for pfn in (boot.first_pfn + 3, boot.first_pfn + boot.wss_pages + 5):
+            data = gdb.read(pfn * 4096, 4096)
+            gen = int.from_bytes(data[8:16], "little")
+            assert data == testguest.page_bytes(pfn, gen, boot.seed, zip=True)
+        gdb.detach()
+    assert guest.wait_for(lambda r: r.counter > rep.counter + 2, timeout=30).bad_pages == 0
+
+
+@needs_qemu
 def test_fault_is_reported(start_guest: StartGuest) -> None:
     guest = start_guest(accel="tcg", append="wss=1 crash=1")
     guest.wait_for_boot()
@@ -391,15 +458,20 @@ def test_fault_is_reported(start_guest: StartGuest) -> None:
 
 
 @needs_qemu
-def test_detects_stale_and_corrupted_pages(start_guest: StartGuest) -> None:
+@pytest.mark.parametrize("zip_mode", [False, True], ids=["plain", "zip"])
+def test_detects_stale_and_corrupted_pages(start_guest: StartGuest, zip_mode: bool) -> None:
     """Write guest memory through qemu's gdbstub (qemu 7.2 has no QMP/HMP
     command that writes guest memory): a working-set page put back to an
     older generation (what a lost dirty page looks like after a migration)
-    and a flipped byte in a static page must both be reported as bad."""
+    and a flipped byte in a static page must both be reported as bad.  In
+    zip mode the stale page differs in its header only and the flipped byte
+    is in the shared body: both must be caught all the same."""
     # slow rewriting (1 MiB at 1 MiB/s: each page rewritten once a second)
     # so the verifier sees the stale page before the guest rewrites it
     guest = start_guest(
-        accel=FAST_ACCEL, gdb=True, append=testguest.cmdline(wss_mib=1, rate_mib_s=1, report_ms=50)
+        accel=FAST_ACCEL,
+        gdb=True,
+        append=testguest.cmdline(wss_mib=1, rate_mib_s=1, report_ms=50, zip=zip_mode),
     )
     boot = guest.wait_for_boot()
     assert guest.gdb_socket is not None
@@ -410,7 +482,7 @@ def test_detects_stale_and_corrupted_pages(start_guest: StartGuest) -> None:
     with testguest.GdbStub(guest.gdb_socket) as gdb:  # connecting pauses the guest
         old = gdb.read(stale_pfn * 4096, 4096)
         gen = int.from_bytes(old[8:16], "little")
-        assert old == testguest.page_bytes(stale_pfn, gen, boot.seed)
+        assert old == testguest.page_bytes(stale_pfn, gen, boot.seed, zip=zip_mode)
         gdb.detach()
     # one full cycle over the working set later, the page has a newer generation
     guest.wait_for(lambda r: r.generation >= start.generation + boot.wss_pages + 16, timeout=30)

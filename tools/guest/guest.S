@@ -17,6 +17,7 @@
  *     rate=<MiB/s>   rewrite rate, 0 = as fast as possible (default 0)
  *     report=<ms>    report period (default 200, minimum 10)
  *     seed=<n>       pattern seed (default 1)
+ *     zip=1          compressible pages (see "zip mode" below; default 0)
  *     crash=1        execute ud2 after the boot line (tests the fault path)
  * Numbers are decimal or 0x-prefixed hex.
  *
@@ -88,6 +89,21 @@
  * expectation, so a page that came back from an older generation (a stale
  * page after a migration) is caught as well as a corrupted one.
  *
+ * Zip mode (zip=1).  The format above defeats every compression a migration
+ * can use, which is the point of the default.  With zip=1 only the header
+ * q[0..3] is as above; the body is the same in every page and generation:
+ *     q[i] = Z[i & 7]             for i = 4 .. 511
+ *     Z[k] = mix(k, 2^64 - 1, seed)   (computed once at boot, k = 0 .. 7)
+ * so a rewrite changes q[1] and q[3] only (16 bytes: what xbzrle sends
+ * against its cached copy), a page compresses on its own (its body repeats
+ * every 64 bytes) and across pages (identical bodies, for stream
+ * compressors such as multifd zstd/zlib).  The verifier still compares all
+ * 512 quadwords with the expectation, so corruption anywhere in a page is
+ * caught, and a stale page is caught by its header exactly as in the
+ * default mode; the sum (XOR of q[3]) is the same in both modes.  Z never
+ * contains the check word of a real page: generation 2^64 - 1 is never
+ * written.
+ *
  * Main loop: with rate=0, rewrite 256 pages (1 MiB) then verify 32 pages;
  * with rate>0, rewrite 16 pages whenever the TSC says they are due, else
  * verify 8 pages.  Every report period one line goes to COM1:
@@ -104,7 +120,7 @@
  * bad page (0 if none).  The boot line comes first:
  *     FERRY-GUEST boot mem_mib=<n> wss=<MiB> rate=<MiB/s> report=<ms>
  *         seed=<n> tsc_khz=<n> tsc_src=<pit|cpuid|default> tsc_err_ppm=<n>
- *         first_pfn=<n> pages=<n> wss_pages=<n>
+ *         first_pfn=<n> pages=<n> wss_pages=<n> zip=<0|1>
  * and a fault prints
  *     FERRY-GUEST fault vec=<n> err=<hex> rip=<hex> cs=<hex> rflags=<hex>
  *         cr2=<hex>
@@ -535,6 +551,7 @@ user_main:
         movq %rax, tsc_boot
         call parse_cmdline
         call setup_memory
+        call setup_zip
         call calibrate_tsc
         call print_boot
         cmpq $0, npages
@@ -738,9 +755,11 @@ write_page:
         xorq seed, %rcx
         movq %rcx, 16(%r10)
         movq %rax, 24(%r10)
+        addq $32, %r10
+        cmpq $0, zip
+        jne 3f
         movabsq $K_STEP, %rdx
         leaq (%rax,%rdx,4), %rax
-        addq $32, %r10
         movl $127, %ecx
 1:      movq %rax, (%r10)
         addq %rdx, %rax
@@ -753,6 +772,21 @@ write_page:
         addq $32, %r10
         decl %ecx
         jnz 1b
+        ret
+        /* zip body: q[4..7] = Z[4..7], then 63 copies of Z[0..7] */
+3:      .irp k, 4, 5, 6, 7
+        movq zip_body + 8 * \k, %rax
+        movq %rax, 8 * (\k - 4)(%r10)
+        .endr
+        addq $32, %r10
+        movl $63, %ecx
+4:      .irp k, 0, 1, 2, 3, 4, 5, 6, 7
+        movq zip_body + 8 * \k, %rax
+        movq %rax, 8 * \k(%r10)
+        .endr
+        addq $64, %r10
+        decl %ecx
+        jnz 4b
         ret
 
 /* verify_page: check region page r8 against expected generation r9 (r8, r9
@@ -776,9 +810,11 @@ verify_page:
         call mix
         cmpq %rax, 24(%r11)
         jne 9f
+        leaq 32(%r11), %r10
+        cmpq $0, zip
+        jne 5f
         movabsq $K_STEP, %rdx
         leaq (%rax,%rdx,4), %rax
-        leaq 32(%r11), %r10
         movl $127, %ecx
 1:      cmpq %rax, (%r10)
         jne 9f
@@ -795,12 +831,29 @@ verify_page:
         addq $32, %r10
         decl %ecx
         jnz 1b
-        movq 24(%r11), %rdx
+8:      movq 24(%r11), %rdx
         xorl %eax, %eax
         ret
 9:      movq 24(%r11), %rdx
         movl $1, %eax
         ret
+        /* zip body, as write_page lays it out */
+5:      .irp k, 4, 5, 6, 7
+        movq zip_body + 8 * \k, %rax
+        cmpq %rax, 8 * (\k - 4)(%r10)
+        jne 9b
+        .endr
+        addq $32, %r10
+        movl $63, %ecx
+6:      .irp k, 0, 1, 2, 3, 4, 5, 6, 7
+        movq zip_body + 8 * \k, %rax
+        cmpq %rax, 8 * \k(%r10)
+        jne 9b
+        .endr
+        addq $64, %r10
+        decl %ecx
+        jnz 6b
+        jmp 8b
 
 /* report: one status line; rbx = current TSC (preserved) */
 report:
@@ -891,6 +944,9 @@ print_boot:
         call put_kv
         movq $s_wsspages, %rsi
         movq wss_pages, %rax
+        call put_kv
+        movq $s_zip, %rsi
+        movq zip, %rax
         call put_kv
         .ifdef FERRY_DISK
         movq $s_disk, %rsi
@@ -1040,6 +1096,23 @@ setup_memory:
         jae 6f
         movq $10, report_ms
 6:      popq %rbx
+        ret
+
+/* setup_zip: zip = 0 or 1 (any non-zero value means on, so the boot line
+ * shows what the pages are); the zip-mode body table Z[0..7] (see the
+ * header).  Filled whatever the mode: it costs 8 mix calls. */
+setup_zip:
+        cmpq $0, zip
+        je 1f
+        movq $1, zip
+1:      xorl %edi, %edi
+2:      movq $-1, %rsi                  /* generation 2^64 - 1: never written */
+        movq seed, %rdx
+        call mix
+        movq %rax, zip_body(,%rdi,8)
+        incq %rdi
+        cmpq $8, %rdi
+        jb 2b
         ret
 
 /* calibrate_tsc: tsc_hz from CPUID 0x40000010 or the PIT; derived periods */
@@ -1309,6 +1382,7 @@ s_tscerr:       .asciz " tsc_err_ppm="
 s_firstpfn:     .asciz " first_pfn="
 s_pages:        .asciz " pages="
 s_wsspages:     .asciz " wss_pages="
+s_zip:          .asciz " zip="
 s_src_pit:      .asciz "pit"
 s_src_cpuid:    .asciz "cpuid"
 s_src_default:  .asciz "default"
@@ -1335,6 +1409,7 @@ k_rate:         .asciz "rate="
 k_report:       .asciz "report="
 k_seed:         .asciz "seed="
 k_crash:        .asciz "crash="
+k_zip:          .asciz "zip="
         .ifdef FERRY_DISK
 k_disk:         .asciz "disk="
 s_disk:         .asciz " disk="
@@ -1350,6 +1425,7 @@ keytab:
         .quad k_report, report_ms
         .quad k_seed, seed
         .quad k_crash, crash
+        .quad k_zip, zip
         .ifdef FERRY_DISK
         .quad k_disk, disk_every
         .endif
@@ -1405,6 +1481,8 @@ rate_mib:       .quad 0
 report_ms:      .quad 200
 seed:           .quad 1
 crash:          .quad 0
+zip:            .quad 0                 /* 1: compressible pages (zip mode) */
+zip_body:       .fill 8, 8, 0           /* zip mode: Z[0..7], the page body */
 /* memory */
 ram_end:        .quad 0
 region_start:   .quad 0

@@ -11,6 +11,14 @@ above itself with self-describing pages, keeps rewriting a working set of
 ``counter`` only ever increases (a reset means the guest rebooted), ``bad``
 must stay 0 across a migration.  See guest.S for the page format.
 
+By default every rewrite changes every quadword of a page, so no compression
+helps a migration.  ``cmdline(..., zip=True)`` (``zip=1``) keeps the same
+per-page header (pfn, generation, seed, check word) and the same guarantees
+(whole-page verification, stale pages caught, the same ``sum``) but gives
+every page the same 64-byte-periodic body: a rewrite changes 16 bytes
+(xbzrle), and pages compress on their own and against each other
+(zlib/zstd).  ``page_words(..., zip=True)`` is that format.
+
 Standard library only.  Tests and the demo use it by putting this directory
 on ``sys.path``::
 
@@ -72,6 +80,7 @@ __all__ = [
     "page_words",
     "parse_line",
     "qemu_argv",
+    "zip_body",
 ]
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -207,9 +216,13 @@ def _check_image(data: bytes) -> None:
     raise GuestBuildError("no multiboot header in the first 8 KiB of the image")
 
 
-def cmdline(*, wss_mib: int, rate_mib_s: int = 0, report_ms: int = 200, seed: int = 1) -> str:
+def cmdline(
+    *, wss_mib: int, rate_mib_s: int = 0, report_ms: int = 200, seed: int = 1, zip: bool = False
+) -> str:
     """The ``-append`` string: working set (MiB), rewrite rate (MiB/s, 0 = as
-    fast as possible), report period (ms) and pattern seed."""
+    fast as possible), report period (ms), pattern seed and, with ``zip``,
+    compressible pages (``zip=1``; left out when off so that the default
+    command line is the one the guest has always had)."""
     for name, value in (
         ("wss_mib", wss_mib),
         ("rate_mib_s", rate_mib_s),
@@ -220,7 +233,10 @@ def cmdline(*, wss_mib: int, rate_mib_s: int = 0, report_ms: int = 200, seed: in
             raise ValueError(f"{name} must be a non-negative int, not {value!r}")
     if report_ms < 10:
         raise ValueError("report_ms must be at least 10")
-    return f"wss={wss_mib} rate={rate_mib_s} report={report_ms} seed={seed}"
+    if not isinstance(zip, bool):
+        raise ValueError(f"zip must be a bool, not {zip!r}")
+    tail = " zip=1" if zip else ""
+    return f"wss={wss_mib} rate={rate_mib_s} report={report_ms} seed={seed}{tail}"
 
 
 def qemu_argv(
@@ -271,20 +287,33 @@ def _mix(pfn: int, gen: int, seed: int) -> int:
     return z
 
 
-def page_words(pfn: int, generation: int, seed: int) -> list[int]:
-    """The 512 quadwords of page ``pfn`` at ``generation``, as the guest writes them."""
+def zip_body(seed: int) -> list[int]:
+    """Zip mode: the 8 quadwords Z[0..7] whose repetition is every page's
+    body (``q[i] = Z[i & 7]`` for i >= 4).  Generation 2**64 - 1, never
+    written, keeps them apart from any page's check word."""
+    return [_mix(k, _M64, seed) for k in range(8)]
+
+
+def page_words(pfn: int, generation: int, seed: int, *, zip: bool = False) -> list[int]:
+    """The 512 quadwords of page ``pfn`` at ``generation``, as the guest
+    writes them (in zip mode if ``zip``: same header, constant body)."""
     c = _mix(pfn, generation, seed)
     head = [pfn, generation, _PAGE_MAGIC ^ seed, c]
+    if zip:
+        body = zip_body(seed)
+        return head + [body[i & 7] for i in range(4, 512)]
     return head + [(c + i * _K_STEP) & _M64 for i in range(4, 512)]
 
 
-def page_bytes(pfn: int, generation: int, seed: int) -> bytes:
-    return b"".join(w.to_bytes(8, "little") for w in page_words(pfn, generation, seed))
+def page_bytes(pfn: int, generation: int, seed: int, *, zip: bool = False) -> bytes:
+    """``page_words`` as the 4096 bytes in guest memory."""
+    return b"".join(w.to_bytes(8, "little") for w in page_words(pfn, generation, seed, zip=zip))
 
 
 def expected_static_sum(boot: BootInfo) -> int:
     """The ``sum`` a healthy guest reports once a sweep has completed: XOR of
-    the check word of every page outside the working set (generation 0)."""
+    the check word of every page outside the working set (generation 0).
+    The same in zip mode: the header is."""
     acc = 0
     start = boot.first_pfn + boot.wss_pages
     for pfn in range(start, boot.first_pfn + boot.pages):
@@ -335,6 +364,7 @@ class BootInfo:
     tsc_err_ppm: int = 0  # calibration uncertainty, parts per million
     host_time: float = 0.0
     disk_every: int = 0  # disk variant: a sector write every this many reports
+    zip: bool = False  # zip mode: compressible pages (guests before it print no zip=)
 
 
 _KV = re.compile(r"(\w+)=(\S+)")
@@ -371,6 +401,7 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 tsc_err_ppm=int(f.get("tsc_err_ppm", "0")),
                 host_time=host_time,
                 disk_every=int(f.get("disk", "0")),
+                zip=int(f.get("zip", "0")) != 0,
             )
         if rest.startswith("counter="):
             return Report(
@@ -779,6 +810,9 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--report", type=int, default=200)
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--seconds", type=float, default=5.0)
+    r.add_argument(
+        "--zip", action="store_true", help="compressible pages (zip=1: constant page bodies)"
+    )
     args = ap.parse_args(argv)
 
     elf = build(args.out_dir if args.cmd == "build" else None)
@@ -793,7 +827,11 @@ def _main(argv: list[str] | None = None) -> int:
             mem_mib=args.mem,
             accel=args.accel,
             append=cmdline(
-                wss_mib=args.wss, rate_mib_s=args.rate, report_ms=args.report, seed=args.seed
+                wss_mib=args.wss,
+                rate_mib_s=args.rate,
+                report_ms=args.report,
+                seed=args.seed,
+                zip=args.zip,
             ),
             extra=["-no-reboot"],
         )
@@ -818,6 +856,10 @@ def _main(argv: list[str] | None = None) -> int:
                     f"dirty rate {dirty_rate_mib_s(first, last):.0f} MiB/s "
                     f"(guest clock), first report {first.host_time - t0:.2f}s after start"
                 )
+            if last is not None and last.sweeps >= 1:
+                want = expected_static_sum(boot)
+                verdict = "ok" if last.checksum == want else f"WRONG (expected {want:016x})"
+                print(f"bad={last.bad_pages} sum={last.checksum:016x} {verdict}")
     return 0
 
 

@@ -369,15 +369,18 @@ def guest_xml(
     disks: Sequence[tuple[str, str]] = (),
     extra_devices: str = "",
     cmdline_extra: str = "",
+    zip: bool = False,
 ) -> str:
     """Domain XML for the test guest; its serial port is a unix socket Ferry places.
 
     ``disks`` is a list of ``(path, cache)`` raw file disks on virtio.
     ``cmdline_extra`` is appended to the guest's command line (e.g. ``disk=1``
-    for the disk variant of the guest, see tools/guest/guest.S).
+    for the disk variant of the guest, see tools/guest/guest.S).  ``zip``
+    gives the guest compressible pages (``zip=1``, see guest.S "zip mode").
     """
     uuid_el = f"<uuid>{uuid}</uuid>" if uuid else ""
-    tail = f" {cmdline_extra}" if cmdline_extra else ""
+    # zip=1 only when asked: the default command line stays byte-for-byte the old one
+    tail = (" zip=1" if zip else "") + (f" {cmdline_extra}" if cmdline_extra else "")
     backing = "<memoryBacking><allocation mode='immediate'/></memoryBacking>" if prealloc else ""
     disk_xml = "".join(
         f"<disk type='file' device='disk'><driver name='qemu' type='raw' cache='{cache}'/>"
