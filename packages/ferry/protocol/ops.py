@@ -141,6 +141,17 @@ _REGISTRY: dict[str, OpSpec] = {
         migration_id=_MIGRATION_ID,
         transferred=FieldSpec(int, required=True, ge=0),
     ),
+    "migrate_check": _spec(
+        "source: pre-flight verdict for a live migration (measures, changes nothing)",
+        name=_NAME,
+        dest_uri=FieldSpec(str, required=True, min_len=1, max_len=4096),
+        flags=_FLAGS,
+        params=_PARAMS,
+    ),
+    "link_probe": _spec(
+        "source → destination: bytes to count and drop (the pre-flight link probe)",
+        data=FieldSpec(bytes, required=True),
+    ),
     "migrate_recover": _spec(
         "source: ask the destination again and settle an unknown outcome", name=_NAME
     ),
