@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -291,6 +292,87 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+#: ``migrate-check``'s exit status when the goal cannot be met (0: it can).
+EXIT_INFEASIBLE = 3
+MIB = 1 << 20
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with infinite/NaN floats as None: ``--json`` prints valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _mib_s(bps: Any) -> str:
+    return f"{bps / MIB:.1f} MiB/s" if isinstance(bps, int | float) else "unknown"
+
+
+def _secs(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"
+
+
+def format_check(result: dict[str, Any]) -> list[str]:
+    """The lines ``migrate-check`` prints: the figures, the verdict, the plan."""
+    m, v = result.get("measurements", {}), result.get("verdict", {})
+    rate, link = m.get("dirty_rate_bps"), m.get("bandwidth_bps")
+    method = m.get("dirty_rate_method")
+    how = f"{method} over 1 s" if method != "none" else f"guest {m.get('run_state')}"
+    lines = [f"Pre-flight of {result.get('name')} to {result.get('dest')}:",
+             f"  dirty rate  {_mib_s(rate)} ({how})"]  # fmt: skip
+    ram, resident = m.get("ram_bytes") or 0, m.get("resident_bytes")
+    if isinstance(resident, int):
+        lines.append(f"  resident    {resident // MIB} MiB of {ram // MIB} MiB RAM")
+    else:
+        lines.append(f"  resident    unknown (taken as all {ram // MIB} MiB of RAM)")
+    probe, cap = m.get("probe"), m.get("bandwidth_cap_bps")
+    text = _mib_s(link)
+    if isinstance(probe, dict):
+        text += f" (probe: {probe.get('bytes', 0) / MIB:.0f} MiB in {probe.get('seconds', 0):.2f} s"
+        text += f", capped by --bandwidth {_mib_s(cap)})" if cap and cap < probe["bps"] else ")"
+    lines.append(f"  link        {text}")
+    if v.get("converges"):
+        verdict = f"plain pre-copy converges in ~{_secs(v.get('precopy_s'))}"
+    else:
+        verdict = (f"pre-copy cannot converge: the guest dirties {_mib_s(rate)}, "
+                   f"the link moves {_mib_s(link)}")  # fmt: skip
+        if v.get("throttle_needed_pct") is not None:
+            verdict += f"; a throttle of {v['throttle_needed_pct']}% would make it converge"
+            if v.get("precopy_s") is not None:
+                verdict += f" in ~{_secs(v['precopy_s'])}"
+        if v.get("postcopy_s") is not None:
+            verdict += f"; post-copy would take ~{_secs(v['postcopy_s'])}"
+    lines.append(f"  verdict     {verdict}")
+    lines.append(f"  plan        {v.get('plan')}")
+    if v.get("feasible"):
+        lines.append("  goal        feasible")
+    else:
+        lines.append("  goal        NOT feasible with these limits")
+    lines += [f"    - {reason}" for reason in v.get("reasons", [])]
+    lines += [f"  note: {note}" for note in m.get("notes", [])]
+    return lines
+
+
+async def _migrate_check(args: argparse.Namespace, session: Session) -> int:
+    flags, params = _migration_request(args)
+    result = await session.request(
+        "migrate_check",
+        {"name": args.name, "dest_uri": args.dest_uri, "flags": int(flags),
+         "params": params.to_wire()},
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(_finite(result), sort_keys=True, allow_nan=False, default=str))
+    else:
+        print("\n".join(format_check(result)))
+    return 0 if result.get("verdict", {}).get("feasible") else EXIT_INFEASIBLE
+
+
 async def _migrate_recover(args: argparse.Namespace, session: Session) -> int:
     def on_event(event: str, data: dict[str, Any]) -> None:
         if event == "warning" and not args.json:
@@ -350,6 +432,124 @@ async def _journal(args: argparse.Namespace, session: Session) -> int:
 
 
 # -- argument parsing ----------------------------------------------------
+
+
+def _add_migration_options(p: argparse.ArgumentParser) -> None:
+    """The flags and limits of ``migrate``, shared with ``migrate-check``."""
+    p.add_argument("--live", action="store_true", help="keep the VM running during the transfer")
+    p.add_argument(
+        "--p2p", action="store_true", help="peer to peer (always on; accepted for virsh habits)"
+    )
+    p.add_argument(
+        "--persistent", action="store_true", help="persist the definition on the destination"
+    )
+    p.add_argument(
+        "--undefine-source", action="store_true", help="undefine on the source after success"
+    )
+    p.add_argument("--paused", action="store_true", help="leave the VM paused on the destination")
+    p.add_argument(
+        "--offline", action="store_true", help="migrate the definition only (not yet supported)"
+    )
+    p.add_argument(
+        "--auto-converge", action="store_true", help="throttle the guest's CPUs until it converges"
+    )
+    p.add_argument(
+        "--auto-converge-initial", type=int, metavar="PCT", help="initial throttle percentage"
+    )
+    p.add_argument(
+        "--auto-converge-increment", type=int, metavar="PCT", help="throttle increment per pass"
+    )
+    p.add_argument(
+        "--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error"
+    )
+    p.add_argument("--unsafe", action="store_true", help="allow disks with unsafe cache modes")
+    p.add_argument(
+        "--tunnelled",
+        action="store_true",
+        help="carry the stream through the agents (TLS on their port; needs --p2p, the default)",
+    )
+    p.add_argument(
+        "--tunnel-plaintext",
+        action="store_true",
+        help="with --tunnelled: authenticate the data connections with TLS but send the "
+        "stream unencrypted (both hosts' [tls] allow_plaintext_tunnel must be true)",
+    )
+    p.add_argument(
+        "--parallel", action="store_true", help="use several migration connections (qemu multifd)"
+    )
+    p.add_argument(
+        "--parallel-connections", type=int, metavar="N", help="multifd channels (default 2)"
+    )
+    p.add_argument(
+        "--compressed", action="store_true",
+        help="compress the stream (xbzrle by default; zstd with --parallel)",
+    )
+    p.add_argument(
+        "--comp-methods", metavar="LIST",
+        help="comma-separated: xbzrle (main stream, repeated pages as deltas), "
+        "zstd or zlib (multifd channels; need --parallel)",
+    )
+    p.add_argument(
+        "--comp-xbzrle-cache", type=int, metavar="BYTES",
+        help="xbzrle page cache size in bytes (a power of two; qemu's default 64 MiB)",
+    )
+    p.add_argument("--comp-zlib-level", type=int, metavar="0-9", help="zlib compression level")
+    p.add_argument("--comp-zstd-level", type=int, metavar="0-20", help="zstd compression level")
+    p.add_argument(
+        "--postcopy", action="store_true",
+        help="allow switching to post-copy (by 'ferryctl migrate-postcopy', "
+        "--postcopy-after-precopy, --timeout-postcopy or the --deadline controller)",
+    )
+    p.add_argument(
+        "--postcopy-after-precopy", action="store_true",
+        help="switch to post-copy by itself once the first full pass is done",
+    )
+    p.add_argument(
+        "--postcopy-bandwidth", type=int, metavar="MiB/s",
+        help="bandwidth cap once in post-copy (default: unlimited)",
+    )
+    p.add_argument(
+        "--postcopy-resume", action="store_true",
+        help="reconnect a post-copy migration that paused when the link broke",
+    )
+    p.add_argument(
+        "--deadline", type=float, metavar="S",
+        help="let the convergence controller finish within S seconds, choosing the "
+        "downtime (up to --max-downtime), a throttle (up to --max-throttle) and, with "
+        "--postcopy, the switch; refused up front when the pre-flight says it cannot",
+    )
+    p.add_argument(
+        "--max-throttle", type=int, metavar="PCT",
+        help="the most the guest's CPUs may be slowed (controller and --auto-converge)",
+    )
+    p.add_argument(
+        "--change-protection", action="store_true", help="refuse domain changes during migration"
+    )
+    p.add_argument("--dname", metavar="NEW", help="rename the domain on the destination")
+    p.add_argument("--xml", metavar="FILE", help="domain XML for the destination (ABI-checked)")
+    p.add_argument(
+        "--migrate-uri", metavar="URI", help="send the data over this address (tcp:HOST[:PORT])"
+    )
+    p.add_argument("--max-downtime", type=int, metavar="MS", help="tolerated downtime in ms")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="bandwidth cap in MiB/s")
+    p.add_argument(
+        "--timeout", type=float, metavar="S",
+        help="when not done after S seconds: suspend the guest so the copy finishes "
+        "(default, as virsh), switch to post-copy, or abort",
+    )
+    action = p.add_mutually_exclusive_group()
+    action.add_argument(
+        "--timeout-suspend", dest="timeout_action", action="store_const", const="suspend",
+        help="on --timeout, pause the guest and finish the copy (the default)",
+    )
+    action.add_argument(
+        "--timeout-postcopy", dest="timeout_action", action="store_const", const="postcopy",
+        help="on --timeout, switch to post-copy (needs --postcopy)",
+    )
+    action.add_argument(
+        "--timeout-abort", dest="timeout_action", action="store_const", const="abort",
+        help="on --timeout, cancel the migration; the VM keeps running here",
+    )
 
 
 def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
@@ -516,121 +716,23 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     p = verb("migrate", _migrate, "migrate a domain to another host (peer to peer)")
     p.add_argument("name")
     p.add_argument("dest_uri", help="the destination agent, ferry://HOST[:PORT]")
-    p.add_argument("--live", action="store_true", help="keep the VM running during the transfer")
-    p.add_argument(
-        "--p2p", action="store_true", help="peer to peer (always on; accepted for virsh habits)"
-    )
-    p.add_argument(
-        "--persistent", action="store_true", help="persist the definition on the destination"
-    )
-    p.add_argument(
-        "--undefine-source", action="store_true", help="undefine on the source after success"
-    )
-    p.add_argument("--paused", action="store_true", help="leave the VM paused on the destination")
-    p.add_argument(
-        "--offline", action="store_true", help="migrate the definition only (not yet supported)"
-    )
-    p.add_argument(
-        "--auto-converge", action="store_true", help="throttle the guest's CPUs until it converges"
-    )
-    p.add_argument(
-        "--auto-converge-initial", type=int, metavar="PCT", help="initial throttle percentage"
-    )
-    p.add_argument(
-        "--auto-converge-increment", type=int, metavar="PCT", help="throttle increment per pass"
-    )
-    p.add_argument(
-        "--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error"
-    )
-    p.add_argument("--unsafe", action="store_true", help="allow disks with unsafe cache modes")
-    p.add_argument(
-        "--tunnelled",
-        action="store_true",
-        help="carry the stream through the agents (TLS on their port; needs --p2p, the default)",
-    )
-    p.add_argument(
-        "--tunnel-plaintext",
-        action="store_true",
-        help="with --tunnelled: authenticate the data connections with TLS but send the "
-        "stream unencrypted (both hosts' [tls] allow_plaintext_tunnel must be true)",
-    )
-    p.add_argument(
-        "--parallel", action="store_true", help="use several migration connections (qemu multifd)"
-    )
-    p.add_argument(
-        "--parallel-connections", type=int, metavar="N", help="multifd channels (default 2)"
-    )
-    p.add_argument(
-        "--compressed", action="store_true",
-        help="compress the stream (xbzrle by default; zstd with --parallel)",
-    )
-    p.add_argument(
-        "--comp-methods", metavar="LIST",
-        help="comma-separated: xbzrle (main stream, repeated pages as deltas), "
-        "zstd or zlib (multifd channels; need --parallel)",
-    )
-    p.add_argument(
-        "--comp-xbzrle-cache", type=int, metavar="BYTES",
-        help="xbzrle page cache size in bytes (a power of two; qemu's default 64 MiB)",
-    )
-    p.add_argument("--comp-zlib-level", type=int, metavar="0-9", help="zlib compression level")
-    p.add_argument("--comp-zstd-level", type=int, metavar="0-20", help="zstd compression level")
-    p.add_argument(
-        "--postcopy", action="store_true",
-        help="allow switching to post-copy (by 'ferryctl migrate-postcopy', "
-        "--postcopy-after-precopy, --timeout-postcopy or the --deadline controller)",
-    )
-    p.add_argument(
-        "--postcopy-after-precopy", action="store_true",
-        help="switch to post-copy by itself once the first full pass is done",
-    )
-    p.add_argument(
-        "--postcopy-bandwidth", type=int, metavar="MiB/s",
-        help="bandwidth cap once in post-copy (default: unlimited)",
-    )
-    p.add_argument(
-        "--postcopy-resume", action="store_true",
-        help="reconnect a post-copy migration that paused when the link broke",
-    )
-    p.add_argument(
-        "--deadline", type=float, metavar="S",
-        help="let the convergence controller finish within S seconds, choosing the "
-        "downtime (up to --max-downtime), a throttle (up to --max-throttle) and, with "
-        "--postcopy, the switch; refused up front when the pre-flight says it cannot",
-    )
-    p.add_argument(
-        "--max-throttle", type=int, metavar="PCT",
-        help="the most the guest's CPUs may be slowed (controller and --auto-converge)",
-    )
-    p.add_argument(
-        "--change-protection", action="store_true", help="refuse domain changes during migration"
-    )
-    p.add_argument("--dname", metavar="NEW", help="rename the domain on the destination")
-    p.add_argument("--xml", metavar="FILE", help="domain XML for the destination (ABI-checked)")
-    p.add_argument(
-        "--migrate-uri", metavar="URI", help="send the data over this address (tcp:HOST[:PORT])"
-    )
-    p.add_argument("--max-downtime", type=int, metavar="MS", help="tolerated downtime in ms")
-    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="bandwidth cap in MiB/s")
-    p.add_argument(
-        "--timeout", type=float, metavar="S",
-        help="when not done after S seconds: suspend the guest so the copy finishes "
-        "(default, as virsh), switch to post-copy, or abort",
-    )
-    action = p.add_mutually_exclusive_group()
-    action.add_argument(
-        "--timeout-suspend", dest="timeout_action", action="store_const", const="suspend",
-        help="on --timeout, pause the guest and finish the copy (the default)",
-    )
-    action.add_argument(
-        "--timeout-postcopy", dest="timeout_action", action="store_const", const="postcopy",
-        help="on --timeout, switch to post-copy (needs --postcopy)",
-    )
-    action.add_argument(
-        "--timeout-abort", dest="timeout_action", action="store_const", const="abort",
-        help="on --timeout, cancel the migration; the VM keeps running here",
-    )
+    _add_migration_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="print every progress event")
+
+    p = verb(
+        "migrate-check",
+        _migrate_check,
+        "pre-flight: measure the guest's dirty rate and the link to the destination and "
+        "say whether (and how) a live migration with these limits converges; changes nothing",
+    )
+    p.epilog = (
+        "Exit status: 0 when the goal is feasible, 3 when it is not, 1 on an error. "
+        "Takes the options of 'migrate' (always a live migration)."
+    )
+    p.add_argument("name")
+    p.add_argument("dest_uri", help="the destination agent, ferry://HOST[:PORT]")
+    _add_migration_options(p)
+    p.set_defaults(live=True)
 
     p = verb("journal", _journal, "show a domain's or a migration's story from the journal")
     p.add_argument("name", nargs="?")
