@@ -258,3 +258,63 @@ def test_params_constructor_validates() -> None:
 def test_params_from_wire_refuses_non_map() -> None:
     with pytest.raises(MessageInvalid):
         MigrationParams.from_wire([("dest_name", "x")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("flags", "params", "needle"),
+    [
+        (F.LIVE | F.POSTCOPY | F.PARALLEL, NO_PARAMS, "cannot switch a multifd migration"),
+        (F.LIVE, MigrationParams(postcopy_after_precopy=True), "requires --postcopy"),
+        (F.LIVE, MigrationParams(postcopy_bandwidth_mib=8), "requires --postcopy"),
+        (F.LIVE, MigrationParams(timeout_action="suspend"), "requires --timeout"),
+        (F.LIVE, MigrationParams(timeout_s=5, timeout_action="postcopy"),
+         "--timeout-postcopy requires --postcopy"),
+        (F.LIVE | F.POSTCOPY_RESUME, NO_PARAMS, "--postcopy-resume (POSTCOPY_RESUME) requires"),
+        (F.LIVE, MigrationParams(max_throttle_pct=50), "needs --deadline"),
+        (F.LIVE | F.COMPRESSED, MigrationParams(compression_methods=["zstd"]),
+         "requires --parallel"),
+        (F.LIVE | F.COMPRESSED | F.PARALLEL, MigrationParams(compression_methods=["xbzrle"]),
+         "main stream"),
+        (F.LIVE | F.COMPRESSED | F.PARALLEL,
+         MigrationParams(compression_methods=["zstd", "zlib"]), "cannot be used together"),
+        (F.LIVE, MigrationParams(compression_methods=["xbzrle"]), "requires --compressed"),
+        (F.LIVE | F.COMPRESSED, MigrationParams(compression_xbzrle_cache=3 << 20),
+         "power of two"),
+        (F.LIVE | F.COMPRESSED, MigrationParams(compression_zstd_level=3),
+         "requires the zstd method"),
+    ],
+)  # fmt: skip
+def test_issue12_combinations_refused(
+    flags: MigrationFlags, params: MigrationParams, needle: str
+) -> None:
+    with pytest.raises(FlagError) as info:
+        validate(flags, params)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "params"),
+    [
+        (F.LIVE | F.POSTCOPY, MigrationParams(postcopy_after_precopy=True,
+                                              postcopy_bandwidth_mib=16)),
+        (F.LIVE | F.POSTCOPY, MigrationParams(timeout_s=5, timeout_action="postcopy")),
+        (F.LIVE | F.POSTCOPY | F.POSTCOPY_RESUME, NO_PARAMS),
+        (F.LIVE | F.COMPRESSED | F.PARALLEL, MigrationParams(compression_methods=["zlib"],
+                                                             compression_zlib_level=6)),
+        (F.LIVE | F.COMPRESSED, MigrationParams(compression_xbzrle_cache=1 << 27)),
+        (F.LIVE | F.POSTCOPY, MigrationParams(deadline_s=10, max_downtime_ms=500,
+                                              max_throttle_pct=50)),
+    ],
+)  # fmt: skip
+def test_issue12_combinations_accepted(flags: MigrationFlags, params: MigrationParams) -> None:
+    assert validate(flags, params) == flags
+
+
+def test_comp_methods_checked_on_the_wire() -> None:
+    with pytest.raises(FlagError, match="compression_methods"):
+        MigrationParams.from_wire({"compression_methods": ["lz4"]})
+    with pytest.raises(MessageInvalid):
+        MigrationParams.from_wire({"compression_methods": [1]})
+    assert MigrationParams.from_wire({"compression_methods": ["zstd"]}).compression_methods == [
+        "zstd"
+    ]
