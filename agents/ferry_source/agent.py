@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,7 @@ from ferry.statefile import atomic_write
 from ferry.storage_policy import check_domain
 from ferry_source.context import SourceContext
 from ferry_source.migration import MigrationDriver
+from ferry_source.preflight import migrate_check
 from ferry_source.recovery import OutgoingRecovery
 
 __all__ = ["SourceAgent"]
@@ -94,6 +96,7 @@ class SourceAgent:
             "job_info": self.op_job_info,
             "journal_query": self.op_journal_query,
             "agent_state": self.op_agent_state,
+            "migrate_check": functools.partial(migrate_check, self.ctx),
         }
         table.update(self.migration.handlers())
         return table

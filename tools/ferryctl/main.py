@@ -360,6 +360,9 @@ def format_check(result: dict[str, Any]) -> list[str]:
 
 
 async def _migrate_check(args: argparse.Namespace, session: Session) -> int:
+    if args.offline:
+        # Said here: the flag check would only say that --offline and --live conflict.
+        raise FlagError("--offline moves no memory: there is nothing to pre-flight")
     flags, params = _migration_request(args)
     result = await session.request(
         "migrate_check",
