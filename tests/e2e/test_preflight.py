@@ -71,7 +71,9 @@ def test_quiet_guest_converges(cluster: Cluster, guest_kernel: Path, virt_type: 
         assert 0 <= m["dirty_rate_bps"] < 16 * MIB
         assert 0 < m["resident_bytes"] <= 128 * MIB
         assert m["bandwidth_bps"] > 32 * MIB and m["probe"]["bytes"] > 0
-        assert m["run_state"] == "running" and m["dirty_rate_method"] == "dirty-bitmap"
+        # dirty-bitmap only under KVM: qemu 7.2 under TCG crashes on it.
+        method = "dirty-bitmap" if virt_type == "kvm" else "page-sampling"
+        assert m["run_state"] == "running" and m["dirty_rate_method"] == method
         assert out["goal"] == {"deadline_s": None, "max_downtime_ms": 300,
                                "max_throttle_pct": 0, "postcopy_allowed": False}  # fmt: skip
         text = check(c.a, c.b, "g1")
