@@ -78,6 +78,7 @@ def test_quiet_guest_converges(cluster: Cluster, guest_kernel: Path, virt_type: 
                                "max_throttle_pct": 0, "postcopy_allowed": False}  # fmt: skip
         text = check(c.a, c.b, "g1")
         assert text.returncode == 0, text.stderr
+        print(text.stdout)
         assert "plain pre-copy converges in ~" in text.stdout, text.stdout
         assert "goal        feasible" in text.stdout
         assert_untouched(c, serial)
@@ -109,6 +110,7 @@ def test_flat_out_guest_cannot_converge_on_a_thin_link(
         assert "dirt" in reasons and ("link" in reasons or "bandwidth" in reasons), v["reasons"]
         text = check(c.a, c.b, "g1", *limits)
         assert text.returncode == 3, text.stdout + text.stderr
+        print(text.stdout)
         assert "pre-copy cannot converge: the guest dirties" in text.stdout, text.stdout
         assert "the link moves 32.0 MiB/s" in text.stdout
         assert "NOT feasible" in text.stdout

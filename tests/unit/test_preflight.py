@@ -244,12 +244,18 @@ def test_text_when_it_converges() -> None:
 
 
 def test_text_when_it_cannot() -> None:
-    text = "\n".join(format_check(_result(throttle_needed_pct=60, precopy_s=14.0,
-                                          postcopy_s=8.0)))  # fmt: skip
+    text = "\n".join(format_check(_result(throttle_needed_pct=60, postcopy_s=8.0)))
     assert "pre-copy cannot converge: the guest dirties 64.0 MiB/s, the link moves 32.0" in text
-    assert "a throttle of 60% would make it converge in ~14 s" in text
-    assert "post-copy would take ~8.0 s" in text
+    assert "a throttle of 60% would make it converge" in text
+    assert "post-copy would take: ~8.0 s" in text
     assert "NOT feasible" in text and "the guest dirties faster than the link" in text
+
+
+def test_text_when_it_needs_postcopy() -> None:
+    text = "\n".join(format_check(_result(postcopy_s=12.5, plan="post-copy", feasible=True,
+                                          downtime_ms=300)))  # fmt: skip
+    assert "no throttle up to 99% makes it converge in time; needs post-copy: ~12 s" in text
+    assert "plan        post-copy (downtime limit 300 ms)" in text
 
 
 def test_json_has_no_infinity() -> None:

@@ -337,19 +337,26 @@ def format_check(result: dict[str, Any]) -> list[str]:
         text += f" (probe: {probe.get('bytes', 0) / MIB:.0f} MiB in {probe.get('seconds', 0):.2f} s"
         text += f", capped by --bandwidth {_mib_s(cap)})" if cap and cap < probe["bps"] else ")"
     lines.append(f"  link        {text}")
+    throttle = v.get("throttle_needed_pct")
     if v.get("converges"):
         verdict = f"plain pre-copy converges in ~{_secs(v.get('precopy_s'))}"
+        if throttle:
+            verdict += f"; a throttle of {throttle}% makes it meet the deadline"
     else:
         verdict = (f"pre-copy cannot converge: the guest dirties {_mib_s(rate)}, "
                    f"the link moves {_mib_s(link)}")  # fmt: skip
-        if v.get("throttle_needed_pct") is not None:
-            verdict += f"; a throttle of {v['throttle_needed_pct']}% would make it converge"
-            if v.get("precopy_s") is not None:
-                verdict += f" in ~{_secs(v['precopy_s'])}"
-        if v.get("postcopy_s") is not None:
-            verdict += f"; post-copy would take ~{_secs(v['postcopy_s'])}"
+        if throttle:
+            verdict += f"; a throttle of {throttle}% would make it converge"
+        elif throttle is None:
+            verdict += "; no throttle up to 99% makes it converge in time"
+    if v.get("postcopy_s") is not None:
+        need = "needs post-copy" if v.get("plan") == "post-copy" else "post-copy would take"
+        verdict += f"; {need}: ~{_secs(v['postcopy_s'])}"
     lines.append(f"  verdict     {verdict}")
-    lines.append(f"  plan        {v.get('plan')}")
+    plan = str(v.get("plan"))
+    if isinstance(v.get("downtime_ms"), int) and v.get("feasible"):
+        plan += f" (downtime limit {v['downtime_ms']} ms)"
+    lines.append(f"  plan        {plan}")
     if v.get("feasible"):
         lines.append("  goal        feasible")
     else:
