@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -189,7 +190,8 @@ def record(args: argparse.Namespace) -> None:
             "poll_ms": args.poll_ms, "qemu": src.cmd("query-version")["qemu"],
         }
         if controller is not None:
-            header["setup"] = vars(setup) if hasattr(setup, "__dict__") else str(setup)
+            header["setup"] = dataclasses.asdict(setup)
+            header["verdict"] = pre.to_json()
         lines: list[dict[str, Any]] = [header]
         end = "running"
         switched = False
