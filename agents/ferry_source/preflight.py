@@ -37,9 +37,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.acl import check_access
+from ferry.converge import Goal, Measurements, verdict
 from ferry.errors import DomainState, MigrationRefused, QMPError, UnknownOp
 from ferry.flags import MigrationFlags, MigrationParams, validate
 from ferry.qemu import QMP
@@ -47,9 +48,6 @@ from ferry.rpc import RequestContext
 from ferry_source.checks import parse_dest_uri
 from ferry_source.context import SourceContext
 from ferry_source.peer import close_session, connect_peer, request
-
-if TYPE_CHECKING:
-    from ferry.converge import Goal, Measurements
 
 __all__ = [
     "DEFAULT_MAX_DOWNTIME_MS",
@@ -131,8 +129,6 @@ def goal_from(flags: MigrationFlags, params: MigrationParams) -> Goal:
     The downtime defaults to 300 ms (libvirt's default); the throttle to
     none, or qemu's 99 % ceiling with ``--auto-converge``.
     """
-    from ferry.converge import Goal  # TEMP: lazy until ferry.converge lands
-
     if params.max_throttle_pct is not None:
         throttle = params.max_throttle_pct
     elif flags & MigrationFlags.AUTO_CONVERGE:
@@ -240,14 +236,20 @@ async def _calc(qmp: QMP, mode: str, *, calc_time: int) -> float:
 async def dirty_rate(qmp: QMP, name: str, *, calc_time: int = CALC_TIME_S) -> tuple[float, str]:
     """Measure the guest's dirty rate for ``calc_time`` s: (bytes/s, method).
 
-    ``dirty-bitmap`` only under KVM (see the module docstring: TCG crashes).
+    ``dirty-bitmap`` only under KVM (see the module docstring: TCG crashes)
+    and while no migration runs (it would touch the migration's dirty log).
 
     Raises:
         QMPError: qemu could measure it in neither mode.
     """
     async with _measuring.setdefault(name, asyncio.Lock()):
         kvm = await qmp.execute("query-kvm", timeout=10)
-        if isinstance(kvm, Mapping) and kvm.get("enabled") is True:
+        migration = await qmp.execute("query-migrate", timeout=10)
+        status = migration.get("status") if isinstance(migration, Mapping) else None
+        # dirty-bitmap starts and clears KVM's dirty log, which a running
+        # migration relies on; page-sampling only reads pages.
+        idle = status in (None, "none", "completed", "failed", "cancelled")
+        if idle and isinstance(kvm, Mapping) and kvm.get("enabled") is True:
             try:
                 return await _calc(qmp, "dirty-bitmap", calc_time=calc_time), "dirty-bitmap"
             except QMPError as exc:
@@ -369,8 +371,6 @@ async def survey(
             if cap is not None and cap < link.bps:
                 notes.append(f"the link moved {link.bps / MIB:.0f} MiB/s; --bandwidth caps "
                              f"it at {cap / MIB:.0f} MiB/s")  # fmt: skip
-    from ferry.converge import Measurements  # TEMP: lazy until ferry.converge lands
-
     measurements = Measurements(ram_bytes=ram, resident_bytes=resident,
                                 dirty_rate_bps=rate, bandwidth_bps=bandwidth)  # fmt: skip
     return Survey(measurements=measurements, run_state=status.status, dirty_method=method,
@@ -388,9 +388,9 @@ async def measure(
 ) -> Measurements:
     """The guest's dirty rate, resident memory and the link to ``host:port``.
 
-    For the migration path: call it before qemu's migration starts (the
-    dirty-rate calculation's own dirty logging is not meant to overlap a
-    migration's).  Takes ~1.5 s: 1 s of dirty-rate sampling, 0.5 s of probe.
+    For the migration path: call it before qemu's migration starts (once
+    one runs, the dirty rate falls back to page-sampling, which is coarser).
+    Takes ~1.5 s: 1 s of dirty-rate measuring, up to 0.5 s of probe.
     See :func:`survey` for the arguments and errors.
     """
     found = await survey(ctx, name, host, port, bandwidth_cap_mib=bandwidth_cap_mib,
@@ -427,8 +427,6 @@ async def migrate_check(
     goal = goal_from(flags, params)
     found = await survey(ctx, live.domain.name, host, port,
                          bandwidth_cap_mib=params.bandwidth_mib)  # fmt: skip
-    from ferry.converge import verdict  # TEMP: lazy until ferry.converge lands
-
     judged = verdict(found.measurements, goal)
     result: dict[str, Any] = json_safe({
         "name": live.domain.name,

@@ -55,8 +55,10 @@ def test_dirty_rate_malformed(reply: Any) -> None:
 class FakeQMP:
     """Answers calc-dirty-rate/query-dirty-rate from a script."""
 
-    def __init__(self, refuse: set[str], polls: int, kvm: bool = True) -> None:
-        self.refuse, self.polls, self.kvm = refuse, polls, kvm
+    def __init__(
+        self, refuse: set[str], polls: int, kvm: bool = True, migration: str = "none"
+    ) -> None:
+        self.refuse, self.polls, self.kvm, self.migration = refuse, polls, kvm, migration
         self.calls: list[tuple[str, Any]] = []
         self.mode = ""
 
@@ -64,6 +66,8 @@ class FakeQMP:
         self.calls.append((cmd, args))
         if cmd == "query-kvm":
             return {"enabled": self.kvm, "present": True}
+        if cmd == "query-migrate":
+            return {"status": self.migration} if self.migration != "none" else {}
         if cmd == "calc-dirty-rate":
             if args["mode"] in self.refuse:
                 raise QMPError("QMP command 'calc-dirty-rate' failed: mode not enabled",
@@ -82,7 +86,7 @@ async def test_dirty_bitmap_first_then_sampling(monkeypatch: pytest.MonkeyPatch)
     qmp = FakeQMP(refuse=set(), polls=3)
     rate, method = await preflight.dirty_rate(qmp, "g1", calc_time=0)  # type: ignore[arg-type]
     assert (rate, method) == (12 * MIB, "dirty-bitmap")
-    assert [c[0] for c in qmp.calls] == ["query-kvm", "calc-dirty-rate"] + [
+    assert [c[0] for c in qmp.calls] == ["query-kvm", "query-migrate", "calc-dirty-rate"] + [
         "query-dirty-rate"
     ] * 3
     # Where KVM's dirty ring is on qemu refuses dirty-bitmap: sampling instead.
@@ -102,6 +106,18 @@ async def test_no_dirty_bitmap_without_kvm(monkeypatch: pytest.MonkeyPatch) -> N
     rate, method = await preflight.dirty_rate(qmp, "g1", calc_time=0)  # type: ignore[arg-type]
     assert method == "page-sampling" and rate == 10 * MIB
     assert all(args is None or args.get("mode") != "dirty-bitmap" for _, args in qmp.calls)
+
+
+async def test_no_dirty_bitmap_during_a_migration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dirty-bitmap clears KVM's dirty log, which a running migration needs."""
+    monkeypatch.setattr(preflight, "POLL_S", 0.0)
+    for status in ("setup", "active", "postcopy-active", "device"):
+        qmp = FakeQMP(refuse=set(), polls=1, migration=status)
+        _, method = await preflight.dirty_rate(qmp, "g1", calc_time=0)  # type: ignore[arg-type]
+        assert method == "page-sampling", status
+    qmp = FakeQMP(refuse=set(), polls=1, migration="completed")
+    _, method = await preflight.dirty_rate(qmp, "g1", calc_time=0)  # type: ignore[arg-type]
+    assert method == "dirty-bitmap"
 
 
 # -- resident memory -------------------------------------------------------------
