@@ -62,6 +62,9 @@ preallocates guest RAM inside the measured time.  Figures per trial:
   sockets at once, host clock) from the start of the migration until 2 s
   after its end.  A report period is included: an undisturbed guest shows
   ``--report-ms``.  Throttling and post-copy page faults show here too;
+- ``guest speed``: the guest's rewrite rate during the migration (start to
+  end, host clock) in % of its rate in the 2 s before: throttling and
+  post-copy page faults slow a guest without necessarily leaving a gap;
 - ``throttle``: the highest CPU throttle qemu applied (baselines: polled
   ``cpu-throttle-percentage``; Ferry: progress events and the result);
 - ``MiB sent``: qemu's ``ram.transferred`` (compressed bytes with xbzrle);
@@ -196,6 +199,7 @@ class Trial:
     qemu_total_ms: float | None = None
     qemu_downtime_ms: float | None = None
     guest_gap_ms: float | None = None
+    guest_speed_pct: float | None = None  # rewrite rate during / before the migration
     peak_throttle_pct: int | None = None
     sent_mib: float | None = None
     bad_pages: int | None = None
@@ -284,6 +288,31 @@ def guest_gap_ms(readers: Sequence[testguest.SerialReader], start: float, end: f
     # The edges count too: a guest silent from the start (or until the end)
     # of the window was not running then.
     return max(b - a for a, b in itertools.pairwise([start, *times, end])) * 1000
+
+
+def guest_speed_pct(
+    readers: Sequence[testguest.SerialReader], start: float, end: float
+) -> float | None:
+    """The guest's rewrite rate from ``start`` to ``end`` in % of its rate in
+    the 2 s before ``start`` (host clock): what throttling, post-copy page
+    faults and the downtime left of it.  None without enough reports."""
+    seen: dict[int, testguest.Report] = {}
+    for reader in readers:
+        for r in reader.reports():
+            seen.setdefault(r.counter, r)
+    reps = [seen[c] for c in sorted(seen)]
+
+    def rate(lo: float, hi: float) -> float | None:
+        inside = [r for r in reps if lo <= r.host_time <= hi]
+        if len(inside) < 2 or inside[-1].host_time <= inside[0].host_time:
+            return None
+        first, last = inside[0], inside[-1]
+        return (last.generation - first.generation) / (last.host_time - first.host_time)
+
+    before, during = rate(start - 2.0, start), rate(start, end)
+    if not before or during is None:
+        return None
+    return during / before * 100
 
 
 # -- the baselines: bare qemus over QMP ---------------------------------------
@@ -401,6 +430,7 @@ class QemuDriver:
                 trial.guest_gap_ms = await asyncio.to_thread(
                     guest_gap_ms, readers, t_migrate, t_end + AFTER_END_S
                 )
+                trial.guest_speed_pct = guest_speed_pct(readers, t_migrate, t_end)
                 last = sread.latest()
                 trial.bad_pages, trial.sum_ok = await asyncio.to_thread(
                     check_guest, sread, boot, last.sweeps if last else 0, args.check_timeout
@@ -432,6 +462,7 @@ class QemuDriver:
             trial.guest_gap_ms = await asyncio.to_thread(
                 guest_gap_ms, readers, t_migrate, t_end + AFTER_END_S
             )
+            trial.guest_speed_pct = guest_speed_pct(readers, t_migrate, t_end)
         finally:
             for reader in readers:
                 reader.close()
@@ -528,6 +559,7 @@ class FerryDriver:
                 # wherever it runs now.
                 trial.total_ms = (t_end - t0) * 1000
                 trial.guest_gap_ms = guest_gap_ms(readers, t0, t_end + AFTER_END_S)
+                trial.guest_speed_pct = guest_speed_pct(readers, t0, t_end)
                 where = dread if b.qemu_pids() and not a.qemu_pids() else sread
                 last = where.latest()
                 trial.bad_pages, trial.sum_ok = check_guest(
@@ -543,6 +575,7 @@ class FerryDriver:
                 dread, boot, last.sweeps if last else 0, args.check_timeout
             )
             trial.guest_gap_ms = guest_gap_ms(readers, t0, t_end + AFTER_END_S)
+            trial.guest_speed_pct = guest_speed_pct(readers, t0, t_end)
         finally:
             for reader in readers:
                 reader.close()
@@ -651,6 +684,7 @@ FIGURES = (
     ("total_ms", "total s", 1000.0, "{:.1f}"),
     ("qemu_downtime_ms", "qemu down ms", 1.0, "{:.0f}"),
     ("guest_gap_ms", "guest gap ms", 1.0, "{:.0f}"),
+    ("guest_speed_pct", "guest speed %", 1.0, "{:.0f}"),
     ("peak_throttle_pct", "throttle %", 1.0, "{:.0f}"),
     ("sent_mib", "MiB sent", 1.0, "{:.0f}"),
     ("eta_error_s", "ETA err s", 1.0, "{:+.1f}"),
@@ -782,6 +816,7 @@ def print_table(report: dict[str, Any]) -> None:
             f"total {show(t['total_ms'] and t['total_ms'] / 1000, '.1f')} s, "
             f"qemu down {show(t['qemu_downtime_ms'], '.0f')} ms, "
             f"gap {show(t['guest_gap_ms'], '.0f')} ms, "
+            f"speed {show(t['guest_speed_pct'], '.0f')} %, "
             f"throttle {show(t['peak_throttle_pct'], 'd')} %, "
             f"sent {show(t['sent_mib'], '.0f')} MiB, bad {show(t['bad_pages'], 'd')}"
             f"{'' if t['sum_ok'] is not False else ' SUM WRONG'}{extra}"
