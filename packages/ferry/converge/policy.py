@@ -168,7 +168,9 @@ class Controller:
         self._last_pass_size: float | None = None
         self._setup = self._make_setup()
         self._downtime_ms = self._setup.downtime_ms
-        self._throttle_pct = self._setup.max_cpu_throttle if self._setup_throttles() else 0
+        # A ceiling of 1% is "armed, off" (qemu's lowest), anything above is a throttle.
+        ceiling = self._setup.max_cpu_throttle
+        self._throttle_pct = ceiling if self._setup.auto_converge and ceiling > 1 else 0
         self._armed = self._setup.auto_converge
         self._last: Tick | None = None
         self._points: deque[tuple[float, int]] = deque()
@@ -183,10 +185,6 @@ class Controller:
         self._done = False
 
     # ------------------------------------------------------------------ setup
-
-    def _setup_throttles(self) -> bool:
-        pre = self._preflight
-        return bool(pre is not None and pre.plan == "pre-copy + throttle" and self._max_pct)
 
     def _make_setup(self) -> Setup:
         goal, pre = self._goal, self._preflight
@@ -215,10 +213,27 @@ class Controller:
         if postcopy:
             return Setup(self._max_ms, armed, 1, 1, THROTTLE_INCREMENT, postcopy,
                          f"pre-flight: {pre.reasons[-1]}; post-copy as soon as it is the fastest")
-        pct = max(self._max_pct, 1)
+        # Throttle from the start only if the model says it changes the
+        # outcome: when the first pass alone is too long it does not.
+        pct = max(self._max_pct, 1) if armed and self._throttle_helps(pre) else 1
         return Setup(self._max_ms, armed, pct, pct, THROTTLE_INCREMENT, postcopy,
                      f"pre-flight: {pre.reasons[-1]}; best effort: downtime limit "
-                     f"{self._max_ms} ms" + (f", throttle up to {pct}%" if armed else ""))
+                     f"{self._max_ms} ms" + (f", throttle up to {pct}%" if pct > 1 else ""))
+
+    def _throttle_helps(self, pre: Verdict) -> bool:
+        if pre.bandwidth_bps <= 0:
+            return False
+        model = Model(pre.bandwidth_bps, pre.dirty_rate_bps, float(max(pre.resident_bytes, 1)))
+
+        def eta(pct: int) -> float | None:
+            return precopy_eta(model, remaining=float(pre.resident_bytes), pass_age_s=0.0,
+                               downtime_s=self._max_ms / 1000.0, throttle_pct=pct,
+                               throttled_from=2)
+
+        plain = eta(0)
+        # Not converging at all: the throttle is the only lever with a chance
+        # (the guest may dirty less under it than the model assumes).
+        return plain is None or _better(eta(self._max_pct), plain)
 
     def setup(self) -> Setup:
         """What to set before ``migrate`` (capabilities cannot change later)."""
@@ -462,8 +477,9 @@ class Controller:
         if self._armed and self._throttle_pct < self._max_pct:
             gain = self._precopy_eta(t, bandwidth, self._max_ms, self._max_pct)
             plain = self._precopy_eta(t, bandwidth, self._max_ms, self._throttle_pct)
-            # Throttling the guest is only worth it if it changes the outcome.
-            if gain is not None and (plain is None or gain < 0.95 * plain):
+            # Throttling the guest is only worth it if it changes the outcome,
+            # or if nothing else gives pre-copy a chance to converge at all.
+            if plain is None or _better(gain, plain):
                 actions.append(SetThrottle(self._max_pct, self._max_pct, self._say(
                     f"best effort: throttle up to {self._max_pct}%, pre-copy then ends at "
                     f"{_when(finish(gain))}")))
@@ -485,6 +501,13 @@ class Controller:
     def _say(self, text: str) -> str:
         last = self._last
         return text if last is None else f"at {last.elapsed_s:.1f} s: {text}"
+
+
+def _better(throttled: float | None, plain: float | None) -> bool:
+    """True when a throttled pre-copy finishes clearly sooner (or at all)."""
+    if throttled is None:
+        return False
+    return plain is None or throttled < plain - max(1.0, 0.1 * plain)
 
 
 def _when(seconds: float | None) -> str:
