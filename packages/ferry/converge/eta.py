@@ -34,9 +34,14 @@ __all__ = [
     "OVERHEAD_S",
     "SHRINK",
     "Model",
+    "better",
+    "count",
     "dirtied_bytes",
+    "finite_or_none",
     "postcopy_eta",
     "precopy_eta",
+    "real",
+    "when",
 ]
 
 # setup + device state + the completion handshake; the recordings show
@@ -130,3 +135,40 @@ def postcopy_eta(
     if first_pass:
         again = min(again, max(sent_in_pass, 0.0))
     return (max(remaining, 0.0) + again) / b + OVERHEAD_S
+
+
+# ---- helpers shared by the verdict and the controller
+
+
+def real(value: object) -> float:
+    """A finite float >= 0 from anything; odd input becomes 0."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return number if math.isfinite(number) and number > 0 else 0.0
+
+
+def count(value: object) -> int:
+    """An int >= 0 from anything; odd input becomes 0."""
+    number = real(value)
+    return int(min(number, float(1 << 62)))
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` if finite (at least 0), else None: JSON has no Infinity."""
+    if value is None or not math.isfinite(value):
+        return None
+    return max(value, 0.0)
+
+
+def better(throttled: float | None, plain: float | None) -> bool:
+    """True when a throttled pre-copy finishes clearly sooner (or at all)."""
+    if throttled is None:
+        return False
+    return plain is None or throttled < plain - max(1.0, 0.1 * plain)
+
+
+def when(seconds: float | None) -> str:
+    """A predicted moment for a sentence: "8.3 s" or "never"."""
+    return "never" if seconds is None else f"{seconds:.1f} s"

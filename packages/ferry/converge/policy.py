@@ -33,7 +33,18 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from ferry.converge.eta import OVERHEAD_S, Model, dirtied_bytes, postcopy_eta, precopy_eta
+from ferry.converge.eta import (
+    OVERHEAD_S,
+    Model,
+    better,
+    count,
+    dirtied_bytes,
+    finite_or_none,
+    postcopy_eta,
+    precopy_eta,
+    real,
+    when,
+)
 from ferry.converge.verdict import Goal, Verdict, downtime_ladder, mib, within
 
 __all__ = [
@@ -118,27 +129,6 @@ class Note:
 Action = SetDowntime | SetThrottle | StartPostcopy | Note
 
 
-def _real(value: object) -> float:
-    """A finite float >= 0 from anything; odd input becomes 0."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        return 0.0
-    return number if math.isfinite(number) and number > 0 else 0.0
-
-
-def _count(value: object) -> int:
-    """An int >= 0 from anything; odd input becomes 0."""
-    number = _real(value)
-    return int(min(number, float(1 << 62)))
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return max(value, 0.0)
-
-
 class Controller:
     """Closed-loop convergence policy for one migration (create one per migration)."""
 
@@ -151,15 +141,15 @@ class Controller:
         preflight: Verdict | None = None,
     ) -> None:
         self._goal = goal
-        self._ram = _count(ram_bytes)
-        cap = _real(bandwidth_cap_bps) if bandwidth_cap_bps is not None else 0.0
+        self._ram = count(ram_bytes)
+        cap = real(bandwidth_cap_bps) if bandwidth_cap_bps is not None else 0.0
         self._cap = cap or None
         self._preflight = preflight
         self._max_ms = max(int(goal.max_downtime_ms), 1)
         self._max_pct = min(max(int(goal.max_throttle_pct), 0), 99)
         self._ladder = downtime_ladder(self._max_ms)
         # The 1 s dirty rate; only ever raised (see the module docstring).
-        self._dirty = _real(preflight.dirty_rate_bps) if preflight is not None else 0.0
+        self._dirty = real(preflight.dirty_rate_bps) if preflight is not None else 0.0
         resident = preflight.resident_bytes if preflight is not None else 0
         self._resident_frac = (
             min(max(resident / self._ram, 0.0), 1.0) if resident and self._ram else 1.0
@@ -233,7 +223,7 @@ class Controller:
         plain = eta(0)
         # Not converging at all: the throttle is the only lever with a chance
         # (the guest may dirty less under it than the model assumes).
-        return plain is None or _better(eta(self._max_pct), plain)
+        return plain is None or better(eta(self._max_pct), plain)
 
     def setup(self) -> Setup:
         """What to set before ``migrate`` (capabilities cannot change later)."""
@@ -258,7 +248,7 @@ class Controller:
 
     def eta_s(self) -> float | None:
         """Predicted seconds from the last sample until completion (None = unknown/never)."""
-        return _finite_or_none(self._eta)
+        return finite_or_none(self._eta)
 
     def _bandwidth(self, tick: Tick) -> float | None:
         if tick.bandwidth_bps > 0:
@@ -290,9 +280,9 @@ class Controller:
         if not math.isfinite(elapsed) or (self._last is not None
                                           and not elapsed > self._last.elapsed_s):
             return []
-        t = Tick(elapsed, str(tick.status), _count(tick.transferred), _count(tick.remaining),
-                 _count(tick.total), _real(tick.dirty_rate_bps), _count(tick.passes),
-                 int(min(_count(tick.throttle_pct), 99)), _real(tick.bandwidth_bps))
+        t = Tick(elapsed, str(tick.status), count(tick.transferred), count(tick.remaining),
+                 count(tick.total), real(tick.dirty_rate_bps), count(tick.passes),
+                 int(min(count(tick.throttle_pct), 99)), real(tick.bandwidth_bps))
         if self._last is not None and t.transferred < self._last.transferred:
             self._points.clear()  # counters restarted: old rates mean nothing
         self._last = t
@@ -419,8 +409,8 @@ class Controller:
                 eta = self._precopy_eta(t, bandwidth, ms, self._throttle_pct)
                 if within(goal, finish(eta)):
                     actions.append(SetDowntime(ms, self._say(
-                        f"pre-copy would end at {_when(finish(current))} with "
-                        f"{self._downtime_ms} ms; with {ms} ms it ends at {_when(finish(eta))}"
+                        f"pre-copy would end at {when(finish(current))} with "
+                        f"{self._downtime_ms} ms; with {ms} ms it ends at {when(finish(eta))}"
                         f"{deadline}")))
                     self._downtime_ms, self._eta, self._want_post = ms, eta, 0
                     return actions
@@ -432,7 +422,7 @@ class Controller:
                     self._raise_downtime(actions, "with the throttle")
                     actions.append(SetThrottle(pct, pct, self._say(
                         f"{self._figures(bandwidth)}: a {pct}% CPU throttle makes pre-copy "
-                        f"end at {_when(finish(eta))}{deadline}")))
+                        f"end at {when(finish(eta))}{deadline}")))
                     self._throttle_pct, self._eta, self._want_post = pct, eta, 0
                     return actions
         # 3. post-copy.
@@ -446,14 +436,14 @@ class Controller:
             if self._want_post < CONFIRM_SAMPLES:
                 return actions
             pre_text = ("cannot converge" if best_pre is None
-                        else f"would end at {_when(finish(best_pre))}")
+                        else f"would end at {when(finish(best_pre))}")
             if not within(goal, finish(post)):
                 self._note_once("miss", f"the deadline will be missed: post-copy, the fastest "
-                                f"way, ends at about {_when(finish(post))}{deadline}", actions)
+                                f"way, ends at about {when(finish(post))}{deadline}", actions)
             actions.append(StartPostcopy(self._say(
                 f"{self._figures(bandwidth)}: pre-copy {pre_text} even at {self._max_ms} ms "
                 f"and {best_pct}% throttle; post-copy now sends "
-                f"{mib(post * bandwidth)} more and ends at about {_when(finish(post))}"
+                f"{mib(post * bandwidth)} more and ends at about {when(finish(post))}"
                 f"{deadline}")))
             self._switched_at = e
             return actions
@@ -466,10 +456,10 @@ class Controller:
                        "allowed levers")
             elif self._pass_is_first_and_too_long(t, bandwidth):
                 end = finish(self._remaining(t) / bandwidth)
-                why = f"the first pass alone ends at {_when(end)}{deadline}: nothing left to pull"
+                why = f"the first pass alone ends at {when(end)}{deadline}: nothing left to pull"
 
             else:
-                why = f"pre-copy ends at {_when(finish(best_pre))} at best{deadline}"
+                why = f"pre-copy ends at {when(finish(best_pre))} at best{deadline}"
             self._note_once("miss", f"the goal will be missed: {why}"
                             + ("" if goal.postcopy_allowed else "; post-copy is not allowed"),
                             actions)
@@ -479,10 +469,10 @@ class Controller:
             plain = self._precopy_eta(t, bandwidth, self._max_ms, self._throttle_pct)
             # Throttling the guest is only worth it if it changes the outcome,
             # or if nothing else gives pre-copy a chance to converge at all.
-            if plain is None or _better(gain, plain):
+            if plain is None or better(gain, plain):
                 actions.append(SetThrottle(self._max_pct, self._max_pct, self._say(
                     f"best effort: throttle up to {self._max_pct}%, pre-copy then ends at "
-                    f"{_when(finish(gain))}")))
+                    f"{when(finish(gain))}")))
                 self._throttle_pct = self._max_pct
         self._eta = self._precopy_eta(t, bandwidth, self._downtime_ms, self._throttle_pct)
         return actions
@@ -501,14 +491,3 @@ class Controller:
     def _say(self, text: str) -> str:
         last = self._last
         return text if last is None else f"at {last.elapsed_s:.1f} s: {text}"
-
-
-def _better(throttled: float | None, plain: float | None) -> bool:
-    """True when a throttled pre-copy finishes clearly sooner (or at all)."""
-    if throttled is None:
-        return False
-    return plain is None or throttled < plain - max(1.0, 0.1 * plain)
-
-
-def _when(seconds: float | None) -> str:
-    return "never" if seconds is None else f"{seconds:.1f} s"
