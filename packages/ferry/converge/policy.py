@@ -433,7 +433,10 @@ class Controller:
                                  or post < best_pre):
             self._want_post += 1
             self._eta = post
-            if self._want_post < CONFIRM_SAMPLES:
+            # The pre-flight verdict counts as one confirmation: a driver
+            # polling once a second must not lose a second (128 MiB) to it.
+            seeded = self._preflight is not None and self._preflight.plan == "post-copy"
+            if self._want_post < CONFIRM_SAMPLES - int(seeded):
                 return actions
             pre_text = ("cannot converge" if best_pre is None
                         else f"would end at {when(finish(best_pre))}")
