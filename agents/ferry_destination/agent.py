@@ -40,6 +40,7 @@ from ferry.tunnel.channel import make_endpoint, name_os_thread
 from ferry_destination.context import DestinationContext
 from ferry_destination.finish import finish
 from ferry_destination.outcome import migration_outcome, migration_progress
+from ferry_destination.postcopy import postcopy_recover
 from ferry_destination.prepare import prepare
 from ferry_destination.probe import link_probe
 from ferry_destination.recovery import recover_incoming
@@ -82,6 +83,7 @@ class DestinationAgent:
             "finish": functools.partial(finish, self.ctx),
             "migration_outcome": functools.partial(migration_outcome, self.ctx),
             "migration_progress": functools.partial(migration_progress, self.ctx),
+            "postcopy_recover": functools.partial(postcopy_recover, self.ctx),
             "link_probe": functools.partial(link_probe, self.ctx),
             "journal_query": self.op_journal_query,
             "list": self.op_list,

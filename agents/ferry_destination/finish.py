@@ -26,6 +26,7 @@ from ferry.qemu import query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, discard, end_tunnel
+from ferry_destination.postcopy import hold, postcopy_state
 
 __all__ = ["finish"]
 
@@ -44,7 +45,9 @@ async def finish(
         phases.advance("finish")  # raises PhaseError naming both phases
         raise PhaseError(f"no prepared incoming migration for domain '{name}'")
     check_access(dst.config.acl, ctx.subject, "finish", name, incoming.domain.uuid)
-    incoming.phases.advance("finish", cancelled=args["cancelled"])
+    if not (incoming.held and incoming.phases.current == "finish"):
+        # A held post-copy migration may see Finish again after a resume.
+        incoming.phases.advance("finish", cancelled=args["cancelled"])
     incoming.finishing = True
     if incoming.watchdog is not None:
         incoming.watchdog.cancel()
@@ -63,7 +66,8 @@ async def finish(
                                      source_host=incoming.source_host)  # fmt: skip
         dst.faults.hit("dst.finish.begin")
         try:
-            stats = await _wait_incoming(dst, incoming)
+            postcopy = bool(flags & MigrationFlags.POSTCOPY)
+            stats = await _wait_incoming(dst, incoming, postcopy=postcopy)
             # The source released its leases at switchover; we take them
             # before any CPU of ours can write.
             await dst.host.acquire_leases(incoming.domain, incoming.proc)
@@ -78,6 +82,13 @@ async def finish(
                 dst.host.save_definition(persist)
             await _start_cpus(dst, incoming, flags)
         except BaseException as exc:
+            if await postcopy_state(incoming.proc) is not None:
+                # The CPU state is here: killing this qemu would lose the
+                # VM.  Keep it for --postcopy-resume.
+                hold(dst, incoming, f"Finish failed ({exc})")
+                incoming.finishing = False
+                raise MigrationFailed(f"destination could not finish in post-copy: {exc}; "
+                                      "the VM is held here, paused") from exc  # fmt: skip
             log_event(log, MessageID.MIGRATION_FAILED,
                       f"finish failed for {name}: {exc}; killing the incoming qemu",
                       level=logging.ERROR)  # fmt: skip
@@ -111,14 +122,27 @@ async def finish(
         return {"name": name, "cookie": reply.encode(), "host": dst.config.host.name}
 
 
-async def _wait_incoming(dst: DestinationContext, incoming: Incoming) -> dict[str, int | float]:
-    """Wait until qemu has received the whole stream."""
+async def _wait_incoming(
+    dst: DestinationContext, incoming: Incoming, *, postcopy: bool = False
+) -> dict[str, int | float]:
+    """Wait until qemu has received the whole stream (or, in post-copy, the device state).
+
+    In post-copy the source sends Finish right after the switch: qemu has
+    the CPU and device state and fetches the rest of memory on demand, so
+    the CPUs start now, not at the end.
+    """
     deadline = time.monotonic() + dst.config.destination.incoming_timeout_s
     proc = incoming.proc
     while True:
         stats = await query_migrate(proc.qmp)
         if stats.status == "completed":
             break
+        if postcopy and stats.status == "postcopy-active":
+            return {"received_ms": int(time.time() * 1000), "postcopy": 1}
+        if postcopy and stats.status in ("postcopy-paused", "postcopy-recover"):
+            raise MigrationFailed(
+                f"the post-copy stream is {stats.status}: the CPUs start once it is resumed"
+            )
         if stats.status in ("failed", "cancelled"):
             raise MigrationFailed(
                 f"incoming migration {stats.status}: {stats.error_desc or 'no reason given'}"

@@ -53,6 +53,10 @@ class Incoming:
     #: Bytes the source last reported, and when that figure last grew.
     reported: int = 0
     moved_at: float = field(default_factory=time.monotonic)
+    #: In post-copy with no Finish yet and the source gone: kept, never discarded.
+    held: bool = False
+    #: How many times a paused post-copy stream was reconnected.
+    resumes: int = 0
 
     def note_progress(self, transferred: int) -> None:
         """The source says the stream reached ``transferred`` bytes."""
@@ -83,6 +87,13 @@ async def watchdog(ctx: DestinationContext, incoming: Incoming, session: Session
             if idle > timeout:
                 reason = f"no Finish and no progress of the stream for {timeout:.0f}s"
                 break
+        from ferry_destination.postcopy import hold, postcopy_state
+
+        if await postcopy_state(incoming.proc) is not None:
+            # The CPU state is here and the source never resumes: killing
+            # this qemu would lose the VM.
+            hold(ctx, incoming, reason)
+            return
         log_event(log, MessageID.MIGRATION_ABORTED,
                   f"incoming {incoming.domain.name}: {reason}; killing the incoming qemu",
                   domain=incoming.domain.name, migration_id=incoming.migration_id,

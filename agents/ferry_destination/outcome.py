@@ -4,7 +4,9 @@
 durable record (:mod:`ferry.outcomes`).  Asking is also a fence: a
 migration still only prepared (no Finish yet) is discarded before the
 answer, so a Finish that arrives later can no longer start a copy the
-source has meanwhile resumed.  ``migration_progress`` keeps the watchdog
+source has meanwhile resumed -- unless its qemu is in post-copy: then
+the CPU state is here, the source never resumes, and the migration is
+held.  ``migration_progress`` keeps the watchdog
 from killing a stream that still moves.
 """
 
@@ -16,6 +18,7 @@ from ferry.acl import check_access
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import discard
+from ferry_destination.postcopy import hold, postcopy_state
 
 __all__ = ["migration_outcome", "migration_progress"]
 
@@ -32,7 +35,11 @@ async def migration_outcome(
         if incoming.finishing:
             return {"migration_id": migration_id, "outcome": "pending", "state": "finishing",
                     "reason": "Finish is in progress", "domain": incoming.domain.name}  # fmt: skip
-        await discard(dst, incoming, "the source asked for the outcome before sending Finish")
+        if incoming.held or await postcopy_state(incoming.proc) is not None:
+            if not incoming.held:
+                hold(dst, incoming, "the source asked for the outcome before sending Finish")
+        else:
+            await discard(dst, incoming, "the source asked for the outcome before sending Finish")
     record = dst.outcomes.get(migration_id)
     if record is None:
         check_access(dst.config.acl, ctx.subject, "migration_outcome", None)

@@ -24,6 +24,7 @@ from ferry.journal import LogContext, MessageID, log_event
 from ferry.outcomes import FAILED, PREPARED, valid_migration_id
 from ferry.protocol.cookie import Cookie, Graphics, Identity
 from ferry.qemu import QemuProcess, set_caps, set_params
+from ferry.qemu.settings import destination_settings
 from ferry.rpc import RequestContext
 from ferry.storage_policy import check_domain
 from ferry.uri import split_authority
@@ -31,7 +32,7 @@ from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, watchdog
 from ferry_destination.tunnel import IncomingTunnel
 
-__all__ = ["prepare", "unmapped"]
+__all__ = ["listen_uri", "prepare", "unmapped"]
 
 log = logging.getLogger("ferry.destination")
 
@@ -226,10 +227,9 @@ async def _start_incoming(
             port = _pick_port(dst, address)
     proc = await dst.host.start(domain, incoming=True)
     try:
-        caps = {"events": True, "multifd": bool(flags & MigrationFlags.PARALLEL)}
-        await set_caps(proc.qmp, caps)
-        if flags & MigrationFlags.PARALLEL:
-            await set_params(proc.qmp, {"multifd-channels": params.parallel_connections or 2})
+        settings = destination_settings(flags, params)
+        await set_caps(proc.qmp, settings.caps)
+        await set_params(proc.qmp, settings.params)
         if tunnel is not None:
             # Only ferry-destination can reach this socket; the source
             # agent gets a token instead of a URI.
@@ -238,15 +238,29 @@ async def _start_incoming(
                 tunnel.path.unlink()
             await proc.qmp.execute("migrate-incoming", {"uri": tunnel.uri})
             return proc, "tunnel"
-        host = f"[{address}]" if ":" in address else address
-        await proc.qmp.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
-        advertised = _advertised(address, reached)
-        advertised = f"[{advertised}]" if ":" in advertised else advertised
-        uri = f"tcp:{advertised}:{port}"
+        assert port is not None
+        listen, uri = _tcp_uris(address, port, reached)
+        await proc.qmp.execute("migrate-incoming", {"uri": listen})
     except BaseException:
         await dst.host.kill(domain.name)
         raise
     return proc, uri
+
+
+def _tcp_uris(address: str, port: int, reached: str | None) -> tuple[str, str]:
+    """(what qemu listens on, what the source is told to connect to)."""
+    host = f"[{address}]" if ":" in address else address
+    advertised = _advertised(address, reached)
+    advertised = f"[{advertised}]" if ":" in advertised else advertised
+    return f"tcp:{host}:{port}", f"tcp:{advertised}:{port}"
+
+
+def listen_uri(dst: DestinationContext, ctx: RequestContext) -> tuple[str, str]:
+    """A fresh migration port for a resumed post-copy stream: (listen URI, URI for the source)."""
+    address = dst.config.destination.migration_address
+    sockname = ctx.session.writer.get_extra_info("sockname")
+    reached = unmapped(str(sockname[0])) if isinstance(sockname, tuple) else None
+    return _tcp_uris(address, _pick_port(dst, address), reached)
 
 
 async def _graphics(

@@ -6,6 +6,7 @@ import logging
 
 from ferry.domain import check_abi_stability, format_domain, parse_domain
 from ferry.errors import DomainState
+from ferry.fences import POSTCOPY
 from ferry.flags import MigrationFlags, flag_names
 from ferry.jobs import AsyncJob
 from ferry.journal import MessageID, log_event
@@ -35,9 +36,12 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
     emit("phase", {"phase": "begin", "migration_id": out.migration_id})
     fence = ctx.fences.get(domain.uuid)
     if fence is not None:
+        how = f"ferryctl migrate-recover {domain.name}"
+        if fence.outcome == POSTCOPY:
+            how = f"ferryctl migrate {domain.name} {fence.peer_uri} --postcopy --postcopy-resume"
         raise DomainState(
             f"cannot migrate domain '{domain.name}': {fence.describe()}; settle it first "
-            f"(ferryctl migrate-recover {domain.name})",
+            f"({how})",
             name=domain.name,
         )
     status = ctx.host.load_status(domain.name)

@@ -24,6 +24,7 @@ from ferry.flags import MigrationFlags, MigrationParams, validate
 from ferry.jobs import JobType
 from ferry.journal import LogContext, MessageID, log_event
 from ferry.qemu import set_params
+from ferry.qemu.settings import MIB, UNLIMITED_BANDWIDTH
 from ferry.rpc import Handler, RequestContext
 from ferry_source.begin import JOB_TIMEOUT
 from ferry_source.checks import parse_dest_uri
@@ -31,7 +32,7 @@ from ferry_source.context import SourceContext
 from ferry_source.outgoing import Outgoing
 from ferry_source.p2p import migrate_p2p
 from ferry_source.peer import peer_request
-from ferry_source.perform import MIB, UNLIMITED_BANDWIDTH
+from ferry_source.postcopy_resume import resume_postcopy
 from ferry_source.settle import Subject, settle
 
 __all__ = ["MigrationDriver", "parse_dest_uri"]
@@ -53,6 +54,7 @@ class MigrationDriver:
         return {
             "migrate": self.op_migrate,
             "migrate_recover": self.op_migrate_recover,
+            "migrate_postcopy": self.op_migrate_postcopy,
             "job_abort": self.op_job_abort,
             "set_max_downtime": self.op_set_max_downtime,
             "set_max_bandwidth": self.op_set_max_bandwidth,
@@ -81,10 +83,17 @@ class MigrationDriver:
         if live.domain.name in self.outgoing:
             raise JobError(f"domain '{live.domain.name}' is already migrating")
         out = Outgoing(live.domain, uuidlib.uuid4().hex, flags, params, host, port)
+        resuming = bool(flags & MigrationFlags.POSTCOPY_RESUME)
+        if resuming:
+            fence = self.ctx.fences.get(live.domain.uuid)
+            if fence is not None:
+                out.migration_id = fence.migration_id
         self.outgoing[out.name] = out
         with LogContext(domain=out.name, uuid=out.domain.uuid,
                         migration_id=out.migration_id, peer=host):  # fmt: skip
             try:
+                if resuming:
+                    return await resume_postcopy(self.ctx, out, ctx)
                 return await migrate_p2p(self.ctx, out, ctx)
             except FerryError as exc:
                 if isinstance(exc, JobAborted | MigrationTimeout):
@@ -127,6 +136,11 @@ class MigrationDriver:
         """Abort the domain's async job (a migration is cancelled cleanly)."""
         live = self.resolve(ctx, "job_abort", args["name"])
         out = self.outgoing.get(live.domain.name)
+        if out is not None and out.postcopy:
+            raise JobError(
+                f"the migration of '{live.domain.name}' switched to post-copy: the VM's state "
+                "is on the destination now, so it cannot be aborted; it completes there"
+            )
         if out is not None:
             out.abort_reason = "aborted on request (job_abort)"
             out.abort.set()
@@ -134,6 +148,25 @@ class MigrationDriver:
         if not self.ctx.jobs.request_abort(live.domain.uuid):
             raise JobError(f"no job is running on domain '{live.domain.name}'")
         return {"name": live.domain.name}
+
+    async def op_migrate_postcopy(
+        self, ctx: RequestContext, args: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Switch a running migration to post-copy (virsh ``migrate-postcopy``)."""
+        live = self.resolve(ctx, "migrate_postcopy", args["name"])
+        name = live.domain.name
+        out = self.outgoing.get(name)
+        if out is None or out.job is None or not out.migrate_sent:
+            raise JobError(f"no migration is running for domain '{name}'")
+        if not out.flags & MigrationFlags.POSTCOPY:
+            raise MigrationRefused(
+                f"the migration of '{name}' was started without --postcopy: qemu cannot "
+                "switch it (both ends must have post-copy enabled before the stream starts)"
+            )
+        if out.postcopy:
+            raise JobError(f"the migration of '{name}' is already in post-copy")
+        out.steer().request_postcopy("the operator asked (ferryctl migrate-postcopy)")
+        return {"name": name, "migration_id": out.migration_id}
 
     async def _tune(
         self, ctx: RequestContext, name: str, op: str, params: dict[str, Any]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from ferry.jobs import Job
 from ferry.protocol.phases import SourcePhases
 from ferry.qemu import QemuProcess
 from ferry.rpc import Session
+from ferry.steering import Steering
 from ferry_source.tunnel import SourceTunnel
 
 __all__ = ["Outgoing"]
@@ -51,6 +53,23 @@ class Outgoing:
     peer_name: str = ""
     # Set (from a relay thread, through the loop) when the tunnel broke.
     failure: FerryError | None = None
+    #: When the migrate request arrived: the controller's deadline counts from here.
+    started_at: float = field(default_factory=time.monotonic)
+    #: "" before any switch; "requested" once migrate-start-postcopy was sent
+    #: (recorded first); "active" once qemu runs in post-copy.  From
+    #: "requested" on the source never resumes.
+    postcopy: str = ""
+    #: The in-flight levers (post-copy requests, timeout, controller); see steer().
+    steering: Steering | None = None
+    #: The pre-flight verdict shown at the top and fed to the controller.
+    preflight: Any = None
+
+    def steer(self) -> Steering:
+        """The migration's :class:`~ferry.steering.Steering`, made on first use."""
+        if self.steering is None:
+            self.steering = Steering(self.flags, self.params, self.domain.memory_kib * 1024,
+                                     preflight=self.preflight)  # fmt: skip
+        return self.steering
 
     @property
     def name(self) -> str:

@@ -17,7 +17,13 @@ import logging
 import time
 from typing import Any
 
-from ferry.errors import FerryError, MigrationFailed, OutcomeUnknown, ReplyLost
+from ferry.errors import (
+    DeadlineUnreachable,
+    FerryError,
+    MigrationFailed,
+    OutcomeUnknown,
+    ReplyLost,
+)
 from ferry.flags import MigrationFlags
 from ferry.journal import MessageID, log_event
 from ferry.protocol.cookie import Cookie
@@ -29,10 +35,12 @@ from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
 from ferry_source.peer import ask_outcome, close_session, connect_peer, request
 from ferry_source.perform import perform
+from ferry_source.postcopy_finish import finish_postcopy
 from ferry_source.settle import Subject, settle
+from ferry_source.summary import summary
 from ferry_source.tunnel import SourceTunnel
 
-__all__ = ["migrate_p2p"]
+__all__ = ["migrate_p2p", "open_tunnel"]
 
 log = logging.getLogger("ferry.source.migration")
 
@@ -43,6 +51,7 @@ CANCELLED_FINISH_TIMEOUT_S = 5.0
 
 
 def _phase(out: Outgoing, emit: Emit, phase: str) -> None:
+    """Enter ``phase``: durable in the job record before it does anything."""
     if phase in ("perform", "confirm"):
         out.phases.advance(phase, cancelled=False)
     if out.job is not None:
@@ -68,6 +77,8 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
     try:
         if ctx.faults.hit("src.begin") == "drop-reply":
             req.session.writer.transport.abort()
+        if out.params.deadline_s is not None:
+            await _preflight(ctx, out, emit)
         # -- Prepare (peer) ------------------------------------------------
         out.session = session = await connect_peer(ctx.config, out.host, out.port)
         _phase(out, emit, "prepare")
@@ -84,7 +95,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             job.record(peer=out.peer_name)
         uri = str(prep["uri"])
         if out.flags & MigrationFlags.TUNNELLED:
-            out.tunnel = _open_tunnel(ctx, out, prep)
+            out.tunnel = open_tunnel(ctx, out, prep)
             uri = out.tunnel.uri
 
         # -- Perform -------------------------------------------------------
@@ -100,6 +111,12 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             # or the VM would stay paused on the source.
             log.exception("perform failed unexpectedly")
             perform_error = MigrationFailed(f"perform failed: {exc}")
+        if out.postcopy:
+            # The destination holds the VM from the switch on: whatever
+            # happened, Finish must try to start its CPUs, the tunnel must
+            # keep carrying pages, and our copy never resumes.
+            return await finish_postcopy(ctx, out, session, stats, perform_error, emit,
+                                         started, phase=_phase)  # fmt: skip
         if out.tunnel is not None and perform_error is not None:
             # Nothing more may reach the destination's qemu.
             await out.tunnel.close(drain=False)
@@ -147,7 +164,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             undefine = bool(out.flags & MigrationFlags.UNDEFINE_SOURCE)
             await stop_source(ctx, out.name, out.domain.uuid, migration_id=out.migration_id,
                               peer=dest_host, peer_uri=out.peer_uri, undefine=undefine)
-        return _summary(out, stats, dest_host, started)
+        return summary(out, stats, dest_host, started)
     finally:
         if out.tunnel is not None:
             await out.tunnel.close(drain=False)
@@ -209,6 +226,32 @@ async def _finish(
     return "completed", None, str(fin.get("host") or out.peer), False
 
 
+async def _preflight(ctx: SourceContext, out: Outgoing, emit: Emit) -> None:
+    """The pre-flight of ``migrate-check``, before anything starts; refuse a deadline it
+    says cannot be met, else seed the controller with it.
+
+    Only with ``--deadline``: the measurement costs ~1.5 s (1 s of dirty-rate
+    sampling that must not overlap the migration, and a link probe).
+    """
+    from ferry.converge import verdict
+    from ferry_source.preflight import goal_from, json_safe, survey
+
+    found = await survey(ctx, out.name, out.host, out.port,
+                         bandwidth_cap_mib=out.params.bandwidth_mib)  # fmt: skip
+    judged = verdict(found.measurements, goal_from(out.flags, out.params))
+    out.preflight = judged
+    data = json_safe({"measurements": found.to_json(), "verdict": judged.to_json()})
+    emit("preflight", data)
+    reasons = "; ".join(judged.reasons)
+    log_event(log, MessageID.MIGRATION_DECISION, f"pre-flight: plan {judged.plan} ({reasons})",
+              phase="begin", decision="preflight")  # fmt: skip
+    if not judged.feasible:
+        raise DeadlineUnreachable(
+            f"refused before starting: the migration of '{out.name}' cannot finish within "
+            f"--deadline {out.params.deadline_s:g}s with the allowed levers: {reasons}"
+        )
+
+
 def _subject(out: Outgoing) -> Subject:
     job = out.job
     return Subject(name=out.name, uuid=out.domain.uuid, migration_id=out.migration_id,
@@ -218,25 +261,7 @@ def _subject(out: Outgoing) -> Subject:
                    saved=job.saved_migration if job is not None else None)  # fmt: skip
 
 
-def _summary(
-    out: Outgoing, stats: dict[str, Any], dest_host: str, started: float
-) -> dict[str, Any]:
-    total_s = time.monotonic() - started
-    summary = {**stats, "wall_time_ms": int(total_s * 1000), "result": "completed"}
-    log_event(log, MessageID.MIGRATION_COMPLETED,
-              f"{out.name} migrated to {dest_host} as {out.dest_name} in {total_s:.2f}s",
-              phase="confirm")  # fmt: skip
-    summary_fields: dict[str, Any] = {
-        f"summary_{k}": v for k, v in summary.items() if isinstance(v, int | float | str)
-    }
-    log_event(log, MessageID.MIGRATION_SUMMARY,
-              "summary: " + ", ".join(f"{k}={v}" for k, v in sorted(summary.items())),
-              phase="confirm", **summary_fields)  # fmt: skip
-    return {"name": out.name, "dest_name": out.dest_name, "dest_host": dest_host,
-            "migration_id": out.migration_id, "stats": summary}  # fmt: skip
-
-
-def _open_tunnel(ctx: SourceContext, out: Outgoing, prep: dict[str, Any]) -> SourceTunnel:
+def open_tunnel(ctx: SourceContext, out: Outgoing, prep: dict[str, Any]) -> SourceTunnel:
     """Listen where qemu will migrate to; its connections go to the destination."""
     config = ctx.config
     grant = prep.get("tunnel")

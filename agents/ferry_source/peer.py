@@ -161,7 +161,8 @@ async def ask_outcome(
                                        timeout=bound, connect_timeout=bound)  # fmt: skip
             outcome = PeerOutcome(str(reply.get("outcome")))
             last = (outcome, reply)
-            if outcome in (PeerOutcome.RUNNING, PeerOutcome.NOT_RUNNING):
+            if outcome in (PeerOutcome.RUNNING, PeerOutcome.NOT_RUNNING,
+                           PeerOutcome.POSTCOPY):  # fmt: skip
                 return last
         except (FerryError, OSError, ValueError) as exc:
             last = (PeerOutcome.UNREACHABLE, {"error": str(exc)})

@@ -28,9 +28,11 @@ from ferry.errors import (
 from ferry.flags import MigrationFlags
 from ferry.jobs import Job
 from ferry.jobs.recovery import MIGRATING
+from ferry.journal import MessageID, log_event
 from ferry.protocol.cookie import Cookie
 from ferry.qemu import (
     EventSubscription,
+    MigrationStats,
     QemuProcess,
     QMPEvent,
     SavedMigrationSettings,
@@ -38,8 +40,11 @@ from ferry.qemu import (
     set_caps,
     set_params,
 )
+from ferry.qemu.settings import MIB, UNLIMITED_BANDWIDTH, source_settings
+from ferry.steering import Abort, Move, Suspend, SwitchToPostcopy, Tune
 from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
+from ferry_source.postcopy import POSTCOPY_STATES, pause_postcopy, start_postcopy
 
 __all__ = ["MIB", "UNLIMITED_BANDWIDTH", "cancel_migration", "perform"]
 
@@ -50,10 +55,6 @@ HEARTBEAT_INTERVAL = 2.0
 NOT_CONVERGING = (
     "the migration is not converging: the guest dirties memory faster than it is copied"
 )
-MIB = 1024 * 1024
-# libvirt's QEMU_DOMAIN_MIG_BANDWIDTH_MAX: "unlimited", in bytes/s.  qemu's
-# own 128 MiB/s default alone kept a dirtying guest from ever finishing.
-UNLIMITED_BANDWIDTH = (2**63 - 1) // (1024 * 1024) * (1024 * 1024)
 
 
 async def perform(
@@ -61,8 +62,12 @@ async def perform(
 ) -> dict[str, Any]:
     """Migrate ``out``'s qemu to ``uri``; the statistics once qemu completed.
 
-    On failure the migration is cancelled and qemu's settings restored; the
-    caller decides (Confirm) whether the CPUs run again.
+    With post-copy, Perform ends as soon as qemu runs in post-copy
+    (``stats["postcopy"]`` is true): the destination must start its CPUs
+    (Finish) while the rest of memory still streams, and Confirm waits for
+    the end.  On failure before any switch the migration is cancelled and
+    qemu's settings restored; the caller decides (Confirm) whether the CPUs
+    run again.  After a switch nothing is cancelled or restored.
 
     Raises:
         MigrationFailed, MigrationStalled, MigrationTimeout, JobAborted: it did not complete.
@@ -78,10 +83,12 @@ async def perform(
         return await _follow(ctx, out, job, proc, uri, saved, emit)
     except BaseException:
         # Only a failed transfer leaves the source running on: give it
-        # back its settings.  After success the qemu is stopped anyway.
-        with contextlib.suppress(FerryError):
-            async with ctx.jobs.nested(job):
-                await saved.restore(proc.qmp)
+        # back its settings.  After success the qemu is stopped anyway,
+        # and after a switch to post-copy it never runs here again.
+        if not out.postcopy:
+            with contextlib.suppress(FerryError):
+                async with ctx.jobs.nested(job):
+                    await saved.restore(proc.qmp)
         raise
     finally:
         out.set_downtime = None
@@ -94,29 +101,21 @@ async def _setup(
     async with ctx.jobs.nested(job):
         saved = await SavedMigrationSettings.snapshot(proc.qmp)
         job.saved_migration = saved.to_dict()
-        caps = {"events": True, "auto-converge": bool(flags & MigrationFlags.AUTO_CONVERGE)}
         # With disk leases, qemu waits for us at switchover: its CPUs are
         # stopped, so we can hand the leases over before the device state
         # (and with it the right to write) moves.
         status = ctx.host.load_status(out.name)
         out.lease_handover = bool(status is not None and status.extra.get("leases"))
-        caps["pause-before-switchover"] = out.lease_handover
-        # Always set: a qemu that arrived here by a parallel migration
-        # still has multifd on, and both ends must agree.
-        caps["multifd"] = bool(flags & MigrationFlags.PARALLEL)
+        settings = source_settings(flags, params, pause_before_switchover=out.lease_handover)
+        caps, tuning = dict(settings.caps), dict(settings.params)
+        if out.steering is not None:
+            # The controller's opening position: its throttle needs
+            # auto-converge on before the stream starts.
+            start = out.steering.setup()
+            if start is not None:
+                caps.update(start.caps)
+                tuning.update(start.params)
         await set_caps(proc.qmp, caps)
-        tuning: dict[str, Any] = {
-            "max-bandwidth": params.bandwidth_mib * MIB if params.bandwidth_mib
-            else UNLIMITED_BANDWIDTH,
-        }  # fmt: skip
-        if params.max_downtime_ms is not None:
-            tuning["downtime-limit"] = params.max_downtime_ms
-        if params.auto_converge_initial is not None:
-            tuning["cpu-throttle-initial"] = params.auto_converge_initial
-        if params.auto_converge_increment is not None:
-            tuning["cpu-throttle-increment"] = params.auto_converge_increment
-        if flags & MigrationFlags.PARALLEL:
-            tuning["multifd-channels"] = params.parallel_connections or 2
         await set_params(proc.qmp, tuning)
         graphics = dest_cookie.graphics
         if graphics is not None and graphics.type == "spice" and graphics.port:
@@ -185,7 +184,7 @@ async def _follow(
         downtime_limit_s[0] = ms / 1000
 
     out.set_downtime = set_downtime
-    deadline = time.monotonic() + params.timeout_s if params.timeout_s else None
+    steering = out.steer()
     stall_s = ctx.config.migration.stall_timeout_s
     heartbeat = _Heartbeat(out)
     max_throttle = 0
@@ -203,7 +202,8 @@ async def _follow(
             received: list[QMPEvent] = []
             while True:
                 io_error = _check_events(received)
-                if io_error is not None and flags & MigrationFlags.ABORT_ON_ERROR:
+                if io_error is not None and flags & MigrationFlags.ABORT_ON_ERROR \
+                        and not out.postcopy:
                     await cancel_migration(proc)
                     raise MigrationFailed(
                         f"migration aborted: the guest hit an I/O error ({io_error}) "
@@ -227,6 +227,15 @@ async def _follow(
                         if stats.total_time_ms:
                             break
                 max_throttle = max(max_throttle, stats.cpu_throttle_percentage)
+                if stats.status in POSTCOPY_STATES:
+                    # The destination holds the VM now: Finish must start
+                    # its CPUs while the rest of memory streams.
+                    out.postcopy = "active"
+                    job.record(postcopy="active")
+                    result = _stats(stats, max_throttle)
+                    result["postcopy"] = True
+                    result["switch_s"] = round(time.monotonic() - out.started_at, 3)
+                    return result
                 if out.tunnel is not None:
                     tunnel_sent, _ = out.tunnel.bytes()
                     tunnel_t = time.monotonic() - out.tunnel.set.started_at
@@ -238,13 +247,21 @@ async def _follow(
                     last_marker, last_move = marker, now
                     heartbeat.beat(stats.ram_transferred + tunnel_sent)
                 elif stats.status in MIGRATING and now - last_move > stall_s:
-                    await cancel_migration(proc)
-                    raise MigrationStalled(
-                        f"no data moved for {stall_s:g} s: the link to {out.peer} looks down; "
-                        "the migration was cancelled",
-                        peer=out.peer,
-                    )
+                    if out.postcopy:
+                        # Switch requested, never completed: hold both
+                        # sides paused rather than cancel.
+                        await pause_postcopy(proc)
+                        last_move = now
+                    else:
+                        await cancel_migration(proc)
+                        raise MigrationStalled(
+                            f"no data moved for {stall_s:g} s: the link to {out.peer} looks "
+                            "down; the migration was cancelled",
+                            peer=out.peer,
+                        )
                 sample = stats.to_sample()
+                elapsed = now - out.started_at
+                moves = steering.tick(stats, elapsed)
                 # A query held up by the switchover repeats the final
                 # time; the accounting wants strictly later samples.
                 if stats.ram_total and stats.status == "active" and sample["time_s"] > last_time:
@@ -261,7 +278,10 @@ async def _follow(
                     snap["predicted_downtime_s"] = predicted if math.isfinite(predicted) else None
                     snap["status"] = stats.status
                     snap["expected_downtime_ms"] = stats.expected_downtime_ms
-                    snap["elapsed_s"] = (stats.total_time_ms or 0) / 1000
+                    snap["elapsed_s"] = round(elapsed, 3)
+                    snap["eta_s"] = _finite(steering.eta_s())
+                    if steering.plan:
+                        snap["plan"] = steering.plan
                     if out.tunnel is not None:
                         snap["tunnel_bytes"] = tunnel_sent
                         snap["tunnel_bytes_per_s"] = tunnel_sent / max(tunnel_t, 1e-3)
@@ -273,17 +293,10 @@ async def _follow(
                         if ctx.faults.hit("src.perform") == "drop-reply" and out.session:
                             # The reply to our next heartbeat is lost with it.
                             out.session.writer.transport.abort()
+                for move in moves:
+                    await _apply(ctx, out, job, proc, move, account, emit)
                 if stats.status == "completed":
-                    return {
-                        "total_time_ms": stats.total_time_ms,
-                        "downtime_ms": stats.downtime_ms,
-                        "setup_time_ms": stats.setup_time_ms,
-                        "transferred": stats.ram_transferred,
-                        "total": stats.ram_total,
-                        "passes": stats.ram_dirty_sync_count,
-                        "throttle_pct": max_throttle,
-                        "mbps": stats.ram_mbps,
-                    }  # fmt: skip
+                    return _stats(stats, max_throttle)
                 if stats.status in ("failed", "cancelled"):
                     if out.tunnel is not None and out.tunnel.set.error is not None:
                         raise out.tunnel.set.error
@@ -291,34 +304,93 @@ async def _follow(
                         f"qemu reports the migration {stats.status}: "
                         f"{stats.error_desc or 'no reason given'}"
                     )
-                if out.failure is not None:
-                    await cancel_migration(proc)
-                    raise out.failure
-                if out.session is not None and out.session.closed:
-                    # The destination discards its side when our control
-                    # connection ends; the stream cannot land anywhere.
-                    await cancel_migration(proc)
-                    raise MigrationFailed(
-                        f"the control connection to {out.peer} broke during Perform "
-                        f"({out.session.close_error or 'closed'}); the migration was cancelled"
-                    )
-                if out.abort.is_set():
-                    await cancel_migration(proc)
-                    raise JobAborted(f"migration of '{out.name}' {out.abort_reason}")
-                if deadline is not None and time.monotonic() > deadline:
-                    await cancel_migration(proc)
-                    converging = account.converging
-                    note = " (it was not converging)" if converging is False else ""
-                    raise MigrationTimeout(
-                        f"migration of '{out.name}' did not finish within "
-                        f"{params.timeout_s:g}s{note}; cancelled"
-                    )
-                if account.converging is False and account.samples >= 8 and not out.warned:
+                if not out.postcopy:
+                    # After the switch was asked for, nothing here may
+                    # cancel: qemu's own state decides what comes next.
+                    await _check_interruptions(out, proc)
+                if account.converging is False and account.samples >= 8 and not out.warned \
+                        and not steering.controlled:
                     out.warned = True
                     emit("warning", {"message": NOT_CONVERGING})
                 received = await _wait_events(events, out.abort, POLL_INTERVAL)
     finally:
         heartbeat.stop()
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no Infinity or NaN: those become null ("unknown")."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 2)
+
+
+def _stats(stats: MigrationStats, max_throttle: int) -> dict[str, Any]:
+    raw = stats.raw
+    ram: dict[str, Any] = raw["ram"] if isinstance(raw.get("ram"), dict) else {}
+    xbzrle: dict[str, Any] = (
+        raw["xbzrle-cache"] if isinstance(raw.get("xbzrle-cache"), dict) else {}
+    )
+    return {
+        # What compression did: pages sent as xbzrle deltas, and the bytes
+        # the multifd channels carried (compressed) against the page bytes.
+        "xbzrle_pages": xbzrle.get("pages", 0),
+        "xbzrle_bytes": xbzrle.get("bytes", 0),
+        "multifd_bytes": ram.get("multifd-bytes", 0),
+        "normal_bytes": stats.ram_normal_bytes,
+        "total_time_ms": stats.total_time_ms,
+        "downtime_ms": stats.downtime_ms,
+        "setup_time_ms": stats.setup_time_ms,
+        "transferred": stats.ram_transferred,
+        "total": stats.ram_total,
+        "passes": stats.ram_dirty_sync_count,
+        "throttle_pct": max_throttle,
+        "mbps": stats.ram_mbps,
+    }
+
+
+async def _check_interruptions(out: Outgoing, proc: QemuProcess) -> None:
+    """Cancel on a broken tunnel, a closed control connection or an abort request."""
+    if out.failure is not None:
+        await cancel_migration(proc)
+        raise out.failure
+    if out.session is not None and out.session.closed:
+        # The destination discards its side when our control
+        # connection ends; the stream cannot land anywhere.
+        await cancel_migration(proc)
+        raise MigrationFailed(
+            f"the control connection to {out.peer} broke during Perform "
+            f"({out.session.close_error or 'closed'}); the migration was cancelled"
+        )
+    if out.abort.is_set():
+        await cancel_migration(proc)
+        raise JobAborted(f"migration of '{out.name}' {out.abort_reason}")
+
+
+async def _apply(
+    ctx: SourceContext, out: Outgoing, job: Job, proc: QemuProcess, move: Move,
+    account: Any, emit: Emit,
+) -> None:  # fmt: skip
+    """Carry out one move of the steering, and say why in the journal and the display."""
+    if isinstance(move, Abort):
+        await cancel_migration(proc)
+        note = " (it was not converging)" if account.converging is False else ""
+        raise MigrationTimeout(f"migration of '{out.name}': {move.reason}{note}")
+    if isinstance(move, SwitchToPostcopy):
+        out.postcopy = "requested"
+        async with ctx.jobs.nested(job):
+            await start_postcopy(job, proc, move.reason, emit)
+        return
+    log_event(log, MessageID.MIGRATION_DECISION, f"{out.name}: {move.reason}",
+              phase="perform", decision=type(move).__name__.lower())  # fmt: skip
+    emit("decision", {"move": type(move).__name__.lower(), "reason": move.reason})
+    if isinstance(move, Tune):
+        async with ctx.jobs.nested(job):
+            await set_params(proc.qmp, move.params)
+        if "downtime-limit" in move.params and out.set_downtime is not None:
+            out.set_downtime(int(move.params["downtime-limit"]))
+    elif isinstance(move, Suspend):
+        async with ctx.jobs.nested(job):
+            await proc.qmp.execute("stop")
 
 
 async def _wait_events(

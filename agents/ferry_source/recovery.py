@@ -16,12 +16,16 @@ import logging
 from ferry.errors import FerryError
 from ferry.flags import MigrationFlags
 from ferry.jobs import AsyncJob, Job
-from ferry.jobs.recovery import OutgoingAction, decide_outgoing
+from ferry.jobs.recovery import OutgoingAction, PeerOutcome, decide_outgoing
 from ferry.journal import LogContext, MessageID, log_event
 from ferry.statefile import JobRecord
+from ferry_source.checks import parse_dest_uri
 from ferry_source.confirm import observe_qemu, resume_source, stop_source
 from ferry_source.context import SourceContext
+from ferry_source.peer import ask_outcome
 from ferry_source.perform import cancel_migration
+from ferry_source.postcopy import PostcopyEnd, wait_postcopy_end
+from ferry_source.postcopy_finish import postcopy_fence
 from ferry_source.settle import Subject, settle
 
 __all__ = ["OutgoingRecovery"]
@@ -76,7 +80,8 @@ class OutgoingRecovery:
                         phase=record.phase or ""):  # fmt: skip
             try:
                 view = await observe_qemu(self.ctx, name)
-                decision = decide_outgoing(record.phase, view, result=data.get("result"))
+                decision = decide_outgoing(record.phase, view, result=data.get("result"),
+                                           postcopy=bool(data.get("postcopy")))  # fmt: skip
                 what = f"{decision.action.value} — {decision.reason}"
                 log_event(log, MessageID.MIGRATION_PHASE,
                           f"recovering the outgoing migration of {name} (phase "
@@ -97,6 +102,9 @@ class OutgoingRecovery:
         peer = str(data.get("peer") or "")
         peer_uri = str(data.get("peer_uri") or "")
         migration_id = record.migration_id or ""
+        if data.get("postcopy"):
+            await self._act_postcopy(job, record, action)
+            return
         if action is OutgoingAction.CANCEL:
             with contextlib.suppress(FerryError):
                 await cancel_migration(await ctx.host.process(name))
@@ -121,3 +129,35 @@ class OutgoingRecovery:
                 undefine=bool(flags & MigrationFlags.UNDEFINE_SOURCE),
                 saved=record.saved_migration,
             ), deadline_s=ctx.config.migration.outcome_timeout_s, job=job)  # fmt: skip
+
+    async def _act_postcopy(self, job: Job, record: JobRecord, action: OutgoingAction) -> None:
+        """After the switch: follow, confirm or fence; never resume."""
+        ctx, name, data = self.ctx, job.name, record.data
+        peer = str(data.get("peer") or "")
+        peer_uri = str(data.get("peer_uri") or "")
+        migration_id = record.migration_id or ""
+        detail = "the agent restarted during post-copy"
+        if action is OutgoingAction.FOLLOW_POSTCOPY:
+            end, detail = await wait_postcopy_end(
+                await ctx.host.process(name), stall_s=ctx.config.migration.stall_timeout_s
+            )
+            action = OutgoingAction.ASK if end == PostcopyEnd.COMPLETED else action
+        if action is OutgoingAction.ASK:
+            host, port = parse_dest_uri(peer_uri)
+            outcome, _ = await ask_outcome(ctx.config, host, port, migration_id,
+                                           deadline_s=ctx.config.migration.outcome_timeout_s)
+            action = OutgoingAction.CONFIRM if outcome is PeerOutcome.RUNNING else action
+            detail = f"post-copy completed; the destination says {outcome.value}"
+        if action is OutgoingAction.CONFIRM:
+            flags = MigrationFlags(int(data.get("flags", record.flags)))
+            await stop_source(ctx, name, job.uuid, migration_id=migration_id, peer=peer,
+                              peer_uri=peer_uri,
+                              undefine=bool(flags & MigrationFlags.UNDEFINE_SOURCE))  # fmt: skip
+            log_event(log, MessageID.MIGRATION_COMPLETED,
+                      f"post-copy migration {migration_id} of {name} confirmed after a "
+                      f"restart: it runs on {peer}")  # fmt: skip
+            return
+        postcopy_fence(ctx, name, job.uuid, migration_id=migration_id, peer=peer,
+                       peer_uri=peer_uri, dest_name=str(data.get("dest_name") or name),
+                       reason=detail, was_running=bool(data.get("was_running", True)),
+                       leases_released=bool(data.get("leases_released", False)))  # fmt: skip

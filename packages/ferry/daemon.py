@@ -83,7 +83,7 @@ def admit_local(config: AgentConfig) -> Callable[[Subject], None]:
 
 #: Peer ops whose handlers run check_access on the parsed domain themselves.
 DOMAIN_CHECKED_PEER_OPS = frozenset(
-    {"prepare", "finish", "migration_outcome", "migration_progress"}
+    {"prepare", "finish", "migration_outcome", "migration_progress", "postcopy_recover"}
 )
 
 

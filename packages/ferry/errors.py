@@ -59,6 +59,7 @@ __all__ = [
     "ConfigError",
     "CookieError",
     "CookieTooLarge",
+    "DeadlineUnreachable",
     "DomainError",
     "DomainExists",
     "DomainState",
@@ -82,6 +83,7 @@ __all__ = [
     "NoDomain",
     "OutcomeUnknown",
     "PhaseError",
+    "PostcopyPaused",
     "ProtocolError",
     "QMPError",
     "QemuError",
@@ -336,6 +338,18 @@ class OutcomeUnknown(MigrationError):
     """The destination could not say whether it runs the VM; the source stays paused."""
 
     code = "outcome-unknown"
+
+
+class PostcopyPaused(MigrationError):
+    """A post-copy migration stopped half-way; only ``--postcopy-resume`` can finish it."""
+
+    code = "postcopy-paused"
+
+
+class DeadlineUnreachable(MigrationError):
+    """The pre-flight says no allowed lever meets the requested ``--deadline``."""
+
+    code = "deadline-unreachable"
 
 
 class QemuError(FerryError):

@@ -19,10 +19,14 @@ from pathlib import Path
 from ferry.errors import DomainState
 from ferry.statefile import atomic_write
 
-__all__ = ["MIGRATED", "UNKNOWN", "Fence", "FenceBook"]
+__all__ = ["MIGRATED", "POSTCOPY", "UNKNOWN", "Fence", "FenceBook"]
 
 MIGRATED = "migrated"
 UNKNOWN = "unknown"
+#: Switched to post-copy and not finished: the destination holds the CPU
+#: state, this copy only serves pages.  It never runs here again;
+#: ``ferryctl migrate --postcopy-resume`` completes the move.
+POSTCOPY = "postcopy"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class Fence:
         """One line for ``dominfo``/``list`` and for refusals."""
         if self.outcome == MIGRATED:
             return f"migration {self.migration_id} moved it to {self.peer}"
+        if self.outcome == POSTCOPY:
+            tail = f": {self.reason}" if self.reason else ""
+            return (f"migration {self.migration_id} to {self.peer} is paused in post-copy"
+                    f"{tail}")  # fmt: skip
         tail = f", {self.reason}" if self.reason else ""
         return f"migration {self.migration_id} to {self.peer}: outcome unknown{tail}"
 
@@ -52,6 +60,12 @@ class Fence:
         """The error ``verb`` (start, resume) raises for a fenced domain."""
         if self.outcome == MIGRATED:
             why = "it runs there now; running it here too would make two copies"
+        elif self.outcome == POSTCOPY:
+            why = (
+                "the CPU state is there and this copy lacks the pages written there; "
+                f"finish the move with 'ferryctl migrate {self.name} {self.peer_uri} "
+                "--postcopy --postcopy-resume'"
+            )
         else:
             why = (
                 "it may run there; settle it with 'ferryctl migrate-recover "

@@ -111,6 +111,8 @@ class MessageID:
     MIGRATION_ABORTED: ClassVar[str] = "bae181de37854f6ebdf2647dce9c02d1"
     MIGRATION_REFUSED: ClassVar[str] = "9fac4ac65f7a40809609f3c07a0515af"
     MIGRATION_SUMMARY: ClassVar[str] = "5a3ea072941b432b985dcdd9a67382a1"
+    #: A lever moved in flight (controller, timeout action, post-copy switch), with its reason.
+    MIGRATION_DECISION: ClassVar[str] = "320e9f70e9884754ac16c434402f4b33"
 
     @classmethod
     def names(cls) -> dict[str, str]:

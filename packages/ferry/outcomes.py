@@ -32,6 +32,7 @@ from ferry.statefile import atomic_write
 __all__ = [
     "FAILED",
     "FINISHING",
+    "POSTCOPY",
     "PREPARED",
     "RUNNING",
     "OutcomeBook",
@@ -43,7 +44,10 @@ PREPARED = "prepared"
 FINISHING = "finishing"
 RUNNING = "running"
 FAILED = "failed"
-STATES = frozenset({PREPARED, FINISHING, RUNNING, FAILED})
+#: Switched to post-copy, CPUs not started yet: the CPU state is here and
+#: the source never resumes; only this host can run the VM now.
+POSTCOPY = "postcopy"
+STATES = frozenset({PREPARED, FINISHING, RUNNING, FAILED, POSTCOPY})
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,13 @@ class OutcomeRecord:
         """The ``migration_outcome`` reply for this record.
 
         ``outcome`` is what the source acts on: ``running`` (confirm: stop
-        the source copy), ``not-running`` (resume it) or ``pending`` (ask
-        again shortly).
+        the source copy), ``not-running`` (resume it), ``postcopy`` (the
+        CPU state is here, not started: never resume; finish with
+        ``--postcopy-resume``) or ``pending`` (ask again shortly).
         """
-        outcome = {RUNNING: "running", FAILED: "not-running"}.get(self.state, "pending")
+        outcome = {RUNNING: "running", FAILED: "not-running", POSTCOPY: "postcopy"}.get(
+            self.state, "pending"
+        )
         return {"migration_id": self.migration_id, "outcome": outcome, "state": self.state,
                 "reason": self.reason, "domain": self.domain}  # fmt: skip
 

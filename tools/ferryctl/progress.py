@@ -14,7 +14,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Display", "make_display", "print_journal"]
+__all__ = ["Display", "describe", "make_display", "print_journal"]
 
 GIB = 1024**3
 MIB = 1024**2
@@ -77,6 +77,8 @@ class Display:
                 print(self.line(data), flush=True)
         elif name == "warning":
             self.note(f"warning: {data.get('message')}")
+        elif name in ("decision", "postcopy", "preflight"):
+            print(describe(name, data), flush=True)
 
     def line(self, data: dict[str, Any]) -> str:
         """One-line summary of a progress sample."""
@@ -86,7 +88,8 @@ class Display:
             f"bandwidth {_rate(data.get('smoothed_bandwidth'))}, "
             f"dirty {_rate(data.get('dirty_rate'))}, "
             f"throttle {data.get('throttle_pct', 0)}%, "
-            f"left {_secs(data.get('predicted_remaining_s'))}"
+            f"ETA {_secs(data.get('eta_s'))}"
+            + (f", plan {data['plan']}" if data.get("plan") else "")
             + (
                 f", tunnel {_size(data['tunnel_bytes'])} at "
                 f"{_rate(data.get('tunnel_bandwidth') or data.get('tunnel_bytes_per_s'))}"
@@ -104,6 +107,7 @@ class Display:
             f"downtime {stats.get('downtime_ms', '-')} ms, "
             f"{_size(stats.get('transferred'))} transferred, "
             f"throttle {stats.get('throttle_pct', 0)}%"
+            + (", post-copy" if stats.get("postcopy") else "")
             + (
                 f", {_size(stats['tunnel_bytes'])} through the {stats.get('tunnel_mode')} "
                 f"tunnel on {stats.get('tunnel_channels')} channel(s)"
@@ -133,6 +137,7 @@ class RichDisplay(Display):
 
     def __init__(self, verbose: bool = False) -> None:
         super().__init__(verbose)
+        self.decision = ""
         from rich.console import Console
         from rich.live import Live
 
@@ -159,7 +164,11 @@ class RichDisplay(Display):
         table.add_row("throttle", f"{data.get('throttle_pct', 0)} %")
         converging = data.get("converging")
         table.add_row("converging", "-" if converging is None else ("yes" if converging else "NO"))
-        table.add_row("time left", _secs(data.get("predicted_remaining_s")))
+        table.add_row("ETA", _secs(data.get("eta_s")))
+        if data.get("plan"):
+            table.add_row("plan", str(data["plan"]))
+        if self.decision:
+            table.add_row("last decision", self.decision)
         if "tunnel_bytes" in data:
             table.add_row(
                 "tunnel",
@@ -191,7 +200,21 @@ class RichDisplay(Display):
             self.last = data
         elif name == "warning":
             self.console.print(f"[yellow]warning:[/] {data.get('message')}")
+        elif name in ("decision", "postcopy", "preflight"):
+            self.decision = describe(name, data)
+            self.console.print(self.decision)
         self.live.update(self._render())
+
+
+def describe(name: str, data: dict[str, Any]) -> str:
+    """One line for a decision, a switch to post-copy or the pre-flight verdict."""
+    if name == "postcopy":
+        return f"switched to post-copy: {data.get('reason', '')}"
+    if name == "preflight":
+        verdict = data.get("verdict") or {}
+        reasons = "; ".join(str(r) for r in verdict.get("reasons") or [])
+        return f"pre-flight: plan {verdict.get('plan', '?')}" + (f" ({reasons})" if reasons else "")
+    return f"decision: {data.get('reason', '')}"
 
 
 def make_display(*, json_lines: bool, verbose: bool = False) -> Display:

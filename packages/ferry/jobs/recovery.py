@@ -32,6 +32,12 @@ finish     peer not asked yet              ASK
 finish     peer unreachable past deadline  FENCE_UNKNOWN (stay paused, say why)
 confirm    recorded result completed       CONFIRM
 confirm    recorded result failed          RESUME
+any, with  qemu still in post-copy         FOLLOW_POSTCOPY (wait for the last
+post-copy                                  page, then ask and confirm)
+recorded   qemu completed                  ASK; peer running → CONFIRM,
+                                           anything else → FENCE_POSTCOPY
+           qemu paused, failed or gone     FENCE_POSTCOPY (never resume: the
+                                           CPU state went to the destination)
 =========  ==============================  ====================================
 
 Incoming (ferry-destination), by recorded outcome state:
@@ -44,6 +50,9 @@ finishing   CPUs running           KEEP (record running)
 finishing   not running / gone     KILL (record failed; the source resumes)
 running     any                    KEEP (the VM is ours; if qemu died, it died here)
 failed      any                    KILL (make sure nothing is left)
+any but     in post-copy, running  KEEP (record running)
+failed      in post-copy, stopped  HOLD (record postcopy: the source never
+                                   resumes; ``--postcopy-resume`` finishes it)
 ==========  =====================  =============================================
 """
 
@@ -55,6 +64,7 @@ from typing import Generic, TypeVar
 
 __all__ = [
     "MIGRATING",
+    "POSTCOPY_STATES",
     "Decision",
     "IncomingAction",
     "OutgoingAction",
@@ -63,6 +73,9 @@ __all__ = [
     "decide_incoming",
     "decide_outgoing",
 ]
+
+#: query-migrate states of a qemu in post-copy (either end).
+POSTCOPY_STATES = frozenset({"postcopy-active", "postcopy-paused", "postcopy-recover"})
 
 #: query-migrate states in which the source's qemu is still sending.
 MIGRATING = frozenset(
@@ -79,6 +92,8 @@ class OutgoingAction(enum.Enum):
     ASK = "ask"
     CONFIRM = "confirm"
     FENCE_UNKNOWN = "fence-unknown"
+    FOLLOW_POSTCOPY = "follow-postcopy"
+    FENCE_POSTCOPY = "fence-postcopy"
 
 
 class IncomingAction(enum.Enum):
@@ -86,6 +101,7 @@ class IncomingAction(enum.Enum):
 
     KILL = "kill"
     KEEP = "keep"
+    HOLD = "hold"
 
 
 class PeerOutcome(enum.Enum):
@@ -93,6 +109,7 @@ class PeerOutcome(enum.Enum):
 
     RUNNING = "running"
     NOT_RUNNING = "not-running"
+    POSTCOPY = "postcopy"
     PENDING = "pending"
     UNREACHABLE = "unreachable"
 
@@ -124,13 +141,18 @@ def decide_outgoing(
     result: str | None = None,
     peer: PeerOutcome | None = None,
     deadline_passed: bool = False,
+    postcopy: bool = False,
 ) -> Decision[OutgoingAction]:
     """The outgoing table (see the module docstring).
 
     ``result`` is the outcome recorded on entering confirm (``completed`` or
-    ``failed``); ``peer`` the destination's last answer, None if not asked.
+    ``failed``); ``peer`` the destination's last answer, None if not asked;
+    ``postcopy`` whether the switch to post-copy was recorded (from then on
+    nothing resumes the source).
     """
     act = OutgoingAction
+    if postcopy:
+        return _decide_postcopy(qemu, result, peer)
     if phase in (None, "begin", "prepare"):
         return Decision(act.NOTHING, "the migration stream never started")
     if phase == "perform":
@@ -146,6 +168,8 @@ def decide_outgoing(
         return Decision(act.CONFIRM, "the destination runs the VM")
     if peer is PeerOutcome.NOT_RUNNING:
         return Decision(act.RESUME, "the destination does not run the VM")
+    if peer is PeerOutcome.POSTCOPY:
+        return Decision(act.FENCE_UNKNOWN, "the destination holds the VM in post-copy")
     if peer is None:
         return Decision(act.ASK, "Finish was sent: ask the destination for the outcome")
     if deadline_passed:
@@ -153,9 +177,32 @@ def decide_outgoing(
     return Decision(act.ASK, f"the destination's answer was {peer.value}: ask again")
 
 
+def _decide_postcopy(
+    qemu: QemuView, result: str | None, peer: PeerOutcome | None
+) -> Decision[OutgoingAction]:
+    act = OutgoingAction
+    if result == "completed":
+        return Decision(act.CONFIRM, "post-copy had completed and the destination runs the VM")
+    if qemu.alive and qemu.migration in ("postcopy-active", "postcopy-recover"):
+        return Decision(act.FOLLOW_POSTCOPY, "qemu is still sending pages in post-copy")
+    if qemu.alive and qemu.migration == "completed":
+        if peer is PeerOutcome.RUNNING:
+            return Decision(act.CONFIRM, "post-copy completed and the destination runs the VM")
+        if peer is None:
+            return Decision(act.ASK, "post-copy completed: ask whether the destination runs it")
+        return Decision(act.FENCE_POSTCOPY,
+                        "post-copy completed but the destination has not started the CPUs")
+    return Decision(act.FENCE_POSTCOPY,
+                    "the migration switched to post-copy and did not complete: never resume")
+
+
 def decide_incoming(state: str | None, qemu: QemuView) -> Decision[IncomingAction]:
     """The incoming table (see the module docstring); ``state`` from the outcome record."""
     act = IncomingAction
+    if state != "failed" and qemu.alive and qemu.migration in POSTCOPY_STATES:
+        if qemu.running:
+            return Decision(act.KEEP, "post-copy: the CPUs run here")
+        return Decision(act.HOLD, "post-copy: the CPU state is here; wait for the source")
     if state == "running":
         return Decision(act.KEEP, "the CPUs had been started here")
     if state == "finishing":

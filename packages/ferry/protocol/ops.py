@@ -155,6 +155,14 @@ _REGISTRY: dict[str, OpSpec] = {
     "migrate_recover": _spec(
         "source: ask the destination again and settle an unknown outcome", name=_NAME
     ),
+    "migrate_postcopy": _spec(
+        "source: switch a running migration (started with --postcopy) to post-copy",
+        name=_NAME,
+    ),
+    "postcopy_recover": _spec(
+        "source → destination: listen again for a post-copy stream that broke",
+        migration_id=_MIGRATION_ID,
+    ),
     "agent_state": _spec("jobs, migrations and tokens this agent holds (diagnostics)"),
     "confirm": _spec(
         "source: clean up, or resume after a failure",

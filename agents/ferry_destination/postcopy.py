@@ -1,0 +1,142 @@
+"""Post-copy on the destination: hold the copy, never discard it, and reconnect a broken stream.
+
+Once its qemu is in post-copy, the destination holds the VM's CPU state and
+the source never resumes: discarding the incoming qemu then would lose the
+VM.  So the watchdog and the outcome question *hold* such a migration
+(record ``postcopy``, keep qemu) instead of discarding it, and
+``postcopy_recover`` lets the source reconnect a paused stream: qemu's
+``migrate-recover`` on a fresh port, or on a fresh tunnel socket with a new
+token when the migration is tunnelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from ferry.acl import check_access
+from ferry.errors import FerryError, MigrationFailed, PhaseError
+from ferry.flags import MigrationFlags
+from ferry.jobs.recovery import POSTCOPY_STATES
+from ferry.journal import LogContext, MessageID, log_event
+from ferry.outcomes import POSTCOPY
+from ferry.qemu import QemuProcess, query_migrate
+from ferry.rpc import RequestContext
+from ferry_destination.context import DestinationContext
+from ferry_destination.incoming import Incoming
+from ferry_destination.tunnel import IncomingTunnel
+
+__all__ = ["hold", "postcopy_recover", "postcopy_state"]
+
+log = logging.getLogger("ferry.destination")
+
+PAUSE_WAIT_S = 10.0
+
+
+async def postcopy_state(proc: QemuProcess) -> str | None:
+    """qemu's migration state if it is in post-copy, else None (also when unreachable)."""
+    try:
+        stats = await query_migrate(proc.qmp)
+    except FerryError:
+        return None
+    return stats.status if stats.status in POSTCOPY_STATES else None
+
+
+def hold(dst: DestinationContext, incoming: Incoming, reason: str) -> None:
+    """Keep a post-copy incoming migration: record ``postcopy``, stop watching it.
+
+    The incoming stays registered so that a resumed stream's Finish still
+    finds it.
+    """
+    incoming.held = True
+    if incoming.watchdog is not None and incoming.watchdog is not asyncio.current_task():
+        incoming.watchdog.cancel()
+    dst.outcomes.record(incoming.migration_id, POSTCOPY, domain=incoming.domain.name,
+                        uuid=incoming.domain.uuid, reason=reason,
+                        source_host=incoming.source_host)  # fmt: skip
+    log_event(log, MessageID.MIGRATION_PHASE,
+              f"incoming {incoming.domain.name} is in post-copy and {reason}: holding it "
+              "(the CPU state is here; only --postcopy-resume can finish the move)",
+              domain=incoming.domain.name, migration_id=incoming.migration_id,
+              level=logging.WARNING)  # fmt: skip
+
+
+async def _wait_paused(proc: QemuProcess) -> str:
+    """Pause a post-copy stream that still looks alive; the state once it settles."""
+    state = await postcopy_state(proc)
+    if state == "postcopy-active":
+        # The source saw the link die; this side may still wait on a
+        # socket that will never speak again.
+        with contextlib.suppress(FerryError):
+            await proc.qmp.execute("migrate-pause")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PAUSE_WAIT_S
+    while loop.time() < deadline:
+        state = await postcopy_state(proc)
+        if state != "postcopy-active":
+            break
+        await asyncio.sleep(0.05)
+    return state or "none"
+
+
+async def postcopy_recover(
+    dst: DestinationContext, ctx: RequestContext, args: dict[str, Any]
+) -> dict[str, Any]:
+    """Make a paused post-copy incoming qemu listen again (qemu ``migrate-recover``)."""
+    migration_id = args["migration_id"]
+    incoming = dst.find_migration(migration_id)
+    if incoming is None:
+        record = dst.outcomes.get(migration_id)
+        if record is None:
+            check_access(dst.config.acl, ctx.subject, "postcopy_recover", None)
+        else:
+            check_access(dst.config.acl, ctx.subject, "postcopy_recover", record.domain,
+                         record.uuid)  # fmt: skip
+        what = f"its record says {record.state}" if record else "it has no record of it"
+        raise PhaseError(
+            f"no paused post-copy migration {migration_id} on {dst.config.host.name}: {what}"
+        )
+    name = incoming.domain.name
+    check_access(dst.config.acl, ctx.subject, "postcopy_recover", name, incoming.domain.uuid)
+    with LogContext(domain=name, uuid=incoming.domain.uuid, migration_id=migration_id,
+                    phase="perform"):  # fmt: skip
+        state = await _wait_paused(incoming.proc)
+        if state != "postcopy-paused":
+            raise MigrationFailed(
+                f"the incoming qemu of '{name}' is not paused in post-copy (it is {state}); "
+                "nothing to resume"
+            )
+        if not incoming.held:
+            hold(dst, incoming, "the stream broke")
+        answer: dict[str, Any] = {"name": name}
+        if incoming.flags & MigrationFlags.TUNNELLED:
+            old = incoming.tunnel
+            if old is not None:
+                dst.tokens.revoke(name)
+                await old.close(drain=False)
+            tunnel_dir = dst.config.paths.tunnel_dir
+            path = tunnel_dir / f"{migration_id[:12]}-r{incoming.resumes}.sock"
+            tunnel = IncomingTunnel(name, path, 1)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            await incoming.proc.qmp.execute("migrate-recover", {"uri": tunnel.uri})
+            incoming.tunnel = tunnel
+            token = dst.tokens.issue(
+                name, 1, dst.config.destination.incoming_timeout_s, tunnel,
+                allow_plaintext=dst.config.tls is not None
+                and dst.config.tls.allow_plaintext_tunnel,
+            )  # fmt: skip
+            answer.update(uri="tunnel", tunnel={"token": token, "channels": 1})
+        else:
+            from ferry_destination.prepare import listen_uri
+
+            listen, advertised = listen_uri(dst, ctx)
+            await incoming.proc.qmp.execute("migrate-recover", {"uri": listen})
+            answer["uri"] = advertised
+        incoming.resumes += 1
+        log_event(log, MessageID.MIGRATION_PHASE,
+                  f"post-copy of {name}: waiting for the source to resume the stream")  # fmt: skip
+        return answer
