@@ -13,11 +13,14 @@ import contextlib
 import logging
 
 from ferry.errors import FerryError
-from ferry.jobs import AsyncJob
+from ferry.flags import MigrationFlags
+from ferry.jobs import AsyncJob, Job
 from ferry.jobs.recovery import IncomingAction, QemuView, decide_incoming
 from ferry.journal import LogContext, MessageID, log_event
-from ferry.outcomes import FAILED, FINISHING, PREPARED, RUNNING
+from ferry.outcomes import FAILED, FINISHING, POSTCOPY, PREPARED, RUNNING
+from ferry.qemu import query_migrate
 from ferry_destination.context import DestinationContext
+from ferry_destination.incoming import Incoming
 
 __all__ = ["recover_incoming"]
 
@@ -37,13 +40,18 @@ async def recover_incoming(dst: DestinationContext) -> None:
             log.error("cannot adopt the incoming job of %s: %s", found.name, exc)
             continue
         migration_id = record.migration_id or ""
+        held = False
         try:
-            await _decide(dst, found.name, found.uuid, migration_id)
+            action = await _decide(dst, found.name, found.uuid, migration_id)
             decided.add(migration_id)
+            if action is IncomingAction.HOLD:
+                held = await _hold(dst, found.name, migration_id, job, MigrationFlags(
+                    int(record.flags or 0)))  # fmt: skip
         except Exception:
             log.exception("recovery of incoming %s failed", found.name)
         finally:
-            await dst.jobs.end_async(job)
+            if not held:
+                await dst.jobs.end_async(job)
     # Records left undecided without a job (a crash between the job's end
     # and the record's update cannot happen today, but a damaged run dir can).
     for entry in dst.outcomes.all():
@@ -51,7 +59,25 @@ async def recover_incoming(dst: DestinationContext) -> None:
             await _decide(dst, entry.domain, entry.uuid, entry.migration_id)
 
 
-async def _decide(dst: DestinationContext, name: str, uuid: str, migration_id: str) -> None:
+async def _hold(
+    dst: DestinationContext, name: str, migration_id: str, job: Job, flags: MigrationFlags
+) -> bool:
+    """Register a held post-copy migration again, so the source can resume it."""
+    try:
+        live = dst.host.find(name)
+        proc = await dst.host.process(name, timeout=5.0)
+    except FerryError as exc:
+        log.error("cannot hold the post-copy migration of %s: %s", name, exc)
+        return False
+    dst.incoming[name] = Incoming(live.domain, job, proc, migration_id, flags, held=True)
+    dst.incoming[name].phases.advance("prepare")
+    dst.notify_status()
+    return True
+
+
+async def _decide(
+    dst: DestinationContext, name: str, uuid: str, migration_id: str
+) -> IncomingAction:
     entry = dst.outcomes.get(migration_id) if migration_id else None
     with LogContext(domain=name, uuid=uuid, migration_id=migration_id, phase="finish"):
         view = await _observe(dst, name, uuid)
@@ -59,6 +85,19 @@ async def _decide(dst: DestinationContext, name: str, uuid: str, migration_id: s
         log_event(log, MessageID.MIGRATION_PHASE,
                   f"recovering incoming {name} after a restart: {decision.action.value} — "
                   f"{decision.reason}")  # fmt: skip
+        if decision.action is IncomingAction.HOLD:
+            # Post-copy with the CPUs not started: the CPU state is here and
+            # the source never resumes.  Keep qemu; the source's
+            # --postcopy-resume (or its restarted agent) finishes the move.
+            if migration_id:
+                dst.outcomes.record(migration_id, POSTCOPY, domain=name, uuid=uuid,
+                                    reason=decision.reason,
+                                    source_host=entry.source_host if entry else "")  # fmt: skip
+            status = dst.host.load_status(name)
+            if status is not None:
+                status.run_state = "paused"
+                dst.host.save_status(status)
+            return decision.action
         if decision.action is IncomingAction.KEEP:
             if entry is not None and entry.state != RUNNING:
                 dst.outcomes.record(migration_id, RUNNING, domain=name, uuid=uuid,
@@ -69,7 +108,7 @@ async def _decide(dst: DestinationContext, name: str, uuid: str, migration_id: s
                 status.run_state = "running" if view.running else "paused"
                 dst.host.save_status(status)
             await dst.host.release(name)
-            return
+            return decision.action
         status = dst.host.load_status(name)
         if status is not None and status.uuid == uuid:
             await dst.host.kill(name)  # by pid if its monitor is wedged
@@ -77,6 +116,7 @@ async def _decide(dst: DestinationContext, name: str, uuid: str, migration_id: s
             dst.outcomes.record(migration_id, FAILED, domain=name, uuid=uuid,
                                 reason=f"ferry-destination restarted: {decision.reason}",
                                 source_host=entry.source_host if entry else "")  # fmt: skip
+        return decision.action
 
 
 async def _observe(dst: DestinationContext, name: str, uuid: str) -> QemuView:
@@ -86,5 +126,6 @@ async def _observe(dst: DestinationContext, name: str, uuid: str) -> QemuView:
     with contextlib.suppress(FerryError):
         proc = await dst.host.process(name, timeout=5.0)
         run = await proc.qmp.query_status()
-        return QemuView(alive=True, running=run.running)
+        stats = await query_migrate(proc.qmp)
+        return QemuView(alive=True, running=run.running, migration=stats.status)
     return QemuView(alive=False)

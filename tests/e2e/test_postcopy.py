@@ -222,7 +222,8 @@ def test_compression_refusals(zip_guest: testguest.SerialReader, hosts: Cluster)
             "requires --parallel")  # fmt: skip
     refused(migrate(a, "g1", b, "--compressed", "--parallel", "--comp-methods", "xbzrle"),
             "flags-invalid", "main stream")  # fmt: skip
-    refused(migrate(a, "g1", b, "--comp-methods", "xbzrle"), "flags-invalid", "requires --compressed")
+    refused(migrate(a, "g1", b, "--comp-methods", "xbzrle"), "flags-invalid",
+            "requires --compressed")  # fmt: skip
     refused(migrate(a, "g1", b, "--compressed", "--comp-methods", "lz4"), "flags-invalid",
             "compression_methods[0]' must be one of 'xbzrle', 'zlib', 'zstd'")  # fmt: skip
     refused(migrate(a, "g1", b, "--compressed", "--comp-xbzrle-cache", "3000000"), "flags-invalid",
