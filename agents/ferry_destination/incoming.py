@@ -55,8 +55,6 @@ class Incoming:
     moved_at: float = field(default_factory=time.monotonic)
     #: In post-copy with no Finish yet and the source gone: kept, never discarded.
     held: bool = False
-    #: How many times a paused post-copy stream was reconnected.
-    resumes: int = 0
 
     def note_progress(self, transferred: int) -> None:
         """The source says the stream reached ``transferred`` bytes."""

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from ferry.acl import check_access
 from ferry.errors import FerryError, MigrationFailed, PhaseError
-from ferry.flags import MigrationFlags
 from ferry.jobs.recovery import POSTCOPY_STATES
 from ferry.journal import LogContext, MessageID, log_event
-from ferry.outcomes import POSTCOPY
+from ferry.outcomes import POSTCOPY, RUNNING
 from ferry.qemu import QemuProcess, query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
@@ -84,46 +84,51 @@ async def _wait_paused(proc: QemuProcess) -> str:
 async def postcopy_recover(
     dst: DestinationContext, ctx: RequestContext, args: dict[str, Any]
 ) -> dict[str, Any]:
-    """Make a paused post-copy incoming qemu listen again (qemu ``migrate-recover``)."""
+    """Make a paused post-copy incoming qemu listen again (qemu ``migrate-recover``).
+
+    Works whether Finish got through (the domain runs here, its CPUs wait
+    for pages) or not (the migration is held).
+    """
     migration_id = args["migration_id"]
     incoming = dst.find_migration(migration_id)
-    if incoming is None:
-        record = dst.outcomes.get(migration_id)
+    record = dst.outcomes.get(migration_id)
+    if incoming is not None:
+        name, uuid = incoming.domain.name, incoming.domain.uuid
+    elif record is not None and record.state in (RUNNING, POSTCOPY):
+        name, uuid = record.domain, record.uuid
+    else:
         if record is None:
             check_access(dst.config.acl, ctx.subject, "postcopy_recover", None)
-        else:
-            check_access(dst.config.acl, ctx.subject, "postcopy_recover", record.domain,
-                         record.uuid)  # fmt: skip
         what = f"its record says {record.state}" if record else "it has no record of it"
         raise PhaseError(
             f"no paused post-copy migration {migration_id} on {dst.config.host.name}: {what}"
         )
-    name = incoming.domain.name
-    check_access(dst.config.acl, ctx.subject, "postcopy_recover", name, incoming.domain.uuid)
-    with LogContext(domain=name, uuid=incoming.domain.uuid, migration_id=migration_id,
-                    phase="perform"):  # fmt: skip
-        state = await _wait_paused(incoming.proc)
+    check_access(dst.config.acl, ctx.subject, "postcopy_recover", name, uuid)
+    with LogContext(domain=name, uuid=uuid, migration_id=migration_id, phase="perform"):
+        proc = incoming.proc if incoming is not None else await dst.host.process(name)
+        state = await _wait_paused(proc)
         if state != "postcopy-paused":
             raise MigrationFailed(
                 f"the incoming qemu of '{name}' is not paused in post-copy (it is {state}); "
                 "nothing to resume"
             )
-        if not incoming.held:
+        if incoming is not None and not incoming.held:
             hold(dst, incoming, "the stream broke")
         answer: dict[str, Any] = {"name": name}
-        if incoming.flags & MigrationFlags.TUNNELLED:
-            old = incoming.tunnel
-            if old is not None:
+        if args["tunnelled"]:
+            if incoming is not None and incoming.tunnel is not None:
                 dst.tokens.revoke(name)
-                await old.close(drain=False)
-            tunnel_dir = dst.config.paths.tunnel_dir
-            path = tunnel_dir / f"{migration_id[:12]}-r{incoming.resumes}.sock"
+                await incoming.tunnel.close(drain=False)
+            path = dst.config.paths.tunnel_dir / f"{migration_id[:12]}-r{int(time.time())}.sock"
             tunnel = IncomingTunnel(name, path, 1)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            await incoming.proc.qmp.execute("migrate-recover", {"uri": tunnel.uri})
-            incoming.tunnel = tunnel
+            await proc.qmp.execute("migrate-recover", {"uri": tunnel.uri})
+            if incoming is not None:
+                incoming.tunnel = tunnel
+            else:
+                dst.spawn(_close_when_done(dst, proc, tunnel))
             token = dst.tokens.issue(
                 name, 1, dst.config.destination.incoming_timeout_s, tunnel,
                 allow_plaintext=dst.config.tls is not None
@@ -134,9 +139,18 @@ async def postcopy_recover(
             from ferry_destination.prepare import listen_uri
 
             listen, advertised = listen_uri(dst, ctx)
-            await incoming.proc.qmp.execute("migrate-recover", {"uri": listen})
+            await proc.qmp.execute("migrate-recover", {"uri": listen})
             answer["uri"] = advertised
-        incoming.resumes += 1
         log_event(log, MessageID.MIGRATION_PHASE,
                   f"post-copy of {name}: waiting for the source to resume the stream")  # fmt: skip
         return answer
+
+
+async def _close_when_done(
+    dst: DestinationContext, proc: QemuProcess, tunnel: IncomingTunnel
+) -> None:
+    """Close a resumed stream's tunnel once qemu no longer migrates (the domain runs here)."""
+    while await postcopy_state(proc) is not None:
+        await asyncio.sleep(1.0)
+    dst.tokens.revoke(tunnel.name)
+    await tunnel.close(drain=True)

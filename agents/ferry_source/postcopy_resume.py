@@ -106,10 +106,12 @@ async def _reconnect(ctx: SourceContext, out: Outgoing, session: Any) -> None:
     """Destination listens again, our qemu reconnects; wait until pages flow."""
     proc = out.proc
     assert proc is not None
-    rec = await request(session, "postcopy_recover", {"migration_id": out.migration_id},
+    tunnelled = bool(out.flags & MigrationFlags.TUNNELLED)
+    rec = await request(session, "postcopy_recover",
+                        {"migration_id": out.migration_id, "tunnelled": tunnelled},
                         timeout=ctx.config.migration.reply_timeout_s, peer=out.peer)  # fmt: skip
     uri = str(rec["uri"])
-    if out.flags & MigrationFlags.TUNNELLED:
+    if tunnelled:
         out.tunnel = open_tunnel(ctx, out, rec)
         uri = out.tunnel.uri
     log_event(log, MessageID.MIGRATION_PHASE,

@@ -182,9 +182,10 @@ def test_postcopy_link_cut_then_resume(
     assert len(a.qemu_pids()) == 1 and len(b.qemu_pids()) == 1
     info = a.ctl_json("dominfo", "g1")
     assert info["state"] == "paused" and "post-copy" in json.dumps(info), info
-    for verb in ("start", "resume"):
-        out = a.ferryctl(verb, "g1")
-        assert out.returncode == 1 and "post-copy" in out.stderr, out.stderr
+    out = a.ferryctl("resume", "g1")
+    assert out.returncode == 1 and "post-copy" in out.stderr, out.stderr
+    out = a.ferryctl("migrate", "g1", b.uri, "--live")
+    assert out.returncode == 1 and "--postcopy-resume" in out.stderr, out.stderr
     result = migrate(a, "g1", b, "--postcopy", "--postcopy-resume", *extra)
     assert result.returncode == 0, result.stderr + hosts.logs()
     assert_moved(hosts, busy_guest)

@@ -162,6 +162,7 @@ _REGISTRY: dict[str, OpSpec] = {
     "postcopy_recover": _spec(
         "source → destination: listen again for a post-copy stream that broke",
         migration_id=_MIGRATION_ID,
+        tunnelled=FieldSpec(bool, default=False),
     ),
     "agent_state": _spec("jobs, migrations and tokens this agent holds (diagnostics)"),
     "confirm": _spec(
