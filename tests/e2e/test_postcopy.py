@@ -230,3 +230,53 @@ def test_compression_refusals(zip_guest: testguest.SerialReader, hosts: Cluster)
     refused(migrate(a, "g1", b, "--compressed", "--comp-xbzrle-cache", "3000000"), "flags-invalid",
             "power of two")  # fmt: skip
     assert a.domain_state("g1") == "running" and not b.qemu_pids()
+
+
+# -- the convergence controller (--deadline) ----------------------------------------
+
+
+def test_controller_meets_a_reachable_deadline(
+    busy_guest: testguest.SerialReader, hosts: Cluster
+) -> None:
+    a, b = hosts.a, hosts.b
+    result = migrate(a, "g1", b, "--bandwidth", "64", "--postcopy-bandwidth", "64",
+                     "--deadline", "12", "--max-downtime", "500", "--max-throttle", "50",
+                     "--postcopy")  # fmt: skip
+    assert result.returncode == 0, result.stderr + hosts.logs()
+    seen = events(result)
+    preflight = [e for e in seen if e["event"] == "preflight"]
+    assert preflight, seen
+    verdict = preflight[0]["data"]["verdict"]  # type: ignore[index]
+    assert verdict["feasible"] and verdict["reasons"], verdict
+    # Every lever it moved says why, with figures.
+    moves = [e for e in seen if e["event"] in ("postcopy", "decision")]
+    assert moves and all("MiB/s" in str(m["data"]) or "ms" in str(m["data"]) for m in moves), seen
+    stats = result_stats(result)
+    assert stats["downtime_ms"] <= 500 and stats["throttle_pct"] <= 50, stats
+    # The decision is in the journal of A, with its reason.
+    assert_moved(hosts, busy_guest)
+
+
+def test_controller_refuses_unreachable_deadline_before_starting(
+    busy_guest: testguest.SerialReader, hosts: Cluster
+) -> None:
+    a, b = hosts.a, hosts.b
+    result = migrate(a, "g1", b, "--bandwidth", "32", "--deadline", "2", "--max-downtime", "300")
+    refused(result, "deadline-unreachable", "refused before starting", "--deadline 2s")
+    assert any(e["event"] == "preflight" for e in events(result))
+    assert a.domain_state("g1") == "running" and not b.qemu_pids()
+    state = a.ctl_json("agent-state")
+    assert not state["jobs"] and not state["outgoing"] and not state["fences"], state
+
+
+def test_controller_keeps_quiet_guest_in_precopy(
+    hosts: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    a, b = hosts.a, hosts.b
+    for serial in _guest(hosts, guest_kernel, virt_type, tmp_path, mem_mib=128, wss_mib=8,
+                         rate_mib_s=4):  # fmt: skip
+        result = migrate(a, "g1", b, "--bandwidth", "64", "--deadline", "30", "--postcopy")
+        assert result.returncode == 0, result.stderr + hosts.logs()
+        assert not any(e["event"] == "postcopy" for e in events(result)), events(result)
+        assert not result_stats(result).get("postcopy"), result_stats(result)
+        assert_moved(hosts, serial)
