@@ -235,6 +235,9 @@ async def _follow(
                     result = _stats(stats, max_throttle)
                     result["postcopy"] = True
                     result["switch_s"] = round(time.monotonic() - out.started_at, 3)
+                    if ctx.faults.hit("src.postcopy") == "drop-reply" and out.session:
+                        # Finish (next) goes out on a dead connection.
+                        out.session.writer.transport.abort()
                     return result
                 if out.tunnel is not None:
                     tunnel_sent, _ = out.tunnel.bytes()

@@ -22,6 +22,8 @@ point              agent                reached
                                         recorded, before Finish's reply
 ``src.confirm``    ferry-source         the outcome is known and recorded, before
                                         the source's qemu is stopped
+``src.postcopy``   ferry-source         qemu runs in post-copy (the switch is
+                                        recorded), before Finish is sent
 =================  ===================  ============================================
 
 Actions:
@@ -31,7 +33,7 @@ Actions:
   kills it).
 - ``drop-reply``: the reply of this step is lost: the destination aborts the
   peer connection instead of answering (``dst.*``); the source aborts the
-  peer connection (``src.perform``) or its client's admin connection
+  peer connection (``src.perform``, ``src.postcopy``) or its client's admin connection
   (``src.begin``, ``src.confirm``) and carries on.
 
 Each configured fault fires once per agent process.
@@ -52,7 +54,8 @@ __all__ = ["ACTIONS", "POINTS", "FaultSpec", "Faults", "parse_faults"]
 log = logging.getLogger("ferry.faults")
 
 POINTS = frozenset(
-    {"src.begin", "dst.prepare", "src.perform", "dst.finish.begin", "dst.finish", "src.confirm"}
+    {"src.begin", "dst.prepare", "src.perform", "dst.finish.begin", "dst.finish", "src.confirm",
+     "src.postcopy"}
 )
 ACTIONS = frozenset({"stop", "drop-reply"})
 
