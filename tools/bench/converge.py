@@ -535,7 +535,9 @@ class FerryDriver:
         readers: list[testguest.SerialReader] = []
         try:
             self.clean(name)
-            a.ferryctl("start", name, check=True)
+            # The last trial moved the guest to b and clean() destroyed it
+            # there: a's fence (it runs on b) is stale, and we checked.
+            a.ferryctl("start", name, "--force", check=True)
             sread = testguest.SerialReader(a.serial_socket(name))
             readers.append(sread)
             boot, _ = guest_ready(sread, args.boot_timeout)
