@@ -154,7 +154,7 @@ class Variant:
     caps: tuple[str, ...] = ()
     downtime_ms: int | None = None
     # ferry driver
-    mode: str = ""  # "postcopy" or "ctl"
+    mode: str = ""  # "postcopy", "ctl", or a compression method (pre-copy)
 
 
 def _variants() -> dict[str, Variant]:
@@ -179,6 +179,14 @@ def _variants() -> dict[str, Variant]:
                     mode="postcopy"),
             Variant(f"{p}ferry-ctl", "ferry", zip_, f"ferry controller + post-copy{comp}",
                     mode="ctl"),
+            # Pre-copy with one compression method and nothing else: what
+            # each does for this guest (zstd/zlib compress multifd channels).
+            Variant(f"{p}ferry-xbzrle", "ferry", zip_, f"ferry pre-copy, xbzrle{guest}",
+                    mode="xbzrle"),
+            Variant(f"{p}ferry-zstd", "ferry", zip_, f"ferry pre-copy, zstd x2{guest}",
+                    mode="zstd"),
+            Variant(f"{p}ferry-zlib", "ferry", zip_, f"ferry pre-copy, zlib x2{guest}",
+                    mode="zlib"),
         ]  # fmt: skip
         out.update((v.name, v) for v in rows)
     return out
@@ -513,6 +521,13 @@ class FerryDriver:
                 "--max-throttle", str(args.max_throttle),
                 "--postcopy", "--postcopy-bandwidth", bw,
             ]  # fmt: skip
+        if variant.mode in ("xbzrle", "zstd", "zlib"):
+            if variant.mode != "xbzrle":
+                out += ["--parallel"]
+            out += ["--compressed", "--comp-methods", variant.mode]
+            if variant.mode == "xbzrle" and args.xbzrle_cache_mib:
+                out += ["--comp-xbzrle-cache", str(args.xbzrle_cache_mib * MIB)]
+            return out
         if variant.zip:
             out.append("--compressed")
             if args.xbzrle_cache_mib:
