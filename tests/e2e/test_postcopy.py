@@ -280,3 +280,32 @@ def test_controller_keeps_quiet_guest_in_precopy(
         assert not any(e["event"] == "postcopy" for e in events(result)), events(result)
         assert not result_stats(result).get("postcopy"), result_stats(result)
         assert_moved(hosts, serial)
+
+
+# -- --timeout and its actions ------------------------------------------------------
+
+
+def test_timeout_postcopy_and_timeout_suspend(
+    busy_guest: testguest.SerialReader, hosts: Cluster
+) -> None:
+    a, b = hosts.a, hosts.b
+    # Pre-copy at 32 MiB/s never ends for this guest: after 3 s, switch.
+    result = migrate(a, "g1", b, "--bandwidth", "32", "--postcopy", "--postcopy-bandwidth", "64",
+                     "--timeout", "3", "--timeout-postcopy")  # fmt: skip
+    assert result.returncode == 0, result.stderr + hosts.logs()
+    switch = [e for e in events(result) if e["event"] == "postcopy"]
+    assert switch and "--timeout 3s" in str(switch[0]["data"]), events(result)
+    assert result_stats(result)["postcopy"] is True
+    assert_moved(hosts, busy_guest)
+    # Back to A with virsh's default action: pause the guest, finish the copy.
+    result = migrate(b, "g1", a, "--bandwidth", "32", "--timeout", "3")
+    assert result.returncode == 0, result.stderr + hosts.logs()
+    decisions = [e for e in events(result) if e["event"] == "decision"]
+    assert any("pausing the guest" in str(d["data"]) for d in decisions), events(result)
+    assert not b.qemu_pids() and len(a.qemu_pids()) == 1
+    busy_guest.reconnect(a.serial_socket("g1"))
+    before = busy_guest.latest()
+    assert before is not None
+    after = busy_guest.wait_for(lambda r: r.counter > before.counter + 2, timeout=30)
+    assert after.bad_pages == 0 and busy_guest.boot_count == 1
+    assert a.ctl_json("dominfo", "g1")["state"] == "running"
