@@ -13,6 +13,11 @@ bed, broken once at a deterministic point:
    that is the meaningful order; the link is restored once ``ferryctl
    migrate`` has exited;
 4. if A reports the outcome unknown, ``ferryctl migrate-recover g1`` settles it;
+   if A fenced its copy as paused in post-copy, ``ferryctl migrate g1 B
+   --postcopy --postcopy-resume`` finishes the move; where the fault destroyed
+   half of a post-copy VM (a qemu killed mid-stream), the loss must be
+   reported, nothing may run, resuming must fail, and both halves are
+   destroyed so that the bed is reusable (:meth:`CellRun.settle_lost`);
 5. once everything settled (no job record, no incoming job or token, one
    qemu per active domain), the safety rule is checked (:func:`check_settled`)
    and a next migration must succeed with the guest's memory intact.
@@ -41,6 +46,7 @@ from cluster import VENV_BIN, Cluster, HostEnv, guest_xml, wait_until
 __all__ = [
     "CELLS",
     "FAULTS",
+    "KNOWN_BUGS",
     "NOT_APPLICABLE",
     "PHASES",
     "TIMEOUTS",
@@ -71,7 +77,7 @@ FAULT_TITLES = {
     "cut-link": "cut the link",
     "lose-reply": "lose one reply",
 }
-PHASES = ("begin", "prepare", "perform", "finish", "confirm")
+PHASES = ("begin", "prepare", "perform", "finish", "confirm", "postcopy")
 
 #: The point each phase is driven at (a cell may pick another, see CELLS).
 PHASE_POINTS = {
@@ -80,6 +86,7 @@ PHASE_POINTS = {
     "perform": "src.perform",
     "finish": "dst.finish",
     "confirm": "src.confirm",
+    "postcopy": "src.postcopy",
 }
 
 NOT_APPLICABLE = {
@@ -105,6 +112,27 @@ SETTLE_WAIT = 60.0
 # (32 MiB at 4 MiB/s: ~8 s); the guest dirties slowly enough to converge.
 PERFORM_BANDWIDTH_MIB_S = 4
 GUEST_MEM_MIB = 32
+
+# Post-copy cells (issue 12): the guest rewrites an 8 MiB working set flat
+# out, so a pre-copy capped at 8 MiB/s never converges (8 MiB left at every
+# pass is ~1 s of downtime) and --postcopy-after-precopy switches once the
+# first pass is done; post-copy at 1 MiB/s then streams the ~8 MiB left for
+# several seconds, long enough for the fault to hit it mid-stream.
+POSTCOPY_WSS_MIB = 8
+POSTCOPY_PRECOPY_MIB_S = 8
+POSTCOPY_BANDWIDTH_MIB_S = 1
+POSTCOPY_ARGS = (
+    "--postcopy",
+    "--postcopy-after-precopy",
+    "--bandwidth",
+    str(POSTCOPY_PRECOPY_MIB_S),
+    "--postcopy-bandwidth",
+    str(POSTCOPY_BANDWIDTH_MIB_S),
+)
+#: ``ferryctl migrate g1 B …`` that finishes a post-copy move A fenced.
+POSTCOPY_RESUME = ("--live", "--postcopy", "--postcopy-resume", "--json")
+#: ferry.fences.POSTCOPY: the fence of a copy paused in post-copy.
+POSTCOPY_FENCE = "postcopy"
 
 
 @dataclass(frozen=True)
@@ -148,6 +176,16 @@ class Cell:
     def point_agent(self) -> str:
         """The agent that reaches the point."""
         return "source" if self.point.startswith("src.") else "destination"
+
+    @property
+    def postcopy(self) -> bool:
+        """The migration switches to post-copy before the fault (issue 12)."""
+        return self.phase == "postcopy"
+
+    @property
+    def lost(self) -> bool:
+        """A post-copy cell whose fault destroys half of the VM (one qemu killed)."""
+        return self.postcopy and self.expect == ("none",)
 
 
 def _cells() -> list[Cell]:
@@ -203,6 +241,32 @@ def _cells() -> list[Cell]:
         },
         ("cut-link", "confirm"): {"expect": ("B",)},
         ("lose-reply", "confirm"): {"expect": ("B",), "why": "ferryctl's reply is lost"},
+        # -- Post-copy (issue 12): src.postcopy is after the switch, before
+        # Finish.  B holds the CPU state, A the pages not sent yet.
+        ("kill-source-agent", "postcopy"): {
+            "expect": ("B",),
+            "why": "A's recovery follows the stream, B says postcopy, A fences; resume → B",
+        },
+        ("kill-destination-agent", "postcopy"): {
+            "expect": ("B",),
+            "why": "B's recovery holds its post-copy qemu; A fences; resume → B",
+        },
+        ("kill-source-qemu", "postcopy"): {
+            "expect": ("none",),
+            "why": "the pages not yet sent die with A's qemu: lost, reported",
+        },
+        ("kill-destination-qemu", "postcopy"): {
+            "expect": ("none",),
+            "why": "the CPU state dies with B's qemu: lost, reported",
+        },
+        ("cut-link", "postcopy"): {
+            "expect": ("B",),
+            "why": "both qemus postcopy-paused; resume once the link is back → B",
+        },
+        ("lose-reply", "postcopy"): {
+            "expect": ("B",),
+            "why": "Finish goes out on an aborted connection; A fences; resume → B",
+        },
     }
     cells = []
     for phase in PHASES:
@@ -233,6 +297,18 @@ def _cells() -> list[Cell]:
 
 CELLS: tuple[Cell, ...] = tuple(_cells())
 
+#: Cells that show a bug in the agents (not in this harness): marked
+#: xfail(strict=True) by test_matrix.py until the agents are fixed.
+KNOWN_BUGS: dict[str, str] = {
+    "kill-source-qemu-postcopy": (
+        "agent gap (issue 12): after the source qemu dies mid-post-copy, ferry-destination "
+        "holds B's postcopy-paused qemu and its migration-in job forever (Finish failed → "
+        "hold; a restart holds it again) and no ferryctl verb can discard it: 'destroy g1' "
+        "on B is refused job-busy and --postcopy-resume cannot work without A's qemu, so the "
+        "bed keeps an orphan qemu and job record and the next migration to B is blocked"
+    ),
+}
+
 
 # -- what a cell records ------------------------------------------------------------
 
@@ -253,6 +329,8 @@ class CellRecord:
     outcome: str | None = None
     #: migrate-recover settled an unknown outcome.
     recovered: bool = False
+    #: ``migrate --postcopy --postcopy-resume`` finished a fenced post-copy move.
+    postcopy_resumed: bool = False
     #: The stage the cell was in (the failing one if it failed).
     stage: str = "setup"
     status: str = "not run"
@@ -425,6 +503,15 @@ class Observation:
         return [h.label for h in self.hosts if h.state == "paused"]
 
     @property
+    def postcopy_fenced_on_a(self) -> bool:
+        """A holds its copy paused and fenced as post-copy (``--postcopy-resume`` finishes it)."""
+        return (
+            self.a.state == "paused"
+            and (self.a.fence or {}).get("outcome") == POSTCOPY_FENCE
+            and not self.a.job_files
+        )
+
+    @property
     def unknown_on_a(self) -> bool:
         """A holds a paused copy whose outcome it does not know."""
         return self.a.state == "paused" and "outcome unknown" in (self.a.reason or "")
@@ -439,6 +526,15 @@ class Observation:
             )
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+def _entries(value: Any) -> list[dict[str, Any]]:
+    """A list of agent-state's (``incoming``, ``outcomes``) as mappings, whatever its shape."""
+    if isinstance(value, dict):
+        return [v if isinstance(v, dict) else {} for v in value.values()]
+    if isinstance(value, list):
+        return [v if isinstance(v, dict) else {} for v in value]
+    return []
 
 
 def _where(obs: Observation) -> str:
@@ -549,15 +645,16 @@ class Guest:
         return after
 
 
-def _xml(kernel: Path, virt_type: str, disk: Path | None, *, slow: bool) -> str:
+def _xml(kernel: Path, virt_type: str, disk: Path | None, *, slow: bool, busy: bool = False) -> str:
     # A Perform cell's guest dirties 1 MiB/s of a 2 MiB working set, which a
-    # 4 MiB/s copy overtakes; the others rewrite 4 MiB as fast as they can.
+    # 4 MiB/s copy overtakes; the others rewrite 4 MiB as fast as they can,
+    # a post-copy cell's (busy) 8 MiB.
     return guest_xml(
         NAME,
         kernel,
         virt_type=virt_type,
         mem_mib=GUEST_MEM_MIB,
-        wss_mib=2 if slow else 4,
+        wss_mib=2 if slow else POSTCOPY_WSS_MIB if busy else 4,
         rate_mib_s=1 if slow else 0,
         uuid=UUID,
         disks=[(str(disk), "none")] if disk is not None else (),
@@ -605,6 +702,8 @@ class CellRun:
         self.disk: Path | None = None
         self.guest: Guest | None = None
         self.killed: list[tuple[HostEnv, str]] = []
+        #: A lost post-copy VM's halves were checked and destroyed.
+        self.lost_cleaned = False
         #: When the fault hit (for a lost reply: when the migration started).
         self.fault_at = time.monotonic()
 
@@ -638,7 +737,13 @@ class CellRun:
             self.disk = self.cluster.tmp / "leased-disk.img"
             with self.disk.open("wb") as f:
                 f.truncate(16 << 20)
-        xml = _xml(self.kernel, self.virt_type, self.disk, slow=self.cell.phase == "perform")
+        xml = _xml(
+            self.kernel,
+            self.virt_type,
+            self.disk,
+            slow=self.cell.phase == "perform",
+            busy=self.cell.postcopy,
+        )
         self.guest = _boot(self.cluster.a, self.tmp, xml)
         self.guest.snapshot()
         return self.guest
@@ -647,6 +752,8 @@ class CellRun:
         """Start the migration, apply the fault at its point, thaw, restart."""
         cell, a, b = self.cell, self.cluster.a, self.cluster.b
         extra = ["--bandwidth", str(PERFORM_BANDWIDTH_MIB_S)] if cell.phase == "perform" else []
+        if cell.postcopy:
+            extra = list(POSTCOPY_ARGS)
         self.stage("migrate")
         mig = Migrate.start(self.cluster, *extra)
         faulted = self.host(cell.point_host)
@@ -656,6 +763,12 @@ class CellRun:
             self.stage("wait-migrate-exit")
             self.record.migrate_rc = mig.wait(MIGRATE_EXIT_WAIT)
             if not freeze_point_logged(faulted, cell.point_agent, cell.point):
+                if cell.postcopy:
+                    # Without the switch the cell tests nothing of post-copy.
+                    raise CellFailure(
+                        f"{cell.point} was never reached (no switch to post-copy?):\n"
+                        + mig.stderr[-600:]
+                    )
                 self.note(f"{cell.point} was never reached (no fault fired)")
             faulted.write_config()
             return mig
@@ -714,6 +827,31 @@ class CellRun:
                     f"ferryctl migrate over a cut link must end with an error naming the stall, "
                     f"got rc={mig.proc.returncode} {err!r}"
                 )
+        if self.cell.postcopy:
+            self.check_postcopy_report(mig)
+
+    def check_postcopy_report(self, mig: Migrate) -> None:
+        """After the switch, a migrate that did not finish says so in post-copy's words.
+
+        Its ferryctl dies with A's agent (kill-source-agent); otherwise an
+        error must carry the ``postcopy-paused`` code or say that the VM
+        cannot run on A.  A cell that loses the VM must end with an error.
+        """
+        cell, rc = self.cell, mig.proc.returncode
+        err = mig.error_line() or ""
+        switched = '"postcopy"' in mig.stdout
+        self.note(f"migrate rc={rc}, switch event {'seen' if switched else 'not seen'}")
+        if cell.lost and rc == 0:
+            raise CellFailure(f"ferryctl migrate succeeded although the fault lost the VM: {err!r}")
+        if rc == 0 or cell.fault == "kill-source-agent":
+            return
+        if not re.search(r"\(postcopy-paused\)|cannot run here", mig.stderr):
+            raise CellFailure(
+                f"ferryctl migrate failed after the switch to post-copy without the "
+                f"postcopy-paused code or saying the VM cannot run on A: rc={rc} {err!r}"
+            )
+        if not cell.lost and "--postcopy-resume" not in mig.stderr:
+            raise CellFailure(f"ferryctl migrate's error does not name --postcopy-resume: {err!r}")
 
     def settle(self) -> Observation:
         """Wait until nothing is in flight; settle an unknown outcome on A on the way."""
@@ -721,6 +859,17 @@ class CellRun:
         deadline = time.monotonic() + SETTLE_WAIT
         obs = observe(self.cluster)
         while True:
+            if self.cell.lost and not self.lost_cleaned:
+                if self.lost_settled(obs):
+                    self.settle_lost(obs)
+                    obs = observe(self.cluster)
+                    continue
+            elif obs.postcopy_fenced_on_a and not self.record.postcopy_resumed:
+                self.note(f"A: {obs.a.reason}")
+                self.check_postcopy_fenced(obs)
+                self.postcopy_resume()
+                obs = observe(self.cluster)
+                continue
             if obs.unknown_on_a and not self.record.recovered:
                 self.note(f"A: {obs.a.reason}")
                 self.check_unknown_fenced(obs)
@@ -782,6 +931,120 @@ class CellRun:
         self.note(f"migrate-recover: {last[0][-200:]}")
         self.stage("settle")
 
+    # -- post-copy (issue 12)
+
+    def check_postcopy_fenced(self, obs: Observation) -> None:
+        """A copy fenced in post-copy says so and refuses resume and a plain migrate."""
+        a = self.cluster.a
+        reason = obs.a.reason or ""
+        if not re.search(r"migration \w+ to \S+ is paused in post-copy", reason):
+            raise CellFailure(f"A's post-copy fence is not reported by dominfo: {reason!r}")
+        result = a.ferryctl("resume", NAME)
+        if result.returncode == 0:
+            raise CellFailure("TWO RUNNING COPIES: 'resume g1' on A succeeded after the switch")
+        if "--postcopy-resume" not in result.stderr:
+            raise CellFailure(
+                f"A refuses resume without naming --postcopy-resume: {result.stderr.strip()!r}"
+            )
+        self.note(f"A refuses resume: {result.stderr.strip()[-160:]}")
+        result = a.ferryctl("migrate", NAME, self.cluster.b.uri, "--live", timeout=60)
+        if result.returncode == 0 or "--postcopy-resume" not in result.stderr:
+            raise CellFailure(
+                f"a plain migrate of a post-copy-fenced g1 must be refused naming "
+                f"--postcopy-resume: rc={result.returncode} {result.stderr.strip()[-300:]!r}"
+            )
+
+    def postcopy_resume(self) -> None:
+        """``ferryctl migrate g1 B --postcopy --postcopy-resume`` (retried while it fails)."""
+        self.stage("postcopy-resume")
+        a, b = self.cluster.a, self.cluster.b
+        last: list[str] = []
+        tries = [0]
+
+        def resumed() -> bool:
+            tries[0] += 1
+            result = a.ferryctl("migrate", NAME, b.uri, *POSTCOPY_RESUME, timeout=120)
+            last[:] = [result.stdout.strip(), result.stderr.strip()]
+            if result.returncode == 2 or "(flags-invalid)" in last[1]:
+                raise CellFailure(f"ferryctl migrate --postcopy-resume: usage error: {last[1]}")
+            return result.returncode == 0
+
+        try:
+            wait_until(resumed, RECOVER_WAIT, "migrate g1 --postcopy --postcopy-resume", 1.0)
+        except TimeoutError:
+            raise CellFailure(
+                f"migrate g1 --postcopy --postcopy-resume keeps failing ({tries[0]} tries): "
+                f"{last[1][-400:]}"
+            ) from None
+        self.record.postcopy_resumed = True
+        self.note(f"--postcopy-resume succeeded (try {tries[0]})")
+        self.stage("settle")
+
+    def lost_settled(self, obs: Observation) -> bool:
+        """A lost post-copy VM: A's side is done (fenced, no job), nothing runs, B decided."""
+        source = obs.a.agent_state.get("source") or {}
+        b_dest = obs.b.agent_state.get("destination") or {}
+        if obs.running:
+            raise CellFailure("a copy runs although the fault lost the VM:\n" + obs.describe())
+        return (
+            not obs.a.job_files
+            and not source.get("jobs")
+            and not source.get("outgoing")
+            and (obs.a.fence or {}).get("outcome") == POSTCOPY_FENCE
+            and "error" not in b_dest
+            and not any(
+                o.get("state") in ("prepared", "finishing")
+                for o in _entries(b_dest.get("outcomes"))
+            )
+        )
+
+    def settle_lost(self, obs: Observation) -> None:
+        """The fault destroyed half of a post-copy VM: reported, not resumable, cleaned up.
+
+        Nothing may run; A's copy (if its qemu lives) is paused and fenced
+        as post-copy; B's half (if its qemu lives) is paused, not resumed;
+        ``--postcopy-resume`` must fail.  Then both halves are destroyed so
+        that the next migration can run on a bed without leftovers.
+        """
+        self.stage("lost-check")
+        a, b = self.cluster.a, self.cluster.b
+        self.note(f"lost: {obs.describe().strip()}")
+        if obs.a.qemu:
+            if obs.a.state != "paused" or "paused in post-copy" not in (obs.a.reason or ""):
+                raise CellFailure(
+                    "A's live half is not reported paused in post-copy:\n" + obs.describe()
+                )
+            result = a.ferryctl("resume", NAME)
+            if result.returncode == 0:
+                raise CellFailure("'resume g1' on A succeeded after the switch (half a VM runs)")
+        if obs.b.qemu and obs.b.state not in ("paused", None):
+            raise CellFailure(f"B's half of the lost VM is {obs.b.state!r}:\n" + obs.describe())
+        result = a.ferryctl("migrate", NAME, b.uri, *POSTCOPY_RESUME, timeout=120)
+        if result.returncode == 2 or "(flags-invalid)" in result.stderr:
+            raise CellFailure(f"ferryctl migrate --postcopy-resume: usage error: {result.stderr}")
+        if result.returncode == 0:
+            raise CellFailure(
+                "--postcopy-resume succeeded although a qemu of the post-copy VM was killed:\n"
+                + observe(self.cluster).describe()
+            )
+        self.note(f"--postcopy-resume fails: {result.stderr.strip()[-200:]}")
+        after = observe(self.cluster)
+        if after.running:
+            raise CellFailure("a copy runs after a failed --postcopy-resume:\n" + after.describe())
+        self.stage("lost-cleanup")
+        for host, view in ((b, after.b), (a, after.a)):
+            if not view.qemu:
+                continue
+            result = host.ferryctl("destroy", NAME, timeout=60)
+            if result.returncode != 0:
+                raise CellFailure(
+                    f"'destroy g1' on {host.label} (the lost VM's half) failed: "
+                    f"{result.stderr.strip()[-300:]}"
+                )
+            self.note(f"destroyed the lost VM's half on {host.label}")
+        self.lost_cleaned = True
+        self.stage("settle")
+
     def check(self, obs: Observation) -> str:
         """The safety rule on a settled test bed; returns the outcome."""
         self.stage("check")
@@ -807,6 +1070,10 @@ class CellRun:
             outcome = "none (shut off)"
         if self.record.recovered:
             outcome += " (unknown → recovered)"
+        if self.record.postcopy_resumed:
+            outcome += " (post-copy → resumed)"
+        if self.lost_cleaned:
+            outcome += " (post-copy VM lost, reported)"
         self.record.outcome = outcome
         if where not in self.cell.expect:
             raise CellFailure(
