@@ -19,14 +19,14 @@ from ferry.domain import parse_domain
 from ferry.errors import FerryError, MigrationFailed, MigrationTimeout, PhaseError
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.journal import LogContext, MessageID, log_event
-from ferry.outcomes import FINISHING, RUNNING
+from ferry.outcomes import FINISHING, POSTCOPY, RUNNING
 from ferry.protocol.cookie import Cookie, Statistics
 from ferry.protocol.phases import DestinationPhases
 from ferry.qemu import query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, discard, end_tunnel
-from ferry_destination.postcopy import hold, postcopy_state
+from ferry_destination.postcopy import finish_held, hold, postcopy_state
 
 __all__ = ["finish"]
 
@@ -40,14 +40,16 @@ async def finish(
     name = args["name"]
     incoming = dst.incoming.get(name)
     wanted = args.get("migration_id")
+    if incoming is None and wanted:
+        record = dst.outcomes.get(wanted)
+        if record is not None and record.state == POSTCOPY and record.domain == name:
+            return await finish_held(dst, ctx, args, record)
     if incoming is None or (wanted and wanted != incoming.migration_id):
         phases = DestinationPhases()
         phases.advance("finish")  # raises PhaseError naming both phases
         raise PhaseError(f"no prepared incoming migration for domain '{name}'")
     check_access(dst.config.acl, ctx.subject, "finish", name, incoming.domain.uuid)
-    if not (incoming.held and incoming.phases.current == "finish"):
-        # A held post-copy migration may see Finish again after a resume.
-        incoming.phases.advance("finish", cancelled=args["cancelled"])
+    incoming.phases.advance("finish", cancelled=args["cancelled"])
     incoming.finishing = True
     if incoming.watchdog is not None:
         incoming.watchdog.cancel()
@@ -85,8 +87,7 @@ async def finish(
             if await postcopy_state(incoming.proc) is not None:
                 # The CPU state is here: killing this qemu would lose the
                 # VM.  Keep it for --postcopy-resume.
-                hold(dst, incoming, f"Finish failed ({exc})")
-                incoming.finishing = False
+                await hold(dst, incoming, f"Finish failed ({exc})")
                 raise MigrationFailed(f"destination could not finish in post-copy: {exc}; "
                                       "the VM is held here, paused") from exc  # fmt: skip
             log_event(log, MessageID.MIGRATION_FAILED,

@@ -90,7 +90,7 @@ async def watchdog(ctx: DestinationContext, incoming: Incoming, session: Session
         if await postcopy_state(incoming.proc) is not None:
             # The CPU state is here and the source never resumes: killing
             # this qemu would lose the VM.
-            hold(ctx, incoming, reason)
+            await hold(ctx, incoming, reason)
             return
         log_event(log, MessageID.MIGRATION_ABORTED,
                   f"incoming {incoming.domain.name}: {reason}; killing the incoming qemu",

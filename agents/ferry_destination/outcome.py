@@ -35,9 +35,8 @@ async def migration_outcome(
         if incoming.finishing:
             return {"migration_id": migration_id, "outcome": "pending", "state": "finishing",
                     "reason": "Finish is in progress", "domain": incoming.domain.name}  # fmt: skip
-        if incoming.held or await postcopy_state(incoming.proc) is not None:
-            if not incoming.held:
-                hold(dst, incoming, "the source asked for the outcome before sending Finish")
+        if await postcopy_state(incoming.proc) is not None:
+            await hold(dst, incoming, "the source asked for the outcome before sending Finish")
         else:
             await discard(dst, incoming, "the source asked for the outcome before sending Finish")
     record = dst.outcomes.get(migration_id)

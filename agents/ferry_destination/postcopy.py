@@ -19,16 +19,18 @@ from typing import Any
 
 from ferry.acl import check_access
 from ferry.errors import FerryError, MigrationFailed, PhaseError
+from ferry.flags import MigrationFlags
 from ferry.jobs.recovery import POSTCOPY_STATES
 from ferry.journal import LogContext, MessageID, log_event
-from ferry.outcomes import POSTCOPY, RUNNING
+from ferry.outcomes import FINISHING, POSTCOPY, RUNNING, OutcomeRecord
+from ferry.protocol.cookie import Cookie
 from ferry.qemu import QemuProcess, query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming
 from ferry_destination.tunnel import IncomingTunnel
 
-__all__ = ["hold", "postcopy_recover", "postcopy_state"]
+__all__ = ["finish_held", "hold", "postcopy_recover", "postcopy_state"]
 
 log = logging.getLogger("ferry.destination")
 
@@ -44,23 +46,78 @@ async def postcopy_state(proc: QemuProcess) -> str | None:
     return stats.status if stats.status in POSTCOPY_STATES else None
 
 
-def hold(dst: DestinationContext, incoming: Incoming, reason: str) -> None:
-    """Keep a post-copy incoming migration: record ``postcopy``, stop watching it.
+async def hold(dst: DestinationContext, incoming: Incoming, reason: str) -> None:
+    """Keep a post-copy incoming migration: record ``postcopy``, never kill it.
 
-    The incoming stays registered so that a resumed stream's Finish still
-    finds it.
+    Its paused qemu is handed to this host's ferry-source as Finish would
+    hand it (the incoming job ends), so the operator can see it in
+    ``list``/``dominfo`` and, if the VM is lost (the source's qemu died),
+    ``destroy`` it.  ``postcopy_recover`` and a later Finish find it by its
+    outcome record.
     """
+    name = incoming.domain.name
+    if dst.incoming.get(name) is not incoming:
+        return
     incoming.held = True
     if incoming.watchdog is not None and incoming.watchdog is not asyncio.current_task():
         incoming.watchdog.cancel()
-    dst.outcomes.record(incoming.migration_id, POSTCOPY, domain=incoming.domain.name,
+    dst.outcomes.record(incoming.migration_id, POSTCOPY, domain=name,
                         uuid=incoming.domain.uuid, reason=reason,
                         source_host=incoming.source_host)  # fmt: skip
+    dst.incoming.pop(name, None)
+    dst.notify_status()
+    status = dst.host.load_status(name)
+    if status is not None:
+        status.run_state = "paused"
+        status.extra["postcopy"] = {"migration_id": incoming.migration_id, "held": True}
+        dst.host.save_status(status)
+    await dst.jobs.end_async(incoming.job)
+    await dst.host.release(name)
     log_event(log, MessageID.MIGRATION_PHASE,
-              f"incoming {incoming.domain.name} is in post-copy and {reason}: holding it "
-              "(the CPU state is here; only --postcopy-resume can finish the move)",
-              domain=incoming.domain.name, migration_id=incoming.migration_id,
+              f"incoming {name} is in post-copy and {reason}: holding it paused (the CPU "
+              "state is here; --postcopy-resume from the source finishes the move; if the "
+              "source's qemu is gone the VM is lost and 'ferryctl destroy' ends this half)",
+              domain=name, migration_id=incoming.migration_id,
               level=logging.WARNING)  # fmt: skip
+
+
+async def finish_held(
+    dst: DestinationContext, ctx: RequestContext, args: dict[str, Any], record: OutcomeRecord
+) -> dict[str, Any]:
+    """Finish of a held post-copy migration (after ``--postcopy-resume``): start the CPUs."""
+    name, uuid = record.domain, record.uuid
+    check_access(dst.config.acl, ctx.subject, "finish", name, uuid)
+    if args["cancelled"]:
+        raise MigrationFailed(f"the post-copy migration of '{name}' cannot be cancelled")
+    flags = MigrationFlags(args["flags"])
+    with LogContext(domain=name, uuid=uuid, migration_id=record.migration_id, phase="finish"):
+        live = dst.host.find(name)
+        proc = await dst.host.process(name)
+        state = (await query_migrate(proc.qmp)).status
+        if state not in ("postcopy-active", "completed"):
+            raise MigrationFailed(
+                f"the post-copy stream of '{name}' is {state}: the CPUs start once it is resumed"
+            )
+        dst.outcomes.record(record.migration_id, FINISHING, domain=name, uuid=uuid,
+                            source_host=record.source_host)  # fmt: skip
+        await dst.host.acquire_leases(live.domain, proc)
+        if flags & MigrationFlags.PERSIST_DEST:
+            dst.host.save_definition(live.domain)
+        if not flags & MigrationFlags.PAUSED:
+            await proc.qmp.execute("cont")
+        dst.outcomes.record(record.migration_id, RUNNING, domain=name, uuid=uuid,
+                            reason="the CPUs were started after a resumed post-copy",
+                            source_host=record.source_host)  # fmt: skip
+        dst.fences.clear(uuid)
+        status = dst.host.load_status(name)
+        if status is not None:
+            status.run_state = "paused" if flags & MigrationFlags.PAUSED else "running"
+            status.extra.pop("postcopy", None)
+            dst.host.save_status(status)
+        log_event(log, MessageID.MIGRATION_COMPLETED,
+                  f"finish: {name} now runs here on {dst.config.host.name} "
+                  "(post-copy)")  # fmt: skip
+        return {"name": name, "cookie": Cookie().encode(), "host": dst.config.host.name}
 
 
 async def _wait_paused(proc: QemuProcess) -> str:
@@ -112,23 +169,21 @@ async def postcopy_recover(
                 f"the incoming qemu of '{name}' is not paused in post-copy (it is {state}); "
                 "nothing to resume"
             )
-        if incoming is not None and not incoming.held:
-            hold(dst, incoming, "the stream broke")
+        if incoming is not None:
+            old = incoming.tunnel
+            await hold(dst, incoming, "the stream broke")
+            if old is not None:
+                dst.tokens.revoke(name)
+                await old.close(drain=False)
         answer: dict[str, Any] = {"name": name}
         if args["tunnelled"]:
-            if incoming is not None and incoming.tunnel is not None:
-                dst.tokens.revoke(name)
-                await incoming.tunnel.close(drain=False)
             path = dst.config.paths.tunnel_dir / f"{migration_id[:12]}-r{int(time.time())}.sock"
             tunnel = IncomingTunnel(name, path, 1)
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             await proc.qmp.execute("migrate-recover", {"uri": tunnel.uri})
-            if incoming is not None:
-                incoming.tunnel = tunnel
-            else:
-                dst.spawn(_close_when_done(dst, proc, tunnel))
+            dst.spawn(_close_when_done(dst, proc, tunnel))
             token = dst.tokens.issue(
                 name, 1, dst.config.destination.incoming_timeout_s, tunnel,
                 allow_plaintext=dst.config.tls is not None

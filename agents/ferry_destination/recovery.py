@@ -13,14 +13,12 @@ import contextlib
 import logging
 
 from ferry.errors import FerryError
-from ferry.flags import MigrationFlags
-from ferry.jobs import AsyncJob, Job
+from ferry.jobs import AsyncJob
 from ferry.jobs.recovery import IncomingAction, QemuView, decide_incoming
 from ferry.journal import LogContext, MessageID, log_event
 from ferry.outcomes import FAILED, FINISHING, POSTCOPY, PREPARED, RUNNING
 from ferry.qemu import query_migrate
 from ferry_destination.context import DestinationContext
-from ferry_destination.incoming import Incoming
 
 __all__ = ["recover_incoming"]
 
@@ -40,39 +38,18 @@ async def recover_incoming(dst: DestinationContext) -> None:
             log.error("cannot adopt the incoming job of %s: %s", found.name, exc)
             continue
         migration_id = record.migration_id or ""
-        held = False
         try:
-            action = await _decide(dst, found.name, found.uuid, migration_id)
+            await _decide(dst, found.name, found.uuid, migration_id)
             decided.add(migration_id)
-            if action is IncomingAction.HOLD:
-                held = await _hold(dst, found.name, migration_id, job, MigrationFlags(
-                    int(record.flags or 0)))  # fmt: skip
         except Exception:
             log.exception("recovery of incoming %s failed", found.name)
         finally:
-            if not held:
-                await dst.jobs.end_async(job)
+            await dst.jobs.end_async(job)
     # Records left undecided without a job (a crash between the job's end
     # and the record's update cannot happen today, but a damaged run dir can).
     for entry in dst.outcomes.all():
         if entry.state in (PREPARED, FINISHING) and entry.migration_id not in decided:
             await _decide(dst, entry.domain, entry.uuid, entry.migration_id)
-
-
-async def _hold(
-    dst: DestinationContext, name: str, migration_id: str, job: Job, flags: MigrationFlags
-) -> bool:
-    """Register a held post-copy migration again, so the source can resume it."""
-    try:
-        live = dst.host.find(name)
-        proc = await dst.host.process(name, timeout=5.0)
-    except FerryError as exc:
-        log.error("cannot hold the post-copy migration of %s: %s", name, exc)
-        return False
-    dst.incoming[name] = Incoming(live.domain, job, proc, migration_id, flags, held=True)
-    dst.incoming[name].phases.advance("prepare")
-    dst.notify_status()
-    return True
 
 
 async def _decide(
@@ -96,7 +73,11 @@ async def _decide(
             status = dst.host.load_status(name)
             if status is not None:
                 status.run_state = "paused"
+                status.extra["postcopy"] = {"migration_id": migration_id, "held": True}
                 dst.host.save_status(status)
+            # As after Finish: this host's ferry-source shows it (paused) and
+            # can destroy it if the VM turns out lost.
+            await dst.host.release(name)
             return decision.action
         if decision.action is IncomingAction.KEEP:
             if entry is not None and entry.state != RUNNING:

@@ -235,6 +235,12 @@ class SourceAgent:
             return "running", None
         if fence is not None:
             return "paused", fence.describe()
+        held = live.status.extra.get("postcopy")
+        if isinstance(held, dict) and held.get("held"):
+            # The destination half of a post-copy migration whose stream
+            # broke: only the source's --postcopy-resume finishes it.
+            return "paused", (f"held in post-copy (migration {held.get('migration_id')}): "
+                              "waiting for the source's --postcopy-resume")  # fmt: skip
         return "paused", run.reason
 
     # -- lifecycle ops --------------------------------------------------------

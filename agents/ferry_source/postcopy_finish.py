@@ -128,6 +128,18 @@ async def complete_postcopy(
                 f"all memory reached {out.peer} but it did not confirm starting the CPUs "
                 f"({finish_error})"
             )
+    if end != PostcopyEnd.COMPLETED and not proc.alive():
+        # Our qemu held the pages B has not fetched yet: nothing can
+        # complete this VM any more.  Say so instead of advising a resume.
+        fence_postcopy(ctx, out, f"the source qemu died in post-copy ({detail})")
+        raise PostcopyPaused(
+            f"post-copy migration {out.migration_id} of '{out.name}' to {out.peer} failed: "
+            f"the source qemu died after the switch ({detail}), and with it the pages "
+            f"{out.peer} had not fetched yet; the VM cannot be completed anywhere. Its CPU "
+            f"state is held paused on {out.peer} ('ferryctl destroy {out.dest_name}' there "
+            "ends it)",
+            migration_id=out.migration_id, peer=out.peer,
+        )  # fmt: skip
     if end != PostcopyEnd.COMPLETED:
         fence_postcopy(ctx, out, detail)
         raise PostcopyPaused(

@@ -299,15 +299,7 @@ CELLS: tuple[Cell, ...] = tuple(_cells())
 
 #: Cells that show a bug in the agents (not in this harness): marked
 #: xfail(strict=True) by test_matrix.py until the agents are fixed.
-KNOWN_BUGS: dict[str, str] = {
-    "kill-source-qemu-postcopy": (
-        "agent gap (issue 12): after the source qemu dies mid-post-copy, ferry-destination "
-        "holds B's postcopy-paused qemu and its migration-in job forever (Finish failed → "
-        "hold; a restart holds it again) and no ferryctl verb can discard it: 'destroy g1' "
-        "on B is refused job-busy and --postcopy-resume cannot work without A's qemu, so the "
-        "bed keeps an orphan qemu and job record and the next migration to B is blocked"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 # -- what a cell records ------------------------------------------------------------
