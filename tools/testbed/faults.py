@@ -135,6 +135,7 @@ class Link:
     def __init__(self, cluster: Cluster, side: str = "b") -> None:
         host = cluster.a if side == "a" else cluster.b
         self.host = host
+        self.hosts = (cluster.a, cluster.b)
         self.device = f"f{side}{cluster.hosts.tag}"
         self.cut_at: float | None = None
         self.down_for: float | None = None
@@ -161,6 +162,12 @@ class Link:
         if self.cut_at is None:
             return
         self._set("up")
+        # Neighbour entries that failed while the link was down answer the
+        # next connect with EHOSTUNREACH until they expire: forget them, as
+        # a host does when its carrier comes back.
+        for host in self.hosts:
+            subprocess.run(["ip", "-n", host.ns.name, "neigh", "flush", "all"],
+                           check=False, capture_output=True)  # fmt: skip
         self.down_for = time.monotonic() - self.cut_at
         self.cut_at = None
 
