@@ -23,7 +23,7 @@ from ferry.flags import MigrationFlags
 from ferry.jobs.recovery import PeerOutcome
 from ferry.journal import MessageID, log_event
 from ferry.protocol.cookie import Cookie
-from ferry.qemu import MigrationStats
+from ferry.qemu import MigrationStats, query_migrate
 from ferry.rpc import Session
 from ferry_source.confirm import stop_source
 from ferry_source.context import Emit, SourceContext
@@ -166,16 +166,20 @@ async def complete_postcopy(
 
 async def _final_stats(out: Outgoing) -> dict[str, Any]:
     assert out.proc is not None
-    from ferry.qemu import query_migrate
-
     try:
         done = await query_migrate(out.proc.qmp)
     except FerryError:
         return {}
     ram = _ram(done)
+    downtime = done.downtime_ms
+    if downtime is not None and done.total_time_ms is not None and downtime > done.total_time_ms:
+        # qemu 7.2 sometimes reports a post-copy downtime counted from an
+        # unset start (hours, measured once): a figure longer than the whole
+        # migration is not a downtime.
+        downtime = None
     return {
         "total_time_ms": done.total_time_ms,
-        "downtime_ms": done.downtime_ms,
+        "downtime_ms": downtime,
         "transferred": done.ram_transferred,
         "postcopy_bytes": ram.get("postcopy-bytes"),
         "postcopy_requests": ram.get("postcopy-requests"),
