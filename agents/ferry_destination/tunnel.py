@@ -148,6 +148,10 @@ class PeerListener:
         else:
             log.warning("peer port: [peers] allowed is empty: every host with a certificate "
                         "signed by our CA may connect")  # fmt: skip
+        operators = self._config.peers.operators
+        if operators:
+            log.info("peer port: operator certificates in [peers] operators may connect "
+                     "(each op per [[acl]]): %s", ", ".join(operators))  # fmt: skip
         self.gate = AdmissionGate("peer port", self._config.limits, log)
         self._sock.setblocking(False)
         self._task = asyncio.create_task(self._accept(), name="peer-accept")
@@ -246,7 +250,8 @@ class PeerListener:
         config = self._config
 
         def check_peer(identity: PeerIdentity) -> None:
-            check_peer_allowed(identity, config.peers.allowed, host=config.host.name)
+            check_peer_allowed(identity, config.peers.allowed, host=config.host.name,
+                               operators=config.peers.operators)  # fmt: skip
 
         def check_grant(subject: Subject, grant: TunnelGrant[Any]) -> None:
             check_access(config.acl, subject, "tunnel", grant.name)

@@ -54,6 +54,7 @@ Example::
 
     [peers]
     allowed = ["hv-a", "hv-*.example.org"]   # certificate CN or DNS SAN; [] = any host of the CA
+    operators = ["alice"]   # operator certificates (ferryctl pki client) let in; [] = none
 
     [storage]
     # Every host path a domain names (disks, kernel, initrd, chardev files and
@@ -229,13 +230,16 @@ class ACLRule:
     """One access rule: these subjects may run these ops on these domains.
 
     Subjects are local users and groups (admin socket callers, by peer
-    credentials) and peer agents (by their certificate's common name).
+    credentials), peer agents (by their host certificate's common name or
+    DNS names) and operators (by the name of their operator certificate;
+    ``peers`` never matches an operator, ``operators`` never a host).
     Patterns are shell-style (``fnmatch``).
     """
 
     users: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
+    operators: tuple[str, ...] = ()
     ops: tuple[str, ...] = ("*",)
     domains: tuple[str, ...] = ("*",)
 
@@ -288,9 +292,16 @@ class PeersConfig:
     ``allowed`` holds certificate names (the common name or a DNS
     subjectAltName; shell-style patterns).  Empty: every host whose
     certificate our CA signed (the agent logs that at start-up).
+
+    ``operators`` holds the names of operator certificates (``ferryctl pki
+    client NAME``; shell-style patterns, case-sensitive) that may connect
+    to the peer port at all; each op they call then needs an ``[[acl]]``
+    rule naming them in ``operators``.  Empty, the default: no operator.
+    ``allowed`` never admits an operator, ``operators`` never a host.
     """
 
     allowed: tuple[str, ...] = ()
+    operators: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -534,6 +545,7 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
                 users=_str_tuple(rule_s, "users", ()),
                 groups=_str_tuple(rule_s, "groups", ()),
                 peers=_str_tuple(rule_s, "peers", ()),
+                operators=_str_tuple(rule_s, "operators", ()),
                 ops=_str_tuple(rule_s, "ops", ("*",)),
                 domains=_str_tuple(rule_s, "domains", ("*",)),
             )
@@ -552,9 +564,14 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
     limits_s.finish()
 
     peers_s = _Section(top.get("peers", dict, {}), "peers")
-    peers = PeersConfig(allowed=_str_tuple(peers_s, "allowed", ()))
+    peers = PeersConfig(
+        allowed=_str_tuple(peers_s, "allowed", ()),
+        operators=_str_tuple(peers_s, "operators", ()),
+    )
     if any(not name.strip() for name in peers.allowed):
         raise ConfigError("[peers] allowed: names must not be empty")
+    if any(not name.strip() for name in peers.operators):
+        raise ConfigError("[peers] operators: names must not be empty")
     peers_s.finish()
 
     migration_s = _Section(top.get("migration", dict, {}), "migration")

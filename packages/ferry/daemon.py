@@ -26,7 +26,7 @@ from ferry.config import AgentConfig, LimitsConfig, load_config
 from ferry.errors import AccessDenied, FerryError, NativeError
 from ferry.journal import setup_logging
 from ferry.preauth import AdmissionGate, TicketedHandler, set_process_limits
-from ferry.tls import PeerIdentity, check_peer_allowed
+from ferry.tls import PeerIdentity, check_operator_allowed, check_peer_allowed
 
 __all__ = [
     "admit_local",
@@ -61,10 +61,15 @@ def require_native() -> str:
 def admit_local(config: AgentConfig) -> Callable[[Subject], None]:
     """Connection admission: on the admin sockets root and members of the admin
     group only; on the peer port, hosts in ``[peers] allowed`` (all hosts of
-    the CA when the list is empty).
+    the CA when the list is empty) and operators in ``[peers] operators``
+    (none when it is empty).
     """
 
     def admit(subject: Subject) -> None:
+        if subject.kind == "operator":
+            check_operator_allowed(subject.operator or "", config.peers.operators,
+                                   host=config.host.name)  # fmt: skip
+            return
         if subject.kind == "peer":
             identity = PeerIdentity(common_name=subject.peer, dns_names=subject.peer_names)
             check_peer_allowed(identity, config.peers.allowed, host=config.host.name)
@@ -90,17 +95,21 @@ DOMAIN_CHECKED_PEER_OPS = frozenset(
 def authorize_peer_ops(config: AgentConfig) -> Callable[[Subject, str], None]:
     """Op-level ACL for peers (``ferry.rpc.Server(authorize=...)``).
 
-    Every op a peer calls (prepare, finish, journal_query, ...) is checked
-    against ``[[acl]]`` as the admin ops are; the handlers check the domain
-    again once they know it.  Local callers pass: their ops check the ACL
-    in the handlers, as before.
+    Every op a peer or an operator calls (prepare, finish, journal_query,
+    ...) is checked against ``[[acl]]`` as the admin ops are; the handlers
+    check the domain again once they know it.  Local callers pass: their
+    ops check the ACL in the handlers, as before.
     """
 
     def authorize(subject: Subject, op: str) -> None:
         # Ops that name a domain check the ACL in their handler, once the
         # request (the XML, for Prepare) is parsed: their refusal names the
         # domain, which this early check could not.
-        if subject.kind == "peer" and op not in DOMAIN_CHECKED_PEER_OPS:
+        # An operator needs a rule for the op (on any domain) before its
+        # request is even parsed; those handlers then check the domain too.
+        if subject.kind == "operator" or (
+            subject.kind == "peer" and op not in DOMAIN_CHECKED_PEER_OPS
+        ):
             check_access(config.acl, subject, op)
 
     return authorize

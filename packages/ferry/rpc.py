@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ferry.acl import Subject, subject_from_ucred
+from ferry.acl import Subject, subject_from_identity, subject_from_ucred
 from ferry.errors import AuthError, FerryError, ProtocolError, UnknownOp
 from ferry.protocol.connection import Connection
 from ferry.protocol.messages import (
@@ -476,8 +476,10 @@ def peer_subject(writer: asyncio.StreamWriter) -> Subject:
         try:
             identity = peer_identity(sslobj)
         except AuthError:
+            if sslobj.getpeercert():
+                raise  # a certificate with an unusable operator name: refused
             return Subject(kind="peer", peer=None)
-        return Subject(kind="peer", peer=identity.common_name, peer_names=identity.dns_names)
+        return subject_from_identity(identity)
     sock: socket.socket | None = writer.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -34,9 +34,11 @@ from typing import Any, Protocol
 from ferry.errors import AuthError, ConfigError
 
 __all__ = [
+    "OPERATOR_URI_PREFIX",
     "PeerIdentity",
     "TLSFiles",
     "as_auth_error",
+    "check_operator_allowed",
     "check_peer_allowed",
     "check_peer_name",
     "client_context",
@@ -55,25 +57,50 @@ class TLSFiles:
     key: Path
 
 
+#: The subjectAltName URI that marks an operator certificate
+#: (``ferryctl pki client NAME`` writes ``ferry:operator:NAME``).
+OPERATOR_URI_PREFIX = "ferry:operator:"
+
+
 @dataclass(frozen=True)
 class PeerIdentity:
     """Who the peer's certificate says it is.
 
     ``ips`` are normalised by :mod:`ipaddress` (``str(ip_address(x))``) so
     that ``2001:DB8:0:0:0:0:0:1`` from OpenSSL and ``2001:db8::1`` from a
-    config file compare equal.
+    config file compare equal.  ``operator`` is the name of an operator
+    certificate (its ``ferry:operator:NAME`` URI), None for a host.
     """
 
     common_name: str | None
     dns_names: tuple[str, ...] = field(default_factory=tuple)
     ips: tuple[str, ...] = field(default_factory=tuple)
+    operator: str | None = None
 
     def describe(self) -> str:
         """Return a short human form, e.g. ``CN=host-a DNS=a.example IP=10.0.0.1``."""
         parts = [f"CN={self.common_name}" if self.common_name else "CN=<none>"]
         parts += [f"DNS={n}" for n in self.dns_names]
         parts += [f"IP={ip}" for ip in self.ips]
+        if self.operator is not None:
+            parts.append(f"URI={OPERATOR_URI_PREFIX}{self.operator}")
         return " ".join(parts)
+
+
+def _operator_name(uris: list[str]) -> str | None:
+    """The operator name among a certificate's SAN URIs, None for a host.
+
+    Raises:
+        AuthError: more than one operator URI, or an empty name (our CA
+            issues neither; a certificate that does is not trusted to say
+            who it is).
+    """
+    names = [u[len(OPERATOR_URI_PREFIX) :] for u in uris if u.startswith(OPERATOR_URI_PREFIX)]
+    if not names:
+        return None
+    if len(names) > 1 or not names[0]:
+        raise AuthError(f"peer certificate has an unusable operator name: {', '.join(uris)}")
+    return names[0]
 
 
 class _HasPeerCert(Protocol):
@@ -205,6 +232,7 @@ def peer_identity(sslobj: _HasPeerCert) -> PeerIdentity:
                 common_name = str(value)
     dns: list[str] = []
     ips: list[str] = []
+    uris: list[str] = []
     for kind, value in cert.get("subjectAltName", ()):
         if kind == "DNS":
             dns.append(str(value).lower())
@@ -212,7 +240,10 @@ def peer_identity(sslobj: _HasPeerCert) -> PeerIdentity:
             ip = _norm_ip(str(value))
             if ip is not None:
                 ips.append(ip)
-    return PeerIdentity(common_name=common_name, dns_names=tuple(dns), ips=tuple(ips))
+        elif kind == "URI":
+            uris.append(str(value))
+    return PeerIdentity(common_name=common_name, dns_names=tuple(dns), ips=tuple(ips),
+                        operator=_operator_name(uris))  # fmt: skip
 
 
 def identity_from_der(der: bytes) -> PeerIdentity:
@@ -236,6 +267,7 @@ def identity_from_der(der: bytes) -> PeerIdentity:
         common_name = attr.value if isinstance(attr.value, str) else attr.value.decode()
     dns: list[str] = []
     ips: list[str] = []
+    uris: list[str] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -243,20 +275,33 @@ def identity_from_der(der: bytes) -> PeerIdentity:
     if san is not None:
         dns = [name.lower() for name in san.get_values_for_type(x509.DNSName)]
         ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
-    return PeerIdentity(common_name=common_name, dns_names=tuple(dns), ips=tuple(ips))
+        uris = list(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return PeerIdentity(common_name=common_name, dns_names=tuple(dns), ips=tuple(ips),
+                        operator=_operator_name(uris))  # fmt: skip
 
 
-def check_peer_allowed(identity: PeerIdentity, allowed: tuple[str, ...], *, host: str) -> None:
+def check_peer_allowed(
+    identity: PeerIdentity,
+    allowed: tuple[str, ...],
+    *,
+    host: str,
+    operators: tuple[str, ...] = (),
+) -> None:
     """The ``[peers] allowed`` check, right after a peer's TLS handshake.
 
     A peer is let in when its common name or one of its DNS names matches
     an entry (shell-style pattern, case-insensitive).  An empty list lets
-    every host of the CA in.
+    every host of the CA in.  An operator certificate is never checked
+    against ``allowed``: it must be in ``operators`` instead
+    (:func:`check_operator_allowed`).
 
     Raises:
         AuthError: naming the peer's certificate names, ``host`` (this host)
             and the setting.
     """
+    if identity.operator is not None:
+        check_operator_allowed(identity.operator, operators, host=host)
+        return
     if not allowed:
         return
     names = [n for n in (identity.common_name, *identity.dns_names) if n]
@@ -269,6 +314,26 @@ def check_peer_allowed(identity: PeerIdentity, allowed: tuple[str, ...], *, host
         f"[peers] allowed ({', '.join(allowed)})",
         peer=identity.common_name,
         setting="[peers] allowed",
+    )
+
+
+def check_operator_allowed(name: str, operators: tuple[str, ...], *, host: str) -> None:
+    """The ``[peers] operators`` check for an operator certificate.
+
+    ``operators`` holds operator names (shell-style patterns, case-sensitive
+    as the names in ``[[acl]] operators`` are).  Empty, the default: no
+    operator may connect.
+
+    Raises:
+        AuthError: naming the operator, ``host`` and the setting.
+    """
+    if any(fnmatch.fnmatchcase(name, p) for p in operators):
+        return
+    listed = f"({', '.join(operators)})" if operators else "(empty: no operator may connect)"
+    raise AuthError(
+        f"host {host} refuses operator {name!r}: not in its [peers] operators {listed}",
+        operator=name,
+        setting="[peers] operators",
     )
 
 

@@ -6,6 +6,19 @@ host. Each host certificate carries both the ``serverAuth`` and the
 ``clientAuth`` extended key usage because every agent is both: ferry-source
 dials peers, ferry-destination accepts them.
 
+Operator certificates (``ferryctl pki client NAME``) are for a management
+node's ferryctl, which dials an agent's peer port itself (client-driven
+migration). They carry ``clientAuth`` only, so they can never serve as an
+agent, no DNS or IP names (nothing dials an operator), and a subjectAltName
+URI ``ferry:operator:NAME`` that tells the agents the certificate is an
+operator's (:data:`ferry.tls.OPERATOR_URI_PREFIX`). A URI rather than an OU
+in the subject: it is a typed entry that carries the name itself, OpenSSL's
+hostname check and the ``[peers] allowed`` matching (CN and DNS names)
+never look at it, so a host certificate cannot be mistaken for an operator's
+nor an operator's for a host, and it is how workload identities are usually
+written (SPIFFE IDs are SAN URIs). The CN is NAME as well, for people
+reading the certificate.
+
 Key type: EC P-256 (ECDSA with SHA-256), for the CA and the hosts. It gives
 ~128-bit security like RSA 3072 with a 32-byte key, key generation takes
 microseconds instead of seconds (``ferryctl pki host`` stays instant, tests
@@ -16,6 +29,7 @@ Layout (PEM files, named like the ``[tls]`` example in ferry.config)::
 
     CA dir:    ca.pem (0644)  ca-key.pem (0600)
     host out:  ca.pem (0644)  NAME.pem (0644)  NAME-key.pem (0600)
+    operator:  the same three files as a host, in /etc/ferry/pki/operators/NAME
 
 The host directory holds a copy of the CA certificate so that it can be copied
 to the host as it is (e.g. to /etc/ferry/pki) and named in the agent config
@@ -43,14 +57,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ferry.errors import ConfigError
+from ferry.tls import OPERATOR_URI_PREFIX
 
 __all__ = [
     "DEFAULT_CA_DIR",
     "DEFAULT_HOSTS_DIR",
+    "DEFAULT_OPERATORS_DIR",
     "CAFiles",
     "HostFiles",
     "add_pki_commands",
     "init_ca",
+    "issue_client",
     "issue_host",
 ]
 
@@ -58,6 +75,8 @@ __all__ = [
 DEFAULT_CA_DIR = Path("/etc/ferry/pki/ca")
 #: ``ferryctl pki host NAME`` writes to ``DEFAULT_HOSTS_DIR / NAME`` by default.
 DEFAULT_HOSTS_DIR = Path("/etc/ferry/pki/hosts")
+#: ``ferryctl pki client NAME`` writes to ``DEFAULT_OPERATORS_DIR / NAME`` by default.
+DEFAULT_OPERATORS_DIR = Path("/etc/ferry/pki/operators")
 
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca-key.pem"
@@ -71,6 +90,9 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
+
+# Operator names: they name files and sit in a URI, so a plain token.
+_OPERATOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -287,6 +309,53 @@ def _san_entries(name: str, dns: list[str], ips: list[str]) -> list[x509.General
     return entries
 
 
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    name: str,
+    *,
+    days: int,
+    usages: list[x509.ObjectIdentifier],
+    sans: list[x509.GeneralName],
+) -> x509.Certificate:
+    """Sign an end-entity certificate for ``key``: CN ``name``, EKU ``usages``."""
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
 def issue_host(
     ca_dir: Path,
     out_dir: Path,
@@ -336,44 +405,79 @@ def issue_host(
     _mkdir(out_dir, 0o755)
 
     key = _new_key()
-    now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+    cert = _sign_leaf(
+        ca_cert,
+        ca_key,
+        key,
+        name,
+        days=days,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        sans=sans,
+    )
+    _write_atomic(key_path, _key_pem(key), 0o600)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    if ca_copy.resolve() != (ca_dir / CA_CERT_NAME).resolve():
+        _write_atomic(ca_copy, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return HostFiles(ca=ca_copy, cert=cert_path, key=key_path)
+
+
+def issue_client(
+    ca_dir: Path,
+    out_dir: Path,
+    name: str,
+    *,
+    days: int = 365,
+    force: bool = False,
+) -> HostFiles:
+    """Issue an operator (client) certificate for ``name`` from the CA in ``ca_dir``.
+
+    Writes ``NAME.pem`` (0644), ``NAME-key.pem`` (0600) and a copy of
+    ``ca.pem`` into ``out_dir``, as :func:`issue_host` does. Subject CN is
+    ``name``; the only SAN is the URI ``ferry:operator:NAME`` (the marker
+    the agents read); EKU is clientAuth alone, so the certificate can dial
+    an agent but never be one. An agent lets it in only when ``name`` is in
+    its ``[peers] operators``, and every op it calls needs an ``[[acl]]``
+    rule naming it in ``operators``. A year by default: it is a person's
+    or a management node's credential, re-issued more often than a host's.
+
+    Raises:
+        ConfigError: the CA cannot be loaded, ``name`` is not a plain token
+            (letters, digits, ``.``, ``_``, ``-``; at most 64, not starting
+            with a punctuation mark), ``days`` is not positive, or the files
+            exist and ``force`` is false.
+    """
+    if not _OPERATOR_RE.match(name):
+        raise ConfigError(
+            f"{name!r} is not a usable operator name: letters, digits, '.', '_' and '-', "
+            "at most 64, starting with a letter or digit (it names the files and the "
+            "certificate's ferry:operator: URI)"
         )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
+    if days <= 0:
+        raise ConfigError(f"certificate validity must be positive, got {days} days")
+    ca_cert, ca_key = _load_ca(ca_dir)
+    cert_path, key_path, ca_copy = (
+        out_dir / f"{name}.pem",
+        out_dir / f"{name}-key.pem",
+        out_dir / CA_CERT_NAME,
+    )
+    existing = [p for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        raise ConfigError(
+            f"operator files already exist in {out_dir} "
+            f"({', '.join(p.name for p in existing)}); use --force to re-issue",
+            path=str(out_dir),
         )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    _mkdir(out_dir, 0o755)
+
+    key = _new_key()
+    cert = _sign_leaf(
+        ca_cert,
+        ca_key,
+        key,
+        name,
+        days=days,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        sans=[x509.UniformResourceIdentifier(f"{OPERATOR_URI_PREFIX}{name}")],
     )
     _write_atomic(key_path, _key_pem(key), 0o600)
     _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
@@ -439,14 +543,30 @@ def cmd_host(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client(args: argparse.Namespace) -> int:
+    """Handler of ``ferryctl pki client``: issue an operator certificate; returns the status."""
+    out = Path(args.out) if args.out else DEFAULT_OPERATORS_DIR / args.name
+    try:
+        files = issue_client(Path(args.ca_dir), out, args.name, days=args.days, force=args.force)
+    except ConfigError as exc:
+        return _fail(args, exc)
+    _emit(
+        args,
+        {"operator": args.name, "files": files.to_json()},
+        f"operator {args.name}: certificate {files.cert}, key {files.key}, CA copy {files.ca} "
+        f"(agents admit it once {args.name!r} is in their [peers] operators)",
+    )
+    return 0
+
+
 def add_pki_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pki init`` and ``pki host`` to ferryctl's top-level subparsers.
+    """Add ``pki init``, ``pki host`` and ``pki client`` to ferryctl's top-level subparsers.
 
     Each leaf parser sets ``func`` to a handler ``(args) -> int`` (the exit
     status); ferryctl's main calls ``sys.exit(args.func(args))``.
     """
     pki = subparsers.add_parser("pki", help="private CA and host certificates for agent TLS")
-    sub = pki.add_subparsers(dest="pki_command", metavar="{init,host}", required=True)
+    sub = pki.add_subparsers(dest="pki_command", metavar="{init,host,client}", required=True)
 
     p_init = sub.add_parser("init", help="create the cluster CA")
     p_init.add_argument("--dir", default=str(DEFAULT_CA_DIR), help="CA directory (%(default)s)")
@@ -466,6 +586,19 @@ def add_pki_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p_host.add_argument("--force", action="store_true", help="replace existing host files")
     p_host.add_argument("--json", action="store_true", help="machine-readable output")
     p_host.set_defaults(func=cmd_host)
+
+    p_client = sub.add_parser("client", help="issue an operator certificate (client only)")
+    p_client.add_argument("name", metavar="NAME", help="operator name; CN and ferry:operator:NAME")
+    p_client.add_argument(
+        "--ca-dir", default=str(DEFAULT_CA_DIR), help="CA directory (%(default)s)"
+    )
+    p_client.add_argument(
+        "--out", default=None, help=f"output directory ({DEFAULT_OPERATORS_DIR}/NAME)"
+    )
+    p_client.add_argument("--days", type=int, default=365, help="validity (%(default)s days)")
+    p_client.add_argument("--force", action="store_true", help="replace existing files")
+    p_client.add_argument("--json", action="store_true", help="machine-readable output")
+    p_client.set_defaults(func=cmd_client)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ferry.acl import Subject
+from ferry.acl import Subject, subject_from_identity
 from ferry.errors import FerryError, ProtocolError
 from ferry.protocol.framing import FrameDecoder
 from ferry.protocol.messages import Tunnel
@@ -186,7 +186,7 @@ async def authenticate(
         secure = True
         identity = identity_from_der(stream.peer_certificate())
         check_peer(identity)
-        subject = Subject(kind="peer", peer=identity.common_name, peer_names=identity.dns_names)
+        subject = subject_from_identity(identity)
         decoder = FrameDecoder(max_frame=MAX_OPEN_FRAME)
         opening = None
         while opening is None:
