@@ -179,9 +179,7 @@ async def postcopy_recover(
         if args["tunnelled"]:
             path = dst.config.paths.tunnel_dir / f"{migration_id[:12]}-r{int(time.time())}.sock"
             tunnel = IncomingTunnel(name, path, 1)
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            tunnel.make_room()
             await proc.qmp.execute("migrate-recover", {"uri": tunnel.uri})
             dst.spawn(_close_when_done(dst, proc, tunnel))
             token = dst.tokens.issue(

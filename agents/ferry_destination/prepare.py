@@ -233,9 +233,7 @@ async def _start_incoming(
         if tunnel is not None:
             # Only ferry-destination can reach this socket; the source
             # agent gets a token instead of a URI.
-            tunnel.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with contextlib.suppress(FileNotFoundError):
-                tunnel.path.unlink()
+            tunnel.make_room()
             await proc.qmp.execute("migrate-incoming", {"uri": tunnel.uri})
             return proc, "tunnel"
         assert port is not None

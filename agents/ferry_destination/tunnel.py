@@ -60,6 +60,12 @@ class IncomingTunnel:
         """What the incoming qemu's ``migrate-incoming`` is given."""
         return f"unix:{self.path}"
 
+    def make_room(self) -> None:
+        """Make the socket's private directory and remove a stale socket, before qemu listens."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
     def connect_qemu(self, index: int, timeout: float = CONNECT_ORDER_TIMEOUT) -> socket.socket:
         """Connect channel ``index`` to the incoming qemu once every lower one is connected.
 
