@@ -191,6 +191,7 @@ async def _follow(
     last_marker: tuple[Any, ...] = ()
     last_move = time.monotonic()
     fault_armed = True
+    switchover_released = False
     try:
         with proc.qmp.events({"MIGRATION", "BLOCK_IO_ERROR", "disconnected"}) as events:
             out.migrate_sent = True
@@ -210,7 +211,11 @@ async def _follow(
                         "and --abort-on-error was given"
                     )
                 stats = await query_migrate(proc.qmp)
-                if stats.status == "pre-switchover":
+                if stats.status == "pre-switchover" and not switchover_released:
+                    # Once only: qemu leaves pre-switchover a moment after
+                    # migrate-continue, so the next query may still show it,
+                    # and a second migrate-continue then fails ("device").
+                    switchover_released = True
                     await ctx.host.release_leases(out.name)
                     out.leases_released = True
                     job.record(leases_released=True)
