@@ -261,6 +261,10 @@ class MigrationConfig:
     outcome_timeout_s: float = 60.0
     #: How long the destination keeps the outcome record of a migration.
     outcome_retention_s: float = 7 * 86400.0
+    #: Client-driven migration: how long either agent keeps a migration whose
+    #: client's connection closed between phases, for ``ferryctl
+    #: migrate-recover`` to take it over, before it discards it.
+    client_grace_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -577,7 +581,8 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
     migration_s = _Section(top.get("migration", dict, {}), "migration")
     timeouts: dict[str, float] = {}
     for key, default in (("stall_timeout_s", 30.0), ("reply_timeout_s", 120.0),
-                         ("outcome_timeout_s", 60.0), ("outcome_retention_s", 7 * 86400.0)):
+                         ("outcome_timeout_s", 60.0), ("outcome_retention_s", 7 * 86400.0),
+                         ("client_grace_s", 15.0)):
         value = float(migration_s.get(key, (int, float), default))
         if value <= 0:
             raise ConfigError(f"[migration] {key} must be > 0")
