@@ -38,6 +38,8 @@ EXPECTED_OPS = {
     "perform",
     "finish",
     "confirm",
+    "adopt_outgoing",
+    "adopt_incoming",
     "journal_query",
 }
 
@@ -134,8 +136,8 @@ def test_message_example_from_the_design() -> None:
         ),
         (
             "begin",
-            {"name": "vm", "flags": 0},
-            {"name": "vm", "flags": 0, "params": {}, "xml": None},
+            {"name": "vm", "dest_uri": "ferry://b", "flags": 0},
+            {"name": "vm", "dest_uri": "ferry://b", "flags": 0, "params": {}},
         ),
         (
             "prepare",
@@ -150,8 +152,15 @@ def test_message_example_from_the_design() -> None:
         ),
         (
             "confirm",
-            {"name": "vm", "cookie": b"c", "flags": 1},
-            {"name": "vm", "cookie": b"c", "flags": 1, "params": {}, "cancelled": False},
+            {"name": "vm", "migration_id": "ab"},
+            {"name": "vm", "migration_id": "ab", "cookie": b"", "cancelled": False,
+             "unknown": False, "dest_host": None},
+        ),
+        (
+            "perform",
+            {"name": "vm", "migration_id": "ab", "uri": "tcp:b:1", "cookie": b"c"},
+            {"name": "vm", "migration_id": "ab", "uri": "tcp:b:1", "cookie": b"c",
+             "dest_name": None, "tunnel": None},
         ),
         ("journal_query", {}, {"migration_id": None, "domain": None, "since": None}),
     ],
@@ -202,8 +211,8 @@ def test_default_containers_are_not_shared() -> None:
         ),
         (
             "begin",
-            {"name": "vm", "flags": 0, "xml": 5},
-            "begin: field 'xml' must be a string or null",
+            {"name": "vm", "dest_uri": "u", "flags": 0, "params": 5},
+            "begin: field 'params' must be a map",
         ),
         (
             "journal_query",
@@ -221,7 +230,8 @@ def test_ranges_and_types(op: str, args: dict[str, Any], message: str) -> None:
 def test_float_fields_accept_ints_and_nullable_fields_accept_none() -> None:
     out = validate_args("shutdown", {"name": "vm", "timeout": 5})
     assert out["timeout"] == 5.0 and isinstance(out["timeout"], float)
-    assert validate_args("begin", {"name": "vm", "flags": 0, "xml": None})["xml"] is None
+    assert validate_args("perform", {"name": "vm", "migration_id": "a", "uri": "u",
+                                     "cookie": b""})["tunnel"] is None
     assert validate_args("journal_query", {"since": 10})["since"] == 10.0
 
 

@@ -102,11 +102,11 @@ _REGISTRY: dict[str, OpSpec] = {
     ),
     # the five phases
     "begin": _spec(
-        "source: check, take the job, pick the XML",
+        "source (client-driven): check, take the job; the XML and cookie for Prepare",
         name=_NAME,
+        dest_uri=FieldSpec(str, required=True, min_len=1, max_len=4096),
         flags=_FLAGS,
         params=_PARAMS,
-        xml=FieldSpec(str, nullable=True, min_len=1),
     ),
     "prepare": _spec(
         "destination: set up an incoming qemu",
@@ -116,12 +116,13 @@ _REGISTRY: dict[str, OpSpec] = {
         params=_PARAMS,
     ),
     "perform": _spec(
-        "source: send the state",
+        "source (client-driven): send the state to where Prepare said",
         name=_NAME,
+        migration_id=_MIGRATION_ID,
         uri=FieldSpec(str, required=True, min_len=1, max_len=4096),
         cookie=_COOKIE,
-        flags=_FLAGS,
-        params=_PARAMS,
+        dest_name=FieldSpec(str, nullable=True, default=None, min_len=1, max_len=200),
+        tunnel=FieldSpec(dict, nullable=True, default=None),
     ),
     "finish": _spec(
         "destination: start or kill the incoming domain",
@@ -166,12 +167,22 @@ _REGISTRY: dict[str, OpSpec] = {
     ),
     "agent_state": _spec("jobs, migrations and tokens this agent holds (diagnostics)"),
     "confirm": _spec(
-        "source: clean up, or resume after a failure",
+        "source (client-driven): clean up after Finish, or resume after a failure",
         name=_NAME,
-        cookie=_COOKIE,
-        flags=_FLAGS,
-        params=_PARAMS,
+        migration_id=_MIGRATION_ID,
+        cookie=FieldSpec(bytes, default=b""),
         cancelled=_CANCELLED,
+        unknown=FieldSpec(bool, default=False),
+        dest_host=FieldSpec(str, nullable=True, default=None, min_len=1, max_len=255),
+    ),
+    "adopt_outgoing": _spec(
+        "source: a client takes over a client-driven migration whose client went away",
+        name=_NAME,
+    ),
+    "adopt_incoming": _spec(
+        "destination: a client takes over a client-driven incoming migration whose "
+        "client went away",
+        migration_id=_MIGRATION_ID,
     ),
     "journal_query": _spec(
         "query the migration journal",
