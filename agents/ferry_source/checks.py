@@ -12,11 +12,10 @@ from ferry.domain import Domain
 from ferry.errors import MigrationRefused
 from ferry.flags import MigrationFlags
 from ferry.qemu import QemuProcess
-from ferry.uri import split_authority
+from ferry.uri import DEFAULT_AGENT_PORT, parse_dest_uri
 
 __all__ = ["DEFAULT_AGENT_PORT", "check_io_error", "is_allowed", "parse_dest_uri", "unsafe_disks"]
 
-DEFAULT_AGENT_PORT = 49160
 # Cache modes that bypass the host page cache: safe when another host opens
 # the same image (libvirt's qemuMigrationSrcIsSafe).
 SAFE_CACHE = frozenset({"none", "directsync"})
@@ -27,26 +26,6 @@ CLUSTER_FS_MAGIC = {
     0x00C36400: "ceph",
     0x47504653: "gpfs",
 }
-
-
-def parse_dest_uri(uri: str) -> tuple[str, int]:
-    """``ferry://HOST[:PORT]`` → (host, port).
-
-    Raises:
-        MigrationRefused: for any other form.
-    """
-    prefix = "ferry://"
-    if not uri.startswith(prefix):
-        raise MigrationRefused(f"destination URI {uri!r} must look like ferry://HOST[:PORT]")
-    rest = uri[len(prefix) :].rstrip("/")
-    host, port_text = split_authority(rest)
-    if not host:
-        raise MigrationRefused(f"destination URI {uri!r} has no host")
-    if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise MigrationRefused(f"destination URI {uri!r}: bad port {port_text!r}")
-        return host, int(port_text)
-    return host, DEFAULT_AGENT_PORT
 
 
 def _fs_magic(path: str) -> int | None:

@@ -15,6 +15,7 @@ from ferry.errors import (
     DomainState,
     FerryError,
     JobAborted,
+    JobBusy,
     JobError,
     MigrationRefused,
     MigrationTimeout,
@@ -28,6 +29,7 @@ from ferry.qemu.settings import MIB, UNLIMITED_BANDWIDTH
 from ferry.rpc import Handler, RequestContext
 from ferry_source.begin import JOB_TIMEOUT
 from ferry_source.checks import parse_dest_uri
+from ferry_source.client_driven import ClientDriven
 from ferry_source.context import SourceContext
 from ferry_source.outgoing import Outgoing
 from ferry_source.p2p import migrate_p2p
@@ -48,6 +50,7 @@ class MigrationDriver:
         #: ``resolve(request, op, name) -> LiveDomain`` with the ACL check.
         self.resolve = resolve
         self.outgoing: dict[str, Outgoing] = {}
+        self.client_driven = ClientDriven(self)
 
     def handlers(self) -> dict[str, Handler]:
         """Ops served by the migration driver."""
@@ -58,13 +61,21 @@ class MigrationDriver:
             "job_abort": self.op_job_abort,
             "set_max_downtime": self.op_set_max_downtime,
             "set_max_bandwidth": self.op_set_max_bandwidth,
+            **self.client_driven.handlers(),
         }
 
-    async def op_migrate(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
-        """Migrate a running domain to another host (peer to peer)."""
-        params = MigrationParams.from_wire(args["params"])
-        flags = validate(args["flags"], params) | MigrationFlags.PEER2PEER
-        live = self.resolve(ctx, "migrate", args["name"])
+    def new_outgoing(
+        self, ctx: RequestContext, op: str, args: dict[str, Any], flags: MigrationFlags,
+        params: MigrationParams,
+    ) -> Outgoing:  # fmt: skip
+        """The checks every migration request passes, in either mode; the
+        new :class:`Outgoing`, registered as in flight.
+
+        Raises:
+            MigrationRefused, DomainState: the request cannot be a migration.
+            JobBusy: the domain is migrating already (naming that migration).
+        """
+        live = self.resolve(ctx, op, args["name"])
         if flags & MigrationFlags.OFFLINE:
             raise MigrationRefused("offline migration is not supported yet (--offline)")
         config = self.ctx.config
@@ -80,31 +91,46 @@ class MigrationDriver:
                 f"domain '{live.domain.name}' is not running; only a running domain migrates live"
             )
         host, port = parse_dest_uri(args["dest_uri"])
-        if live.domain.name in self.outgoing:
-            raise JobError(f"domain '{live.domain.name}' is already migrating")
+        busy = self.outgoing.get(live.domain.name)
+        if busy is not None:
+            raise JobBusy(
+                f"domain '{live.domain.name}' is busy: migration {busy.migration_id} to "
+                f"{busy.peer} is in phase {busy.phases.current}",
+                domain=live.domain.name, migration_id=busy.migration_id,
+            )  # fmt: skip
         out = Outgoing(live.domain, uuidlib.uuid4().hex, flags, params, host, port)
+        self.outgoing[out.name] = out
+        return out
+
+    def log_end(self, out: Outgoing, exc: FerryError) -> None:
+        """Journal how a migration that raised ``exc`` ended (refused, aborted or failed)."""
+        if isinstance(exc, JobAborted | MigrationTimeout):
+            kind = MessageID.MIGRATION_ABORTED
+        elif out.phases.current in ("none", "begin"):
+            kind = MessageID.MIGRATION_REFUSED
+        else:
+            kind = MessageID.MIGRATION_FAILED
+        log_event(log, kind, f"migration of {out.name} to {out.host} ended: {exc}",
+                  level=logging.WARNING, result=exc.code, phase=out.phases.current)  # fmt: skip
+
+    async def op_migrate(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Migrate a running domain to another host (peer to peer)."""
+        params = MigrationParams.from_wire(args["params"])
+        flags = validate(args["flags"], params) | MigrationFlags.PEER2PEER
+        out = self.new_outgoing(ctx, "migrate", args, flags, params)
         resuming = bool(flags & MigrationFlags.POSTCOPY_RESUME)
         if resuming:
-            fence = self.ctx.fences.get(live.domain.uuid)
+            fence = self.ctx.fences.get(out.domain.uuid)
             if fence is not None:
                 out.migration_id = fence.migration_id
-        self.outgoing[out.name] = out
         with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=host):  # fmt: skip
+                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
             try:
                 if resuming:
                     return await resume_postcopy(self.ctx, out, ctx)
                 return await migrate_p2p(self.ctx, out, ctx)
             except FerryError as exc:
-                if isinstance(exc, JobAborted | MigrationTimeout):
-                    kind = MessageID.MIGRATION_ABORTED
-                elif out.phases.current in ("none", "begin"):
-                    kind = MessageID.MIGRATION_REFUSED
-                else:
-                    kind = MessageID.MIGRATION_FAILED
-                log_event(log, kind, f"migration of {out.name} to {host} ended: {exc}",
-                          level=logging.WARNING, result=exc.code,
-                          phase=out.phases.current)  # fmt: skip
+                self.log_end(out, exc)
                 raise
             finally:
                 self.outgoing.pop(out.name, None)

@@ -63,6 +63,9 @@ class Outgoing:
     steering: Steering | None = None
     #: The pre-flight verdict shown at the top and fed to the controller.
     preflight: Any = None
+    #: Client-driven mode: the :class:`~ferry_source.client_driven.ClientLink`
+    #: that ties the migration to its client's connection (None in p2p).
+    client: Any = None
 
     def steer(self) -> Steering:
         """The migration's :class:`~ferry.steering.Steering`, made on first use."""

@@ -40,7 +40,7 @@ from ferry_source.settle import Subject, settle
 from ferry_source.summary import summary
 from ferry_source.tunnel import SourceTunnel
 
-__all__ = ["migrate_p2p", "open_tunnel"]
+__all__ = ["enter_phase", "migrate_p2p", "open_tunnel", "subject_of"]
 
 log = logging.getLogger("ferry.source.migration")
 
@@ -50,7 +50,7 @@ TIDY_DEADLINE_S = 5.0
 CANCELLED_FINISH_TIMEOUT_S = 5.0
 
 
-def _phase(out: Outgoing, emit: Emit, phase: str) -> None:
+def enter_phase(out: Outgoing, emit: Emit, phase: str) -> None:
     """Enter ``phase``: durable in the job record before it does anything."""
     if phase in ("perform", "confirm"):
         out.phases.advance(phase, cancelled=False)
@@ -81,7 +81,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             await _preflight(ctx, out, emit)
         # -- Prepare (peer) ------------------------------------------------
         out.session = session = await connect_peer(ctx.config, out.host, out.port)
-        _phase(out, emit, "prepare")
+        enter_phase(out, emit, "prepare")
         reply_timeout = ctx.config.migration.reply_timeout_s
         prep = await request(session, "prepare", {
             "xml": xml, "cookie": cookie.encode(), "flags": int(out.flags),
@@ -99,7 +99,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             uri = out.tunnel.uri
 
         # -- Perform -------------------------------------------------------
-        _phase(out, emit, "perform")
+        enter_phase(out, emit, "perform")
         perform_error: FerryError | None = None
         stats: dict[str, Any] = {}
         try:
@@ -116,7 +116,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             # happened, Finish must try to start its CPUs, the tunnel must
             # keep carrying pages, and our copy never resumes.
             return await finish_postcopy(ctx, out, session, stats, perform_error, emit,
-                                         started, phase=_phase)  # fmt: skip
+                                         started, phase=enter_phase)  # fmt: skip
         if out.tunnel is not None and perform_error is not None:
             # Nothing more may reach the destination's qemu.
             await out.tunnel.close(drain=False)
@@ -125,7 +125,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
         cancelled = perform_error is not None and (out.proc.alive() or not out.migrate_sent)
 
         # -- Finish (peer) -------------------------------------------------
-        _phase(out, emit, "finish")
+        enter_phase(out, emit, "finish")
         result, finish_error, dest_host, settled = await _finish(
             ctx, out, session, cancelled, emit
         )
@@ -136,7 +136,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
                          tunnel_mode=out.tunnel.mode)  # fmt: skip
 
         # -- Confirm -------------------------------------------------------
-        _phase(out, emit, "confirm")
+        enter_phase(out, emit, "confirm")
         if result != "unknown":
             job.record(result=result)
         lost_client = ctx.faults.hit("src.confirm") == "drop-reply"
@@ -205,7 +205,7 @@ async def _finish(
                                          deadline_s=TIDY_DEADLINE_S)  # fmt: skip
             out.peer_reason = str(reply.get("reason") or "")
             return "failed", exc, out.peer, False
-        settled = await settle(ctx, _subject(out), job=out.job, emit=emit,
+        settled = await settle(ctx, subject_of(out), job=out.job, emit=emit,
                                deadline_s=ctx.config.migration.outcome_timeout_s)  # fmt: skip
         if settled.result == "completed":
             return "completed", None, out.peer, True
@@ -252,7 +252,8 @@ async def _preflight(ctx: SourceContext, out: Outgoing, emit: Emit) -> None:
         )
 
 
-def _subject(out: Outgoing) -> Subject:
+def subject_of(out: Outgoing) -> Subject:
+    """What settling a lost outcome needs to know of ``out``."""
     job = out.job
     return Subject(name=out.name, uuid=out.domain.uuid, migration_id=out.migration_id,
                    peer=out.peer, peer_uri=out.peer_uri, was_running=out.was_running,

@@ -121,6 +121,18 @@ async def test_busy_message_names_holder(mgr: JobManager) -> None:
     await mgr.end_async(job)
 
 
+async def test_busy_message_names_the_migration(mgr: JobManager) -> None:
+    # A client-driven migration holds the domain between the client's calls:
+    # whoever finds it busy is told which migration to look up.
+    job = await mgr.begin_async(UUID, "g1", AsyncJob.MIGRATION_OUT, phase="begin",
+                                migration_id="3f2a9c")  # fmt: skip
+    with pytest.raises(JobBusy) as info:
+        await mgr.begin_sync(UUID, "g1", JobType.MODIFY, timeout=SHORT)
+    assert "async job migration-out (phase begin, migration ID 3f2a9c) held by" in str(info.value)
+    assert info.value.details["holder"]["migration_id"] == "3f2a9c"
+    await mgr.end_async(job)
+
+
 async def test_nested_job_excludes_other_sync_jobs(mgr: JobManager) -> None:
     job = await mgr.begin_async(UUID, "g1", AsyncJob.MIGRATION_OUT, phase="perform")
     # An allowed QUERY runs; the owner's nested job waits for it.

@@ -260,6 +260,10 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
             migration_id.append(str(data["migration_id"]))
         display.event(event, data)
 
+    if getattr(args, "client_driven", False):
+        return await _migrate_client_driven(args, session, flags, params, display)
+    if args.pki is not None:
+        raise FlagError("--pki is for --client-driven (ferryctl dials the destination itself)")
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
         with display:
@@ -288,6 +292,25 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
         ) from None
     finally:
         loop.remove_signal_handler(signal.SIGINT)
+    display.finish(result)
+    return 0
+
+
+async def _migrate_client_driven(
+    args: argparse.Namespace, session: Session, flags: MigrationFlags, params: MigrationParams,
+    display: progress.Display,
+) -> int:  # fmt: skip
+    """``migrate --client-driven``: run the five phases from here."""
+    from .client_driven import Driver, lost_source, operator_files
+
+    driver = Driver(session, operator_files(args.pki), display.event)
+    try:
+        with display:
+            result = await driver.migrate(args.name, args.dest_uri, flags, params)
+    except ProtocolError as exc:
+        if not session.closed:
+            raise
+        raise lost_source(args.name, driver.migration_id, exc) from None
     display.finish(result)
     return 0
 
@@ -370,6 +393,9 @@ async def _migrate_check(args: argparse.Namespace, session: Session) -> int:
     if args.offline:
         # Said here: the flag check would only say that --offline and --live conflict.
         raise FlagError("--offline moves no memory: there is nothing to pre-flight")
+    if args.client_driven or args.pki is not None:
+        raise FlagError("migrate-check measures from the source agent; --client-driven and "
+                        "--pki are for migrate")
     flags, params = _migration_request(args)
     result = await session.request(
         "migrate_check",
@@ -388,6 +414,18 @@ async def _migrate_recover(args: argparse.Namespace, session: Session) -> int:
         if event == "warning" and not args.json:
             print(f"  {data.get('message', '')}", file=sys.stderr)
 
+    adopted = await session.request("adopt_outgoing", {"name": args.name})
+    if adopted.get("found"):
+        # A client-driven migration whose client went away: take it over
+        # and drive it to its end.
+        from .client_driven import Driver, operator_files
+
+        display = progress.make_display(json_lines=args.json)
+        driver = Driver(session, operator_files(args.pki), display.event)
+        with display:
+            done = await driver.take_over(adopted)
+        display.finish(done)
+        return 0
     result = await session.request("migrate_recover", {"name": args.name}, on_event=on_event)
     if args.json:
         _print_json(result)
@@ -447,9 +485,22 @@ async def _journal(args: argparse.Namespace, session: Session) -> int:
 def _add_migration_options(p: argparse.ArgumentParser) -> None:
     """The flags and limits of ``migrate``, shared with ``migrate-check``."""
     p.add_argument("--live", action="store_true", help="keep the VM running during the transfer")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--p2p", action="store_true",
+        help="peer to peer: the source agent drives the migration (the default)",
+    )  # fmt: skip
+    mode.add_argument(
+        "--client-driven", action="store_true",
+        help="ferryctl drives the five phases itself: Begin/Perform/Confirm on the source's "
+        "admin socket, Prepare/Finish on the destination over TLS with an operator "
+        "certificate (--pki); the source host needs no rights on the destination",
+    )  # fmt: skip
     p.add_argument(
-        "--p2p", action="store_true", help="peer to peer (always on; accepted for virsh habits)"
-    )
+        "--pki", type=Path, metavar="DIR",
+        help="with --client-driven: the operator certificate directory ('ferryctl pki client "
+        "NAME' output: ca.pem, NAME.pem, NAME-key.pem); default $FERRY_OPERATOR_PKI",
+    )  # fmt: skip
     p.add_argument(
         "--persistent", action="store_true", help="persist the definition on the destination"
     )
@@ -476,7 +527,7 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tunnelled",
         action="store_true",
-        help="carry the stream through the agents (TLS on their port; needs --p2p, the default)",
+        help="carry the stream through the agents (TLS on their port)",
     )
     p.add_argument(
         "--tunnel-plaintext",
@@ -646,9 +697,16 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
         "migrate-recover",
         _migrate_recover,
         "settle a migration whose outcome is unknown: ask the destination again, then stop "
-        "the copy here (it runs there) or resume it (it does not)",
+        "the copy here (it runs there) or resume it (it does not); or take over a "
+        "client-driven migration whose client went away, within the agents' grace period, "
+        "and drive it to its end (needs the operator certificate, --pki)",
     )
     p.add_argument("name")
+    p.add_argument(
+        "--pki", type=Path, metavar="DIR",
+        help="to take over a client-driven migration: the operator certificate directory "
+        "(default $FERRY_OPERATOR_PKI)",
+    )  # fmt: skip
     verb(
         "agent-state",
         _agent_state,
@@ -723,7 +781,8 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("name")
 
-    p = verb("migrate", _migrate, "migrate a domain to another host (peer to peer)")
+    p = verb("migrate", _migrate, "migrate a domain to another host (peer to peer, or "
+             "--client-driven)")
     p.add_argument("name")
     p.add_argument("dest_uri", help="the destination agent, ferry://HOST[:PORT]")
     _add_migration_options(p)

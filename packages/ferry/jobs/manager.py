@@ -175,12 +175,19 @@ class Job:
             )
 
     def describe(self) -> str:
-        """``async job migration-out (phase perform)`` / ``job query``."""
+        """``async job migration-out (phase perform, migration ID 3f2a…)`` / ``job query``.
+
+        A migration's ID is named so that whoever finds the domain busy can
+        look the migration up (``ferryctl journal --migration ID``).
+        """
         if self.parent is not None:
             return f"job {self.type} of {self.parent.describe()}"
         text = f"async job {self.type}" if self.is_async else f"job {self.type}"
-        if self._phase:
-            text += f" (phase {self._phase})"
+        notes = [f"phase {self._phase}"] if self._phase else []
+        if self.migration_id:
+            notes.append(f"migration ID {self.migration_id}")
+        if notes:
+            text += f" ({', '.join(notes)})"
         return text
 
     def holder_info(self) -> dict[str, Any]:
@@ -192,6 +199,7 @@ class Job:
             "job": str(self.type),
             "async": self.is_async,
             "phase": self._phase,
+            "migration_id": self.migration_id,
             "since": self.started,
         }
 
@@ -668,8 +676,11 @@ class JobManager:
                 waited=timeout,
             )
         what = f"async job {info.get('job')}" if info.get("async") else f"job {info.get('job')}"
-        if info.get("phase"):
-            what += f" (phase {info.get('phase')})"
+        notes = [f"phase {info['phase']}"] if info.get("phase") else []
+        if info.get("migration_id"):
+            notes.append(f"migration ID {info['migration_id']}")
+        if notes:
+            what += f" ({', '.join(notes)})"
         since = info.get("since")
         when = f" since {_clock(since)}" if isinstance(since, int | float) else ""
         return JobBusy(
