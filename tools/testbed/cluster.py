@@ -321,6 +321,36 @@ class Cluster:
                 shutil.copy(files.key, self.pki / f"{host.label}-key.pem")
                 os.chmod(self.pki / f"{host.label}-key.pem", 0o600)
 
+    #: The operator of client-driven tests, and what its [[acl]] rule lets it do.
+    OPERATOR = "ops"
+    OPERATOR_OPS = ("prepare", "finish", "migration_progress", "adopt_incoming")
+
+    def operator_pki(self) -> Path:
+        """An operator certificate (``ferryctl pki client ops``); its directory."""
+        from ferryctl.pki import issue_client
+
+        out = self.tmp / "operator"
+        if not (out / f"{self.OPERATOR}.pem").exists():
+            issue_client(self.pki, out, self.OPERATOR)
+        return out
+
+    def operator_config(self) -> dict[str, Any]:
+        """Config overrides that admit the operator to a host's peer port, for its ops only."""
+        return {
+            "peers.operators": [self.OPERATOR],
+            "acl": [{"operators": [self.OPERATOR], "ops": list(self.OPERATOR_OPS),
+                     "domains": ["*"]}],
+        }  # fmt: skip
+
+    def client_argv(self, *args: str, fault: str | None = None) -> list[str]:
+        """argv of a client-driven ferryctl run on host A (its network namespace: it
+        dials B itself) with the operator certificate; ``fault`` is the test-only point
+        where it SIGKILLs itself (FERRY_TESTING_CLIENT_DIES)."""
+        env = ["env", f"FERRY_OPERATOR_PKI={self.operator_pki()}"]
+        if fault is not None:
+            env.append(f"FERRY_TESTING_CLIENT_DIES={fault}")
+        return self.a.ns.exec_argv([*env, *self.a.ferryctl_argv(*args)])
+
     def start(self, agents: Sequence[str] = ("source", "destination")) -> Cluster:
         """Start the agents on both hosts."""
         for host in (self.a, self.b):
