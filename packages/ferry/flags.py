@@ -265,7 +265,9 @@ def validate(flags: MigrationFlags | int, params: MigrationParams) -> MigrationF
     needs(M.OFFLINE, M.PERSIST_DEST, "an offline migration only moves the definition")
     conflict(M.OFFLINE, M.TUNNELLED, "an offline migration has no data to tunnel")
     conflict(M.POSTCOPY, M.OFFLINE, "an offline migration has no memory to copy")
-    needs(M.TUNNELLED, M.PEER2PEER, "only the agents can carry the tunnel")
+    # libvirt ties TUNNELLED to PEER2PEER (its tunnel runs over the daemons'
+    # own connection); Ferry's tunnel is the agents' data connections with a
+    # token from Prepare, so a client-driven migration can use it too.
     if params.migrate_uri is not None and M.TUNNELLED in f:
         problems.append(
             f"{_param('migrate_uri')} cannot be used with {_flag(M.TUNNELLED)}: "

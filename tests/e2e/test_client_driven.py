@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_migration import assert_moved, boot_guest
+from test_migration import assert_moved, assert_stayed, boot_guest, refused
 
 import testguest
-from cluster import Cluster, guest_xml
+from cluster import Cluster, guest_xml, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -64,3 +64,99 @@ def test_client_driven_live_migration_moves_the_guest(
     phases = [e["data"]["phase"] for e in evs if e["event"] == "phase"]  # type: ignore[index]
     assert phases == ["begin", "prepare", "perform", "finish", "confirm"], phases
     assert_moved(client_hosts, guest)
+
+
+def run_mig(cluster: Cluster, *args: str, dest: str | None = None, fault: str | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """``ferryctl migrate g1 DEST --client-driven ARGS`` from host A."""
+    argv = cluster.client_argv("migrate", "g1", dest or cluster.b.uri, "--client-driven", *args,
+                               fault=fault)  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def nothing_held(cluster: Cluster) -> bool:
+    """No job record on either host, no incoming migration or token on B."""
+    a_jobs = list((cluster.a.run_dir / "jobs").glob("*.job"))
+    b_jobs = list((cluster.b.run_dir / "jobs").glob("*.job"))
+    state = cluster.b.ctl_json("agent-state", agent="destination")
+    return not a_jobs and not b_jobs and not state["incoming"] and state["tokens"] == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "dest_name"),
+    [
+        (("--persistent", "--undefine-source"), "g1"),
+        (("--dname", "g2"), "g2"),
+        (("--tunnelled",), "g1"),
+        (("--tunnelled", "--parallel", "--parallel-connections", "2"), "g1"),
+        (("--auto-converge",), "g1"),
+    ],
+    ids=["persistent-undefine-source", "dname", "tunnelled", "tunnelled-parallel",
+         "auto-converge"],
+)
+def test_client_driven_flag_combinations(
+    guest: testguest.SerialReader, client_hosts: Cluster, flags: tuple[str, ...], dest_name: str
+) -> None:
+    a, b = client_hosts.a, client_hosts.b
+    result = run_mig(client_hosts, "--live", "--json", *flags)
+    assert result.returncode == 0, result.stderr + client_hosts.logs()
+    final = events(result)[-1]
+    assert final["event"] == "result", final
+    stats = final["data"]["stats"]  # type: ignore[index]
+    if "--tunnelled" in flags:
+        assert stats["tunnel_bytes"] > 0, stats
+    assert_moved(client_hosts, guest, dest_name=dest_name)
+    assert nothing_held(client_hosts)
+    if "--persistent" in flags:
+        assert b.ctl_json("dominfo", "g1")["persistent"] is True
+        # --undefine-source: A forgot the domain altogether.
+        assert a.domain_state("g1") is None
+        listed = a.ctl_json("list", "--all")
+        assert "g1" not in json.dumps(listed), listed
+
+
+def test_client_driven_refusals_leave_the_guest_where_it_was(
+    guest: testguest.SerialReader, client_hosts: Cluster, tmp_path: Path
+) -> None:
+    a, b = client_hosts.a, client_hosts.b
+    # Refused where p2p refuses: the same host, an ABI-changing --xml, a snapshot.
+    refused(run_mig(client_hosts, "--live", dest=a.uri), "migration-refused", "same host")
+    xml = a.ctl_json("dumpxml", "g1")["xml"]
+    changed = tmp_path / "bigger.xml"
+    changed.write_text(xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>").replace(
+        "<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>"))  # fmt: skip
+    refused(run_mig(client_hosts, "--live", "--xml", str(changed)), "abi-unstable", "vcpu")
+    a.ferryctl("snapshot-create", "g1", "s1", check=True)
+    refused(run_mig(client_hosts, "--live"), "migration-refused", "1 snapshot")
+    a.ferryctl("snapshot-delete", "g1", "s1", check=True)
+    # What this mode cannot do is refused by name, before anything starts.
+    refused(run_mig(client_hosts, "--live", "--postcopy"), "migration-refused",
+            "--postcopy is not supported in client-driven mode")  # fmt: skip
+    refused(run_mig(client_hosts, "--live", "--deadline", "30"), "migration-refused",
+            "--deadline is not supported in client-driven mode")  # fmt: skip
+    # No operator certificate: said before anything is asked of either agent.
+    bare = subprocess.run(a.ns.exec_argv(a.ferryctl_argv("migrate", "g1", b.uri, "--live",
+                                                         "--client-driven")),
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})  # fmt: skip
+    assert bare.returncode == 1 and "needs an operator certificate" in bare.stderr, bare.stderr
+    assert_stayed(client_hosts, guest)
+    assert nothing_held(client_hosts)
+
+
+def test_operator_without_acl_rule_is_refused_by_the_destination(
+    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    """B admits the operator on its port but has no [[acl]] rule for prepare: refused,
+    and A (which had taken the job in Begin) gives the domain back at once."""
+    cluster.a.write_config(**cluster.operator_config())
+    cluster.b.write_config(**{"peers.operators": [Cluster.OPERATOR]})
+    cluster.start()
+    serial = boot_guest(cluster.a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type))
+    try:
+        refused(run_mig(cluster, "--live"), "access-denied", "operator 'ops'", "'prepare'")
+        assert_stayed(cluster, serial)
+        assert nothing_held(cluster)
+    finally:
+        serial.close()

@@ -342,14 +342,17 @@ class Cluster:
                      "domains": ["*"]}],
         }  # fmt: skip
 
-    def client_argv(self, *args: str, fault: str | None = None) -> list[str]:
-        """argv of a client-driven ferryctl run on host A (its network namespace: it
-        dials B itself) with the operator certificate; ``fault`` is the test-only point
-        where it SIGKILLs itself (FERRY_TESTING_CLIENT_DIES)."""
+    def client_argv(
+        self, *args: str, fault: str | None = None, source: HostEnv | None = None
+    ) -> list[str]:
+        """argv of a client-driven ferryctl run on the ``source`` host (default A; in its
+        network namespace: it dials the destination itself) with the operator certificate;
+        ``fault`` is the test-only point where it SIGKILLs itself (FERRY_TESTING_CLIENT_DIES)."""
+        host = source or self.a
         env = ["env", f"FERRY_OPERATOR_PKI={self.operator_pki()}"]
         if fault is not None:
             env.append(f"FERRY_TESTING_CLIENT_DIES={fault}")
-        return self.a.ns.exec_argv([*env, *self.a.ferryctl_argv(*args)])
+        return host.ns.exec_argv([*env, *host.ferryctl_argv(*args)])
 
     def start(self, agents: Sequence[str] = ("source", "destination")) -> Cluster:
         """Start the agents on both hosts."""
