@@ -12,6 +12,7 @@ every page with a pattern at boot) and a small working set::
     .venv/bin/python tools/bench/migration.py                    # 1 GiB, 5 reps, prealloc
     .venv/bin/python tools/bench/migration.py --reps 3 --no-prealloc
     .venv/bin/python tools/bench/migration.py --json > result.json
+    .venv/bin/python tools/bench/migration.py --variants ferry,client-driven   # issue 13 ratio
     FERRY_KEEP_TESTBED=1 .venv/bin/python tools/bench/migration.py   # keep the tree (agent logs)
 
 It measures, in this order:
@@ -37,6 +38,13 @@ It measures, in this order:
    until completed (source, then destination), ``cont`` on the destination,
    SIGKILL the source and wait for it to exit -- the same work Ferry does,
    without the agents.
+3. **client-driven** (``--variants ferry,client-driven[,minimal]``):
+   ``ferryctl migrate ... --client-driven`` (issue 13), run in the source's
+   network namespace with an operator certificate, interleaved with ferry
+   (p2p) on the same guest, rounds rotated (p2p, cd, cd, p2p, ...); same
+   figures, plus the ratios client-driven / p2p of the wall times and of the
+   overheads over qemu's ``total_time_ms``.  See ``client_driven.py`` for how
+   ``ip netns exec`` is accounted for (``--p2p-launch``).
 
 The guest is checked between repetitions (outside the timed part): it must
 keep reporting on its serial port on the new host, without a reboot or a
@@ -116,7 +124,7 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +133,18 @@ REPO = Path(__file__).resolve().parents[2]
 for _sub in ("tools/testbed", "tools/guest"):
     if str(REPO / _sub) not in sys.path:
         sys.path.insert(0, str(REPO / _sub))
+
+from client_driven import (  # noqa: E402
+    CLIENT,
+    FERRYCTL_VARIANTS,
+    comparison,
+    finite,
+    migrate_argv,
+    netns_probe_argv,
+    parse_variants,
+    print_comparison,
+    schedule,
+)
 
 import testguest  # noqa: E402
 from cluster import Cluster, HostEnv, guest_xml  # noqa: E402
@@ -256,6 +276,9 @@ class FerryRep:
     marks: dict[str, float] = field(default_factory=dict)
     #: agent journal records during the run: (ms after start, agent, host, message)
     timeline: list[tuple[float, str, str, str]] = field(default_factory=list)
+    variant: str = "ferry"  # or "client-driven"
+    via_netns: bool = False  # ferryctl launched by ip netns exec SRC env ...
+    netns_ms: float | None = None  # ip netns exec SRC env true, right before
 
     @property
     def cli_overhead_ms(self) -> float:
@@ -442,19 +465,9 @@ class LaunchWatcher:
 
 
 def run_migrate(
-    src: HostEnv, dst: HostEnv, name: str, timeout: float
+    argv: Sequence[str], timeout: float
 ) -> tuple[float, float, dict[str, float], dict[str, Any], float | None]:
     """ferryctl migrate --json; returns (t0, wall ms, event marks, result data, launch ms)."""
-    argv = [
-        ferryctl_bin(),
-        "--connect",
-        str(src.source_socket),
-        "migrate",
-        name,
-        dst.uri,
-        "--live",
-        "--json",
-    ]
     marks: dict[str, float] = {"start": 0.0}
     result: dict[str, Any] | None = None
     with tempfile.TemporaryFile() as errfile, LaunchWatcher() as watcher:
@@ -604,13 +617,15 @@ def ferry_phase(
     failures: list[str],
     anomalies: list[str],
 ) -> list[FerryRep]:
-    """``--reps`` measured migrations, back and forth.
+    """``--reps`` measured migrations per ferryctl variant, back and forth, interleaved.
 
-    A migration that fails is reported in ``failures`` and tried again in the
-    same direction (after restarting the guest if the failure left it
-    stopped); one that succeeds without qemu's times (``total_time_ms`` 0) is
-    reported in ``anomalies`` and not counted.  At most ``--retries`` such
-    extra attempts per repetition.
+    The variants (``ferry``, ``client-driven``) take turns in the order
+    ``client_driven.schedule`` gives.  A migration that fails is reported in
+    ``failures`` and tried again in the same direction (after restarting the
+    guest if the failure left it stopped); one that succeeds without qemu's
+    times (``total_time_ms`` 0) is reported in ``anomalies`` and not counted
+    (then the same variant is tried again, in the new direction).  At most
+    ``--retries`` such extra attempts per repetition.
     """
     a, b = cluster.a, cluster.b
     guest = FerryGuest(cluster, kernel, args)
@@ -618,24 +633,29 @@ def ferry_phase(
     reps: list[FerryRep] = []
     src, dst = a, b
     extra = 0
+    plan = schedule([v for v in args.variants if v in FERRYCTL_VARIANTS], args.reps)
     try:
         guest.start(a)
         log(
             f"ferry: guest up on a ({args.mem_mib} MiB, wss {args.wss_mib} MiB, "
             f"rate {args.rate_mib_s or 'max'} MiB/s)"
         )
-        while len(reps) < args.reps:
-            i = len(reps) + 1
-            what = f"{i}/{args.reps} {src.label}->{dst.label}"
-            if extra > args.retries * args.reps:
+        while len(reps) < len(plan):
+            i, variant = plan[len(reps)][0] + 1, plan[len(reps)][1]
+            via_netns = variant == CLIENT or args.p2p_via_netns
+            tag = "" if variant == "ferry" else f"{variant} "
+            what = f"{variant:<6} {i}/{args.reps} {src.label}->{dst.label}"
+            if extra > args.retries * len(plan):
                 raise RuntimeError(f"giving up after {extra} failed or unusable migrations")
             prepare_memory(args)
             help_ms = timed_run([ferryctl_bin(), "--help"])
             list_ms = timed_run(
                 [ferryctl_bin(), "--connect", str(src.source_socket), "list", "--json"]
             )
+            netns_ms = timed_run(netns_probe_argv(cluster, src))
+            argv = migrate_argv(cluster, src, dst, name, variant=variant, via_netns=via_netns)
             try:
-                t0, wall, marks, result, launch_ms = run_migrate(src, dst, name, args.timeout)
+                t0, wall, marks, result, launch_ms = run_migrate(argv, args.timeout)
             except MigrateFailed as exc:
                 # A failed migration must leave the guest running on the
                 # source (DESIGN.md); say whether it did, then start over.
@@ -648,8 +668,8 @@ def ferry_phase(
                     f"{src.label} (state {state}), {len(dst.qemu_pids())} qemu on "
                     f"{dst.label}"
                 )
-                failures.append(f"{src.label}->{dst.label}: {exc.message} -> {after}")
-                log(f"ferry  {what} FAILED: {exc.message} -> {after}")
+                failures.append(f"{tag}{src.label}->{dst.label}: {exc.message} -> {after}")
+                log(f"{what} FAILED: {exc.message} -> {after}")
                 if not running or dst.qemu_pids():
                     log(f"ferry: restarting the guest on {src.label}")
                     guest.start(src)
@@ -661,12 +681,12 @@ def ferry_phase(
             if not stats.get("total_time_ms"):
                 extra += 1
                 anomalies.append(
-                    f"{src.label}->{dst.label}: migrated in {wall:.0f} ms but the "
+                    f"{tag}{src.label}->{dst.label}: migrated in {wall:.0f} ms but the "
                     f"result has total_time_ms={stats.get('total_time_ms')!r}, "
                     f"downtime_ms={stats.get('downtime_ms')!r}"
                 )
                 log(
-                    f"ferry  {what}: migrated, but without qemu's times "
+                    f"{what}: migrated, but without qemu's times "
                     f"(total_time_ms={stats.get('total_time_ms')!r}); not counted"
                 )
                 src, dst = dst, src
@@ -688,10 +708,13 @@ def ferry_phase(
                 marks=marks,
                 timeline=timeline,
                 launch_ms=launch_ms,
+                variant=variant,
+                via_netns=via_netns,
+                netns_ms=netns_ms,
             )
             reps.append(rep)
             log(
-                f"ferry  {what}: cli {wall:.0f} ms, agent {rep.agent_wall_ms:.0f}, qemu total "
+                f"{what}: cli {wall:.0f} ms, agent {rep.agent_wall_ms:.0f}, qemu total "
                 f"{rep.total_time_ms:.0f}, downtime {rep.downtime_ms:.0f}, overhead agent "
                 f"{rep.agent_overhead_ms:.0f} / cli {rep.cli_overhead_ms:.0f} (--help "
                 f"{help_ms:.0f}, dest qemu launch "
@@ -861,12 +884,59 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def ferryctl_rows(
+    add: Callable[[str, Sequence[float]], None], prefix: str, reps: Sequence[FerryRep]
+) -> None:
+    """The rows of one ferryctl variant (``ferry``: the labels of earlier runs)."""
+    add(f"{prefix}: ferryctl migrate wall", [r.cli_wall_ms for r in reps])
+    add(f"{prefix}: agent wall_time_ms", [r.agent_wall_ms for r in reps])
+    add(f"{prefix}: qemu total_time_ms", [r.total_time_ms for r in reps])
+    add(f"{prefix}: qemu downtime_ms", [r.downtime_ms for r in reps])
+    add(f"{prefix}: qemu setup_time_ms", [r.setup_time_ms for r in reps])
+    add(f"{prefix}: overhead (CLI wall - qemu total)", [r.cli_overhead_ms for r in reps])
+    add(f"{prefix}: overhead (agent wall - qemu total)", [r.agent_overhead_ms for r in reps])
+    add(f"{prefix}: CLI wall - agent wall", [r.cli_wall_ms - r.agent_wall_ms for r in reps])
+    add(
+        f"{prefix}: dest qemu launch (in Prepare)",
+        [r.launch_ms for r in reps if r.launch_ms is not None],
+    )
+    add(
+        f"{prefix}: agent overhead excl. dest launch",
+        [v for r in reps if (v := r.agent_overhead_excl_launch_ms) is not None],
+    )
+    phase_names: list[str] = []
+    for r in reps:
+        phase_names += [k for k in r.phase_ms() if k not in phase_names]
+    what = "  phase" if prefix == "ferry" else f"  {prefix} phase"
+    for k in phase_names:
+        add(f"{what}: {k}", [r.phase_ms()[k] for r in reps if k in r.phase_ms()])
+
+
+def rep_json(r: FerryRep) -> dict[str, Any]:
+    return {
+        **asdict(r),
+        "cli_overhead_ms": r.cli_overhead_ms,
+        "agent_overhead_ms": r.agent_overhead_ms,
+        "agent_overhead_excl_launch_ms": r.agent_overhead_excl_launch_ms,
+        "phases_ms": r.phase_ms(),
+    }
+
+
+def median_timeline(reps: Sequence[FerryRep]) -> dict[str, Any] | None:
+    """The timeline of the repetition with the median agent wall time."""
+    if not reps:
+        return None
+    r = sorted(reps, key=lambda r: r.agent_wall_ms)[len(reps) // 2]
+    return {"rep": r.rep, "variant": r.variant, "marks": r.marks, "journal": r.timeline}
+
+
 def build_report(
     args: argparse.Namespace,
     ferry: list[FerryRep],
     minimal: list[MinimalRep],
     failures: Sequence[str] = (),
     anomalies: Sequence[str] = (),
+    client: Sequence[FerryRep] = (),
 ) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
 
@@ -876,29 +946,9 @@ def build_report(
 
     add("ferryctl --help (Python start-up)", [r.help_ms for r in ferry])
     add("ferryctl list (start-up+connect+1 req)", [r.list_ms for r in ferry])
-    add("ferry: ferryctl migrate wall", [r.cli_wall_ms for r in ferry])
-    add("ferry: agent wall_time_ms", [r.agent_wall_ms for r in ferry])
-    add("ferry: qemu total_time_ms", [r.total_time_ms for r in ferry])
-    add("ferry: qemu downtime_ms", [r.downtime_ms for r in ferry])
-    add("ferry: qemu setup_time_ms", [r.setup_time_ms for r in ferry])
-    add("ferry: overhead (CLI wall - qemu total)", [r.cli_overhead_ms for r in ferry])
-    add("ferry: overhead (agent wall - qemu total)", [r.agent_overhead_ms for r in ferry])
-    add("ferry: CLI wall - agent wall", [r.cli_wall_ms - r.agent_wall_ms for r in ferry])
-    add(
-        "ferry: dest qemu launch (in Prepare)",
-        [r.launch_ms for r in ferry if r.launch_ms is not None],
-    )
-    add(
-        "ferry: agent overhead excl. dest launch",
-        [v for r in ferry if (v := r.agent_overhead_excl_launch_ms) is not None],
-    )
-    phase_names: list[str] = []
-    for r in ferry:
-        for k in r.phase_ms():
-            if k not in phase_names:
-                phase_names.append(k)
-    for k in phase_names:
-        add(f"  phase: {k}", [r.phase_ms()[k] for r in ferry if k in r.phase_ms()])
+    add("ip netns exec SRC env true", [r.netns_ms for r in (*ferry, *client) if r.netns_ms])
+    for prefix, reps in (("ferry", ferry), ("client-driven", client)):
+        ferryctl_rows(add, prefix, reps)
     add("minimal: driver wall", [r.wall_ms for r in minimal])
     add("minimal: qemu total_time_ms", [r.total_time_ms for r in minimal])
     add("minimal: qemu downtime_ms", [r.downtime_ms for r in minimal])
@@ -951,10 +1001,6 @@ def build_report(
             "met": med < TARGET_OVERHEAD_MS,
             "agent_overhead_excl_launch_median_ms": statistics.median(excl_l) if excl_l else None,
         }
-    median_rep = None
-    if ferry:
-        order = sorted(ferry, key=lambda r: r.agent_wall_ms)
-        median_rep = order[len(order) // 2]
     return {
         "config": {
             "mem_mib": args.mem_mib,
@@ -967,22 +1013,21 @@ def build_report(
             "memory": args.memory,
             "settle_s": args.settle,
             "cpus": os.cpu_count(),
+            "variants": list(getattr(args, "variants", ["ferry", "minimal"])),
+            "p2p_via_netns": bool(getattr(args, "p2p_via_netns", False)),
         },
         "rows": rows,
         "ratios": ratios,
         "verdict": verdict,
         "ferry_failures": list(failures),
         "ferry_anomalies": list(anomalies),
-        "ferry": [
-            {
-                **asdict(r),
-                "cli_overhead_ms": r.cli_overhead_ms,
-                "agent_overhead_ms": r.agent_overhead_ms,
-                "agent_overhead_excl_launch_ms": r.agent_overhead_excl_launch_ms,
-                "phases_ms": r.phase_ms(),
-            }
-            for r in ferry
-        ],
+        "client_driven_vs_p2p": (
+            comparison(ferry, client, bool(getattr(args, "p2p_via_netns", False)))
+            if ferry and client
+            else None
+        ),
+        "ferry": [rep_json(r) for r in ferry],
+        "client_driven": [rep_json(r) for r in client],
         "minimal": [
             {
                 **asdict(r),
@@ -991,11 +1036,8 @@ def build_report(
             }
             for r in minimal
         ],
-        "median_rep_timeline": (
-            {"rep": median_rep.rep, "marks": median_rep.marks, "journal": median_rep.timeline}
-            if median_rep is not None
-            else None
-        ),
+        "median_rep_timeline": median_timeline(ferry),
+        "median_rep_timeline_client_driven": median_timeline(client),
     }
 
 
@@ -1017,6 +1059,8 @@ def print_table(report: dict[str, Any]) -> None:
         for label, value in report["ratios"].items():
             fmt = f"{value:.0f}" if "(ms)" in label else f"{value:.2f}x"
             print(f"{label:<{width}}{fmt:>9}")
+    if report["client_driven_vs_p2p"] is not None:
+        print_comparison(report["client_driven_vs_p2p"], width)
     v = report["verdict"]
     if v is not None:
         print(
@@ -1031,7 +1075,8 @@ def print_table(report: dict[str, Any]) -> None:
             )
     if report["ferry_failures"]:
         n_fail = len(report["ferry_failures"])
-        n_all = n_fail + len(report["ferry"]) + len(report["ferry_anomalies"])
+        n_all = n_fail + len(report["ferry"]) + len(report["client_driven"])
+        n_all += len(report["ferry_anomalies"])
         print(f"\nferry migrations that FAILED (then retried): {n_fail} of {n_all} attempts")
         for text in report["ferry_failures"]:
             print(f"  {text}")
@@ -1043,39 +1088,46 @@ def print_table(report: dict[str, Any]) -> None:
         for text in report["ferry_anomalies"]:
             print(f"  {text}")
     print("\nper repetition (ms):")
-    print(
-        f"  {'ferry':<8}{'dir':<6}{'cli':>7}{'agent':>7}{'total':>7}{'down':>6}{'ovh':>6}"
-        f"{'MiB sent':>10}{'passes':>7}"
-    )
-    for r in report["ferry"]:
+    for variant, key in (("ferry", "ferry"), ("client-driven", "client_driven")):
+        if not report[key] and variant != "ferry":
+            continue
         print(
-            f"  {r['rep']:<8}{r['direction']:<6}{r['cli_wall_ms']:>7.0f}{r['agent_wall_ms']:>7.0f}"
-            f"{r['total_time_ms']:>7.0f}{r['downtime_ms']:>6.0f}{r['agent_overhead_ms']:>6.0f}"
-            f"{r['transferred_mib']:>10.0f}{r['passes']:>7}"
+            f"  {variant:<14}{'dir':<6}{'cli':>7}{'agent':>7}{'total':>7}{'down':>6}{'ovh':>6}"
+            f"{'MiB sent':>10}{'passes':>7}"
         )
+        for r in report[key]:
+            print(
+                f"  {r['rep']:<14}{r['direction']:<6}{r['cli_wall_ms']:>7.0f}"
+                f"{r['agent_wall_ms']:>7.0f}{r['total_time_ms']:>7.0f}{r['downtime_ms']:>6.0f}"
+                f"{r['agent_overhead_ms']:>6.0f}{r['transferred_mib']:>10.0f}{r['passes']:>7}"
+            )
     print(
-        f"  {'minimal':<8}{'dir':<6}{'wall':>7}{'':>7}{'total':>7}{'down':>6}{'ovh':>6}"
+        f"  {'minimal':<14}{'dir':<6}{'wall':>7}{'':>7}{'total':>7}{'down':>6}{'ovh':>6}"
         f"{'MiB sent':>10}{'passes':>7}"
     )
     for r in report["minimal"]:
         print(
-            f"  {r['rep']:<8}{r['direction']:<6}{r['wall_ms']:>7.0f}{'':>7}"
+            f"  {r['rep']:<14}{r['direction']:<6}{r['wall_ms']:>7.0f}{'':>7}"
             f"{r['total_time_ms']:>7.0f}{r['downtime_ms']:>6.0f}{r['overhead_ms']:>6.0f}"
             f"{r['transferred_mib']:>10.0f}{r['passes']:>7}"
         )
-    tl = report["median_rep_timeline"]
-    if tl is not None:
-        print(
-            f"\ntimeline of ferry rep {tl['rep']} (ms after ferryctl started; ferryctl events "
-            "and agent journal records):"
-        )
-        items: list[tuple[float, str]] = [
-            (t, f"{'ferryctl':<18} event {name}") for name, t in tl["marks"].items()
-        ]
-        for t, agent, host, msg in tl["journal"]:
-            items.append((t, f"{agent + '@' + host:<18} {msg[:110]}"))
-        for t, text in sorted(items, key=lambda x: x[0]):
-            print(f"  {t:>8.1f}  {text}")
+    for tl in (report["median_rep_timeline"], report["median_rep_timeline_client_driven"]):
+        if tl is not None:
+            print_timeline(tl)
+
+
+def print_timeline(tl: dict[str, Any]) -> None:
+    print(
+        f"\ntimeline of {tl['variant']} rep {tl['rep']} (ms after ferryctl started; ferryctl "
+        "events and agent journal records):"
+    )
+    items: list[tuple[float, str]] = [
+        (t, f"{'ferryctl':<18} event {name}") for name, t in tl["marks"].items()
+    ]
+    for t, agent, host, msg in tl["journal"]:
+        items.append((t, f"{agent + '@' + host:<18} {msg[:110]}"))
+    for t, text in sorted(items, key=lambda x: x[0]):
+        print(f"  {t:>8.1f}  {text}")
 
 
 # -- main ---------------------------------------------------------------------
@@ -1125,7 +1177,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=10.0,
         help="with --memory cold: seconds to wait before every migration (default %(default)s)",
     )
-    p.add_argument("--only", choices=("ferry", "minimal"), help="run one mode only")
+    p.add_argument(
+        "--variants",
+        help="comma-separated: ferry (p2p), client-driven, minimal (default ferry,minimal); "
+        "ferry and client-driven run interleaved on one guest, minimal after them",
+    )
+    p.add_argument("--only", choices=("ferry", "client-driven", "minimal"), help="= --variants X")
+    p.add_argument(
+        "--p2p-launch",
+        choices=("auto", "direct", "netns"),
+        default="auto",
+        help="how the p2p ferryctl is started: directly, or like the client-driven one via "
+        "'ip netns exec SRC env ...'; auto: netns when client-driven runs too",
+    )
     p.add_argument(
         "--trace",
         action=argparse.BooleanOptionalAction,
@@ -1146,6 +1210,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.virt = "kvm" if kvm_opens() else "qemu"
     if args.reps < 1:
         p.error("--reps must be at least 1")
+    if args.only and args.variants:
+        p.error("--only and --variants exclude each other")
+    try:
+        args.variants = parse_variants(args.variants or args.only or "ferry,minimal")
+    except ValueError as exc:
+        p.error(str(exc))
+    args.p2p_via_netns = args.p2p_launch == "netns" or (
+        args.p2p_launch == "auto" and CLIENT in args.variants
+    )
     return args
 
 
@@ -1171,7 +1244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kernel = testguest.build()
     journal: JournalCapture | None = None
     cluster: Cluster | None = None
-    ferry: list[FerryRep] = []
+    ferry: list[FerryRep] = []  # every ferryctl variant
     minimal: list[MinimalRep] = []
     failures: list[str] = []
     anomalies: list[str] = []
@@ -1186,13 +1259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"test bed in {cluster.tmp} (virt {args.virt}, "
                 f"{'prealloc' if args.prealloc else 'no prealloc'})"
             )
-            if args.only in (None, "ferry"):
+            if any(v in FERRYCTL_VARIANTS for v in args.variants):
+                if CLIENT in args.variants:  # admit the operator certificate on both hosts
+                    for host in (cluster.a, cluster.b):
+                        host.write_config(**cluster.operator_config())
                 cluster.start()
                 ferry = ferry_phase(cluster, kernel, args, journal, failures, anomalies)
                 for host in (cluster.a, cluster.b):  # free the CPU for the next mode
                     for agent in list(host.procs):
                         host.stop_agent(agent)
-            if args.only in (None, "minimal"):
+            if "minimal" in args.variants:
                 driver = MinimalDriver(cluster, kernel, args)
                 minimal = asyncio.run(driver.run())
         except BaseException as exc:
@@ -1219,9 +1295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if os.environ.get("FERRY_KEEP_TESTBED"):
                     log(f"keeping the test bed tree {cluster.tmp}")
                 cluster.close()
-    report = build_report(args, ferry, minimal, failures, anomalies)
+    client = [r for r in ferry if r.variant == CLIENT]
+    ferry = [r for r in ferry if r.variant != CLIENT]
+    report = build_report(args, ferry, minimal, failures, anomalies, client)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(finite(report), indent=1, allow_nan=False))
     else:
         print_table(report)
     return 0
