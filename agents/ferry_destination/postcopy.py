@@ -28,7 +28,7 @@ from ferry.qemu import QemuProcess, query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming
-from ferry_destination.tunnel import IncomingTunnel
+from ferry_destination.tunnel import IncomingTunnel, issue_token, redeemer_for
 
 __all__ = ["finish_held", "hold", "postcopy_recover", "postcopy_state"]
 
@@ -151,8 +151,10 @@ async def postcopy_recover(
     record = dst.outcomes.get(migration_id)
     if incoming is not None:
         name, uuid = incoming.domain.name, incoming.domain.uuid
+        source_host = incoming.source_host
     elif record is not None and record.state in (RUNNING, POSTCOPY):
         name, uuid = record.domain, record.uuid
+        source_host = record.source_host
     else:
         if record is None:
             check_access(dst.config.acl, ctx.subject, "postcopy_recover", None)
@@ -182,11 +184,7 @@ async def postcopy_recover(
             tunnel.make_room()
             await proc.qmp.execute("migrate-recover", {"uri": tunnel.uri})
             dst.spawn(_close_when_done(dst, proc, tunnel))
-            token = dst.tokens.issue(
-                name, 1, dst.config.destination.incoming_timeout_s, tunnel,
-                allow_plaintext=dst.config.tls is not None
-                and dst.config.tls.allow_plaintext_tunnel,
-            )  # fmt: skip
+            token = issue_token(dst, tunnel, redeemer_for(ctx.subject, source_host))
             answer.update(uri="tunnel", tunnel={"token": token, "channels": 1})
         else:
             from ferry_destination.prepare import listen_uri

@@ -30,7 +30,7 @@ from ferry.storage_policy import check_domain
 from ferry.uri import split_authority
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, watchdog
-from ferry_destination.tunnel import IncomingTunnel
+from ferry_destination.tunnel import IncomingTunnel, issue_token, redeemer_for
 
 __all__ = ["listen_uri", "prepare", "unmapped"]
 
@@ -128,11 +128,8 @@ async def prepare(
             reply = reply.with_graphics(graphics)
         answer: dict[str, Any] = {"uri": uri, "cookie": reply.encode(), "name": domain.name}
         if tunnel is not None:
-            token = dst.tokens.issue(
-                domain.name, tunnel.channels, dst.config.destination.incoming_timeout_s,
-                tunnel, allow_plaintext=dst.config.tls is not None
-                and dst.config.tls.allow_plaintext_tunnel,
-            )  # fmt: skip
+            redeemer = redeemer_for(ctx.subject, identity.hostname)
+            token = issue_token(dst, tunnel, redeemer)
             answer["tunnel"] = {"token": token, "channels": tunnel.channels}
         if dst.faults.hit("dst.prepare") == "drop-reply":
             ctx.session.writer.transport.abort()

@@ -11,7 +11,9 @@ and holds both to the pre-authentication limits of :mod:`ferry.preauth`.
 :class:`IncomingTunnel` is one incoming migration's side: the incoming qemu
 listens on a unix socket (mode 0600, in the run directory), and each
 accepted data connection is connected to it in channel order, which is the
-order qemu expects (main stream first, then the multifd channels).
+order qemu expects (main stream first, then the multifd channels).  The
+token that admits them names the one host that may present it
+(:func:`redeemer_for`); the listener refuses any other certificate.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ferry.acl import Subject, check_access
 from ferry.config import AgentConfig
@@ -36,7 +38,10 @@ from ferry.tunnel.channel import ChannelSet
 from ferry.tunnel.tokens import TokenBook, TunnelGrant
 from ferry.tunnel.wire import PREAMBLE, TLS_HANDSHAKE_RECORD
 
-__all__ = ["IncomingTunnel", "PeerListener"]
+if TYPE_CHECKING:
+    from ferry_destination.context import DestinationContext
+
+__all__ = ["IncomingTunnel", "PeerListener", "issue_token", "redeemer_for"]
 
 log = logging.getLogger("ferry.destination.tunnel")
 
@@ -59,6 +64,12 @@ class IncomingTunnel:
     def uri(self) -> str:
         """What the incoming qemu's ``migrate-incoming`` is given."""
         return f"unix:{self.path}"
+
+    @property
+    def connected(self) -> int:
+        """How many data channels have been connected to the incoming qemu."""
+        with self._cond:
+            return self._next
 
     def make_room(self) -> None:
         """Make the socket's private directory and remove a stale socket, before qemu listens."""
@@ -107,6 +118,34 @@ class IncomingTunnel:
         await self.set.wind_down(drain=drain, stop=self.stop, timeout=DRAIN_TIMEOUT)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def redeemer_for(subject: Subject, source_host: str) -> str | None:
+    """The host whose certificate may redeem a token handed to ``subject``.
+
+    A peer (p2p: the source host's own agent asked) gets a token only its
+    own certificate can present: its common name (or, lacking one, its
+    first DNS name).  Anyone else (an operator driving a client-driven
+    migration, a local caller) passes the token on to the source host, so
+    the token names that host: ``source_host``, the host name in the
+    source's cookie, which its certificate carries as CN or DNS name.
+    """
+    if subject.kind == "peer":
+        return subject.peer or next(iter(subject.peer_names), None)
+    return source_host or None
+
+
+def issue_token(dst: DestinationContext, tunnel: IncomingTunnel, redeemer: str | None) -> str:
+    """A fresh token for ``tunnel``'s channels (revoking its earlier one), for ``redeemer``.
+
+    It lives as long as an incoming migration may idle
+    (``incoming_timeout_s``); plaintext only where ``[tls]`` allows it.
+    """
+    tls = dst.config.tls
+    return dst.tokens.issue(
+        tunnel.name, tunnel.channels, dst.config.destination.incoming_timeout_s, tunnel,
+        allow_plaintext=tls is not None and tls.allow_plaintext_tunnel, redeemer=redeemer,
+    )  # fmt: skip
 
 
 class PeerListener:
@@ -260,6 +299,8 @@ class PeerListener:
                                operators=config.peers.operators)  # fmt: skip
 
         def check_grant(subject: Subject, grant: TunnelGrant[Any]) -> None:
+            # The token's host first: a leaked token is refused for what it is.
+            grant.check_redeemer(subject)
             check_access(config.acl, subject, "tunnel", grant.name)
 
         try:
