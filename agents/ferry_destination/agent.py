@@ -37,6 +37,7 @@ from ferry.tls import TLSFiles, server_context
 from ferry.tunnel import TokenBook
 from ferry.tunnel.accept import PendingChannel
 from ferry.tunnel.channel import make_endpoint, name_os_thread
+from ferry_destination.adopt import adopt_incoming
 from ferry_destination.context import DestinationContext
 from ferry_destination.finish import finish
 from ferry_destination.outcome import migration_outcome, migration_progress
@@ -84,6 +85,7 @@ class DestinationAgent:
             "migration_outcome": functools.partial(migration_outcome, self.ctx),
             "migration_progress": functools.partial(migration_progress, self.ctx),
             "postcopy_recover": functools.partial(postcopy_recover, self.ctx),
+            "adopt_incoming": functools.partial(adopt_incoming, self.ctx),
             "link_probe": functools.partial(link_probe, self.ctx),
             "journal_query": self.op_journal_query,
             "list": self.op_list,

@@ -7,6 +7,13 @@ never kills a migration that is still moving: the source reports its bytes
 (``migration_progress``) and a tunnel counts its own.  Whatever ends an
 incoming migration records the outcome with the reason first, so the
 source's question gets a true answer.
+
+A client-driven migration (Prepare called by a client such as ferryctl,
+not by the source host's agent) is bound to the client's connection the
+same way, with a grace: once that connection closes, another client has
+``[migration] client_grace_s`` to take the migration over
+(``adopt_incoming``, ``ferryctl migrate-recover``) before it is discarded.
+:class:`Binding` holds that rule, apart from any socket.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ferry.domain import Domain
 from ferry.errors import FerryError, PhaseError
@@ -25,15 +33,70 @@ from ferry.journal import MessageID, log_event
 from ferry.outcomes import FAILED
 from ferry.protocol.phases import DestinationPhases
 from ferry.qemu import QemuProcess
-from ferry.rpc import Session
 from ferry_destination.context import DestinationContext
 from ferry_destination.tunnel import IncomingTunnel
 
-__all__ = ["Incoming", "discard", "end_tunnel", "watchdog"]
+__all__ = ["Binding", "Incoming", "discard", "end_tunnel", "watchdog"]
 
 log = logging.getLogger("ferry.destination")
 
 WATCH_INTERVAL = 1.0
+
+
+class Connection(Protocol):
+    """What the watchdog needs of a control connection (:class:`ferry.rpc.Session`)."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has ended."""
+        ...
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended."""
+        ...
+
+
+@dataclass
+class Binding:
+    """The control connection an incoming migration follows, and what its close means.
+
+    A migration the source drives (p2p) ends with its source's connection.
+    A client-driven one outlives its client's connection by ``grace_s``
+    (``[migration] client_grace_s``), for another client to :meth:`adopt` it.
+    """
+
+    session: Connection
+    client_driven: bool = False
+    grace_s: float = 0.0
+    #: When the followed connection was first seen closed (None: it is open).
+    lost_at: float | None = None
+
+    def verdict(self, now: float) -> str | None:
+        """Why to discard the migration now (``now``: monotonic), or None to keep it."""
+        if not self.session.closed:
+            self.lost_at = None
+            return None
+        if not self.client_driven:
+            return "the source's connection closed before Finish"
+        if self.lost_at is None:
+            self.lost_at = now
+        if now - self.lost_at < self.grace_s:
+            return None
+        return (f"the client's connection closed before Finish and no client took the "
+                f"migration over within {self.grace_s:g} s (ferryctl migrate-recover)")  # fmt: skip
+
+    def adopt(self, session: Connection) -> bool:
+        """Follow ``session`` from now on; True if the one it replaces was still open.
+
+        Raises:
+            PhaseError: the migration is driven by its source host, not a client.
+        """
+        if not self.client_driven:
+            raise PhaseError("this migration is driven by its source host, not a client")
+        replaced_open = not self.session.closed
+        self.session = session
+        self.lost_at = None
+        return replaced_open
 
 
 @dataclass
@@ -55,6 +118,15 @@ class Incoming:
     moved_at: float = field(default_factory=time.monotonic)
     #: In post-copy with no Finish yet and the source gone: kept, never discarded.
     held: bool = False
+    #: The control connection the watchdog follows (set by Prepare).
+    binding: Binding | None = None
+    #: Prepare's reply without its tunnel token: what ``adopt_incoming`` hands a new client.
+    answer: dict[str, Any] | None = None
+
+    @property
+    def client_driven(self) -> bool:
+        """True when a client (ferryctl), not the source host's agent, called Prepare."""
+        return self.binding is not None and self.binding.client_driven
 
     def note_progress(self, transferred: int) -> None:
         """The source says the stream reached ``transferred`` bytes."""
@@ -63,19 +135,45 @@ class Incoming:
             self.moved_at = time.monotonic()
 
 
-async def watchdog(ctx: DestinationContext, incoming: Incoming, session: Session) -> None:
-    """Discard ``incoming`` if its source vanished or the stream stopped moving."""
+async def watchdog(ctx: DestinationContext, incoming: Incoming) -> None:
+    """Discard ``incoming`` if its source (or client) vanished or the stream stopped moving.
+
+    It follows ``incoming.binding``'s connection, whichever that is now: a
+    client that adopted the migration replaces the one that went away.
+    """
+    assert incoming.binding is not None
+    binding = incoming.binding
     timeout = ctx.config.destination.incoming_timeout_s
-    closed = asyncio.create_task(session.wait_closed())
+    watched: Connection | None = None
+    closed: asyncio.Task[None] | None = None
     tunnel_bytes = -1
     try:
         while True:
-            done, _ = await asyncio.wait({closed}, timeout=WATCH_INTERVAL)
+            if binding.session is not watched:
+                if closed is not None:
+                    closed.cancel()
+                watched = binding.session
+                closed = asyncio.create_task(watched.wait_closed())
+            assert closed is not None
+            if closed.done():
+                # In its grace: look again for an adopter or the deadline.
+                await asyncio.sleep(WATCH_INTERVAL)
+            else:
+                await asyncio.wait({closed}, timeout=WATCH_INTERVAL)
             if incoming.finishing:
                 return
-            if done:
-                reason = "the source's connection closed before Finish"
+            in_grace = binding.lost_at is not None
+            lost = binding.verdict(time.monotonic())
+            if lost is not None:
+                reason = lost
                 break
+            if binding.lost_at is not None and not in_grace:
+                log_event(log, MessageID.MIGRATION_PHASE,
+                          f"incoming {incoming.domain.name}: the client's connection closed "
+                          f"before Finish; keeping the migration {binding.grace_s:g} s for "
+                          "a client to take it over (ferryctl migrate-recover)",
+                          domain=incoming.domain.name, migration_id=incoming.migration_id,
+                          level=logging.WARNING)  # fmt: skip
             if incoming.tunnel is not None:
                 received = sum(incoming.tunnel.set.bytes())
                 if received != tunnel_bytes:
@@ -98,7 +196,8 @@ async def watchdog(ctx: DestinationContext, incoming: Incoming, session: Session
                   level=logging.WARNING)  # fmt: skip
         await discard(ctx, incoming, reason)
     finally:
-        closed.cancel()
+        if closed is not None:
+            closed.cancel()
 
 
 async def discard(ctx: DestinationContext, incoming: Incoming, reason: str) -> None:

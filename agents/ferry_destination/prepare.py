@@ -4,6 +4,13 @@ The XML is parsed before anything else looks at the request, the ACL is
 checked on what it declares, and the migration's outcome record
 (``prepared``) is written before any qemu exists, so the source's question
 "what became of migration X?" always finds it.
+
+Prepare called by a client (an operator certificate, ferryctl driving a
+client-driven migration) rather than by the source host's agent makes the
+migration client-driven: its watchdog gives a closed client connection a
+grace (:class:`~ferry_destination.incoming.Binding`), the reply is kept for
+a client that takes it over (``adopt_incoming``), and its tunnel token is
+for the source host named in the cookie, never for the client.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from ferry.rpc import RequestContext
 from ferry.storage_policy import check_domain
 from ferry.uri import split_authority
 from ferry_destination.context import DestinationContext
-from ferry_destination.incoming import Incoming, watchdog
+from ferry_destination.incoming import Binding, Incoming, watchdog
 from ferry_destination.tunnel import IncomingTunnel, issue_token, redeemer_for
 
 __all__ = ["listen_uri", "prepare", "unmapped"]
@@ -77,16 +84,19 @@ async def prepare(
             )
         _check_free(dst, domain)
         domain = await _run_hook(dst, domain)
+        # Anyone but the source host's agent is a client driving the migration.
+        client_driven = ctx.subject.kind != "peer"
         peer_uri = None
         peername = ctx.session.writer.get_extra_info("peername")
-        if isinstance(peername, tuple) and peername:
+        if not client_driven and isinstance(peername, tuple) and peername:
             # Every host runs both agents on the same port: this is where
             # the source host's journal can be asked for its side.
             addr = unmapped(str(peername[0]))
             addr = f"[{addr}]" if ":" in addr else addr
             peer_uri = f"ferry://{addr}:{dst.config.destination.listen[1]}"
+        driver = f" (client-driven by {ctx.subject.describe()})" if client_driven else ""
         log_event(log, MessageID.MIGRATION_STARTED, f"prepare: receiving {domain.name} "
-                  f"from {identity.hostname}", peer_uri=peer_uri)  # fmt: skip
+                  f"from {identity.hostname}{driver}", peer_uri=peer_uri)  # fmt: skip
         job = await dst.jobs.begin_async(
             domain.uuid, domain.name, AsyncJob.MIGRATION_IN, flags=int(flags),
             phase="prepare", migration_id=identity.migration_id, timeout=JOB_TIMEOUT,
@@ -113,12 +123,15 @@ async def prepare(
                                     source_host=identity.hostname)  # fmt: skip
             await dst.jobs.end_async(job)
             raise
+        binding = Binding(ctx.session, client_driven=client_driven,
+                          grace_s=dst.config.migration.client_grace_s)  # fmt: skip
         incoming = Incoming(domain, job, proc, identity.migration_id, flags,
-                            source_host=identity.hostname, tunnel=tunnel)  # fmt: skip
+                            source_host=identity.hostname, tunnel=tunnel,
+                            binding=binding)  # fmt: skip
         incoming.phases.advance("prepare")
         dst.incoming[domain.name] = incoming
         dst.notify_status()
-        incoming.watchdog = asyncio.create_task(watchdog(dst, incoming, ctx.session))
+        incoming.watchdog = asyncio.create_task(watchdog(dst, incoming))
         reply = Cookie().with_identity(
             Identity(name=domain.name, uuid=domain.uuid, hostname=dst.config.host.name,
                      host_uuid=dst.config.host.uuid, migration_id=identity.migration_id)
@@ -127,6 +140,10 @@ async def prepare(
         if graphics is not None:
             reply = reply.with_graphics(graphics)
         answer: dict[str, Any] = {"uri": uri, "cookie": reply.encode(), "name": domain.name}
+        if client_driven:
+            # Kept without the token (a credential): a client taking over
+            # gets a fresh one if the old one is still unused.
+            incoming.answer = dict(answer)
         if tunnel is not None:
             redeemer = redeemer_for(ctx.subject, identity.hostname)
             token = issue_token(dst, tunnel, redeemer)
