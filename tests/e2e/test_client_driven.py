@@ -160,3 +160,112 @@ def test_operator_without_acl_rule_is_refused_by_the_destination(
         assert nothing_held(cluster)
     finally:
         serial.close()
+
+
+def settled(cluster: Cluster) -> None:
+    """Wait until both agents have ended the orphaned migration (past their grace)."""
+    wait_until(lambda: nothing_held(cluster), GRACE_S + 60, "both agents to end the migration")
+
+
+@pytest.mark.parametrize(
+    ("point", "runs_on"),
+    [
+        ("after-begin", "a"),
+        ("after-prepare", "a"),
+        ("during-perform", "a"),
+        ("after-perform", "a"),
+        ("after-finish", "b"),
+    ],
+)
+def test_client_killed_leaves_one_copy_and_nothing_held(
+    guest: testguest.SerialReader, client_hosts: Cluster, point: str, runs_on: str
+) -> None:
+    """kill -9 of ferryctl itself at each point of the protocol: after the grace, both
+    agents end the migration alone; one copy runs, nothing is held, and the domain
+    migrates again at once."""
+    a, b = client_hosts.a, client_hosts.b
+    # Capped so that Perform is still running when the client dies in it.
+    cap = ("--bandwidth", "8") if point == "during-perform" else ()
+    result = run_mig(client_hosts, "--live", "--json", *cap, fault=point)
+    assert result.returncode == -9, (result.returncode, result.stderr)
+    migration_id = next(str(e["data"]["migration_id"]) for e in events(result)  # type: ignore[index]
+                        if e["event"] == "phase")  # fmt: skip
+    settled(client_hosts)
+    if runs_on == "a":
+        assert_stayed(client_hosts, guest)
+        assert a.ctl_json("dominfo", "g1")["state"] == "running"
+    else:
+        wait_until(lambda: not a.qemu_pids(), 30, "A's copy to be stopped")
+        assert_moved(client_hosts, guest)
+    # The journal tells why, under the migration's ID.
+    log = a.agent_log("source")
+    assert f"no client took over migration {migration_id}" in log, log[-3000:]
+    # The next migration works at once (p2p, back to or on from where it runs).
+    source, dest = (a, b) if runs_on == "a" else (b, a)
+    again = source.ferryctl("migrate", "g1", dest.uri, "--live", "--json", timeout=120)
+    assert again.returncode == 0, again.stderr + client_hosts.logs()
+    serial_host = dest
+    guest.reconnect(serial_host.serial_socket("g1"))
+    report = guest.wait_for(lambda r: r.counter > 2, timeout=30)
+    assert report.bad_pages == 0 and guest.boot_count == 1
+
+
+def test_second_client_gets_job_busy_naming_the_migration(
+    guest: testguest.SerialReader, client_hosts: Cluster
+) -> None:
+    """The job is held from Begin to Confirm: a second migration is refused with
+    job-busy naming the first one's ID, and the first completes."""
+    a, b = client_hosts.a, client_hosts.b
+    # Capped (~8 s for 128 MiB) so that it is still running while the others try;
+    # the downtime limit lets the guest's 16 MiB working set converge at that rate.
+    argv = client_hosts.client_argv("migrate", "g1", b.uri, "--client-driven", "--live",
+                                    "--json", "--bandwidth", "16",
+                                    "--max-downtime", "2000")  # fmt: skip
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: a.ctl_json("jobinfo", "g1")["job"] is not None, 30,
+                   "the first migration to hold the job")  # fmt: skip
+        second = a.ferryctl("migrate", "g1", b.uri, "--live")
+        refused(second, "job-busy", "is busy: migration")
+        third = subprocess.run(client_hosts.client_argv("migrate", "g1", b.uri,
+                                                        "--client-driven", "--live"),
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        refused(third, "job-busy", "is busy: migration")
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, err + client_hosts.logs()
+    migration_id = next(str(e["data"]["migration_id"]) for e in
+                        (json.loads(x) for x in out.splitlines() if x.startswith("{"))
+                        if e["event"] == "phase")  # fmt: skip
+    assert migration_id in second.stderr and migration_id in third.stderr, second.stderr
+    assert_moved(client_hosts, guest)
+
+
+def test_migrate_recover_takes_over_an_orphan_and_finishes_it(
+    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    """The client dies after Prepare; within the grace ``ferryctl migrate-recover`` takes
+    the migration over on both agents and drives it to the end: the guest moves."""
+    for host in (cluster.a, cluster.b):
+        host.write_config(**cluster.operator_config(), **{"migration.client_grace_s": 60})
+    cluster.start()
+    serial = boot_guest(cluster.a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type))
+    try:
+        result = run_mig(cluster, "--live", "--json", fault="after-prepare")
+        assert result.returncode == -9, result.stderr
+        migration_id = next(str(e["data"]["migration_id"]) for e in events(result)  # type: ignore[index]
+                            if e["event"] == "phase")  # fmt: skip
+        # Held on both hosts meanwhile: B still has the incoming qemu.
+        assert len(cluster.b.qemu_pids()) == 1
+        recover = subprocess.run(cluster.client_argv("migrate-recover", "g1", "--json"),
+                                 capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert recover.returncode == 0, recover.stderr + cluster.logs()
+        final = json.loads(recover.stdout.splitlines()[-1])
+        assert final["event"] == "result" and final["data"]["migration_id"] == migration_id
+        assert_moved(cluster, serial)
+        assert nothing_held(cluster)
+    finally:
+        serial.close()
