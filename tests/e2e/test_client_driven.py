@@ -8,6 +8,7 @@ Prepare/Finish on B's agent port over TLS.  Real agents, real qemu.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,3 +270,30 @@ def test_migrate_recover_takes_over_an_orphan_and_finishes_it(
         assert nothing_held(cluster)
     finally:
         serial.close()
+
+
+def test_ctrl_c_aborts_a_client_driven_migration_cleanly(
+    guest: testguest.SerialReader, client_hosts: Cluster
+) -> None:
+    """Ctrl-C asks the source to abort Perform; ferryctl then cancels Finish and
+    Confirm itself, so nothing waits for the grace period."""
+    a = client_hosts.a
+    argv = client_hosts.client_argv("migrate", "g1", client_hosts.b.uri, "--client-driven",
+                                    "--live", "--bandwidth", "8")  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: a.ctl_json("jobinfo", "g1").get("transferred", 0) > 4 << 20, 60,
+                   "the transfer to get going")  # fmt: skip
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, (out, err)
+    assert "aborting the migration" in err and "(job-aborted)" in err, err
+    assert "resumed on the source" in err, err
+    # Ended by the client's own Finish and Confirm, not by the grace.
+    assert nothing_held(client_hosts)
+    assert "no client took over" not in a.agent_log("source")
+    assert_stayed(client_hosts, guest)

@@ -260,12 +260,14 @@ async def _migrate(args: argparse.Namespace, session: Session) -> int:
             migration_id.append(str(data["migration_id"]))
         display.event(event, data)
 
-    if getattr(args, "client_driven", False):
-        return await _migrate_client_driven(args, session, flags, params, display)
-    if args.pki is not None:
+    if args.pki is not None and not args.client_driven:
         raise FlagError("--pki is for --client-driven (ferryctl dials the destination itself)")
+    # Ctrl-C aborts the migration through the source agent in either mode:
+    # client-driven, Perform then fails and ferryctl cancels Finish and Confirm.
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
+        if args.client_driven:
+            return await _migrate_client_driven(args, session, flags, params, display)
         with display:
             result = await session.request(
                 "migrate",
