@@ -443,3 +443,49 @@ def test_merge_behind_the_dual_stack_peer_port(
     assert peer_uri == a.uri, peer_uri
     lines, merged = ferryctl_story(b, mig)
     check_story(lines, merged, {e["__CURSOR"] for e in side_a + side_b})
+
+
+def test_client_driven_story_in_each_hosts_journal(
+    journald: PrivateJournal,
+    second_journald: PrivateJournal,
+    make_cluster: Callable[..., Cluster],
+    guest_kernel: Path,
+    virt_type: str,
+    tmp_path: Path,
+) -> None:
+    """Issue 13: a client-driven migration has the same ID and fields on both hosts,
+    and ``ferryctl journal --migration`` merges the two sides as for p2p."""
+    cluster = make_cluster(_env_for(journald))
+    a, b = cluster.a, cluster.b
+    b.agent_env = _env_for(second_journald)
+    for host in (a, b):
+        host.write_config(**cluster.operator_config())
+    cluster.start()
+    serial = start_guest(a, tmp_path, guest_kernel, virt_type)
+    try:
+        dom_uuid = a.ctl_json("dominfo", "g1")["uuid"]
+        argv = cluster.client_argv("migrate", "g1", b.uri, "--client-driven", "--live", "--json")
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr + cluster.logs()
+    finally:
+        serial.close()
+    events = [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+    mig = migration_id(events)
+    side_a = wait_entries(journald, mig, lambda es: has(es, "a", MessageID.MIGRATION_SUMMARY),
+                          "the summary in a's journal")  # fmt: skip
+    side_b = wait_entries(second_journald, mig,
+                          lambda es: has(es, "b", MessageID.MIGRATION_COMPLETED),
+                          "the completion in b's journal")  # fmt: skip
+    for e in side_a + side_b:
+        assert e["FERRY_DOMAIN"] == "g1" and e["FERRY_DOMAIN_UUID"] == dom_uuid, e
+        if e.get("MESSAGE_ID") in MessageID.names():
+            assert e.get("FERRY_PHASE") in PHASES, e
+    assert "client-driven by operator 'ops'" in one(side_b, "b",
+                                                    MessageID.MIGRATION_STARTED)["MESSAGE"]
+    # A's own phases: the client ran Prepare and Finish on B.
+    phases = [e["FERRY_PHASE"] for e in side_a
+              if e.get("MESSAGE_ID") == MessageID.MIGRATION_PHASE]  # fmt: skip
+    assert phases == ["perform", "confirm"], phases
+    cursors = {e["__CURSOR"] for e in side_a + side_b}
+    lines, merged = ferryctl_story(a, mig)
+    check_story(lines, merged, cursors)
