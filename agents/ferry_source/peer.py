@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from typing import Any
 from ferry.config import AgentConfig
 from ferry.errors import AuthError, FerryError, MigrationRefused, ProtocolError, ReplyLost
 from ferry.jobs.recovery import PeerOutcome
-from ferry.rpc import Session, connect_tcp, make_hello
+from ferry.rpc import Session, connect_tcp, keepalive, make_hello
 from ferry.tls import TLSFiles, as_auth_error, client_context
 
 __all__ = ["ask_outcome", "close_session", "connect_peer", "peer_request", "request"]
@@ -29,24 +28,6 @@ __all__ = ["ask_outcome", "close_session", "connect_peer", "peer_request", "requ
 log = logging.getLogger("ferry.source.peer")
 
 CONNECT_TIMEOUT = 10.0
-# Keepalive on control connections: a cut link is noticed in ~10 s even
-# while we only wait for a reply (nothing of ours is unacknowledged then).
-KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 4, 2, 3
-USER_TIMEOUT_MS = 15_000
-
-
-def _keepalive(session: Session) -> None:
-    sock = session.writer.get_extra_info("socket")
-    if sock is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
-
-
 async def connect_peer(
     config: AgentConfig, host: str, port: int, *, timeout: float = CONNECT_TIMEOUT
 ) -> Session:
@@ -84,7 +65,7 @@ async def connect_peer(
         raise MigrationRefused(
             f"ferry-destination at {host}:{port} did not answer within {timeout:.0f}s"
         ) from None
-    _keepalive(session)
+    keepalive(session)
     return session
 
 

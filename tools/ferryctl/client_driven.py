@@ -35,7 +35,7 @@ from typing import Any
 
 from ferry.errors import FerryError, MigrationFailed, PhaseError, ProtocolError, ReplyLost
 from ferry.flags import MigrationFlags, MigrationParams
-from ferry.rpc import Session, connect_tcp, make_hello
+from ferry.rpc import Session, connect_tcp, keepalive, make_hello
 from ferry.tls import TLSFiles, client_context
 from ferry.uri import parse_dest_uri
 
@@ -183,6 +183,7 @@ class Driver:
             raise
         except (OSError, TimeoutError) as exc:
             raise FerryError(f"cannot reach ferry-destination at {host}:{port}: {exc}") from None
+        keepalive(self.dest)
 
     async def dest_request(
         self, op: str, args: dict[str, Any], timeout: float = REPLY_TIMEOUT_S
