@@ -2,7 +2,8 @@
 
 Each cell fills a :class:`fault_matrix.CellRecord` (fixture ``cell_record``);
 the pass/fail verdict comes from pytest's own report.  At the end of the
-session the matrix (fault x phase → outcome, settle time) is printed in the
+session the matrix (fault x phase → outcome, settle time; then the client-driven
+column of issue 13, one line per cell) is printed in the
 terminal summary and written as JSON to ``.pytest_cache/d/ferry-faults/
 matrix.json`` and ``/tmp/ferry-fault-matrix.json``.
 """
@@ -16,11 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_matrix import FAULT_TITLES, FAULTS, NOT_APPLICABLE, PHASES, CellRecord
+from fault_matrix import (
+    CLIENT_GRACE_S,
+    FAULT_TITLES,
+    FAULTS,
+    NOT_APPLICABLE,
+    PHASES,
+    CellRecord,
+)
 
 JSON_COPY = Path(os.environ.get("FERRY_FAULT_MATRIX_JSON", "/tmp/ferry-fault-matrix.json"))
 
 _RECORDS: dict[str, CellRecord] = {}
+CLIENT_TITLES = {**FAULT_TITLES, "kill-client": "kill -9 ferryctl"}
 #: A ferryctl migrate that reports later than this after the fault is listed.
 SLOW_EXIT_S = 10.0
 
@@ -96,7 +105,7 @@ def _table(leased: bool) -> list[str]:
     by_key = {
         (r.fault, r.phase): r
         for r in _RECORDS.values()
-        if r.leased == leased and not r.variant
+        if r.leased == leased and not r.variant and r.mode == "p2p"
     }
     if not by_key:
         return []
@@ -131,11 +140,23 @@ def pytest_terminal_summary(
             tr.write_line("leased disk:" if leased else "plain guest:")
             for line in lines:
                 tr.write_line("  " + line)
-    extras = [r for r in _RECORDS.values() if r.variant]
+    extras = [r for r in _RECORDS.values() if r.variant and r.mode == "p2p"]
     if extras:
         tr.write_line("beside the matrix:")
         for r in extras:
             tr.write_line(f"  {r.id} ({r.point}): {_cell_text(r)}")
+    client = [r for r in _RECORDS.values() if r.mode == "client"]
+    if client:
+        tr.write_line(f"client-driven column (ferryctl migrate --client-driven, "
+                      f"grace {CLIENT_GRACE_S}s):")  # fmt: skip
+        for r in client:
+            what = CLIENT_TITLES.get(r.fault, r.fault)
+            line = f"  {f'{what} @{r.point}':<48}{_cell_text(r)}"
+            if r.orphan_end_s is not None:
+                line += f" (A ended it at +{r.orphan_end_s}s"
+                gone = r.b_discard_s
+                line += f", B's qemu gone at +{gone}s)" if gone is not None else ")"
+            tr.write_line(line)
     tr.write_line(
         "  (seconds: from the fault to everything settled; 'recovered': A reported the "
         "outcome unknown and 'ferryctl migrate-recover' settled it; 'pc-resumed': A fenced "
@@ -143,7 +164,7 @@ def pytest_terminal_summary(
         "finished the move; 'lost': a qemu of the post-copy VM was killed, the loss was "
         "reported, resuming failed, both halves were destroyed)"
     )
-    records = sorted(_RECORDS.values(), key=lambda r: (r.leased, r.phase, r.fault))
+    records = sorted(_RECORDS.values(), key=lambda r: (r.mode, r.leased, r.phase, r.fault))
     slow = [r for r in records if r.exit_s is not None and r.exit_s > SLOW_EXIT_S]
     if slow:
         tr.write_line(f"ferryctl migrate took more than {SLOW_EXIT_S:.0f}s after the fault in:")
@@ -178,8 +199,9 @@ def pytest_terminal_summary(
     }
     text = json.dumps(payload, indent=1, default=str)
     targets = [JSON_COPY]
-    if config.cache is not None:
-        targets.append(config.cache.mkdir("ferry-faults") / "matrix.json")
+    cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
+    if cache is not None:
+        targets.append(cache.mkdir("ferry-faults") / "matrix.json")
     for target in targets:
         try:
             target.write_text(text)

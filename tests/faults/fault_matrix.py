@@ -22,6 +22,15 @@ bed, broken once at a deterministic point:
    qemu per active domain), the safety rule is checked (:func:`check_settled`)
    and a next migration must succeed with the guest's memory intact.
 
+The client-driven column (issue 13, ``mode="client"``, ids ``client-…``) runs
+the same steps with ``ferryctl migrate --client-driven`` in A's namespace
+(operator certificate, ``[migration] client_grace_s`` = CLIENT_GRACE_S):
+ferryctl SIGKILLs itself after each phase (FERRY_TESTING_CLIENT_DIES), or an
+agent or the link breaks where this mode differs from p2p.  When ferryctl
+was killed, both agents must hold the migration through the grace period
+and end it alone soon after (:meth:`CellRun.client_dies`); ferryctl must
+report within CLIENT_EXIT_BOUND_S of an agent or link fault.
+
 Nothing here sleeps to synchronise: every wait polls a condition with a bound.
 """
 
@@ -134,6 +143,23 @@ POSTCOPY_RESUME = ("--live", "--postcopy", "--postcopy-resume", "--json")
 #: ferry.fences.POSTCOPY: the fence of a copy paused in post-copy.
 POSTCOPY_FENCE = "postcopy"
 
+# The client-driven column (issue 13): ``ferryctl migrate --client-driven``
+# runs in A's namespace with the operator certificate and drives the five
+# phases itself.  Both agents give a client that went away CLIENT_GRACE_S
+# to take the migration over (``ferryctl migrate-recover``), then end it.
+CLIENT_GRACE_S = 3
+#: ferryctl's own fault (FERRY_TESTING_CLIENT_DIES): it SIGKILLs itself there.
+CLIENT_POINTS = ("after-begin", "after-prepare", "during-perform", "after-perform",
+                 "after-finish")  # fmt: skip
+#: A migration whose client died is settled at most this long after the grace
+#: (its source asks the destination for the outcome, outcome_timeout_s, and
+#: the harness's observation of both hosts takes a few seconds).
+CLIENT_SETTLE_BOUND_S = 15.0
+#: ferryctl --client-driven reports at most this long after an agent or link
+#: fault.  The slowest legitimate path is the one p2p takes in 25 s: Finish's
+#: reply lost in a cut (reply_timeout_s), then A asks B (outcome_timeout_s).
+CLIENT_EXIT_BOUND_S = 40.0
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -155,21 +181,40 @@ class Cell:
     why: str = ""
     #: A cell beside the matrix (another point of the same phase): its name.
     variant: str = ""
+    #: "p2p" (ferry-source drives the phases) or "client" (``ferryctl migrate
+    #: --client-driven`` drives them: the client-driven column of issue 13).
+    mode: str = "p2p"
 
     @property
     def id(self) -> str:
-        """The pytest id: ``[leased-]FAULT-PHASE[-VARIANT]``."""
+        """The pytest id: ``[client-][leased-]FAULT-PHASE[-VARIANT]``."""
         tail = f"-{self.variant}" if self.variant else ""
-        return f"{'leased-' if self.leased else ''}{self.fault}-{self.phase}{tail}"
+        head = ("client-" if self.client else "") + ("leased-" if self.leased else "")
+        return f"{head}{self.fault}-{self.phase}{tail}"
+
+    @property
+    def client(self) -> bool:
+        """ferryctl drives the migration (``--client-driven``)."""
+        return self.mode == "client"
 
     @property
     def action(self) -> str:
-        """What the fault point does: ``stop`` or ``drop-reply``."""
+        """What the fault point does: ``stop``, ``drop-reply``, or ``kill`` (ferryctl
+        kills itself at a point of its own, FERRY_TESTING_CLIENT_DIES)."""
+        if self.fault == "kill-client":
+            return "kill"
         return "drop-reply" if self.fault == "lose-reply" else "stop"
 
     @property
+    def capped(self) -> bool:
+        """The copy is slowed down so that the fault hits it while it runs."""
+        return self.phase == "perform" or self.point == "during-perform"
+
+    @property
     def point_host(self) -> str:
-        """``a`` for ``src.*`` points, ``b`` for ``dst.*``."""
+        """``a`` for ``src.*`` points, ``b`` for ``dst.*``, ``client`` for ferryctl's."""
+        if self.action == "kill":
+            return "client"
         return "a" if self.point.startswith("src.") else "b"
 
     @property
@@ -295,7 +340,41 @@ def _cells() -> list[Cell]:
     return cells + extras + leased
 
 
-CELLS: tuple[Cell, ...] = tuple(_cells())
+def _client_cells() -> list[Cell]:
+    """The client-driven column (issue 13): ferryctl killed after each phase, and the
+    agent and link faults where this mode differs from p2p.
+
+    ferryctl runs in A's namespace, so a cut link also cuts it from B; it
+    sends Finish itself, so a lost Finish reply is its to handle (Confirm
+    with the outcome unknown: A asks B).
+    """
+
+    def cell(fault: str, phase: str, point: str, expect: tuple[str, ...], why: str) -> Cell:
+        return Cell(fault=fault, phase=phase, point=point, expect=expect, why=why, mode="client")
+
+    never_finished = "ferryctl never sent Finish: B discards, A resumes after the grace"
+    return [
+        *(cell("kill-client", p, p, ("A",), never_finished) for p in CLIENT_POINTS[:-1]),
+        cell("kill-client", "after-finish", "after-finish", ("B",),
+             "B runs; after the grace A asks B and stops its copy"),
+        cell("kill-source-agent", "perform", "src.perform", ("A",),
+             "ferryctl loses A and ends; B discards; A's recovery asks B and resumes"),
+        cell("kill-source-agent", "finish", "dst.finish", ("B",),
+             "B started the CPUs; A never entered Finish itself: its recovery must ask B"),
+        cell("kill-destination-agent", "perform", "src.perform", ("A",),
+             "ferryctl's Finish finds B gone; A asks the restarted B, which never finished"),
+        cell("kill-destination-agent", "finish", "dst.finish.begin", ("A", "B"),
+             "killed before it handles Finish; A asks the restarted B"),
+        cell("cut-link", "perform", "src.perform", ("A",),
+             "ferryctl is cut from B too; Perform stalls and ferryctl must name it"),
+        cell("cut-link", "finish", "dst.finish", ("B",),
+             "B started the CPUs; Finish's reply is lost in the cut"),
+        cell("lose-reply", "finish", "dst.finish", ("B",),
+             "ferryctl Confirms with the outcome unknown: A asks B"),
+    ]  # fmt: skip
+
+
+CELLS: tuple[Cell, ...] = tuple(_cells() + _client_cells())
 
 #: Cells that show a bug in the agents (not in this harness): marked
 #: xfail(strict=True) by test_matrix.py until the agents are fixed.
@@ -317,6 +396,7 @@ class CellRecord:
     headline: int | None
     expect: tuple[str, ...]
     variant: str
+    mode: str = "p2p"
     #: "A runs", "B runs", "none (shut off)", "paused on A" …
     outcome: str | None = None
     #: migrate-recover settled an unknown outcome.
@@ -334,6 +414,11 @@ class CellRecord:
     total_s: float | None = None
     #: Seconds from the fault to ferryctl migrate's exit.
     exit_s: float | None = None
+    #: Client-driven cells whose ferryctl was killed: seconds from its death
+    #: until A ended the migration (its job record gone), and until B's
+    #: incoming qemu was gone (None: B kept a qemu, the VM runs there).
+    orphan_end_s: float | None = None
+    b_discard_s: float | None = None
     timeline: list[tuple[float, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -349,6 +434,7 @@ class CellRecord:
             headline=cell.headline,
             expect=cell.expect,
             variant=cell.variant,
+            mode=cell.mode,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -544,6 +630,21 @@ def observe(cluster: Cluster) -> Observation:
 # -- running a cell -----------------------------------------------------------------
 
 
+def client_argv(cluster: Cluster, src: HostEnv, *args: str, fault: str | None = None) -> list[str]:
+    """argv of a client-driven ferryctl against ``src``'s ferry-source, run in ``src``'s
+    network namespace (it dials the other host itself) with the operator certificate.
+
+    :meth:`Cluster.client_argv` is the same for A only; the next migration of
+    a cell whose copy ended on B starts from B.
+    """
+    if src is cluster.a:
+        return cluster.client_argv(*args, fault=fault)
+    env = ["env", f"FERRY_OPERATOR_PKI={cluster.operator_pki()}"]
+    if fault is not None:
+        env.append(f"FERRY_TESTING_CLIENT_DIES={fault}")
+    return src.ns.exec_argv([*env, *src.ferryctl_argv(*args)])
+
+
 @dataclass
 class Migrate:
     """A ``ferryctl migrate`` running in the background, output in files."""
@@ -553,20 +654,33 @@ class Migrate:
     err: Path
 
     @classmethod
-    def start(cls, cluster: Cluster, *extra: str, tag: str = "migrate") -> Migrate:
+    def start(
+        cls,
+        cluster: Cluster,
+        *extra: str,
+        tag: str = "migrate",
+        client: bool = False,
+        client_fault: str | None = None,
+    ) -> Migrate:
+        """``ferryctl migrate g1 B`` from A; ``client``: ``--client-driven``, run in A's
+        namespace with the operator certificate, killing itself at ``client_fault``."""
         a, b = cluster.a, cluster.b
         out, err = cluster.tmp / f"{tag}.out", cluster.tmp / f"{tag}.err"
-        argv = [
-            str(VENV_BIN / "ferryctl"),
-            "--connect",
-            str(a.source_socket),
-            "migrate",
-            NAME,
-            b.uri,
-            "--live",
-            "--json",
-            *extra,
-        ]
+        if client:
+            argv = client_argv(cluster, a, "migrate", NAME, b.uri, "--live", "--json",
+                               "--client-driven", *extra, fault=client_fault)  # fmt: skip
+        else:
+            argv = [
+                str(VENV_BIN / "ferryctl"),
+                "--connect",
+                str(a.source_socket),
+                "migrate",
+                NAME,
+                b.uri,
+                "--live",
+                "--json",
+                *extra,
+            ]
         with out.open("w") as fo, err.open("w") as fe:
             proc = subprocess.Popen(argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, text=True)
         return cls(proc, out, err)
@@ -716,11 +830,17 @@ class CellRun:
     def configure(self) -> None:
         """Short timeouts on both hosts; the fault on the host that reaches its point."""
         self.stage("configure")
+        settings = dict(TIMEOUTS)
+        if self.cell.client:
+            # Both hosts admit the operator's certificate for the client-driven ops.
+            settings.update(self.cluster.operator_config())
+            settings["migration.client_grace_s"] = CLIENT_GRACE_S
         for host in (self.cluster.a, self.cluster.b):
-            host.extra_config = dict(TIMEOUTS)
+            host.extra_config = dict(settings)
             host.write_config()
-        faulted = self.host(self.cell.point_host)
-        faulted.write_config(**{"testing.faults": [f"{self.cell.point}={self.cell.action}"]})
+        if self.cell.point_host != "client":
+            faulted = self.host(self.cell.point_host)
+            faulted.write_config(**{"testing.faults": [f"{self.cell.point}={self.cell.action}"]})
         self.cluster.start()
 
     def boot(self) -> Guest:
@@ -733,7 +853,7 @@ class CellRun:
             self.kernel,
             self.virt_type,
             self.disk,
-            slow=self.cell.phase == "perform",
+            slow=self.cell.capped,
             busy=self.cell.postcopy,
         )
         self.guest = _boot(self.cluster.a, self.tmp, xml)
@@ -743,11 +863,19 @@ class CellRun:
     def drive(self) -> Migrate:
         """Start the migration, apply the fault at its point, thaw, restart."""
         cell, a, b = self.cell, self.cluster.a, self.cluster.b
-        extra = ["--bandwidth", str(PERFORM_BANDWIDTH_MIB_S)] if cell.phase == "perform" else []
+        extra = ["--bandwidth", str(PERFORM_BANDWIDTH_MIB_S)] if cell.capped else []
         if cell.postcopy:
             extra = list(POSTCOPY_ARGS)
         self.stage("migrate")
-        mig = Migrate.start(self.cluster, *extra)
+        mig = Migrate.start(
+            self.cluster,
+            *extra,
+            client=cell.client,
+            client_fault=cell.point if cell.action == "kill" else None,
+        )
+        if cell.action == "kill":
+            self.client_dies(mig)
+            return mig
         faulted = self.host(cell.point_host)
         if cell.action == "drop-reply":
             # Nothing to do while frozen: the agent loses the reply by itself.
@@ -796,6 +924,61 @@ class CellRun:
         self.record.migrate_rc = mig.wait(MIGRATE_EXIT_WAIT)
         return mig
 
+    def client_dies(self, mig: Migrate) -> None:
+        """ferryctl kills itself at its point; then watch both agents end the orphan.
+
+        Each agent must hold the migration for the grace period (a client may
+        take it over) and end it by itself soon after: A's job record goes,
+        B's incoming qemu goes unless the VM runs there.
+        """
+        cell, a, b = self.cell, self.cluster.a, self.cluster.b
+        self.stage(f"client-dies@{cell.point}")
+        self.record.migrate_rc = mig.wait(MIGRATE_EXIT_WAIT)
+        self.fault_at = time.monotonic()
+        self.record.exit_s = 0.0
+        if self.record.migrate_rc != -signal.SIGKILL:
+            raise CellFailure(
+                f"ferryctl did not die at {cell.point} (rc={self.record.migrate_rc}):\n"
+                + mig.stderr[-600:]
+            )
+        phases = re.findall(r'"phase": ?"(\w+)"', mig.stdout)
+        self.note(f"ferryctl died at {cell.point} after phases {phases}")
+
+        def a_jobs() -> list[Path]:
+            return sorted((a.run_dir / "jobs").glob("*.job"))
+
+        if not a_jobs():
+            raise CellFailure(f"A holds no job record right after its client died at {cell.point}")
+        self.stage("orphan")
+        deadline = self.fault_at + CLIENT_GRACE_S + CLIENT_SETTLE_BOUND_S
+        b_keeps = cell.expect == ("B",)
+        while True:
+            since = round(time.monotonic() - self.fault_at, 1)
+            if self.record.orphan_end_s is None and not a_jobs():
+                self.record.orphan_end_s = since
+            if self.record.b_discard_s is None and not b_keeps and not b.qemu_pids():
+                self.record.b_discard_s = since
+            if self.record.orphan_end_s is not None and (
+                b_keeps or self.record.b_discard_s is not None
+            ):
+                break
+            if time.monotonic() > deadline:
+                held = [p.name for p in a_jobs()]
+                raise CellFailure(
+                    f"{since}s after its client died (grace {CLIENT_GRACE_S}s) the migration "
+                    f"is not ended: A's job records {held}, B's qemu {b.qemu_pids()}"
+                )
+            time.sleep(0.1)
+        if self.record.orphan_end_s < CLIENT_GRACE_S - 0.25:
+            raise CellFailure(
+                f"A ended the migration {self.record.orphan_end_s}s after its client died, "
+                f"within the grace period ({CLIENT_GRACE_S}s) a client has to take it over"
+            )
+        self.note(
+            f"A ended the orphan after {self.record.orphan_end_s}s"
+            + ("" if b_keeps else f"; B's incoming qemu gone after {self.record.b_discard_s}s")
+        )
+
     def restart_killed(self) -> None:
         for host, agent in self.killed:
             self.stage(f"restart {host.label}/{agent}")
@@ -805,7 +988,8 @@ class CellRun:
 
     def after_exit(self, mig: Migrate) -> None:
         """Restart what is still down, restore the link, record ferryctl's verdict."""
-        self.record.exit_s = round(time.monotonic() - self.fault_at, 1)
+        if self.record.exit_s is None:
+            self.record.exit_s = round(time.monotonic() - self.fault_at, 1)
         self.record.migrate_error = mig.error_line()
         self.restart_killed()
         if self.link.is_cut:
@@ -1129,7 +1313,13 @@ class CellRun:
             where = "A"
         src, dst = (a, b) if where == "A" else (b, a)
         self.guest.snapshot()
-        result = src.ferryctl("migrate", NAME, dst.uri, "--live", "--json", timeout=120)
+        if self.cell.client:
+            argv = client_argv(self.cluster, src, "migrate", NAME, dst.uri, "--live", "--json",
+                               "--client-driven")  # fmt: skip
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                                    stdin=subprocess.DEVNULL)  # fmt: skip
+        else:
+            result = src.ferryctl("migrate", NAME, dst.uri, "--live", "--json", timeout=120)
         if result.returncode != 0:
             raise CellFailure(
                 f"the next migration {src.label} → {dst.label} failed: {result.stderr.strip()}"
@@ -1165,8 +1355,20 @@ def run_cell(
         run.after_exit(mig)
         obs = run.settle()
         record.settle_s = round(time.monotonic() - run.fault_at, 1)
+        if cell.action == "kill" and record.settle_s > CLIENT_GRACE_S + CLIENT_SETTLE_BOUND_S:
+            raise CellFailure(
+                f"settled {record.settle_s}s after the client died: more than the grace "
+                f"({CLIENT_GRACE_S}s) + {CLIENT_SETTLE_BOUND_S:.0f}s"
+            )
         where = run.check(obs)
         run.next_migration(where)
+        if cell.client and (record.exit_s or 0.0) > CLIENT_EXIT_BOUND_S:
+            run.stage("exit-bound")
+            raise CellFailure(
+                f"the migration settled safely, but ferryctl --client-driven reported only "
+                f"{record.exit_s}s after the fault (bound {CLIENT_EXIT_BOUND_S:.0f}s): "
+                f"{record.migrate_error}"
+            )
         run.stage("done")
     finally:
         if mig is not None:
