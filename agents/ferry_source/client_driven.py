@@ -206,7 +206,7 @@ class ClientDriven:
     async def _perform(
         self, out: Outgoing, link: ClientLink, uri: str, dest_cookie: Cookie
     ) -> dict[str, Any]:
-        assert out.proc is not None
+        assert out.proc is not None and out.job is not None
         try:
             link.stats = await perform(self.ctx, out, uri, dest_cookie, link.emit)
         except BaseException as exc:
@@ -219,12 +219,20 @@ class ClientDriven:
             # With our qemu gone after the stream started, the destination's
             # copy is the only one left: it may try to finish.
             cancelled = out.proc.alive() or not out.migrate_sent
+            if not cancelled:
+                # The client sends a real Finish next: see below.
+                out.job.phase = "finish"
             error.details["finish_cancelled"] = cancelled
             link.perform_error = error
             link.stage = ClientStage.PERFORM_FAILED if cancelled else ClientStage.PERFORMED
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return {}
+        # Durable before the client can hear of it: from here the client may
+        # send Finish, so a restarted agent must ask the destination (the
+        # recovery table's finish row), never read "perform" as "Finish was
+        # never sent" and resume.
+        out.job.phase = "finish"
         link.stage = ClientStage.PERFORMED
         return link.stats
 

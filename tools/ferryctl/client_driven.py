@@ -18,7 +18,7 @@ The rules that keep one copy:
   moves (``migration_progress``), as the source agent does in p2p.
 
 If ferryctl dies between two phases, both agents wait ``client_grace_s``
-for ``ferryctl migrate-recover NAME --client-driven`` (:meth:`Driver.take_over`),
+for ``ferryctl migrate-recover NAME [--pki DIR]`` (:meth:`Driver.take_over`),
 then end the migration by themselves.
 """
 
@@ -320,5 +320,5 @@ def lost_source(name: str, migration_id: str, exc: BaseException) -> FerryError:
     return MigrationFailed(
         f"lost the connection to ferry-source during client-driven migration{ident} ({exc}); "
         f"both agents end the migration on their own after their grace period, or take it "
-        f"over with 'ferryctl migrate-recover {name} --client-driven'"
+        f"over with 'ferryctl migrate-recover {name} [--pki DIR]'"
     )
