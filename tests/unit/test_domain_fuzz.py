@@ -23,7 +23,7 @@ from ferry.domain import (
     parse_domain,
     to_qemu_argv,
 )
-from ferry.domain.parse import _SCHEMA
+from ferry.domain._schema import SCHEMA as _SCHEMA
 from ferry.errors import FerryError, XMLError
 
 HERE = Path(__file__).resolve().parent

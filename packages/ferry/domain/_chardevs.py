@@ -1,0 +1,115 @@
+"""Character devices: ``<serial>``, ``<console>`` and ``<channel>``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+
+from lxml import etree
+
+from ferry.domain._address import parse_address
+from ferry.domain._checks import check_host_path, fail
+from ferry.domain._context import Ctx, DeviceEnv
+from ferry.domain._values import enum, get, ident, int_attr, one, yes_no
+from ferry.domain.model import CharDev
+
+__all__ = ["parse_channel", "parse_console", "parse_serial"]
+
+CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def parse_serial(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> CharDev:
+    """A ``<serial>`` port (isa-serial); its port defaults to its position."""
+    return _chardev(ctx, el, "serial", env.index)
+
+
+def parse_console(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> CharDev:
+    """A ``<console>`` (serial or virtio); its port defaults to its position."""
+    return _chardev(ctx, el, "console", env.index)
+
+
+def parse_channel(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> CharDev:
+    """A virtio ``<channel>``."""
+    return _chardev(ctx, el, "channel", 0)
+
+
+def _chardev(ctx: Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
+    path = f"domain/devices/{kind}"
+    loc = ctx.loc(el, path)
+    ctype = enum(el, "type", loc, ("pty", "file", "unix", "null"), default="pty",
+                 what=f"{kind} type")
+    src = one(el, "source", loc)
+    spath = mode = None
+    append = None
+    if src is not None:
+        sloc = ctx.loc(src, f"{path}/source")
+        raw = get(src, "path")
+        if ctype in ("pty", "null"):
+            # libvirt's live XML shows the allocated pty as <source path='/dev/pts/N'/>;
+            # it is runtime state, not configuration, so it is dropped.
+            if get(src, "mode") is not None or get(src, "append") is not None:
+                raise fail(sloc, f"mode/append do not apply to a {ctype} {kind}")
+        else:
+            if raw is not None:
+                spath = check_host_path(raw, sloc, f"{kind} path", unix_socket=ctype == "unix")
+            if ctype == "unix":
+                mode = enum(src, "mode", sloc, ("bind", "connect"), what="socket mode")
+            elif get(src, "mode") is not None:
+                raise fail(sloc, "mode only applies to unix sockets")
+            if ctype == "file":
+                append = yes_no(src, "append", sloc, yes="on", no="off")
+            elif get(src, "append") is not None:
+                raise fail(sloc, "append only applies to files")
+    if ctype == "unix" and mode is None:
+        mode = "bind"
+    if ctype == "file" and spath is None:
+        raise fail(loc, f"a file {kind} needs <source path=…>")
+    # A unix serial/console/channel in bind mode may leave its path to the
+    # agent (RuntimePaths.run_dir): a per-host path lets a migrated domain
+    # bind the same socket name on the destination host.
+    if ctype == "unix" and spath is None and mode == "connect":
+        raise fail(loc, f"a unix {kind} in connect mode needs <source path=…>")
+
+    tgt = one(el, "target", loc)
+    tloc = ctx.loc(tgt, f"{path}/target") if tgt is not None else loc
+    target_port = target_name = target_model = None
+    address = None
+    if kind == "serial":
+        ttype = "isa-serial"
+        if tgt is not None:
+            ttype = enum(tgt, "type", tloc, ("isa-serial",), default="isa-serial",
+                         what="serial target type") or ttype
+            target_port = int_attr(tgt, "port", tloc, hi=3)
+            mdl = one(tgt, "model", tloc)
+            if mdl is not None:
+                target_model = enum(mdl, "name", ctx.loc(mdl, f"{path}/target/model"),
+                                    ("isa-serial",), what="serial model")
+        if target_port is None:
+            target_port = index
+    elif kind == "console":
+        ttype = "serial"
+        if tgt is not None:
+            ttype = enum(tgt, "type", tloc, ("serial", "virtio"), default="serial",
+                         what="console target type") or ttype
+            target_port = int_attr(tgt, "port", tloc, hi=31)
+        if target_port is None:
+            target_port = index
+        address = parse_address(ctx, el, loc, ("virtio-serial",))
+        if address is not None and ttype != "virtio":
+            raise fail(loc, "only a virtio console takes an address")
+    else:
+        if tgt is None:
+            raise fail(loc, "<channel> needs a <target type='virtio'>")
+        ttype = enum(tgt, "type", tloc, ("virtio",), what="channel target type") or ""
+        if not ttype:
+            raise fail(tloc, "<target> needs type='virtio'")
+        name = get(tgt, "name")
+        if name is not None:
+            target_name = ident(name, tloc, "channel name", CHANNEL_NAME_RE)
+        address = parse_address(ctx, el, loc, ("virtio-serial",))
+    return CharDev(
+        type=cast(Any, ctype), target_type=ttype, source_path=spath,
+        source_mode=cast(Any, mode), append=append, target_port=target_port,
+        target_name=target_name, target_model=target_model, address=address,
+    )
+

@@ -1,0 +1,132 @@
+"""The schema: what Ferry understands of libvirt's domain XML, by element path.
+
+Every element and attribute of a document is checked against :data:`SCHEMA`
+(see :mod:`ferry.domain._walk`); whatever is not listed is refused, so that
+nothing is ever silently dropped. Supporting a new element starts with an
+entry here (its path, its attributes, whether it carries text), followed by
+the small function that turns it into the model (see
+:mod:`ferry.domain._devices` for devices, :mod:`ferry.domain._top` for the
+children of ``<domain>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ADDRESS", "SCHEMA", "Spec", "spec"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one element may carry."""
+
+    attrs: frozenset[str] = frozenset()
+    text: bool = False  # may carry non-blank text
+    opaque: bool = False  # content kept verbatim, not walked
+
+
+def spec(*attrs: str, text: bool = False, opaque: bool = False) -> Spec:
+    """A :class:`Spec` with attributes ``attrs``."""
+    return Spec(frozenset(attrs), text, opaque)
+
+
+_s = spec
+
+#: Every device's ``<address>``; which attributes fit which address type is
+#: checked by :func:`ferry.domain._address.parse_address`.
+ADDRESS = _s("type", "domain", "bus", "slot", "function", "multifunction",
+             "controller", "target", "unit", "port")
+
+SCHEMA: dict[str, Spec] = {
+    # `id` is the runtime domain id of libvirt's live XML: accepted, ignored.
+    "domain": _s("type", "id"),
+    "domain/name": _s(text=True),
+    "domain/uuid": _s(text=True),
+    "domain/title": _s(text=True),
+    "domain/description": _s(text=True),
+    "domain/metadata": _s(opaque=True),
+    "domain/memory": _s("unit", text=True),
+    "domain/currentMemory": _s("unit", text=True),
+    "domain/memoryBacking": _s(),
+    "domain/memoryBacking/allocation": _s("mode", "threads"),
+    "domain/vcpu": _s("placement", "cpuset", text=True),
+    "domain/os": _s(),
+    "domain/os/type": _s("arch", "machine", text=True),
+    "domain/os/kernel": _s(text=True),
+    "domain/os/initrd": _s(text=True),
+    "domain/os/cmdline": _s(text=True),
+    "domain/os/boot": _s("dev"),
+    "domain/os/bootmenu": _s("enable", "timeout"),
+    "domain/cpu": _s("mode", "match", "check", "migratable"),
+    "domain/cpu/model": _s("fallback", text=True),
+    "domain/cpu/feature": _s("policy", "name"),
+    "domain/cpu/topology": _s("sockets", "dies", "cores", "threads"),
+    "domain/features": _s(),
+    "domain/features/acpi": _s(),
+    "domain/features/apic": _s("eoi"),
+    "domain/features/pae": _s(),
+    "domain/clock": _s("offset"),
+    "domain/clock/timer": _s("name", "present", "tickpolicy", "track"),
+    "domain/on_poweroff": _s(text=True),
+    "domain/on_reboot": _s(text=True),
+    "domain/on_crash": _s(text=True),
+    "domain/pm": _s(),
+    "domain/pm/suspend-to-mem": _s("enabled"),
+    "domain/pm/suspend-to-disk": _s("enabled"),
+    "domain/devices": _s(),
+    "domain/devices/emulator": _s(text=True),
+    "domain/devices/disk": _s("type", "device"),
+    "domain/devices/disk/driver": _s("name", "type", "cache", "io", "discard", "error_policy",
+                                     "rerror_policy", "event_idx"),
+    "domain/devices/disk/source": _s("file", "dev"),
+    "domain/devices/disk/target": _s("dev", "bus"),
+    "domain/devices/disk/readonly": _s(),
+    "domain/devices/disk/shareable": _s(),
+    "domain/devices/disk/address": ADDRESS,
+    "domain/devices/controller": _s("type", "index", "model", "ports"),
+    "domain/devices/controller/address": ADDRESS,
+    "domain/devices/interface": _s("type"),
+    "domain/devices/interface/mac": _s("address"),
+    "domain/devices/interface/source": _s("network", "bridge"),
+    "domain/devices/interface/model": _s("type"),
+    "domain/devices/interface/mtu": _s("size"),
+    "domain/devices/interface/tune": _s(),
+    "domain/devices/interface/tune/sndbuf": _s(text=True),
+    "domain/devices/interface/address": ADDRESS,
+    "domain/devices/serial": _s("type"),
+    "domain/devices/serial/source": _s("path", "mode", "append"),
+    "domain/devices/serial/target": _s("type", "port"),
+    "domain/devices/serial/target/model": _s("name"),
+    "domain/devices/console": _s("type"),
+    "domain/devices/console/source": _s("path", "mode", "append"),
+    "domain/devices/console/target": _s("type", "port"),
+    "domain/devices/console/address": ADDRESS,
+    "domain/devices/channel": _s("type"),
+    "domain/devices/channel/source": _s("path", "mode", "append"),
+    "domain/devices/channel/target": _s("type", "name"),
+    "domain/devices/channel/address": ADDRESS,
+    "domain/devices/input": _s("type", "bus"),
+    "domain/devices/input/address": ADDRESS,
+    "domain/devices/graphics": _s("type", "port", "autoport", "tlsPort", "websocket", "listen",
+                                  "keymap", "sharePolicy", "defaultMode"),
+    "domain/devices/graphics/listen": _s("type", "address"),
+    "domain/devices/graphics/channel": _s("name", "mode"),
+    "domain/devices/graphics/image": _s("compression"),
+    "domain/devices/graphics/jpeg": _s("compression"),
+    "domain/devices/graphics/zlib": _s("compression"),
+    "domain/devices/graphics/playback": _s("compression"),
+    "domain/devices/graphics/streaming": _s("mode"),
+    "domain/devices/graphics/clipboard": _s("copypaste"),
+    "domain/devices/graphics/filetransfer": _s("enable"),
+    "domain/devices/graphics/mouse": _s("mode"),
+    "domain/devices/video": _s(),
+    "domain/devices/video/model": _s("type", "vram", "ram", "vgamem", "heads", "primary"),
+    "domain/devices/video/address": ADDRESS,
+    "domain/devices/audio": _s("id", "type"),
+    "domain/devices/memballoon": _s("model"),
+    "domain/devices/memballoon/address": ADDRESS,
+    "domain/devices/rng": _s("model"),
+    "domain/devices/rng/rate": _s("bytes", "period"),
+    "domain/devices/rng/backend": _s("model", text=True),
+    "domain/devices/rng/address": ADDRESS,
+}

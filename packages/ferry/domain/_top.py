@@ -1,0 +1,210 @@
+"""The children of ``<domain>``: identity, memory, vCPUs, platform, lifecycle, devices.
+
+The typed parse runs the :data:`SECTIONS` in order; each reads its elements
+of the root and sets :class:`~ferry.domain.model.Domain` fields. A section
+may read the fields of the sections before it (the cpu topology checks the
+vCPU count, the devices need the machine type). Supporting a new child of
+``<domain>`` takes its entry in :data:`~ferry.domain._schema.SCHEMA`, one
+small section function here and its place in :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from collections.abc import Callable
+from typing import Any, Literal, cast
+
+from lxml import etree
+
+from ferry.domain._checks import check_name, check_safe_text, fail, normalise_uuid
+from ferry.domain._context import Ctx
+from ferry.domain._cross import cross_checks
+from ferry.domain._devices import Devices, parse_devices
+from ferry.domain._platform import parse_clock, parse_cpu, parse_features, parse_os, parse_pm
+from ferry.domain._values import MAX_VCPUS, enum, get, int_attr, memory, one, text, uint
+from ferry.domain.model import PM, Clock, Domain, Features
+from ferry.errors import XMLUnsupported
+
+__all__ = ["SECTIONS", "parse_top"]
+
+#: The Domain fields found so far, by name.
+Fields = dict[str, Any]
+#: ``(ctx, root, fields)``: read some children of ``root`` into ``fields``.
+Section = Callable[[Ctx, etree._Element, Fields], None]
+
+_CPUSET_RE = re.compile(r"^\^?[0-9]+(-[0-9]+)?(,\^?[0-9]+(-[0-9]+)?)*$")
+
+
+def _child(ctx: Ctx, root: etree._Element, tag: str) -> etree._Element | None:
+    return one(root, tag, ctx.loc(root, "domain"))
+
+
+def _virt_type(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    loc = ctx.loc(root, "domain")
+    virt_type = cast(Literal["kvm", "qemu"], enum(root, "type", loc, ("kvm", "qemu"),
+                                                  what="domain type"))
+    if virt_type is None:
+        raise fail(loc, "the domain type attribute (kvm or qemu) is required")
+    f["virt_type"] = virt_type
+
+
+def _name(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "name")
+    if el is None:
+        raise fail(ctx.loc(root, "domain"), "<name> is required")
+    f["name"] = check_name(text(el), ctx.loc(el, "domain/name"))
+
+
+def _uuid(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "uuid")
+    f["uuid"] = (normalise_uuid(text(el), ctx.loc(el, "domain/uuid")) if el is not None
+                 else str(uuidlib.uuid4()))
+
+
+def _title(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "title")
+    f["title"] = (check_safe_text(text(el), ctx.loc(el, "domain/title"), "title")
+                  if el is not None else None)
+
+
+def _description(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "description")
+    f["description"] = (check_safe_text(text(el), ctx.loc(el, "domain/description"),
+                                        "description", newlines=True)
+                        if el is not None else None)
+
+
+def _metadata(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "metadata")
+    f["metadata"] = _verbatim(el) if el is not None else None
+
+
+def _verbatim(el: etree._Element) -> str:
+    """The content of <metadata> serialised verbatim (namespaces declared in place)."""
+    parts = [el.text or ""]
+    for child in el:
+        parts.append(etree.tostring(child, encoding="unicode", with_tail=True))
+    return "".join(parts)
+
+
+def _memory(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "memory")
+    if el is None:
+        raise fail(ctx.loc(root, "domain"), "<memory> is required")
+    memory_kib = memory(el, ctx.loc(el, "domain/memory"), "memory")
+    current_kib = memory_kib
+    el = _child(ctx, root, "currentMemory")
+    if el is not None:
+        cloc = ctx.loc(el, "domain/currentMemory")
+        current_kib = memory(el, cloc, "currentMemory")
+        if current_kib > memory_kib:
+            raise fail(cloc, f"currentMemory {current_kib} KiB is larger than "
+                             f"memory {memory_kib} KiB")
+    f["memory_kib"] = memory_kib
+    f["current_memory_kib"] = current_kib
+
+
+def _memory_backing(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    allocation: Literal["immediate", "ondemand"] | None = None
+    prealloc_threads = None
+    mb = _child(ctx, root, "memoryBacking")
+    if mb is not None:
+        mbloc = ctx.loc(mb, "domain/memoryBacking")
+        al = one(mb, "allocation", mbloc)
+        if al is not None:
+            aloc = ctx.loc(al, "domain/memoryBacking/allocation")
+            allocation = cast(Literal["immediate", "ondemand"] | None,
+                              enum(al, "mode", aloc, ("immediate", "ondemand")))
+            prealloc_threads = int_attr(al, "threads", aloc, lo=1, hi=1024)
+    f["memory_allocation"] = allocation
+    f["prealloc_threads"] = prealloc_threads
+
+
+def _vcpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "vcpu")
+    vcpus = 1
+    placement = cpuset = None
+    if el is not None:
+        vloc = ctx.loc(el, "domain/vcpu")
+        vcpus = uint(text(el), vloc, "vcpu count", lo=1, hi=MAX_VCPUS)
+        placement = enum(el, "placement", vloc, ("static", "auto"))
+        cpuset = get(el, "cpuset")
+        if cpuset is not None and not _CPUSET_RE.fullmatch(cpuset):
+            raise fail(vloc, f"invalid cpuset {cpuset!r}", attribute="cpuset")
+    f["vcpus"] = vcpus
+    f["vcpu_placement"] = placement
+    f["vcpu_cpuset"] = cpuset
+
+
+def _os(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    f["os"] = parse_os(ctx, root, ctx.loc(root, "domain"))
+
+
+def _cpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "cpu")
+    f["cpu"] = parse_cpu(ctx, el, f["vcpus"]) if el is not None else None
+
+
+def _features(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "features")
+    f["features"] = parse_features(ctx, el) if el is not None else Features()
+
+
+def _clock(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "clock")
+    f["clock"] = parse_clock(ctx, el) if el is not None else Clock()
+
+
+def _pm(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "pm")
+    f["pm"] = parse_pm(ctx, el) if el is not None else PM()
+
+
+_ACTIONS = ("destroy", "restart", "preserve", "rename-restart")
+_LIFECYCLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("on_poweroff", "destroy", _ACTIONS),
+    ("on_reboot", "restart", _ACTIONS),
+    ("on_crash", "destroy", (*_ACTIONS, "coredump-destroy", "coredump-restart")),
+)
+
+
+def _lifecycle(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    for tag, default, choices in _LIFECYCLE:
+        el = _child(ctx, root, tag)
+        value = default
+        if el is not None:
+            value = text(el).strip()
+            if value not in choices:
+                raise fail(ctx.loc(el, f"domain/{tag}"),
+                           f"{tag} action {value!r} is not supported (supported: "
+                           f"{', '.join(choices)})", cls=XMLUnsupported)
+        f[tag] = value
+
+
+def _devices(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "devices")
+    if el is None:
+        devices = Devices()
+    else:
+        devices = parse_devices(ctx, el, f["os"])
+        cross_checks(ctx, el, devices, f["os"])
+    f.update(devices.fields())
+
+
+#: The sections of the typed parse, in the order they run.
+SECTIONS: tuple[Section, ...] = (
+    _virt_type, _name, _uuid, _title, _description, _metadata, _memory, _memory_backing,
+    _vcpu, _os, _cpu, _features, _clock, _pm, _lifecycle, _devices,
+)
+
+
+def parse_top(ctx: Ctx, root: etree._Element) -> Domain:
+    """The typed parse of a ``<domain>`` that passed the schema walk.
+
+    :raises XMLError: a value is invalid (XMLUnsupported: not implemented).
+    """
+    f: Fields = {}
+    for section in SECTIONS:
+        section(ctx, root, f)
+    return Domain(**f)
