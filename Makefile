@@ -6,7 +6,8 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := qemu-system-x86 qemu-utils libsystemd-dev pkg-config iproute2 zstd \
-            socat binutils gcc make systemd python3-venv python3-dev util-linux libssl-dev
+            socat binutils gcc make systemd python3-venv python3-dev util-linux libssl-dev \
+            virtinst swtpm swtpm-tools ovmf
 NATIVE_SRC := $(wildcard native/ferry_native/*.pyx native/ferry_native/*.pxd)
 PYTEST_ARGS ?=
 
