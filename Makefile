@@ -7,7 +7,10 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := qemu-system-x86 qemu-utils libsystemd-dev pkg-config iproute2 zstd \
             socat binutils gcc make systemd python3-venv python3-dev util-linux libssl-dev \
-            virtinst swtpm swtpm-tools ovmf
+            swtpm swtpm-tools ovmf
+# Installed without their recommends: virtinst would pull in a libvirt daemon
+# (and a viewer) that the tests never use and that must not run on a CI host.
+APT_PKGS_BARE := virtinst xorriso
 NATIVE_SRC := $(wildcard native/ferry_native/*.pyx native/ferry_native/*.pxd)
 PYTEST_ARGS ?=
 
@@ -20,9 +23,17 @@ deps:
 	@missing=""; for p in $(APT_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
+	bare=""; for p in $(APT_PKGS_BARE); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || bare="$$bare $$p"; \
+	done; \
+	if [ -n "$$missing$$bare" ]; then apt-get update -qq; fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing apt packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi; \
+	if [ -n "$$bare" ]; then \
+	  echo "installing apt packages (no recommends):$$bare"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$bare >/dev/null; \
 	fi
 
 $(VENV)/.deps-stamp: pyproject.toml | deps
