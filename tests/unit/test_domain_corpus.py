@@ -37,8 +37,10 @@ def _assert_names_element_and_line(exc: XMLUnsupported, name: str) -> None:
     element = exc.details.get("element")
     assert isinstance(line, int) and line > 0, exc.details
     assert isinstance(element, str) and element.startswith("domain"), exc.details
-    # The message alone is enough for an operator: file, line, element.
-    assert re.match(rf"^{re.escape(name)}:{line}: {re.escape(element)}: ", str(exc)), str(exc)
+    # The message alone is enough for an operator: file, line, element (on a
+    # line of its own when the file has more than one problem).
+    assert re.search(rf"^( {{2}})?{re.escape(name)}:{line}: {re.escape(element)}: ", str(exc),
+                     re.MULTILINE), str(exc)
 
 
 @needs_corpus

@@ -23,6 +23,7 @@ from ferry.domain import (
     parse_domain,
     to_qemu_argv,
 )
+from ferry.domain._problems import KINDS, MAX_PROBLEMS
 from ferry.domain._schema import SCHEMA as _SCHEMA
 from ferry.errors import FerryError, XMLError
 
@@ -70,7 +71,8 @@ TOKENS = [t.encode() for t in (
 def _check(data: bytes | str) -> None:
     try:
         domain = parse_domain(data, where="fuzz")
-    except XMLError:
+    except XMLError as exc:
+        _check_problems(exc)
         return
     # Anything that parses is a complete, consistent model.
     text = format_domain(domain)
@@ -83,6 +85,16 @@ def _check(data: bytes | str) -> None:
     except FerryError:
         return
     assert argv and all(isinstance(a, str) and "\0" not in a for a in argv)
+
+
+def _check_problems(exc: XMLError) -> None:
+    """Every refusal lists its problems, none of them a bug of ours."""
+    assert "internal error" not in str(exc) and "cannot interpret" not in str(exc), str(exc)
+    problems = exc.details["problems"]
+    assert 1 <= len(problems) == exc.details["problem_count"] <= MAX_PROBLEMS
+    for p in problems:
+        assert set(p) == {"line", "path", "kind", "code", "message", "hint"}, p
+        assert p["kind"] in KINDS and p["message"] and p["hint"], p
 
 
 @FUZZ

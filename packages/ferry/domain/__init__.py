@@ -5,7 +5,10 @@ rule is simple: what Ferry reads it models, formats back and (where it has a
 meaning for qemu) turns into argv; what it does not read it refuses with
 :class:`~ferry.errors.XMLUnsupported` naming the element path and source
 line (``domain/devices/hostdev``). Nothing is silently dropped, with the few
-exceptions listed under "accepted and ignored".
+exceptions listed under "accepted and ignored". Every problem of a document
+is reported at once, in one error that lists them grouped by kind and
+sorted by line, each with its element path and what to do
+(``details["problems"]``; see :mod:`ferry.domain._problems`).
 
 Modelled (parsed, formatted, compared, and used in the argv)
     ``<domain type='kvm|qemu'>``, name, uuid, title, description;

@@ -24,29 +24,35 @@ _FIELDS: dict[str, tuple[str, ...]] = {
 def parse_address(
     ctx: Ctx, parent: etree._Element, ploc: Loc, allowed: tuple[str, ...]
 ) -> Address | None:
-    """The ``<address>`` child of ``parent`` (None when absent), of a type in ``allowed``."""
-    el = one(parent, "address", ploc)
+    """The ``<address>`` child of ``parent`` (None when absent), of a type in ``allowed``.
+
+    :raises XMLError: the address cannot be read (callers guard it, so that
+        the rest of the device is still checked).
+    """
+    el = one(ctx, parent, "address", ploc)
     if el is None:
         return None
     loc = ctx.loc(el, f"{ploc.element}/address")
     atype = enum(el, "type", loc, allowed, what="address type")
     if atype is None:
-        raise fail(loc, "<address> needs a type")
+        raise fail(loc, "<address> needs a type", hint=f"add type='{allowed[0]}'")
     for name in el.attrib:
         if str(name) not in _FIELDS[atype]:
-            raise fail(loc, f"attribute {name!r} is not valid for a {atype} address",
-                       cls=XMLUnsupported, attribute=str(name))
+            ctx.report(loc, f"attribute {name!r} is not valid for a {atype} address",
+                       cls=XMLUnsupported, kind="unsupported-attribute",
+                       hint=f"remove {name!r} (a {atype} address takes "
+                            f"{', '.join(_FIELDS[atype][1:])})", attribute=str(name))
     if atype == "pci":
         domain = int_attr(el, "domain", loc, hi=0xFFFF, hex_ok=True) or 0
         bus = int_attr(el, "bus", loc, hi=0xFF, hex_ok=True) or 0
         slot = int_attr(el, "slot", loc, hi=0x1F, hex_ok=True)
         function = int_attr(el, "function", loc, hi=7, hex_ok=True) or 0
         if slot is None:
-            raise fail(loc, "a pci address needs a slot")
+            raise fail(loc, "a pci address needs a slot", hint="add slot='0x…'")
         if domain != 0 or bus != 0:
             # Only the root bus exists: Ferry adds no PCI bridges.
             raise fail(loc, "pci addresses off the root bus (domain 0, bus 0) are not supported",
-                       cls=XMLUnsupported)
+                       cls=XMLUnsupported, hint="use bus='0x00' (or remove the address)")
         multi = yes_no(el, "multifunction", loc, yes="on", no="off")
         return Address("pci", domain=domain, bus=bus, slot=slot, function=function,
                        multifunction=multi)

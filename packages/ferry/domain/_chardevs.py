@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, cast
 
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import check_host_path, fail
-from ferry.domain._context import Ctx, DeviceEnv
+from ferry.domain._checks import Loc, check_host_path, fail
+from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, yes_no
 from ferry.domain.model import CharDev
 
@@ -33,83 +34,127 @@ def parse_channel(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> CharDev:
     return _chardev(ctx, el, "channel", 0)
 
 
+@dataclass(frozen=True)
+class _Source:
+    path: str | None = None
+    mode: str | None = None
+    append: bool | None = None
+
+
+@dataclass(frozen=True)
+class _Target:
+    type: str
+    port: int | None = None
+    name: str | None = None
+    model: str | None = None
+
+
 def _chardev(ctx: Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
     path = f"domain/devices/{kind}"
     loc = ctx.loc(el, path)
     ctype = enum(el, "type", loc, ("pty", "file", "unix", "null"), default="pty",
                  what=f"{kind} type")
-    src = one(el, "source", loc)
+    mark = ctx.count
+    source = ctx.guard(_source, ctx, el, loc, kind, ctype or "pty")
+    tgt = one(ctx, el, "target", loc)
+    tloc = ctx.loc(tgt, f"{path}/target") if tgt is not None else loc
+    address = None
+    target: _Target | None
+    if kind == "serial":
+        target = ctx.guard(_serial_target, ctx, tgt, tloc, index)
+    elif kind == "console":
+        target = ctx.guard(_console_target, tgt, tloc, index)
+        address = ctx.guard(parse_address, ctx, el, loc, ("virtio-serial",))
+        if address is not None and target is not None and target.type != "virtio":
+            ctx.report(loc, "only a virtio console takes an address", kind="conflict",
+                       hint="remove the address, or use <target type='virtio'/>")
+    else:
+        target = ctx.guard(_channel_target, tgt, loc, tloc)
+        address = ctx.guard(parse_address, ctx, el, loc, ("virtio-serial",))
+    if source is None or target is None or ctx.count != mark:
+        raise Skip()
+    return CharDev(
+        type=cast(Any, ctype), target_type=target.type, source_path=source.path,
+        source_mode=cast(Any, source.mode), append=source.append, target_port=target.port,
+        target_name=target.name, target_model=target.model, address=address,
+    )
+
+
+def _source(ctx: Ctx, el: etree._Element, loc: Loc, kind: str, ctype: str) -> _Source:
+    src = one(ctx, el, "source", loc)
     spath = mode = None
     append = None
     if src is not None:
-        sloc = ctx.loc(src, f"{path}/source")
+        sloc = ctx.loc(src, f"{loc.element}/source")
         raw = get(src, "path")
         if ctype in ("pty", "null"):
             # libvirt's live XML shows the allocated pty as <source path='/dev/pts/N'/>;
             # it is runtime state, not configuration, so it is dropped.
             if get(src, "mode") is not None or get(src, "append") is not None:
-                raise fail(sloc, f"mode/append do not apply to a {ctype} {kind}")
+                raise fail(sloc, f"mode/append do not apply to a {ctype} {kind}",
+                           hint="remove mode and append")
         else:
             if raw is not None:
                 spath = check_host_path(raw, sloc, f"{kind} path", unix_socket=ctype == "unix")
             if ctype == "unix":
                 mode = enum(src, "mode", sloc, ("bind", "connect"), what="socket mode")
             elif get(src, "mode") is not None:
-                raise fail(sloc, "mode only applies to unix sockets")
+                raise fail(sloc, "mode only applies to unix sockets", hint="remove mode")
             if ctype == "file":
                 append = yes_no(src, "append", sloc, yes="on", no="off")
             elif get(src, "append") is not None:
-                raise fail(sloc, "append only applies to files")
+                raise fail(sloc, "append only applies to files", hint="remove append")
     if ctype == "unix" and mode is None:
         mode = "bind"
     if ctype == "file" and spath is None:
-        raise fail(loc, f"a file {kind} needs <source path=…>")
+        raise fail(loc, f"a file {kind} needs <source path=…>",
+                   hint="add <source path='/var/log/…'/>")
     # A unix serial/console/channel in bind mode may leave its path to the
     # agent (RuntimePaths.run_dir): a per-host path lets a migrated domain
     # bind the same socket name on the destination host.
     if ctype == "unix" and spath is None and mode == "connect":
-        raise fail(loc, f"a unix {kind} in connect mode needs <source path=…>")
+        raise fail(loc, f"a unix {kind} in connect mode needs <source path=…>",
+                   hint="add path='/run/…' to <source>, or use mode='bind'")
+    return _Source(spath, mode, append)
 
-    tgt = one(el, "target", loc)
-    tloc = ctx.loc(tgt, f"{path}/target") if tgt is not None else loc
-    target_port = target_name = target_model = None
-    address = None
-    if kind == "serial":
-        ttype = "isa-serial"
-        if tgt is not None:
-            ttype = enum(tgt, "type", tloc, ("isa-serial",), default="isa-serial",
-                         what="serial target type") or ttype
-            target_port = int_attr(tgt, "port", tloc, hi=3)
-            mdl = one(tgt, "model", tloc)
-            if mdl is not None:
-                target_model = enum(mdl, "name", ctx.loc(mdl, f"{path}/target/model"),
-                                    ("isa-serial",), what="serial model")
-        if target_port is None:
-            target_port = index
-    elif kind == "console":
-        ttype = "serial"
-        if tgt is not None:
-            ttype = enum(tgt, "type", tloc, ("serial", "virtio"), default="serial",
-                         what="console target type") or ttype
-            target_port = int_attr(tgt, "port", tloc, hi=31)
-        if target_port is None:
-            target_port = index
-        address = parse_address(ctx, el, loc, ("virtio-serial",))
-        if address is not None and ttype != "virtio":
-            raise fail(loc, "only a virtio console takes an address")
-    else:
-        if tgt is None:
-            raise fail(loc, "<channel> needs a <target type='virtio'>")
-        ttype = enum(tgt, "type", tloc, ("virtio",), what="channel target type") or ""
-        if not ttype:
-            raise fail(tloc, "<target> needs type='virtio'")
-        name = get(tgt, "name")
-        if name is not None:
-            target_name = ident(name, tloc, "channel name", CHANNEL_NAME_RE)
-        address = parse_address(ctx, el, loc, ("virtio-serial",))
-    return CharDev(
-        type=cast(Any, ctype), target_type=ttype, source_path=spath,
-        source_mode=cast(Any, mode), append=append, target_port=target_port,
-        target_name=target_name, target_model=target_model, address=address,
-    )
 
+def _serial_target(ctx: Ctx, tgt: etree._Element | None, tloc: Loc, index: int) -> _Target:
+    ttype = "isa-serial"
+    target_port = target_model = None
+    if tgt is not None:
+        ttype = enum(tgt, "type", tloc, ("isa-serial",), default="isa-serial",
+                     what="serial target type") or ttype
+        target_port = int_attr(tgt, "port", tloc, hi=3)
+        mdl = one(ctx, tgt, "model", tloc)
+        if mdl is not None:
+            target_model = enum(mdl, "name", ctx.loc(mdl, f"{tloc.element}/model"),
+                                ("isa-serial",), what="serial model")
+    if target_port is None:
+        target_port = index
+    return _Target(ttype, port=target_port, model=target_model)
+
+
+def _console_target(tgt: etree._Element | None, tloc: Loc, index: int) -> _Target:
+    ttype = "serial"
+    target_port = None
+    if tgt is not None:
+        ttype = enum(tgt, "type", tloc, ("serial", "virtio"), default="serial",
+                     what="console target type") or ttype
+        target_port = int_attr(tgt, "port", tloc, hi=31)
+    if target_port is None:
+        target_port = index
+    return _Target(ttype, port=target_port)
+
+
+def _channel_target(tgt: etree._Element | None, loc: Loc, tloc: Loc) -> _Target:
+    if tgt is None:
+        raise fail(loc, "<channel> needs a <target type='virtio'>",
+                   hint="add <target type='virtio' name='org.qemu.guest_agent.0'/>")
+    ttype = enum(tgt, "type", tloc, ("virtio",), what="channel target type") or ""
+    if not ttype:
+        raise fail(tloc, "<target> needs type='virtio'", hint="add type='virtio'")
+    target_name = None
+    name = get(tgt, "name")
+    if name is not None:
+        target_name = ident(name, tloc, "channel name", CHANNEL_NAME_RE)
+    return _Target(ttype, name=target_name)

@@ -1,7 +1,8 @@
 """``<devices>``: the table of device kinds, and the devices found.
 
 Each device element is parsed by the function its tag names in
-:data:`DEVICES`, in document order. Supporting a new kind of device takes
+:data:`DEVICES`, in document order; one with problems is left out (its
+problems are recorded) and the others are still read. Supporting a new kind of device takes
 its elements in :data:`~ferry.domain._schema.SCHEMA`, one small parse
 function (``(ctx, element, env) -> model``) and one line here naming the
 :class:`~ferry.domain.model.Domain` field its models go to.
@@ -16,7 +17,7 @@ from typing import Any
 from lxml import etree
 
 from ferry.domain._chardevs import parse_channel, parse_console, parse_serial
-from ferry.domain._checks import check_host_path, fail
+from ferry.domain._checks import check_host_path
 from ferry.domain._context import Ctx, DeviceEnv
 from ferry.domain._disks import parse_controller, parse_disk
 from ferry.domain._display import parse_audio, parse_graphics, parse_video
@@ -46,7 +47,8 @@ class DeviceKind:
 
     #: The :class:`~ferry.domain.model.Domain` field: a tuple of the models.
     field: str
-    #: ``(ctx, element, env) -> model``; raises XMLError for what it refuses.
+    #: ``(ctx, element, env) -> model``; raises XMLError (or Skip, its
+    #: problems recorded) when the device cannot be read.
     parse: Callable[[Ctx, etree._Element, DeviceEnv], Any]
     #: For a device a domain has at most one of: the model when there is none
     #: (the Domain field then holds that one model, not a tuple).
@@ -75,6 +77,8 @@ class Devices:
 
     def __init__(self) -> None:
         self.emulator: str | None = None
+        #: The tags of which at least one device had problems (and is left out).
+        self.failed: set[str] = set()
         self._models: dict[str, list[Any]] = {tag: [] for tag in DEVICES}
         self._elements: dict[str, list[etree._Element]] = {tag: [] for tag in DEVICES}
 
@@ -152,14 +156,19 @@ class Devices:
         return self._models["rng"]
 
 
-def parse_devices(ctx: Ctx, el: etree._Element, os_: OS) -> Devices:
-    """Every device under ``<devices>``, in document order."""
+def parse_devices(ctx: Ctx, el: etree._Element, os_: OS | None) -> Devices:
+    """Every device under ``<devices>``, in document order.
+
+    A device with problems is recorded as such and left out; the others are
+    still read. ``os_`` is None when ``<os>`` could not be read (the checks
+    that depend on the machine type are then skipped).
+    """
     dloc = ctx.loc(el, "domain/devices")
     out = Devices()
-    em = one(el, "emulator", dloc)
+    em = one(ctx, el, "emulator", dloc)
     if em is not None:
-        out.emulator = check_host_path(text(em).strip(), ctx.loc(em, "domain/devices/emulator"),
-                                       "emulator")
+        out.emulator = ctx.guard(check_host_path, text(em).strip(),
+                                 ctx.loc(em, "domain/devices/emulator"), "emulator")
     seen: dict[str, int] = {}
     for child in elements(el):
         tag = str(child.tag)
@@ -169,6 +178,12 @@ def parse_devices(ctx: Ctx, el: etree._Element, os_: OS) -> Devices:
         index = seen.get(tag, 0)
         seen[tag] = index + 1
         if kind.single is not None and index > 0:
-            raise fail(ctx.loc(child, f"domain/devices/{tag}"), f"<{tag}> appears more than once")
-        out.add(tag, kind.parse(ctx, child, DeviceEnv(os=os_, index=index)), child)
+            ctx.report(ctx.loc(child, f"domain/devices/{tag}"), f"<{tag}> appears more than once",
+                       hint=f"keep one <{tag}>")
+            continue
+        model = ctx.guard(kind.parse, ctx, child, DeviceEnv(os=os_, index=index))
+        if model is not None:
+            out.add(tag, model, child)
+        else:
+            out.failed.add(tag)
     return out

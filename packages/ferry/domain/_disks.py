@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, cast
 
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import check_host_path, fail
-from ferry.domain._context import Ctx, DeviceEnv
+from ferry.domain._checks import Loc, check_host_path, fail
+from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, yes_no
 from ferry.domain.model import Controller, Disk
 from ferry.errors import XMLUnsupported
@@ -17,78 +18,133 @@ from ferry.errors import XMLUnsupported
 __all__ = ["parse_controller", "parse_disk"]
 
 TARGET_DEV_RE = re.compile(r"^(hd|sd|vd)[a-z]{1,3}$")
+_DISK = "domain/devices/disk"
 
 
 def parse_disk(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Disk:
     """A ``<disk>``: file or block, disk or cdrom."""
-    path = "domain/devices/disk"
-    loc = ctx.loc(el, path)
+    loc = ctx.loc(el, _DISK)
+    # The rest of the disk is read according to these two: a problem stops it.
     dtype = enum(el, "type", loc, ("file", "block"), default="file", what="disk type")
     device = enum(el, "device", loc, ("disk", "cdrom"), default="disk", what="disk device")
-    tgt = one(el, "target", loc)
+    mark = ctx.count
+    target = ctx.guard(_disk_target, ctx, el, loc, device)
+    source = ctx.guard(_disk_source, ctx, el, loc, dtype, device,
+                       target[0] if target is not None else None)
+    bus = target[1] if target is not None else None
+    driver = ctx.guard(_disk_driver, ctx, el, loc, bus)
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci", "drive", "usb"))
+    if address is not None and bus is not None:
+        expected = {"virtio": "pci", "usb": "usb"}.get(bus, "drive")
+        if address.type != expected:
+            ctx.report(loc, f"a {bus} disk takes a {expected} address, not {address.type}",
+                       kind="conflict", hint=f"use an address of type '{expected}'")
+    readonly = one(ctx, el, "readonly", loc) is not None
+    shareable = one(ctx, el, "shareable", loc) is not None
+    if target is None or driver is None or ctx.count != mark:
+        raise Skip()
+    dev, bus = target
+    return Disk(
+        type=cast(Any, dtype), device=cast(Any, device), target_dev=dev,
+        target_bus=cast(Any, bus), source=source, driver_name=driver.name, format=driver.format,
+        cache=driver.cache, io=driver.io, discard=driver.discard,
+        error_policy=driver.error_policy, rerror_policy=driver.rerror_policy,
+        event_idx=driver.event_idx,
+        # libvirt makes every cdrom read-only; so does Ferry (and says so in the XML).
+        readonly=device == "cdrom" or readonly,
+        shareable=shareable,
+        address=address,
+    )
+
+
+def _disk_target(
+    ctx: Ctx, el: etree._Element, loc: Loc, device: str | None
+) -> tuple[str, str]:
+    """The target (dev, bus) of a disk: required; the bus defaults from the name."""
+    tgt = one(ctx, el, "target", loc)
     if tgt is None:
-        raise fail(loc, "<disk> needs a <target>")
-    tloc = ctx.loc(tgt, f"{path}/target")
+        raise fail(loc, "<disk> needs a <target>", hint="add <target dev='vda' bus='virtio'/>")
+    tloc = ctx.loc(tgt, f"{_DISK}/target")
     dev = get(tgt, "dev")
     if dev is None:
-        raise fail(tloc, "<target> needs a dev attribute")
+        raise fail(tloc, "<target> needs a dev attribute", hint="add dev='vda' (or sda, hda)")
     dev = ident(dev, tloc, "disk target", TARGET_DEV_RE)
     bus = enum(tgt, "bus", tloc, ("virtio", "ide", "scsi", "sata", "usb"), what="disk bus")
     if bus is None:
         bus = {"hd": "ide", "sd": "scsi", "vd": "virtio"}[dev[:2]]
     if device == "cdrom" and bus == "virtio":
-        raise fail(tloc, "a cdrom on the virtio bus is not supported", cls=XMLUnsupported)
+        raise fail(tloc, "a cdrom on the virtio bus is not supported", cls=XMLUnsupported,
+                   hint="put the cdrom on the sata, scsi or ide bus")
+    return dev, bus
 
+
+def _disk_source(
+    ctx: Ctx, el: etree._Element, loc: Loc, dtype: str | None, device: str | None,
+    dev: str | None,
+) -> str | None:
+    """The source path of a disk (required but for a cdrom)."""
     source = None
-    src = one(el, "source", loc)
+    src = one(ctx, el, "source", loc)
     if src is not None:
-        sloc = ctx.loc(src, f"{path}/source")
+        sloc = ctx.loc(src, f"{_DISK}/source")
         want, other = ("file", "dev") if dtype == "file" else ("dev", "file")
         if get(src, other) is not None:
-            raise fail(sloc, f"a disk of type {dtype!r} takes <source {want}=…>, not {other}")
+            raise fail(sloc, f"a disk of type {dtype!r} takes <source {want}=…>, not {other}",
+                       hint=f"use <source {want}=…>")
         value = get(src, want)
         if value is not None:
             source = check_host_path(value, sloc, "disk source", allow_dev=dtype == "block")
     if source is None and device == "disk":
-        raise fail(loc, f"disk {dev} has no source (only a cdrom may be empty)")
+        which = f"disk {dev}" if dev else "the disk"
+        raise fail(loc, f"{which} has no source (only a cdrom may be empty)",
+                   hint="add <source file='/path/to/image'/>")
+    return source
 
-    fmt = cache = io = discard = error_policy = rerror_policy = name = None
-    event_idx = None
-    drv = one(el, "driver", loc)
-    if drv is not None:
-        drloc = ctx.loc(drv, f"{path}/driver")
-        name = enum(drv, "name", drloc, ("qemu",), what="disk driver")
-        fmt = enum(drv, "type", drloc, ("raw", "qcow2"), what="disk format")
-        cache = enum(drv, "cache", drloc,
-                     ("none", "writeback", "writethrough", "directsync", "unsafe"),
-                     what="cache mode")
-        io = enum(drv, "io", drloc, ("native", "threads", "io_uring"), what="io mode")
-        discard = enum(drv, "discard", drloc, ("unmap", "ignore"), what="discard")
-        error_policy = enum(drv, "error_policy", drloc, ("stop", "report", "ignore", "enospace"),
-                            what="error_policy")
-        rerror_policy = enum(drv, "rerror_policy", drloc, ("stop", "report", "ignore"),
-                             what="rerror_policy")
-        event_idx = yes_no(drv, "event_idx", drloc, yes="on", no="off")
-        if io == "native" and cache not in ("none", "directsync"):
-            # qemu refuses aio=native without O_DIRECT; say so at define time.
-            raise fail(drloc, "io='native' needs cache='none' or cache='directsync'")
-        if event_idx is not None and bus != "virtio":
-            raise fail(drloc, "event_idx only applies to virtio disks")
-    address = parse_address(ctx, el, loc, ("pci", "drive", "usb"))
-    if address is not None:
-        expected = {"virtio": "pci", "usb": "usb"}.get(bus, "drive")
-        if address.type != expected:
-            raise fail(loc, f"a {bus} disk takes a {expected} address, not {address.type}")
-    return Disk(
-        type=cast(Any, dtype), device=cast(Any, device), target_dev=dev,
-        target_bus=cast(Any, bus), source=source, driver_name=name, format=fmt,
-        cache=cache, io=io, discard=discard, error_policy=error_policy,
-        rerror_policy=rerror_policy, event_idx=event_idx,
-        # libvirt makes every cdrom read-only; so does Ferry (and says so in the XML).
-        readonly=device == "cdrom" or one(el, "readonly", loc) is not None,
-        shareable=one(el, "shareable", loc) is not None,
-        address=address,
+
+@dataclass(frozen=True)
+class _Driver:
+    name: str | None = None
+    format: str | None = None
+    cache: str | None = None
+    io: str | None = None
+    discard: str | None = None
+    error_policy: str | None = None
+    rerror_policy: str | None = None
+    event_idx: bool | None = None
+
+
+def _disk_driver(ctx: Ctx, el: etree._Element, loc: Loc, bus: str | None) -> _Driver:
+    """The ``<driver>`` of a disk; every attribute is checked on its own."""
+    drv = one(ctx, el, "driver", loc)
+    if drv is None:
+        return _Driver()
+    drloc = ctx.loc(drv, f"{_DISK}/driver")
+    mark = ctx.count
+
+    def choice(name: str, choices: tuple[str, ...], what: str) -> str | None:
+        return ctx.guard(enum, drv, name, drloc, choices, what=what)
+
+    d = _Driver(
+        name=choice("name", ("qemu",), "disk driver"),
+        format=choice("type", ("raw", "qcow2"), "disk format"),
+        cache=choice("cache", ("none", "writeback", "writethrough", "directsync", "unsafe"),
+                     "cache mode"),
+        io=choice("io", ("native", "threads", "io_uring"), "io mode"),
+        discard=choice("discard", ("unmap", "ignore"), "discard"),
+        error_policy=choice("error_policy", ("stop", "report", "ignore", "enospace"),
+                            "error_policy"),
+        rerror_policy=choice("rerror_policy", ("stop", "report", "ignore"), "rerror_policy"),
+        event_idx=ctx.guard(yes_no, drv, "event_idx", drloc, yes="on", no="off"),
     )
+    if ctx.count != mark:
+        raise Skip()
+    if d.io == "native" and d.cache not in ("none", "directsync"):
+        # qemu refuses aio=native without O_DIRECT; say so at define time.
+        ctx.report(drloc, "io='native' needs cache='none' or cache='directsync'",
+                   hint="add cache='none', or use io='threads'")
+    if d.event_idx is not None and bus is not None and bus != "virtio":
+        ctx.report(drloc, "event_idx only applies to virtio disks", hint="remove event_idx")
+    return d
 
 
 _CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
@@ -107,23 +163,31 @@ def parse_controller(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Controller
     loc = ctx.loc(el, "domain/devices/controller")
     ctype = enum(el, "type", loc, tuple(_CONTROLLER_MODELS), what="controller type")
     if ctype is None:
-        raise fail(loc, "<controller> needs a type")
+        raise fail(loc, "<controller> needs a type",
+                   hint=f"add type= one of {', '.join(_CONTROLLER_MODELS)}")
     index = int_attr(el, "index", loc, hi=31) or 0
     model = enum(el, "model", loc, _CONTROLLER_MODELS[ctype], what=f"{ctype} controller model")
-    if ctype == "pci":
+    mark = ctx.count
+    if ctype == "pci" and os_ is not None:
         want = "pcie-root" if os_.is_q35 else "pci-root"
         if model != want or index != 0:
-            raise fail(loc, f"only the {want} controller with index 0 is supported on machine "
-                            f"{os_.machine!r} (no PCI bridges)", cls=XMLUnsupported)
-    ports = int_attr(el, "ports", loc, lo=1, hi=31 if ctype == "virtio-serial" else 15)
+            ctx.report(loc, f"only the {want} controller with index 0 is supported on machine "
+                            f"{os_.machine!r} (no PCI bridges)", cls=XMLUnsupported,
+                       hint=f"remove this controller (Ferry adds the {want} itself)")
+    ports = ctx.guard(int_attr, el, "ports", loc, lo=1,
+                      hi=31 if ctype == "virtio-serial" else 15)
     if ports is not None and not (ctype == "virtio-serial"
                                   or (ctype == "usb" and model in ("qemu-xhci", "nec-xhci"))):
-        raise fail(loc, "ports is only valid for virtio-serial and xhci USB controllers")
+        ctx.report(loc, "ports is only valid for virtio-serial and xhci USB controllers",
+                   hint="remove ports")
     if ctype in ("ide", "sata", "usb", "scsi") and index != 0:
-        raise fail(loc, f"only one {ctype} controller (index 0) is supported",
-                   cls=XMLUnsupported)
-    if ctype == "ide" and os_.is_q35:
-        raise fail(loc, "the q35 machine has no IDE controller (use sata)", cls=XMLUnsupported)
-    address = parse_address(ctx, el, loc, ("pci",))
+        ctx.report(loc, f"only one {ctype} controller (index 0) is supported",
+                   cls=XMLUnsupported, hint="remove the controllers with another index")
+    if ctype == "ide" and os_ is not None and os_.is_q35:
+        ctx.report(loc, "the q35 machine has no IDE controller (use sata)", cls=XMLUnsupported,
+                   hint="remove the ide controller; use sata disks")
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
+    if ctx.count != mark:
+        raise Skip()
     return Controller(type=ctype, index=index, model=model, ports=ports, address=address)
 

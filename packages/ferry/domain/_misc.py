@@ -7,8 +7,8 @@ from typing import Any, cast
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import fail
-from ferry.domain._context import Ctx, DeviceEnv
+from ferry.domain._checks import Loc, fail
+from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, int_attr, one, text
 from ferry.domain.model import Input, Memballoon, Rng
 
@@ -20,16 +20,21 @@ def parse_input(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Input:
     loc = ctx.loc(el, "domain/devices/input")
     itype = enum(el, "type", loc, ("mouse", "keyboard", "tablet"), what="input type")
     if itype is None:
-        raise fail(loc, "<input> needs a type")
+        raise fail(loc, "<input> needs a type", hint="add type='tablet' (or mouse, keyboard)")
     bus = enum(el, "bus", loc, ("ps2", "usb", "virtio"), what="input bus",
                default="usb" if itype == "tablet" else "ps2")
+    mark = ctx.count
     if itype == "tablet" and bus == "ps2":
-        raise fail(loc, "a tablet cannot be on the ps2 bus")
-    address = parse_address(ctx, el, loc, ("usb", "pci"))
-    if address is not None and address.type != {"usb": "usb", "virtio": "pci"}.get(bus or ""):
-        raise fail(loc, f"a {bus} input does not take a {address.type} address")
+        ctx.report(loc, "a tablet cannot be on the ps2 bus", hint="use bus='usb'")
+    address = ctx.guard(parse_address, ctx, el, loc, ("usb", "pci"))
+    expected = {"usb": "usb", "virtio": "pci"}.get(bus or "")
+    if address is not None and address.type != expected:
+        ctx.report(loc, f"a {bus} input does not take a {address.type} address",
+                   kind="conflict", hint=(f"use an address of type '{expected}'" if expected
+                                          else "remove the address"))
+    if ctx.count != mark:
+        raise Skip()
     return Input(type=cast(Any, itype), bus=cast(Any, bus), address=address)
-
 
 
 def parse_memballoon(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Memballoon:
@@ -37,46 +42,66 @@ def parse_memballoon(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Memballoon
     loc = ctx.loc(el, "domain/devices/memballoon")
     model = enum(el, "model", loc, ("virtio", "none"), what="memballoon model")
     if model is None:
-        raise fail(loc, "<memballoon> needs a model")
-    address = parse_address(ctx, el, loc, ("pci",))
+        raise fail(loc, "<memballoon> needs a model", hint="add model='virtio' (or 'none')")
+    mark = ctx.count
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
     if address is not None and model == "none":
-        raise fail(loc, "memballoon model 'none' takes no address")
+        ctx.report(loc, "memballoon model 'none' takes no address", hint="remove the address")
+    if ctx.count != mark:
+        raise Skip()
     return Memballoon(model=cast(Any, model), address=address)
 
 
 # Host entropy sources a guest may read; anything else under /dev is refused.
 _RNG_SOURCES = ("/dev/urandom", "/dev/random", "/dev/hwrng")
+_RNG = "domain/devices/rng"
 
 
 def parse_rng(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Rng:
     """A virtio ``<rng>`` with a random or builtin backend."""
-    path = "domain/devices/rng"
-    loc = ctx.loc(el, path)
-    enum(el, "model", loc, ("virtio",), what="rng model")
-    be = one(el, "backend", loc)
+    loc = ctx.loc(el, _RNG)
+    mark = ctx.count
+    ctx.guard(enum, el, "model", loc, ("virtio",), what="rng model")
+    backend = ctx.guard(_rng_backend, ctx, el, loc)
+    rate = ctx.guard(_rng_rate, ctx, el, loc)
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
+    if backend is None or rate is None or ctx.count != mark:
+        raise Skip()
+    (bmodel, bpath), (rate_bytes, rate_period) = backend, rate
+    return Rng(backend_model=cast(Any, bmodel), backend_path=bpath, rate_bytes=rate_bytes,
+               rate_period=rate_period, address=address)
+
+
+def _rng_backend(ctx: Ctx, el: etree._Element, loc: Loc) -> tuple[str, str | None]:
+    """The backend model and (for random) the host source."""
+    be = one(ctx, el, "backend", loc)
     if be is None:
-        raise fail(loc, "<rng> needs a <backend>")
-    bloc = ctx.loc(be, f"{path}/backend")
+        raise fail(loc, "<rng> needs a <backend>",
+                   hint="add <backend model='random'>/dev/urandom</backend>")
+    bloc = ctx.loc(be, f"{_RNG}/backend")
     bmodel = enum(be, "model", bloc, ("random", "builtin"), what="rng backend")
     if bmodel is None:
-        raise fail(bloc, "<backend> needs a model")
+        raise fail(bloc, "<backend> needs a model", hint="add model='random' (or 'builtin')")
     bpath = None
     content = text(be).strip()
     if bmodel == "random":
         bpath = content or "/dev/urandom"
         if bpath not in _RNG_SOURCES:
             raise fail(bloc, f"rng source {bpath!r} is not allowed (allowed: "
-                             f"{', '.join(_RNG_SOURCES)})")
+                             f"{', '.join(_RNG_SOURCES)})", hint="use /dev/urandom")
     elif content:
-        raise fail(bloc, "the builtin backend takes no path")
-    rate_bytes = rate_period = None
-    rate = one(el, "rate", loc)
-    if rate is not None:
-        rloc = ctx.loc(rate, f"{path}/rate")
-        rate_bytes = int_attr(rate, "bytes", rloc, lo=1, hi=1 << 31)
-        rate_period = int_attr(rate, "period", rloc, lo=1, hi=1 << 31)
-        if rate_bytes is None:
-            raise fail(rloc, "<rate> needs bytes")
-    return Rng(backend_model=cast(Any, bmodel), backend_path=bpath, rate_bytes=rate_bytes,
-               rate_period=rate_period, address=parse_address(ctx, el, loc, ("pci",)))
+        raise fail(bloc, "the builtin backend takes no path", hint="remove the path")
+    return bmodel, bpath
 
+
+def _rng_rate(ctx: Ctx, el: etree._Element, loc: Loc) -> tuple[int | None, int | None]:
+    """The rate limit: bytes per period (ms)."""
+    rate = one(ctx, el, "rate", loc)
+    if rate is None:
+        return None, None
+    rloc = ctx.loc(rate, f"{_RNG}/rate")
+    rate_bytes = int_attr(rate, "bytes", rloc, lo=1, hi=1 << 31)
+    rate_period = int_attr(rate, "period", rloc, lo=1, hi=1 << 31)
+    if rate_bytes is None:
+        raise fail(rloc, "<rate> needs bytes", hint="add bytes='1024' or remove <rate>")
+    return rate_bytes, rate_period

@@ -9,14 +9,15 @@ from typing import Any, cast
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import check_safe_text, fail, normalise_mac
-from ferry.domain._context import Ctx, DeviceEnv
+from ferry.domain._checks import Loc, check_safe_text, fail, normalise_mac
+from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, text, uint
 from ferry.domain.model import Interface
 
 __all__ = ["parse_interface"]
 
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
+_NIC = "domain/devices/interface"
 
 
 def _random_mac() -> str:
@@ -27,54 +28,88 @@ def _random_mac() -> str:
 
 def parse_interface(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Interface:
     """An ``<interface>``: user, bridge or network."""
-    path = "domain/devices/interface"
-    loc = ctx.loc(el, path)
+    loc = ctx.loc(el, _NIC)
     itype = enum(el, "type", loc, ("user", "bridge", "network"), what="interface type")
     if itype is None:
-        raise fail(loc, "<interface> needs a type")
-    mac_el = one(el, "mac", loc)
-    if mac_el is not None:
-        mloc = ctx.loc(mac_el, f"{path}/mac")
-        raw = get(mac_el, "address")
-        if raw is None:
-            raise fail(mloc, "<mac> needs an address")
-        mac = normalise_mac(raw, mloc)
-    else:
-        mac = _random_mac()
-    model = None
-    m = one(el, "model", loc)
-    if m is not None:
-        model = enum(m, "type", ctx.loc(m, f"{path}/model"),
-                     ("virtio", "rtl8139", "e1000", "e1000e"), what="NIC model")
+        raise fail(loc, "<interface> needs a type", hint="add type='bridge' (or user, network)")
+    mark = ctx.count
+    mac = ctx.guard(_mac, ctx, el, loc)
+    model = ctx.guard(_model, ctx, el, loc)
+    source = ctx.guard(_source, ctx, el, loc, itype)
+    mtu = ctx.guard(_mtu, ctx, el, loc)
+    sndbuf = ctx.guard(_sndbuf, ctx, el, loc)
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
+    if mac is None or ctx.count != mark:
+        raise Skip()
+    return Interface(type=cast(Any, itype), mac=mac, model=model, source=source, mtu=mtu,
+                     sndbuf=sndbuf, address=address)
+
+
+def _mac(ctx: Ctx, el: etree._Element, loc: Loc) -> str:
+    mac_el = one(ctx, el, "mac", loc)
+    if mac_el is None:
+        return _random_mac()
+    mloc = ctx.loc(mac_el, f"{_NIC}/mac")
+    raw = get(mac_el, "address")
+    if raw is None:
+        raise fail(mloc, "<mac> needs an address", hint="add address='52:54:00:…' or remove <mac>")
+    return normalise_mac(raw, mloc)
+
+
+def _model(ctx: Ctx, el: etree._Element, loc: Loc) -> str | None:
+    m = one(ctx, el, "model", loc)
+    if m is None:
+        return None
+    return enum(m, "type", ctx.loc(m, f"{_NIC}/model"),
+                ("virtio", "rtl8139", "e1000", "e1000e"), what="NIC model")
+
+
+def _source(ctx: Ctx, el: etree._Element, loc: Loc, itype: str) -> str | None:
     source = None
-    s = one(el, "source", loc)
+    s = one(ctx, el, "source", loc)
     if s is not None:
-        sloc = ctx.loc(s, f"{path}/source")
+        sloc = ctx.loc(s, f"{_NIC}/source")
         net, br = get(s, "network"), get(s, "bridge")
         if itype == "network" and net is not None and br is None:
             source = check_safe_text(net, sloc, "network name")
             if not source:
-                raise fail(sloc, "empty network name")
+                raise fail(sloc, "empty network name", hint="name the network")
         elif itype == "bridge" and br is not None and net is None:
             source = ident(br, sloc, "bridge name", BRIDGE_RE)
         elif itype == "user" and net is None and br is None:
             pass
         else:
-            raise fail(sloc, f"<source> does not fit an interface of type {itype!r}")
+            raise fail(sloc, f"<source> does not fit an interface of type {itype!r}",
+                       hint=_SOURCE_HINT[itype])
     if itype in ("bridge", "network") and source is None:
-        raise fail(loc, f"an interface of type {itype!r} needs <source {itype}=…>")
-    mtu = None
-    mt = one(el, "mtu", loc)
-    if mt is not None:
-        mtu = int_attr(mt, "size", ctx.loc(mt, f"{path}/mtu"), lo=68, hi=65535)
-        if mtu is None:
-            raise fail(ctx.loc(mt, f"{path}/mtu"), "<mtu> needs a size")
-    sndbuf = None
-    tune = one(el, "tune", loc)
-    if tune is not None:
-        sb = one(tune, "sndbuf", ctx.loc(tune, f"{path}/tune"))
-        if sb is not None:
-            sndbuf = uint(text(sb), ctx.loc(sb, f"{path}/tune/sndbuf"), "sndbuf")
-    return Interface(type=cast(Any, itype), mac=mac, model=model, source=source, mtu=mtu,
-                     sndbuf=sndbuf, address=parse_address(ctx, el, loc, ("pci",)))
+        raise fail(loc, f"an interface of type {itype!r} needs <source {itype}=…>",
+                   hint=_SOURCE_HINT[itype])
+    return source
 
+
+_SOURCE_HINT = {
+    "user": "remove <source>: a user interface has none",
+    "bridge": "use <source bridge='br0'/> (the host bridge's name)",
+    "network": "use <source network='NAME'/>",
+}
+
+
+def _mtu(ctx: Ctx, el: etree._Element, loc: Loc) -> int | None:
+    mt = one(ctx, el, "mtu", loc)
+    if mt is None:
+        return None
+    mtloc = ctx.loc(mt, f"{_NIC}/mtu")
+    mtu = int_attr(mt, "size", mtloc, lo=68, hi=65535)
+    if mtu is None:
+        raise fail(mtloc, "<mtu> needs a size", hint="add size='1500' or remove <mtu>")
+    return mtu
+
+
+def _sndbuf(ctx: Ctx, el: etree._Element, loc: Loc) -> int | None:
+    tune = one(ctx, el, "tune", loc)
+    if tune is None:
+        return None
+    sb = one(ctx, tune, "sndbuf", ctx.loc(tune, f"{_NIC}/tune"))
+    if sb is None:
+        return None
+    return uint(text(sb), ctx.loc(sb, f"{_NIC}/tune/sndbuf"), "sndbuf")

@@ -8,7 +8,7 @@ from typing import Any, cast
 from lxml import etree
 
 from ferry.domain._checks import Loc, check_host_path, check_safe_text, fail
-from ferry.domain._context import Ctx
+from ferry.domain._context import Ctx, Skip
 from ferry.domain._values import (
     MAX_VCPUS,
     all_of,
@@ -30,56 +30,51 @@ MACHINE_RE = re.compile(r"^(pc|q35|pc-i440fx-[0-9.]+|pc-q35-[0-9.]+)$")
 
 def parse_os(ctx: Ctx, root: etree._Element, dloc: Loc) -> OS:
     """The ``<os>`` of ``root`` (required): type, machine, kernel, boot order."""
-    el = one(root, "os", dloc)
+    el = one(ctx, root, "os", dloc)
     if el is None:
-        raise fail(dloc, "<os> is required")
+        raise fail(dloc, "<os> is required", hint="add <os><type arch='x86_64'>hvm</type></os>")
     loc = ctx.loc(el, "domain/os")
-    t = one(el, "type", loc)
+    t = one(ctx, el, "type", loc)
     if t is None:
-        raise fail(loc, "<os><type> is required")
+        raise fail(loc, "<os><type> is required", hint="add <type arch='x86_64'>hvm</type>")
+    mark = ctx.count
     tloc = ctx.loc(t, "domain/os/type")
     ostype = text(t).strip()
     if ostype != "hvm":
-        raise fail(tloc, f"os type {ostype!r} is not supported (supported: hvm)",
-                   cls=XMLUnsupported)
-    arch = enum(t, "arch", tloc, ("x86_64", "i686"), default="x86_64", what="architecture")
+        ctx.report(tloc, f"os type {ostype!r} is not supported (supported: hvm)",
+                   cls=XMLUnsupported, hint="use hvm")
+    arch = ctx.guard(enum, t, "arch", tloc, ("x86_64", "i686"), default="x86_64",
+                     what="architecture")
     machine = get(t, "machine") or "pc"
     if not MACHINE_RE.fullmatch(machine):
-        raise fail(tloc, f"machine type {machine!r} is not supported (supported: pc, q35, "
-                         "pc-i440fx-*, pc-q35-*)", cls=XMLUnsupported)
+        ctx.report(tloc, f"machine type {machine!r} is not supported (supported: pc, q35, "
+                         "pc-i440fx-*, pc-q35-*)", cls=XMLUnsupported,
+                   hint="use machine='q35' or machine='pc' (or a versioned one)")
 
     def path_of(tag: str) -> str | None:
-        k = one(el, tag, loc)
+        k = one(ctx, el, tag, loc)
         if k is None:
             return None
         return check_host_path(text(k).strip(), ctx.loc(k, f"domain/os/{tag}"), tag)
 
-    kernel = path_of("kernel")
-    initrd = path_of("initrd")
-    cmdline = None
-    c = one(el, "cmdline", loc)
-    if c is not None:
-        cmdline = check_safe_text(text(c), ctx.loc(c, "domain/os/cmdline"), "cmdline")
-    if (initrd or cmdline) and not kernel:
-        raise fail(loc, "<initrd> and <cmdline> need a <kernel>")
-
-    boot_devs: list[str] = []
-    for b in all_of(el, "boot"):
-        bloc = ctx.loc(b, "domain/os/boot")
-        dev = enum(b, "dev", bloc, ("hd", "cdrom", "network"), what="boot device")
-        if dev is None:
-            raise fail(bloc, "<boot> needs a dev attribute")
-        if dev in boot_devs:
-            raise fail(bloc, f"boot device {dev!r} is listed twice")
-        boot_devs.append(dev)
+    paths = ctx.count
+    kernel = ctx.guard(path_of, "kernel")
+    initrd = ctx.guard(path_of, "initrd")
+    cmdline = ctx.guard(_cmdline, ctx, el, loc)
+    if (initrd or cmdline) and not kernel and ctx.count == paths:
+        ctx.report(loc, "<initrd> and <cmdline> need a <kernel>",
+                   hint="add <kernel>, or remove <initrd> and <cmdline>")
+    boot_devs = _boot_devs(ctx, el)
     if not boot_devs and kernel is None:
         boot_devs.append("hd")  # libvirt's default when nothing says how to boot
     bootmenu = timeout = None
-    bm = one(el, "bootmenu", loc)
+    bm = one(ctx, el, "bootmenu", loc)
     if bm is not None:
         bmloc = ctx.loc(bm, "domain/os/bootmenu")
-        bootmenu = yes_no(bm, "enable", bmloc)
-        timeout = int_attr(bm, "timeout", bmloc, hi=65535)
+        bootmenu = ctx.guard(yes_no, bm, "enable", bmloc)
+        timeout = ctx.guard(int_attr, bm, "timeout", bmloc, hi=65535)
+    if ctx.count != mark:
+        raise Skip()
     return OS(
         type="hvm",
         arch=arch or "x86_64",
@@ -93,103 +88,168 @@ def parse_os(ctx: Ctx, root: etree._Element, dloc: Loc) -> OS:
     )
 
 
-def parse_cpu(ctx: Ctx, el: etree._Element, vcpus: int) -> Cpu:
-    """A ``<cpu>``: mode, model, features, topology (which must give ``vcpus``)."""
+def _cmdline(ctx: Ctx, el: etree._Element, loc: Loc) -> str | None:
+    c = one(ctx, el, "cmdline", loc)
+    if c is None:
+        return None
+    return check_safe_text(text(c), ctx.loc(c, "domain/os/cmdline"), "cmdline")
+
+
+def _boot_devs(ctx: Ctx, el: etree._Element) -> list[str]:
+    """The boot order: each <boot dev> once."""
+    boot_devs: list[str] = []
+    for b in all_of(el, "boot"):
+        bloc = ctx.loc(b, "domain/os/boot")
+        dev = ctx.guard(enum, b, "dev", bloc, ("hd", "cdrom", "network"), what="boot device")
+        if dev is None:
+            if get(b, "dev") is None:
+                ctx.report(bloc, "<boot> needs a dev attribute", hint="add dev='hd'")
+            continue
+        if dev in boot_devs:
+            ctx.report(bloc, f"boot device {dev!r} is listed twice", hint="list it once")
+            continue
+        boot_devs.append(dev)
+    return boot_devs
+
+
+def parse_cpu(ctx: Ctx, el: etree._Element, vcpus: int | None) -> Cpu:
+    """A ``<cpu>``: mode, model, features, topology (which must give ``vcpus``).
+
+    ``vcpus`` is None when ``<vcpu>`` could not be read (the topology is then
+    not compared with it).
+    """
     loc = ctx.loc(el, "domain/cpu")
-    mode = enum(el, "mode", loc, ("custom", "host-model", "host-passthrough", "maximum"),
-                default="custom", what="cpu mode")
-    match = enum(el, "match", loc, ("minimum", "exact", "strict"))
-    check = enum(el, "check", loc, ("none", "partial", "full"))
-    migratable = yes_no(el, "migratable", loc, yes="on", no="off")
-    if migratable is not None and mode not in ("host-passthrough", "maximum"):
-        raise fail(loc, "migratable is only valid for host-passthrough and maximum")
-    model = fallback = None
-    m = one(el, "model", loc)
-    if m is not None:
-        mloc = ctx.loc(m, "domain/cpu/model")
-        fallback = enum(m, "fallback", mloc, ("allow", "forbid"))
-        name = text(m).strip()
-        if name:
-            model = ident(name, mloc, "CPU model")
-    features: list[CpuFeature] = []
-    seen: set[str] = set()
-    for f in all_of(el, "feature"):
-        floc = ctx.loc(f, "domain/cpu/feature")
-        fname = get(f, "name")
-        if fname is None:
-            raise fail(floc, "<feature> needs a name")
-        fname = ident(fname, floc, "CPU feature name")
-        if fname in seen:
-            raise fail(floc, f"CPU feature {fname!r} is listed twice")
-        seen.add(fname)
-        policy = enum(f, "policy", floc, ("force", "require", "optional", "disable", "forbid"),
-                      default="require", what="feature policy")
-        features.append(CpuFeature(fname, cast(Any, policy)))
-    topology = None
-    t = one(el, "topology", loc)
-    if t is not None:
-        tloc = ctx.loc(t, "domain/cpu/topology")
-        vals = {k: int_attr(t, k, tloc, lo=1, hi=MAX_VCPUS) for k in
-                ("sockets", "dies", "cores", "threads")}
-        topology = CpuTopology(
-            sockets=vals["sockets"] or 1, dies=vals["dies"] or 1,
-            cores=vals["cores"] or 1, threads=vals["threads"] or 1,
-        )
-        product = topology.sockets * topology.dies * topology.cores * topology.threads
-        if product != vcpus:
-            raise fail(tloc, f"topology gives {product} vCPUs but <vcpu> says {vcpus}")
+    mark = ctx.count
+    mode = ctx.guard(enum, el, "mode", loc, ("custom", "host-model", "host-passthrough",
+                                              "maximum"), default="custom", what="cpu mode")
+    match = ctx.guard(enum, el, "match", loc, ("minimum", "exact", "strict"))
+    check = ctx.guard(enum, el, "check", loc, ("none", "partial", "full"))
+    migratable = ctx.guard(yes_no, el, "migratable", loc, yes="on", no="off")
+    if migratable is not None and mode is not None \
+            and mode not in ("host-passthrough", "maximum"):
+        ctx.report(loc, "migratable is only valid for host-passthrough and maximum",
+                   hint="remove migratable")
+    model_fallback = ctx.guard(_cpu_model, ctx, el, loc)
+    features = _cpu_features(ctx, el)
+    topology = ctx.guard(_cpu_topology, ctx, el, loc, vcpus)
+    if model_fallback is None or ctx.count != mark:
+        raise Skip()
+    model, fallback = model_fallback
     return Cpu(
         mode=cast(Any, mode), match=match, check=check, migratable=migratable,
         model=model, fallback=fallback, features=tuple(features), topology=topology,
     )
 
 
+def _cpu_model(ctx: Ctx, el: etree._Element, loc: Loc) -> tuple[str | None, str | None]:
+    """The CPU model and its fallback."""
+    model = fallback = None
+    m = one(ctx, el, "model", loc)
+    if m is not None:
+        mloc = ctx.loc(m, "domain/cpu/model")
+        fallback = enum(m, "fallback", mloc, ("allow", "forbid"))
+        name = text(m).strip()
+        if name:
+            model = ident(name, mloc, "CPU model")
+    return model, fallback
+
+
+def _cpu_features(ctx: Ctx, el: etree._Element) -> list[CpuFeature]:
+    seen: set[str] = set()
+    found = (ctx.guard(_cpu_feature, ctx, f, seen) for f in all_of(el, "feature"))
+    return [f for f in found if f is not None]
+
+
+def _cpu_feature(ctx: Ctx, f: etree._Element, seen: set[str]) -> CpuFeature:
+    floc = ctx.loc(f, "domain/cpu/feature")
+    fname = get(f, "name")
+    if fname is None:
+        raise fail(floc, "<feature> needs a name", hint="add name='…' (a CPU flag)")
+    fname = ident(fname, floc, "CPU feature name")
+    if fname in seen:
+        raise fail(floc, f"CPU feature {fname!r} is listed twice", hint="list it once")
+    seen.add(fname)
+    policy = enum(f, "policy", floc, ("force", "require", "optional", "disable", "forbid"),
+                  default="require", what="feature policy")
+    return CpuFeature(fname, cast(Any, policy))
+
+
+def _cpu_topology(
+    ctx: Ctx, el: etree._Element, loc: Loc, vcpus: int | None
+) -> CpuTopology | None:
+    t = one(ctx, el, "topology", loc)
+    if t is None:
+        return None
+    tloc = ctx.loc(t, "domain/cpu/topology")
+    vals = {k: int_attr(t, k, tloc, lo=1, hi=MAX_VCPUS) for k in
+            ("sockets", "dies", "cores", "threads")}
+    topology = CpuTopology(
+        sockets=vals["sockets"] or 1, dies=vals["dies"] or 1,
+        cores=vals["cores"] or 1, threads=vals["threads"] or 1,
+    )
+    product = topology.sockets * topology.dies * topology.cores * topology.threads
+    if vcpus is not None and product != vcpus:
+        raise fail(tloc, f"topology gives {product} vCPUs but <vcpu> says {vcpus}",
+                   kind="conflict", hint="make sockets * dies * cores * threads equal <vcpu>")
+    return topology
+
+
 def parse_features(ctx: Ctx, el: etree._Element) -> Features:
     """``<features>``: acpi, apic, pae."""
     loc = ctx.loc(el, "domain/features")
-    apic = one(el, "apic", loc)
+    apic = one(ctx, el, "apic", loc)
     eoi = None
     if apic is not None:
         eoi = yes_no(apic, "eoi", ctx.loc(apic, "domain/features/apic"), yes="on", no="off")
     return Features(
-        acpi=one(el, "acpi", loc) is not None,
+        acpi=one(ctx, el, "acpi", loc) is not None,
         apic=apic is not None,
         apic_eoi=eoi,
-        pae=one(el, "pae", loc) is not None,
+        pae=one(ctx, el, "pae", loc) is not None,
     )
 
 
 def parse_clock(ctx: Ctx, el: etree._Element) -> Clock:
     """``<clock>``: offset and timers."""
     loc = ctx.loc(el, "domain/clock")
-    offset = enum(el, "offset", loc, ("utc", "localtime"), default="utc", what="clock offset")
-    timers: list[Timer] = []
+    mark = ctx.count
+    offset = ctx.guard(enum, el, "offset", loc, ("utc", "localtime"), default="utc",
+                       what="clock offset")
     seen: set[str] = set()
-    for t in all_of(el, "timer"):
-        tloc = ctx.loc(t, "domain/clock/timer")
-        name = enum(t, "name", tloc, ("rtc", "pit", "hpet", "kvmclock"), what="timer")
-        if name is None:
-            raise fail(tloc, "<timer> needs a name")
-        if name in seen:
-            raise fail(tloc, f"timer {name!r} is listed twice")
-        seen.add(name)
-        present = yes_no(t, "present", tloc)
-        # kvm-pit knows only delay and discard as lost tick policies.
-        policies = {"rtc": ("catchup", "delay"), "pit": ("delay", "discard"),
-                    "hpet": (), "kvmclock": ()}[name]
-        tickpolicy = enum(t, "tickpolicy", tloc, policies, what=f"{name} tickpolicy")
-        track = enum(t, "track", tloc, ("guest", "wall", "realtime") if name == "rtc" else (),
-                     what=f"{name} track")
-        timers.append(Timer(name, present, tickpolicy, track))
+    found = (ctx.guard(_timer, ctx, t, seen) for t in all_of(el, "timer"))
+    timers = [t for t in found if t is not None]
+    if ctx.count != mark:
+        raise Skip()
     return Clock(offset=cast(Any, offset), timers=tuple(timers))
+
+
+def _timer(ctx: Ctx, t: etree._Element, seen: set[str]) -> Timer:
+    tloc = ctx.loc(t, "domain/clock/timer")
+    name = enum(t, "name", tloc, ("rtc", "pit", "hpet", "kvmclock"), what="timer")
+    if name is None:
+        raise fail(tloc, "<timer> needs a name", hint="add name='rtc' (or pit, hpet, kvmclock)")
+    if name in seen:
+        raise fail(tloc, f"timer {name!r} is listed twice", hint="list it once")
+    seen.add(name)
+    present = yes_no(t, "present", tloc)
+    # kvm-pit knows only delay and discard as lost tick policies.
+    policies = {"rtc": ("catchup", "delay"), "pit": ("delay", "discard"),
+                "hpet": (), "kvmclock": ()}[name]
+    tickpolicy = enum(t, "tickpolicy", tloc, policies, what=f"{name} tickpolicy")
+    track = enum(t, "track", tloc, ("guest", "wall", "realtime") if name == "rtc" else (),
+                 what=f"{name} track")
+    return Timer(name, present, tickpolicy, track)
 
 
 def parse_pm(ctx: Ctx, el: etree._Element) -> PM:
     """``<pm>``: suspend to memory and to disk."""
     loc = ctx.loc(el, "domain/pm")
+    mark = ctx.count
     values: dict[str, bool | None] = {}
     for tag in ("suspend-to-mem", "suspend-to-disk"):
-        s = one(el, tag, loc)
-        values[tag] = None if s is None else yes_no(s, "enabled", ctx.loc(s, f"domain/pm/{tag}"))
+        s = one(ctx, el, tag, loc)
+        values[tag] = None if s is None else ctx.guard(
+            yes_no, s, "enabled", ctx.loc(s, f"domain/pm/{tag}"))
+    if ctx.count != mark:
+        raise Skip()
     return PM(suspend_to_mem=values["suspend-to-mem"], suspend_to_disk=values["suspend-to-disk"])
-

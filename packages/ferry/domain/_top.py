@@ -3,9 +3,12 @@
 The typed parse runs the :data:`SECTIONS` in order; each reads its elements
 of the root and sets :class:`~ferry.domain.model.Domain` fields. A section
 may read the fields of the sections before it (the cpu topology checks the
-vCPU count, the devices need the machine type). Supporting a new child of
-``<domain>`` takes its entry in :data:`~ferry.domain._schema.SCHEMA`, one
-small section function here and its place in :data:`SECTIONS`.
+vCPU count, the devices need the machine type): a field is missing when its
+section had problems, and what depends on it is then not checked. A section
+with problems does not stop the others: every problem is recorded.
+Supporting a new child of ``<domain>`` takes its entry in
+:data:`~ferry.domain._schema.SCHEMA`, one small section function here and its
+place in :data:`SECTIONS`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ _CPUSET_RE = re.compile(r"^\^?[0-9]+(-[0-9]+)?(,\^?[0-9]+(-[0-9]+)?)*$")
 
 
 def _child(ctx: Ctx, root: etree._Element, tag: str) -> etree._Element | None:
-    return one(root, tag, ctx.loc(root, "domain"))
+    return one(ctx, root, tag, ctx.loc(root, "domain"))
 
 
 def _virt_type(ctx: Ctx, root: etree._Element, f: Fields) -> None:
@@ -45,14 +48,15 @@ def _virt_type(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     virt_type = cast(Literal["kvm", "qemu"], enum(root, "type", loc, ("kvm", "qemu"),
                                                   what="domain type"))
     if virt_type is None:
-        raise fail(loc, "the domain type attribute (kvm or qemu) is required")
+        raise fail(loc, "the domain type attribute (kvm or qemu) is required",
+                   hint="add type='kvm' to <domain>")
     f["virt_type"] = virt_type
 
 
 def _name(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     el = _child(ctx, root, "name")
     if el is None:
-        raise fail(ctx.loc(root, "domain"), "<name> is required")
+        raise fail(ctx.loc(root, "domain"), "<name> is required", hint="add <name>…</name>")
     f["name"] = check_name(text(el), ctx.loc(el, "domain/name"))
 
 
@@ -91,17 +95,22 @@ def _verbatim(el: etree._Element) -> str:
 def _memory(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     el = _child(ctx, root, "memory")
     if el is None:
-        raise fail(ctx.loc(root, "domain"), "<memory> is required")
-    memory_kib = memory(el, ctx.loc(el, "domain/memory"), "memory")
+        raise fail(ctx.loc(root, "domain"), "<memory> is required",
+                   hint="add <memory unit='MiB'>1024</memory>")
+    f["memory_kib"] = memory(el, ctx.loc(el, "domain/memory"), "memory")
+
+
+def _current_memory(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    memory_kib: int | None = f.get("memory_kib")
     current_kib = memory_kib
     el = _child(ctx, root, "currentMemory")
     if el is not None:
         cloc = ctx.loc(el, "domain/currentMemory")
         current_kib = memory(el, cloc, "currentMemory")
-        if current_kib > memory_kib:
+        if memory_kib is not None and current_kib > memory_kib:
             raise fail(cloc, f"currentMemory {current_kib} KiB is larger than "
-                             f"memory {memory_kib} KiB")
-    f["memory_kib"] = memory_kib
+                             f"memory {memory_kib} KiB", kind="conflict",
+                       hint="make currentMemory at most memory, or remove it")
     f["current_memory_kib"] = current_kib
 
 
@@ -111,29 +120,30 @@ def _memory_backing(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     mb = _child(ctx, root, "memoryBacking")
     if mb is not None:
         mbloc = ctx.loc(mb, "domain/memoryBacking")
-        al = one(mb, "allocation", mbloc)
+        al = one(ctx, mb, "allocation", mbloc)
         if al is not None:
             aloc = ctx.loc(al, "domain/memoryBacking/allocation")
             allocation = cast(Literal["immediate", "ondemand"] | None,
-                              enum(al, "mode", aloc, ("immediate", "ondemand")))
-            prealloc_threads = int_attr(al, "threads", aloc, lo=1, hi=1024)
+                              ctx.guard(enum, al, "mode", aloc, ("immediate", "ondemand")))
+            prealloc_threads = ctx.guard(int_attr, al, "threads", aloc, lo=1, hi=1024)
     f["memory_allocation"] = allocation
     f["prealloc_threads"] = prealloc_threads
 
 
 def _vcpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     el = _child(ctx, root, "vcpu")
-    vcpus = 1
-    placement = cpuset = None
-    if el is not None:
-        vloc = ctx.loc(el, "domain/vcpu")
-        vcpus = uint(text(el), vloc, "vcpu count", lo=1, hi=MAX_VCPUS)
-        placement = enum(el, "placement", vloc, ("static", "auto"))
-        cpuset = get(el, "cpuset")
-        if cpuset is not None and not _CPUSET_RE.fullmatch(cpuset):
-            raise fail(vloc, f"invalid cpuset {cpuset!r}", attribute="cpuset")
-    f["vcpus"] = vcpus
-    f["vcpu_placement"] = placement
+    if el is None:
+        f.update(vcpus=1, vcpu_placement=None, vcpu_cpuset=None)
+        return
+    vloc = ctx.loc(el, "domain/vcpu")
+    vcpus = ctx.guard(uint, text(el), vloc, "vcpu count", lo=1, hi=MAX_VCPUS)
+    if vcpus is not None:  # the cpu topology is checked against it
+        f["vcpus"] = vcpus
+    f["vcpu_placement"] = ctx.guard(enum, el, "placement", vloc, ("static", "auto"))
+    cpuset = get(el, "cpuset")
+    if cpuset is not None and not _CPUSET_RE.fullmatch(cpuset):
+        raise fail(vloc, f"invalid cpuset {cpuset!r}", attribute="cpuset",
+                   hint="use a list of CPUs and ranges such as 0-3,8,^2")
     f["vcpu_cpuset"] = cpuset
 
 
@@ -143,7 +153,7 @@ def _os(ctx: Ctx, root: etree._Element, f: Fields) -> None:
 
 def _cpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     el = _child(ctx, root, "cpu")
-    f["cpu"] = parse_cpu(ctx, el, f["vcpus"]) if el is not None else None
+    f["cpu"] = parse_cpu(ctx, el, f.get("vcpus")) if el is not None else None
 
 
 def _features(ctx: Ctx, root: etree._Element, f: Fields) -> None:
@@ -176,9 +186,10 @@ def _lifecycle(ctx: Ctx, root: etree._Element, f: Fields) -> None:
         if el is not None:
             value = text(el).strip()
             if value not in choices:
-                raise fail(ctx.loc(el, f"domain/{tag}"),
+                ctx.report(ctx.loc(el, f"domain/{tag}"),
                            f"{tag} action {value!r} is not supported (supported: "
-                           f"{', '.join(choices)})", cls=XMLUnsupported)
+                           f"{', '.join(choices)})", cls=XMLUnsupported,
+                           hint=f"use one of: {', '.join(choices)}")
         f[tag] = value
 
 
@@ -187,24 +198,27 @@ def _devices(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     if el is None:
         devices = Devices()
     else:
-        devices = parse_devices(ctx, el, f["os"])
-        cross_checks(ctx, el, devices, f["os"])
+        devices = parse_devices(ctx, el, f.get("os"))
+        cross_checks(ctx, el, devices, f.get("os"))
     f.update(devices.fields())
 
 
 #: The sections of the typed parse, in the order they run.
 SECTIONS: tuple[Section, ...] = (
-    _virt_type, _name, _uuid, _title, _description, _metadata, _memory, _memory_backing,
-    _vcpu, _os, _cpu, _features, _clock, _pm, _lifecycle, _devices,
+    _virt_type, _name, _uuid, _title, _description, _metadata, _memory, _current_memory,
+    _memory_backing, _vcpu, _os, _cpu, _features, _clock, _pm, _lifecycle, _devices,
 )
 
 
-def parse_top(ctx: Ctx, root: etree._Element) -> Domain:
-    """The typed parse of a ``<domain>`` that passed the schema walk.
+def parse_top(ctx: Ctx, root: etree._Element) -> Domain | None:
+    """The typed parse of a ``<domain>`` after the schema walk.
 
-    :raises XMLError: a value is invalid (XMLUnsupported: not implemented).
+    Every section runs; the problems are recorded in ``ctx``, and then the
+    result is None.
     """
     f: Fields = {}
     for section in SECTIONS:
-        section(ctx, root, f)
+        ctx.guard(section, ctx, root, f)
+    if ctx.failed:
+        return None
     return Domain(**f)

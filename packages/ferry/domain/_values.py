@@ -2,7 +2,9 @@
 
 Each reader converts and checks one value and raises
 :class:`~ferry.errors.XMLError` (:class:`~ferry.errors.XMLUnsupported` for
-values Ferry does not implement) located at the element.
+values Ferry does not implement) located at the element, with a hint that
+says what would do; a caller that can go on without the value reads it
+through :meth:`~ferry.domain._context.Ctx.guard`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from lxml import etree
 
 from ferry.domain._checks import Loc, fail
-from ferry.domain._context import element_line
+from ferry.domain._context import Ctx, element_line
 from ferry.errors import XMLUnsupported
 
 __all__ = [
@@ -51,11 +53,15 @@ def elements(el: etree._Element) -> Iterator[etree._Element]:
             yield child
 
 
-def one(el: etree._Element, tag: str, loc: Loc) -> etree._Element | None:
-    """The child ``<tag>`` of ``el``, or None; refuses two of them."""
+def one(ctx: Ctx, el: etree._Element, tag: str, loc: Loc) -> etree._Element | None:
+    """The child ``<tag>`` of ``el``, or None.
+
+    A second one is a problem (recorded; the first is used).
+    """
     found = [c for c in elements(el) if c.tag == tag]
     if len(found) > 1:
-        raise fail(loc.child(tag, element_line(found[1])), f"<{tag}> appears more than once")
+        ctx.report(loc.child(tag, element_line(found[1])), f"<{tag}> appears more than once",
+                   hint=f"keep one <{tag}>")
     return found[0] if found else None
 
 
@@ -91,8 +97,9 @@ def enum(
     allowed = tuple(choices)
     if value not in allowed:
         label = what or f"{name}"
+        hint = f"use one of: {', '.join(allowed)}" if allowed else f"remove {name!r}"
         raise fail(loc, f"{label} {value!r} is not supported (supported: {', '.join(allowed)})",
-                   cls=XMLUnsupported, attribute=name, value=value)
+                   cls=XMLUnsupported, attribute=name, value=value, hint=hint)
     return value
 
 
@@ -110,10 +117,12 @@ def uint(
             value = int(s) if s.isascii() and s.isdigit() else None
     except ValueError:
         value = None
+    hint = (f"use a whole number from {lo} to {hi}" if hi < 1 << 40
+            else f"use a whole number of at least {lo}")
     if value is None:
-        raise fail(loc, f"{what} {value_text!r} is not a non-negative integer")
+        raise fail(loc, f"{what} {value_text!r} is not a non-negative integer", hint=hint)
     if not lo <= value <= hi:
-        raise fail(loc, f"{what} {value} is out of range {lo}..{hi}")
+        raise fail(loc, f"{what} {value} is out of range {lo}..{hi}", hint=hint)
     return value
 
 
@@ -159,7 +168,8 @@ def memory(el: etree._Element, loc: Loc, what: str) -> int:
     unit = (get(el, "unit") or "KiB").strip()
     scale = _UNITS.get(unit.lower())
     if scale is None:
-        raise fail(loc, f"unknown memory unit {unit!r}", attribute="unit")
+        raise fail(loc, f"unknown memory unit {unit!r}", attribute="unit",
+                   hint="use b, KiB, MiB, GiB or TiB (or KB, MB, GB, TB)")
     value = uint(text(el), loc, what, hi=MAX_MEMORY_KIB * 1024)
     # Round up to whole KiB the way libvirt does.
     kib = -(-value * scale // 1024)

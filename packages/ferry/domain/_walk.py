@@ -1,18 +1,18 @@
 """Step 2 of parsing: walk the document against the schema.
 
 Every element and attribute, in document order, is checked against
-:data:`~ferry.domain._schema.SCHEMA`. Whatever is not in it is refused with
-:class:`~ferry.errors.XMLUnsupported` naming its path
-(``domain/devices/hostdev``) and line, so nothing is ever silently dropped.
-``<metadata>`` is opaque and skipped.
+:data:`~ferry.domain._schema.SCHEMA`. Whatever is not in it is a problem
+(:class:`~ferry.errors.XMLUnsupported`, naming its path
+``domain/devices/hostdev`` and line), so nothing is ever silently dropped;
+all of them are recorded, and removed from the tree so that the typed parse
+goes on with the rest. ``<metadata>`` is opaque and skipped.
 """
 
 from __future__ import annotations
 
 from lxml import etree
 
-from ferry.domain._checks import Loc, fail
-from ferry.domain._context import element_line
+from ferry.domain._context import Ctx
 from ferry.domain._schema import SCHEMA
 from ferry.errors import XMLUnsupported
 
@@ -39,31 +39,44 @@ def _attr_name(el: etree._Element, name: str) -> str:
     return name
 
 
-def walk(el: etree._Element, path: str, where: str) -> None:
+def walk(ctx: Ctx, el: etree._Element, path: str) -> None:
     """Check ``el`` (at element path ``path``) and its subtree against the schema.
 
-    :raises XMLUnsupported: an element or attribute the schema does not list.
-    :raises XMLError: text where the schema allows none.
+    Records every element and attribute the schema does not list (as
+    XMLUnsupported) and text where it allows none, and removes those
+    elements and attributes from the tree, so that the typed parse sees only
+    what Ferry understands. An unknown element is not descended into.
     """
     spec = SCHEMA[path]
-    loc = Loc(where, element_line(el), path)
-    for name in el.attrib:
+    loc = ctx.loc(el, path)
+    for name in list(el.attrib):
         sname = str(name)
         if sname not in spec.attrs:
-            raise fail(loc, f"attribute {_attr_name(el, sname)!r} is not supported by Ferry",
-                       cls=XMLUnsupported, attribute=_attr_name(el, sname))
+            shown = _attr_name(el, sname)
+            ctx.report(loc, f"attribute {shown!r} is not supported by Ferry",
+                       cls=XMLUnsupported, kind="unsupported-attribute",
+                       hint=f"remove the attribute {shown!r}", attribute=shown)
+            del el.attrib[name]
     if spec.opaque:
         return
     if not spec.text and (el.text or "").strip():
-        raise fail(loc, f"unexpected text {(el.text or '').strip()[:40]!r}")
+        ctx.report(loc, f"unexpected text {(el.text or '').strip()[:40]!r}",
+                   hint="remove the text: this element holds none")
+    unknown: list[etree._Element] = []
     for child in el:
         if (child.tail or "").strip():
-            raise fail(loc, f"unexpected text {(child.tail or '').strip()[:40]!r}")
+            ctx.report(loc, f"unexpected text {(child.tail or '').strip()[:40]!r}",
+                       hint="remove the text: this element holds none")
         if not isinstance(child.tag, str):
             continue
         name = _qname(child)
         child_path = f"{path}/{name}"
         if child_path not in SCHEMA:
-            raise fail(Loc(where, element_line(child), child_path),
-                       f"element <{name}> is not supported by Ferry", cls=XMLUnsupported)
-        walk(child, child_path, where)
+            ctx.report(ctx.loc(child, child_path), f"element <{name}> is not supported by Ferry",
+                       cls=XMLUnsupported, kind="unsupported-element",
+                       hint=f"remove <{name}> and what it contains")
+            unknown.append(child)
+            continue
+        walk(ctx, child, child_path)
+    for child in unknown:
+        el.remove(child)
