@@ -28,6 +28,7 @@ from ferry.errors import DomainExists, FerryError, HookRefused, MigrationRefused
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.jobs import AsyncJob
 from ferry.journal import LogContext, MessageID, log_event
+from ferry.netdev import host_networks
 from ferry.outcomes import FAILED, PREPARED, valid_migration_id
 from ferry.protocol.cookie import Cookie, Graphics, Identity
 from ferry.qemu import QemuProcess, set_caps, set_params
@@ -51,8 +52,9 @@ async def prepare(
     dst: DestinationContext, ctx: RequestContext, args: dict[str, Any]
 ) -> dict[str, Any]:
     """Prepare phase: accept the domain and start qemu waiting for the stream."""
-    # The XML first, before anything else looks at the request.
-    domain = parse_domain(args["xml"], where="prepare")
+    # The XML first, before anything else looks at the request (with the
+    # networks this host maps: one it does not is refused with the setting).
+    domain = parse_domain(args["xml"], where="prepare", networks=host_networks(dst.config))
     flags = MigrationFlags(args["flags"])
     params = MigrationParams.from_wire(args["params"])
     cookie = Cookie.decode(args["cookie"])
@@ -278,22 +280,34 @@ def listen_uri(dst: DestinationContext, ctx: RequestContext) -> tuple[str, str]:
 async def _graphics(
     dst: DestinationContext, domain: Domain, proc: QemuProcess, reached: str | None = None
 ) -> Graphics | None:
-    """The graphics port and address clients must use here (for the cookie).
+    """The graphics ports and address clients must use here (for the cookie).
 
+    The ports are those the host chose at start (autoport) or the XML's.
     A wildcard listen address is no address a client can connect to:
     like libvirt, advertise the address the source reached us on.
     """
     if not domain.graphics:
         return None
     g = domain.graphics[0]
-    port = g.port if g.port and g.port > 0 else None
-    if g.type == "vnc":
+    recorded = dst.host.graphics(domain.name)
+    first = recorded[0] if recorded else {}
+    recorded_port, recorded_tls = first.get("port"), first.get("tls_port")
+    port = recorded_port if isinstance(recorded_port, int) else None
+    tls_port = recorded_tls if isinstance(recorded_tls, int) else None
+    if port is None and g.port and g.port > 0:
+        port = g.port
+    if tls_port is None and g.tls_port and g.tls_port > 0:
+        tls_port = g.tls_port
+    if g.type == "vnc" and port is None:
         with contextlib.suppress(FerryError):
             info = await proc.qmp.execute("query-vnc")
             if isinstance(info, dict) and info.get("service"):
                 port = int(info["service"])
-    listen = _advertised(g.listen or dst.config.destination.migration_address, reached)
-    return Graphics(type=g.type, port=port or 0, tls_port=g.tls_port, listen=listen)
+    address = first.get("listen")
+    if not isinstance(address, str):
+        address = g.listen or dst.config.graphics.listen
+    listen = _advertised(address, reached)
+    return Graphics(type=g.type, port=port or 0, tls_port=tls_port, listen=listen)
 
 
 def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:

@@ -37,6 +37,7 @@ from ferry.fences import FenceBook
 from ferry.host import Host, LiveDomain
 from ferry.jobs import JobManager, JobType
 from ferry.journal import MessageID, log_event, merge_entries, read_journal
+from ferry.netdev import host_networks
 from ferry.qemu import DISCONNECTED, QemuProcess
 from ferry.rpc import RequestContext, Server, make_hello
 from ferry.statefile import atomic_write
@@ -247,7 +248,8 @@ class SourceAgent:
 
     async def op_define(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         """Define (or update) a persistent domain from XML."""
-        domain = parse_domain(args["xml"], where="define")
+        # With this host's networks: an unmapped one is a problem like the others.
+        domain = parse_domain(args["xml"], where="define", networks=host_networks(self.config))
         self.check(ctx, "define", domain)
         check_domain(domain, self.config, where="define")
         existing = self.host.load_definition(domain.name)

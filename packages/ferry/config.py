@@ -61,6 +61,22 @@ Example::
     # sockets) must resolve, symlinks included, to one of these (or below one).
     allowed = ["/var/lib/ferry/images", "/var/lib/libvirt/images"]
 
+    [graphics]
+    # Where vnc/spice listen when the domain XML names no address (libvirt's
+    # vnc_listen/spice_listen), and the ports autoport='yes' takes from
+    # (libvirt's remote_display_port_min/max; vnc needs 5900 or more).
+    listen = "127.0.0.1"
+    port_range = [5900, 65535]
+    websocket_port_range = [5700, 65535]
+    # x509 directory (ca-cert.pem, server-cert.pem, server-key.pem) for spice
+    # TLS ports; without it spice gets no TLS port (libvirt's spice_tls).
+    spice_tls_dir = "/etc/pki/ferry-spice"
+
+    # The host bridge each libvirt network name of <interface type='network'>
+    # stands for on this host, so that the same XML starts on every host.
+    [networks.default]
+    bridge = "br0"
+
     [[acl]]
     groups = ["ferry"]
     ops = ["*"]
@@ -85,9 +101,11 @@ __all__ = [
     "ACLRule",
     "AgentConfig",
     "DestinationConfig",
+    "GraphicsConfig",
     "HostConfig",
     "LimitsConfig",
     "MigrationConfig",
+    "NetworkConfig",
     "PathsConfig",
     "PeersConfig",
     "QemuConfig",
@@ -322,6 +340,29 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class GraphicsConfig:
+    """Where vnc and spice listen and which ports autoport takes ([graphics])."""
+
+    #: The listen address of a display whose XML names none.
+    listen: str = "127.0.0.1"
+    #: autoport='yes' takes the first free ports from here (vnc: 5900 or more).
+    port_range: tuple[int, int] = (5900, 65535)
+    #: A vnc ``websocket='-1'`` takes its port from here.
+    websocket_port_range: tuple[int, int] = (5700, 65535)
+    #: x509 directory for spice TLS ports; None: spice gets no TLS port.
+    spice_tls_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """``[networks.NAME]``: what ``<source network='NAME'/>`` means on this host."""
+
+    name: str
+    #: The Linux bridge the VM's tap device is attached to.
+    bridge: str
+
+
+@dataclass(frozen=True)
 class TestingConfig:
     """Fault injection used only by the test suite; all off by default."""
 
@@ -348,6 +389,9 @@ class AgentConfig:
     peers: PeersConfig = field(default_factory=PeersConfig)
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    graphics: GraphicsConfig = field(default_factory=GraphicsConfig)
+    #: ``[networks.NAME]`` tables by NAME.
+    networks: Mapping[str, NetworkConfig] = field(default_factory=dict)
     testing: TestingConfig = field(default_factory=TestingConfig)
     source_path: Path | None = None
 
@@ -591,6 +635,8 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
     migration_s.finish()
 
     storage = _parse_storage(_Section(top.get("storage", dict, {}), "storage"))
+    graphics = _parse_graphics(_Section(top.get("graphics", dict, {}), "graphics"))
+    networks = _parse_networks(top.get("networks", dict, {}))
 
     testing_s = _Section(top.get("testing", dict, {}), "testing")
     faults = _str_tuple(testing_s, "faults", ())
@@ -618,6 +664,8 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         peers=peers,
         migration=migration,
         storage=storage,
+        graphics=graphics,
+        networks=networks,
         testing=testing,
         source_path=source_path,
     )
@@ -652,6 +700,69 @@ def _parse_storage(section: _Section) -> StorageConfig:
         allowed.append(Path(text))
     section.finish()
     return StorageConfig(allowed=tuple(allowed))
+
+
+def _port_range(section: _Section, key: str, default: tuple[int, int]) -> tuple[int, int]:
+    value = section.get(key, list, list(default))
+    if (
+        len(value) != 2
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+        or not 0 < value[0] <= value[1] < 65536
+    ):
+        raise ConfigError(f"[{section.where}] {key}: expected [FIRST, LAST] within 1..65535")
+    return value[0], value[1]
+
+
+def _parse_graphics(section: _Section) -> GraphicsConfig:
+    """[graphics]: the default listen address, autoport ranges, spice TLS."""
+    defaults = GraphicsConfig()
+    listen = section.get("listen", str, defaults.listen)
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError:
+        raise ConfigError(f"[graphics] listen: {listen!r} is not an IP address") from None
+    ports = _port_range(section, "port_range", defaults.port_range)
+    if ports[1] < 5900:
+        raise ConfigError("[graphics] port_range: vnc needs ports of 5900 or more "
+                          "(qemu counts displays from 5900)")
+    graphics = GraphicsConfig(
+        listen=listen,
+        port_range=ports,
+        websocket_port_range=_port_range(section, "websocket_port_range",
+                                         defaults.websocket_port_range),
+        spice_tls_dir=section.path("spice_tls_dir"),
+    )
+    section.finish()
+    return graphics
+
+
+# A Linux interface name: at most 15 bytes, no '/', blank or ':' (IFNAMSIZ).
+_IFNAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _parse_networks(data: Any) -> dict[str, NetworkConfig]:
+    """[networks.NAME] tables: the bridge each network name stands for here."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("[networks] must hold one table per network: [networks.NAME]")
+    out: dict[str, NetworkConfig] = {}
+    for name, table in data.items():
+        where = f"networks.{name}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[networks] {name}: expected a table [networks.{name}] "
+                              'with bridge = "br0"')
+        section = _Section(table, where)
+        bridge = section.get("bridge", str)
+        if section.get("virtualport", str) is not None:
+            raise ConfigError(f"[{where}] virtualport: Open vSwitch bridges are not supported "
+                              "yet; name a Linux bridge (ip link add br0 type bridge)")
+        if bridge is None:
+            raise ConfigError(f'[{where}] bridge is required (the host bridge, e.g. "br0")')
+        if not 0 < len(bridge) <= 15 or not set(bridge) <= _IFNAME_CHARS:
+            raise ConfigError(f"[{where}] bridge: {bridge!r} is not an interface name "
+                              "(1..15 of A-Z a-z 0-9 _ . -)")
+        section.finish()
+        out[name] = NetworkConfig(name=name, bridge=bridge)
+    return out
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -8,6 +8,11 @@ it.  Each qemu gets two QMP monitors, one per agent
 serves one client at a time, and with one monitor each the agents never
 have to hand a connection over (ferry-destination receives a VM, then
 ferry-source manages it without waiting for the other to let go).
+
+At start the host makes what the XML leaves to it: the ports of displays
+with ``autoport`` (from ``[graphics] port_range``, recorded in the live XML,
+so ``dumpxml`` shows them, and in the status file's ``graphics``) and the
+tap devices of bridge and network NICs (:mod:`ferry.netdev`).
 """
 
 from __future__ import annotations
@@ -15,16 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import json
 import logging
 import os
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from ferry.config import AgentConfig
-from ferry.domain import Domain, RuntimePaths, format_domain, parse_domain, to_qemu_argv
+from ferry.domain import (
+    Domain,
+    Graphics,
+    GraphicsPorts,
+    NicTap,
+    RuntimePaths,
+    format_domain,
+    parse_domain,
+    to_qemu_argv,
+)
 from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
+from ferry.netdev import open_taps
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
 from ferry.qemu.scope import scope_for
 from ferry.statefile import DomainStatus, atomic_write
@@ -80,6 +99,10 @@ class Host:
     def qmp_socket(self, name: str, agent: AgentName | None = None) -> Path:
         """The QMP monitor socket of ``agent`` (default: ours) for ``name``."""
         return self.paths.qmp_dir / f"{name}.{agent or self.agent}.sock"
+
+    def ports_path(self, name: str) -> Path:
+        """The display ports ``name``'s qemu holds (or is about to bind)."""
+        return self.paths.status_dir / f"{name}.ports"
 
     def pidfile(self, name: str) -> Path:
         """qemu's pidfile."""
@@ -208,6 +231,7 @@ class Host:
             qmp_socket=self.qmp_socket(name, "source"),
             pidfile=self.pidfile(name),
             log_file=self.paths.log_dir / f"{name}.log",
+            spice_tls_dir=self.config.graphics.spice_tls_dir,
         )
 
     async def start(
@@ -230,8 +254,10 @@ class Host:
             PathNotAllowed: a path of the domain is outside ``[storage] allowed``.
         """
         where = "prepare" if incoming else "start"
-        with open_domain_files(domain, self.config, where=where) as files:
-            return await self._start(domain, files, incoming=incoming, extra_status=extra_status)
+        with open_domain_files(domain, self.config, where=where) as files, \
+                open_taps(domain, self.config) as taps:
+            return await self._start(domain, files, incoming=incoming, extra_status=extra_status,
+                                     taps=taps)
 
     async def _start(
         self,
@@ -240,6 +266,7 @@ class Host:
         *,
         incoming: bool,
         extra_status: dict[str, object] | None,
+        taps: Mapping[int, NicTap],
     ) -> QemuProcess:
         paths = self.runtime_paths(domain.name)
         paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -250,10 +277,20 @@ class Host:
                 owner = self.leases.owner_of(disk)
                 if owner is not None:
                     raise busy_error(disk, owner)
-        argv = to_qemu_argv(
-            self._with_prealloc_threads(domain), paths=paths, incoming=incoming,
-            qemu_binary=self.config.qemu.binary, files=files.passed,
-        )  # fmt: skip
+        # The ports are reserved (NAME.ports) until cleanup; the live XML
+        # records them (dumpxml shows them, the migratable form leaves them out).
+        ports, displays = self._reserve_graphics(domain)
+        live_domain = _with_ports(domain, ports)
+        try:
+            argv = to_qemu_argv(
+                self._with_prealloc_threads(domain), paths=paths, incoming=incoming,
+                qemu_binary=self.config.qemu.binary, files=files.passed,
+                graphics_ports=ports, nic_taps=taps,
+                graphics_listen=self.config.graphics.listen,
+            )  # fmt: skip
+        except BaseException:
+            self._release_graphics(domain.name)
+            raise
         if "-S" not in argv:
             argv.append("-S")
         # The second monitor: the other agent's.
@@ -275,7 +312,7 @@ class Host:
             domain.uuid,
             extra_properties=self.config.qemu.scope_properties,
         )
-        self.save_live_definition(domain)
+        self.save_live_definition(live_domain)
         try:
             proc = await launch(
                 argv,
@@ -284,9 +321,10 @@ class Host:
                 timeout=self.config.qemu.launch_timeout_s,
                 qmp_name=f"{self.agent}:{domain.name}",
                 scope=scope,
-                pass_fds=files.fds,
+                pass_fds=[*files.fds, *(tap.fd for tap in taps.values())],
             )
         except QemuLaunchError as exc:
+            self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
             if "(no message)" in exc.message and paths.log_file is not None:
@@ -299,6 +337,7 @@ class Host:
                         ) from None
             raise
         except BaseException:
+            self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
             raise
@@ -314,9 +353,84 @@ class Host:
         if proc.scope_unit is not None:
             # Kept so that an agent restarted later still knows its scope.
             status.extra["scope_unit"] = proc.scope_unit
+        if displays:
+            status.extra["graphics"] = displays
+        if taps:
+            status.extra["taps"] = {str(i): t.ifname for i, t in taps.items()}
         self.save_status(status)
         self._procs[domain.name] = proc
         return proc
+
+    # -- display ports ----------------------------------------------------------
+
+    def graphics(self, name: str) -> list[dict[str, object]]:
+        """Where running ``name``'s displays listen: type, port, tls_port, websocket, listen."""
+        status = self.load_status(name)
+        found = status.extra.get("graphics") if status is not None else None
+        return [g for g in found if isinstance(g, dict)] if isinstance(found, list) else []
+
+    def _reserve_graphics(
+        self, domain: Domain
+    ) -> tuple[dict[int, GraphicsPorts], list[dict[str, object]]]:
+        """Choose the ports of ``domain``'s displays that leave them to the host.
+
+        Under a lock both agents of the host take, the ports other domains
+        hold or reserved (their ``NAME.ports``) are skipped and each port is
+        probed with a bind on the display's address; the choice is written
+        to ``NAME.ports`` before the lock is released, so that a concurrent
+        start on this host (the other agent's too) picks other ports.
+
+        Returns the ports for :func:`~ferry.domain.to_qemu_argv` and the
+        displays' addresses for the status file.
+
+        Raises:
+            QemuLaunchError: no free port in the range; a spice display that
+                asks for TLS on a host without ``[graphics] spice_tls_dir``.
+        """
+        cfg = self.config.graphics
+        needs = [(i, g) for i, g in enumerate(domain.graphics)
+                 if g.autoport or g.websocket == -1]  # fmt: skip
+        if not needs:
+            return {}, [_display(g, None, cfg.listen) for g in domain.graphics]
+        self.paths.locks_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        with (self.paths.locks_dir / "graphics-ports.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taken = self._reserved_ports(exclude=domain.name)
+            chosen: dict[int, GraphicsPorts] = {}
+            for i, g in needs:
+                address = g.listen or cfg.listen
+
+                def pick(lo: int, hi: int, what: str, address: str = address) -> int:
+                    port = _free_port(address, lo, hi, taken)
+                    if port is None:
+                        raise QemuLaunchError(
+                            f"domain {domain.name}: no free {what} port in {lo}..{hi} on "
+                            f"{address} ([graphics] port_range)", domain=domain.name)
+                    taken.add(port)
+                    return port
+
+                chosen[i] = _choose(g, pick, cfg.port_range, cfg.websocket_port_range,
+                                    tls=cfg.spice_tls_dir is not None, domain=domain.name)
+            ports = sorted(p for c in chosen.values()
+                           for p in (c.port, c.tls_port, c.websocket) if p)  # fmt: skip
+            atomic_write(self.ports_path(domain.name), json.dumps(ports).encode())
+        displays = [_display(g, chosen.get(i), cfg.listen) for i, g in enumerate(domain.graphics)]
+        return chosen, displays
+
+    def _reserved_ports(self, exclude: str) -> set[int]:
+        out: set[int] = set()
+        if not self.paths.status_dir.is_dir():
+            return out
+        for path in self.paths.status_dir.glob("*.ports"):
+            if path.stem == exclude:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                out.update(p for p in json.loads(path.read_text()) if isinstance(p, int))
+        return out
+
+    def _release_graphics(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.ports_path(name).unlink()
 
     def _with_prealloc_threads(self, domain: Domain) -> Domain:
         """``domain`` with the host's preallocation threads when its XML names none.
@@ -417,6 +531,7 @@ class Host:
             self.status_path(name),
             self.live_xml_path(name),
             self.pidfile(name),
+            self.ports_path(name),
             *(self.qmp_socket(name, agent) for agent in AGENTS),
         ):
             with contextlib.suppress(FileNotFoundError):
@@ -490,3 +605,80 @@ class Host:
         """Disconnect from every qemu (they keep running)."""
         for name in list(self._procs):
             await self.release(name)
+
+
+# -- display ports (module helpers) ---------------------------------------------
+
+
+def _free_port(address: str, lo: int, hi: int, taken: set[int]) -> int | None:
+    """The first port in ``lo..hi`` not in ``taken`` that binds on ``address``."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    for port in range(lo, hi + 1):
+        if port in taken:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As qemu binds: a port in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError:
+                continue
+        return port
+    return None
+
+
+def _choose(
+    g: Graphics,
+    pick: Callable[[int, int, str], int],
+    port_range: tuple[int, int],
+    ws_range: tuple[int, int],
+    *,
+    tls: bool,
+    domain: str,
+) -> GraphicsPorts:
+    """The ports one display needs, as libvirt allocates them.
+
+    vnc: a port of 5900 or more (qemu counts displays from 5900) and, for
+    ``websocket='-1'``, a websocket port. spice: a plain port unless its
+    default mode is secure; a TLS port when the host has spice TLS
+    (``[graphics] spice_tls_dir``), which a secure mode requires.
+    """
+    lo, hi = port_range
+    if g.type == "vnc":
+        port = pick(max(lo, 5900), hi, "vnc") if g.autoport else g.port
+        ws = pick(*ws_range, "vnc websocket") if g.websocket == -1 else None
+        return GraphicsPorts(port=port, websocket=ws)
+    modes = [dict(o.attrs).get("mode") for o in g.options if o.element == "channel"]
+    secure = g.default_mode == "secure" or "secure" in modes
+    if secure and not tls:
+        raise QemuLaunchError(
+            f"domain {domain}: its spice display asks for TLS (mode 'secure'), but this host "
+            "has no spice TLS: set [graphics] spice_tls_dir (the x509 directory) in the "
+            "agent configuration", domain=domain)
+    plain = g.default_mode != "secure" or "insecure" in modes
+    port = pick(lo, hi, "spice") if plain else None
+    tls_port = pick(lo, hi, "spice TLS") if tls else None
+    return GraphicsPorts(port=port, tls_port=tls_port)
+
+
+def _display(g: Graphics, chosen: GraphicsPorts | None, default_listen: str) -> dict[str, object]:
+    """One display as the status file records it."""
+    port = chosen.port if chosen is not None and g.autoport else g.port
+    tls = chosen.tls_port if chosen is not None and g.autoport else g.tls_port
+    ws = chosen.websocket if chosen is not None and chosen.websocket else g.websocket
+    return {"type": g.type, "port": port, "tls_port": tls if tls and tls > 0 else None,
+            "websocket": ws if ws and ws > 0 else None, "listen": g.listen or default_listen}
+
+
+def _with_ports(domain: Domain, ports: Mapping[int, GraphicsPorts]) -> Domain:
+    """``domain`` with the chosen autoport ports recorded (its live XML)."""
+    if not ports:
+        return domain
+    graphics = list(domain.graphics)
+    for i, chosen in ports.items():
+        g = graphics[i]
+        if g.autoport:
+            graphics[i] = dataclasses.replace(
+                g, port=chosen.port,
+                tls_port=chosen.tls_port if chosen.tls_port is not None else g.tls_port)
+    return dataclasses.replace(domain, graphics=tuple(graphics))

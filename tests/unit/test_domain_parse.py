@@ -456,7 +456,7 @@ def test_graphics_and_video() -> None:
     ))
     vnc, spice = d.graphics
     assert (vnc.port, vnc.autoport, vnc.listen, vnc.websocket) == (5905, False, "127.0.0.1", -1)
-    assert (spice.port, spice.autoport, spice.tls_port) == (None, True, None)
+    assert (spice.port, spice.autoport, spice.tls_port) == (None, True, -1)
     assert spice.options[0].element == "image"
     assert d.videos[0].model == "cirrus"
     assert "autoport='no' needs a port" in str(refused(dom("<graphics type='vnc' autoport='no'/>")))

@@ -52,8 +52,11 @@ Accepted and ignored
 
 Modelled but not in the argv (see :mod:`ferry.domain.argv`): emulator,
 audio, vcpu cpuset/placement, sndbuf, ps2 inputs and built-in
-controllers; interface type 'network' is refused at argv time (Ferry has
-no virtual networks).
+controllers. An interface of type 'network' is the bridge the host's
+configuration maps the network to (``[networks.NAME]``,
+:mod:`ferry.netdev`): ``parse_domain(networks=…)`` refuses one the host
+does not map (define, Prepare), and the argv needs the tap the agent
+made for it.
 
 Refused (``XMLUnsupported``, with element path and line): every element
 and attribute not listed above, e.g. hostdev, filesystem, tpm, sound,
@@ -79,6 +82,7 @@ its subclasses escape :func:`parse_domain`.
 from ferry.domain.abi import check_abi_stability
 from ferry.domain.argv import (
     GraphicsPorts,
+    NicTap,
     PassedFiles,
     RuntimePaths,
     kvm_usable,
@@ -109,7 +113,7 @@ from ferry.domain.model import (
     Timer,
     Video,
 )
-from ferry.domain.parse import MAX_XML_BYTES, parse_domain
+from ferry.domain.parse import MAX_XML_BYTES, HostNetworks, parse_domain
 
 __all__ = [
     "MAX_XML_BYTES",
@@ -129,9 +133,11 @@ __all__ = [
     "Graphics",
     "GraphicsOption",
     "GraphicsPorts",
+    "HostNetworks",
     "Input",
     "Interface",
     "Memballoon",
+    "NicTap",
     "PassedFiles",
     "Rng",
     "RuntimePaths",

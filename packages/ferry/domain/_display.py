@@ -62,6 +62,9 @@ def parse_graphics(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Graphics:
                        hint=f"remove {attr!r}", attribute=attr)
     ports = ctx.guard(_ports, el, loc, vnc)
     listen = ctx.guard(_listen, ctx, el, loc)
+    # <listen type='address'/> without an address: the host's default
+    # address, as with no listen at all; kept so that it round-trips.
+    listen_element = listen is None and bool(all_of(el, "listen"))
     keymap = ctx.guard(_keymap, el, loc)
     share = ctx.guard(enum, el, "sharePolicy", loc,
                       ("allow-exclusive", "force-shared", "ignore"), what="sharePolicy")
@@ -89,7 +92,8 @@ def parse_graphics(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Graphics:
     port, autoport, tls_port, websocket = ports
     return Graphics(
         type=cast(Any, gtype), port=port, autoport=autoport, tls_port=tls_port,
-        websocket=websocket, listen=listen, keymap=keymap, share_policy=share,
+        websocket=websocket, listen=listen, listen_element=listen_element, keymap=keymap,
+        share_policy=share,
         default_mode=default_mode, options=tuple(options),
     )
 
@@ -108,11 +112,11 @@ def _ports(
         autoport, port = True, None
     if not autoport and port is None:
         raise fail(loc, "autoport='no' needs a port", hint="add port='5900', or autoport='yes'")
-    if tls_port == -1:
-        tls_port = None if autoport else -1
-        if tls_port == -1:
-            raise fail(loc, "tlsPort='-1' needs autoport='yes'",
-                       hint="give tlsPort a number, or use autoport='yes'")
+    if tls_port == -1 and not autoport:
+        raise fail(loc, "tlsPort='-1' needs autoport='yes'",
+                   hint="give tlsPort a number, or use autoport='yes'")
+    # With autoport, tlsPort='-1' (virt-install writes it) stays -1: a TLS
+    # port is chosen at start when the host has spice TLS set up.
     return port, autoport, tls_port, websocket
 
 
@@ -124,7 +128,15 @@ def _listen(ctx: Ctx, el: etree._Element, loc: Loc) -> str | None:
         listen = check_listen(attr_listen, loc)
     for li in all_of(el, "listen"):
         lloc = ctx.loc(li, f"{_GRAPHICS}/listen")
+        if get(li, "type") == "network":
+            raise fail(lloc, "listen type 'network' is not supported (it needs the address "
+                             "of a libvirt virtual network)", cls=XMLUnsupported,
+                       attribute="type", value="network",
+                       hint="use <listen type='address' address='…'/> with the host's address")
         enum(li, "type", lloc, ("address",), what="listen type")
+        if get(li, "network") is not None:
+            raise fail(lloc, "attribute 'network' only applies to <listen type='network'>",
+                       cls=XMLUnsupported, attribute="network", hint="remove 'network'")
         addr = get(li, "address")
         if addr is None:
             continue

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any, cast
 
 from lxml import etree
@@ -13,8 +15,42 @@ from ferry.domain._checks import Loc, check_safe_text, fail, normalise_mac
 from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, text, uint
 from ferry.domain.model import Interface
+from ferry.errors import XMLUnsupported
 
-__all__ = ["parse_interface"]
+__all__ = ["HostNetworks", "check_host_networks", "network_table", "parse_interface"]
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def network_table(name: str) -> str:
+    """The TOML table of network ``name`` in the agent configuration: ``networks.NAME``."""
+    return f"networks.{name}" if _BARE_KEY.match(name) else f"networks.{json.dumps(name)}"
+
+
+@dataclass(frozen=True)
+class HostNetworks:
+    """The network names a host maps to bridges (``[networks.NAME]``), for define."""
+
+    names: frozenset[str]
+    #: The host's name and configuration file, for the message and hint.
+    host: str
+    config_file: str = "agent.toml"
+
+
+def check_host_networks(ctx: Ctx, root: etree._Element, networks: HostNetworks) -> None:
+    """Report every ``<interface type='network'>`` whose network the host does not map."""
+    for el in root.iterfind("devices/interface"):
+        if get(el, "type") != "network":
+            continue
+        for s in el.iterfind("source"):
+            name = get(s, "network")
+            if name is None or name in networks.names:
+                continue
+            setting = f'add [{network_table(name)}] bridge = "..." to {networks.config_file}'
+            ctx.report(ctx.loc(s, f"{_NIC}/source"),
+                       f"network {name!r} is not mapped on host {networks.host}: {setting}",
+                       cls=XMLUnsupported, kind="unsupported-value", attribute="network",
+                       value=name, hint=f"{setting} (the host bridge), or use another network")
 
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _NIC = "domain/devices/interface"

@@ -109,7 +109,7 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/input/address": ADDRESS,
     "domain/devices/graphics": _s("type", "port", "autoport", "tlsPort", "websocket", "listen",
                                   "keymap", "sharePolicy", "defaultMode"),
-    "domain/devices/graphics/listen": _s("type", "address"),
+    "domain/devices/graphics/listen": _s("type", "address", "network"),
     "domain/devices/graphics/channel": _s("name", "mode"),
     "domain/devices/graphics/image": _s("compression"),
     "domain/devices/graphics/jpeg": _s("compression"),

@@ -48,6 +48,14 @@ What the argv does with the model (where it does nothing, it says so):
   ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
   interface ``sndbuf`` (no tap devices), ps2 inputs and the IDE/SATA
   controllers built into the machine, pci-root/pcie-root.
+* NICs: ``user`` → ``-netdev user``. ``bridge`` and ``network`` → ``-netdev
+  tap,fd=N`` with the tap device the caller created and attached to the
+  bridge (``nic_taps``; :mod:`ferry.netdev`: a ``network`` is the bridge
+  ``[networks.NAME]`` names on the host). Without a tap a ``bridge`` NIC
+  falls back to qemu's bridge helper (``-netdev bridge``, which needs
+  ``/etc/qemu/bridge.conf``) and a ``network`` NIC is refused.
+* Displays listen on their XML address, else ``graphics_listen`` (the
+  host's ``[graphics] listen``).
 """
 
 from __future__ import annotations
@@ -59,12 +67,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
+from ferry.domain._nics import network_table
 from ferry.domain.model import Address, CharDev, Controller, Disk, Domain, Graphics, Video
 from ferry.errors import QemuLaunchError, XMLUnsupported
 
 __all__ = [
     "SANDBOX",
     "GraphicsPorts",
+    "NicTap",
     "PassedFiles",
     "RuntimePaths",
     "kvm_usable",
@@ -128,11 +138,25 @@ class PassedFiles:
 
 @dataclass(frozen=True)
 class GraphicsPorts:
-    """Ports the caller chose for an ``autoport`` graphics device."""
+    """Ports the caller chose for an ``autoport`` graphics device.
 
-    port: int
+    ``port`` None: no plain port (a spice display with TLS only).
+    """
+
+    port: int | None
     tls_port: int | None = None
     websocket: int | None = None
+
+
+@dataclass(frozen=True)
+class NicTap:
+    """A tap device the caller opened for a NIC: its descriptor, passed to qemu."""
+
+    fd: int
+    #: The device's name (for messages; qemu gets the descriptor).
+    ifname: str = ""
+    #: Opened with IFF_VNET_HDR (virtio NICs): qemu is told ``vnet_hdr=on``.
+    vnet_hdr: bool = False
 
 
 def _kvm_problem(dev: str = "/dev/kvm") -> str | None:
@@ -318,12 +342,16 @@ _CACHE = {
 class _Builder:
     def __init__(self, domain: Domain, paths: RuntimePaths, kvm: bool,
                  graphics_ports: Mapping[int, GraphicsPorts],
-                 files: PassedFiles | None = None) -> None:
+                 files: PassedFiles | None = None,
+                 nic_taps: Mapping[int, NicTap] | None = None,
+                 graphics_listen: str = "127.0.0.1") -> None:
         self.d = domain
         self.paths = paths
         self.files = files or PassedFiles()
         self.kvm = kvm
         self.ports = graphics_ports
+        self.taps = nic_taps or {}
+        self.listen = graphics_listen
         self.argv: list[str] = []
         self.pci = _Pci(domain)
 
@@ -573,17 +601,24 @@ class _Builder:
 
     def interfaces(self) -> None:
         for i, n in enumerate(self.d.interfaces):
+            tap = self.taps.get(i)
             if n.type == "user":
                 self.add("-netdev", f"user,id=hostnet{i}")
+            elif tap is not None:
+                # A tap the agent created and attached to the bridge; qemu
+                # only gets the descriptor (the device goes when qemu exits).
+                self.add("-netdev", _opts("tap", ("id", f"hostnet{i}"), ("fd", tap.fd),
+                                          ("vnet_hdr", True if tap.vnet_hdr else None)))
             elif n.type == "bridge":
-                # qemu-bridge-helper attaches a tap to the bridge (it must be
-                # allowed in /etc/qemu/bridge.conf on this host).
+                # No tap from the caller: qemu-bridge-helper attaches one (it
+                # must be allowed in /etc/qemu/bridge.conf on this host).
                 self.add("-netdev", _opts("bridge", ("id", f"hostnet{i}"), ("br", n.source)))
             else:
                 raise _refuse(self.d, "domain/devices/interface",
-                              f"interface type 'network' ({n.source}) needs libvirt's virtual "
-                              "networks, which Ferry does not provide; use type 'bridge' "
-                              "or 'user'")
+                              f"interface type 'network' ({n.source}) needs the host's bridge "
+                              f"for network {n.source!r} (add [{network_table(str(n.source))}] "
+                              'bridge = "br0" to the agent configuration; the agent then creates '
+                              "the tap device)")
             model = n.model or "rtl8139"  # libvirt's default NIC model on x86
             mtu = n.mtu if model == "virtio" else None
             self.device(_opts(_NIC_MODELS[model], ("netdev", f"hostnet{i}"), ("id", f"net{i}"),
@@ -682,7 +717,7 @@ class _Builder:
             self.add("-k", keymap)
 
     def _host(self, g: Graphics) -> str:
-        host = g.listen or "127.0.0.1"
+        host = g.listen or self.listen
         try:
             if ipaddress.ip_address(host).version == 6:
                 return f"[{host}]"
@@ -723,7 +758,7 @@ class _Builder:
                 raise QemuLaunchError("spice tlsPort needs RuntimePaths.spice_tls_dir "
                                       "(the x509 certificate directory)")
             opts.append(("x509-dir", str(self.paths.spice_tls_dir)))
-        opts += [("addr", g.listen or "127.0.0.1"), ("disable-ticketing", True)]
+        opts += [("addr", g.listen or self.listen), ("disable-ticketing", True)]
         if g.default_mode == "secure":
             opts.append(("tls-channel", "default"))
         elif g.default_mode == "insecure":
@@ -806,6 +841,8 @@ def to_qemu_argv(
     graphics_ports: Mapping[int, GraphicsPorts] | None = None,
     sandbox: bool = True,
     files: PassedFiles | None = None,
+    nic_taps: Mapping[int, NicTap] | None = None,
+    graphics_listen: str = "127.0.0.1",
 ) -> list[str]:
     """Return the qemu argv (a list of strings, for exec, never a shell) for ``domain``.
 
@@ -819,7 +856,10 @@ def to_qemu_argv(
     (tests, or hosts with their own policy). ``sandbox=False`` leaves out
     ``-sandbox`` for qemu builds without seccomp. ``files`` replaces disk,
     kernel and initrd paths with descriptors the caller opened and passes
-    to qemu (see :class:`PassedFiles`).
+    to qemu (see :class:`PassedFiles`). ``nic_taps`` maps the index of a
+    bridge or network NIC to the tap device the caller opened for it
+    (:mod:`ferry.netdev`); ``graphics_listen`` is where a display whose XML
+    names no address listens.
 
     The module docstring lists what each part of the model becomes.
 
@@ -843,7 +883,7 @@ def to_qemu_argv(
                 "(use <domain type='qemu'> for TCG emulation)",
                 domain=d.name, reason=problem,
             )
-    b = _Builder(d, paths, kvm, graphics_ports or {}, files)
+    b = _Builder(d, paths, kvm, graphics_ports or {}, files, nic_taps, graphics_listen)
     b.add(_plain(qemu_binary, "qemu binary"))
     b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))
     if paused:

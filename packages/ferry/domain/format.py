@@ -134,14 +134,16 @@ def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
     port = g.port
     tls_port = g.tls_port
     if g.autoport and migratable:
-        # The ports are this host's runtime choice: the destination picks its own.
-        port = tls_port = None
+        # The ports are this host's runtime choice: the destination picks its own
+        # (a TLS port too where the definition asked for one with tlsPort='-1').
+        port = None
+        tls_port = -1 if tls_port == -1 else None
     port_text = str(port) if port is not None else ("-1" if g.autoport else None)
     el = _sub(parent, "graphics", type=g.type, port=port_text, autoport=_yn(g.autoport),
               tlsPort=_num(tls_port), websocket=_num(g.websocket), listen=g.listen,
               keymap=g.keymap, sharePolicy=g.share_policy,
               defaultMode=g.default_mode)
-    if g.listen is not None:
+    if g.listen is not None or g.listen_element:
         _sub(el, "listen", type="address", address=g.listen)
     for opt in g.options:
         _sub(el, opt.element, **dict(opt.attrs))

@@ -223,6 +223,8 @@ class Graphics:
 
     ``autoport`` means the port is chosen when qemu starts; ``port`` is then
     None in a definition, or the port in use when the caller recorded it.
+    ``tls_port`` with ``autoport`` is None, -1 (the XML's ``tlsPort='-1'``:
+    a TLS port where the host has spice TLS) or the TLS port recorded.
     """
 
     type: Literal["vnc", "spice"]
@@ -231,7 +233,12 @@ class Graphics:
     tls_port: int | None = None
     #: vnc websocket port; -1 means "pick one".
     websocket: int | None = None
+    #: The listen address (attribute or ``<listen type='address'>``); None:
+    #: the host's default (``[graphics] listen``).
     listen: str | None = None
+    #: A ``<listen type='address'/>`` without an address (virt-manager writes
+    #: it): the host's default too; kept so that the element round-trips.
+    listen_element: bool = False
     keymap: str | None = None
     share_policy: str | None = None
     default_mode: str | None = None

@@ -45,18 +45,21 @@ from __future__ import annotations
 
 from ferry.domain._context import Ctx, Skip, TooMany
 from ferry.domain._load import MAX_XML_BYTES, load
+from ferry.domain._nics import HostNetworks, check_host_networks
 from ferry.domain._top import parse_top
 from ferry.domain._walk import walk
 from ferry.domain.model import Domain
 from ferry.errors import XMLError
 
-__all__ = ["MAX_XML_BYTES", "parse_domain"]
+__all__ = ["MAX_XML_BYTES", "HostNetworks", "parse_domain"]
 
 #: The safe loader, under the name :mod:`ferry.domain.format` imports it by.
 _load = load
 
 
-def parse_domain(xml: str | bytes, *, where: str = "<xml>") -> Domain:
+def parse_domain(
+    xml: str | bytes, *, where: str = "<xml>", networks: HostNetworks | None = None
+) -> Domain:
     """Parse and validate a libvirt domain XML document.
 
     ``where`` names the document in error messages (a file name, "migration
@@ -72,6 +75,10 @@ def parse_domain(xml: str | bytes, *, where: str = "<xml>") -> Domain:
     :mod:`ferry.domain._problems`). A document that cannot be loaded at all
     (malformed, hostile) has that one problem. The parse stops after
     :data:`~ferry.domain._problems.MAX_PROBLEMS` problems.
+
+    ``networks`` (define, and a migration's Prepare): the networks this
+    host maps; an ``<interface type='network'>`` naming another is one more
+    problem, with the setting to add as its hint.
 
     :raises XMLUnsupported: an element, attribute or value Ferry does not
         implement (the first problem found is of this kind); the message
@@ -98,6 +105,8 @@ def parse_domain(xml: str | bytes, *, where: str = "<xml>") -> Domain:
     try:
         walk(ctx, root, "domain")
         domain = parse_top(ctx, root)
+        if networks is not None:
+            check_host_networks(ctx, root, networks)
     except TooMany:
         pass  # the problems found are reported below
     except (ValueError, TypeError, KeyError, OverflowError, AssertionError, Skip) as exc:
