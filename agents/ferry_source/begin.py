@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ferry.domain import check_abi_stability, format_domain, parse_domain
+from ferry.domain.argv import unplaced_sockets
 from ferry.errors import DomainState
 from ferry.fences import POSTCOPY
 from ferry.flags import MigrationFlags, flag_names
@@ -82,7 +83,9 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
         if flags & MigrationFlags.PERSIST_DEST:
             persistent = ctx.host.load_definition(domain.name) or domain
             cookie = cookie.with_persistent(Persistent(xml=format_domain(persistent)))
-        xml = format_domain(xml_domain, migratable=True)
+        # The sockets Ferry placed here are this host's: the destination places its own.
+        xml = format_domain(unplaced_sockets(xml_domain, ctx.host.chardev_dir(domain.name)),
+                            migratable=True)
     except BaseException:
         out.job = None
         await ctx.jobs.end_async(job)

@@ -14,7 +14,14 @@ from ferry.flags import MigrationFlags
 from ferry.qemu import QemuProcess
 from ferry.uri import DEFAULT_AGENT_PORT, parse_dest_uri
 
-__all__ = ["DEFAULT_AGENT_PORT", "check_io_error", "is_allowed", "parse_dest_uri", "unsafe_disks"]
+__all__ = [
+    "DEFAULT_AGENT_PORT",
+    "check_io_error",
+    "is_allowed",
+    "parse_dest_uri",
+    "unmigratable",
+    "unsafe_disks",
+]
 
 # Cache modes that bypass the host page cache: safe when another host opens
 # the same image (libvirt's qemuMigrationSrcIsSafe).
@@ -63,18 +70,41 @@ def unsafe_disks(domain: Domain) -> list[str]:
     return problems
 
 
+def unmigratable(domain: Domain) -> list[str]:
+    """What in ``domain`` cannot move to another host, each named with the reason.
+
+    Such a domain still defines and starts; only its migration is refused
+    (libvirt asks qemu for its migration blockers; these are the ones the
+    definition alone shows). Sound cards, USB redirection (spicevmc or tcp,
+    with a client connected or not), spice agent channels, watchdogs, panic
+    notifiers, iothreads, huge pages and memfd memory all migrate.
+    """
+    found = []
+    if domain.features.hyperv_mode == "passthrough":
+        found.append("<features><hyperv mode='passthrough'>: qemu blocks the migration of "
+                     "'hv-passthrough' (it copies this host's Hyper-V features); list the "
+                     "features with mode='custom' instead")
+    return found
+
+
 def is_allowed(
     domain: Domain, flags: MigrationFlags, snapshots: list[str], run_state: str | None
 ) -> None:
     """Refuse a migration of ``domain`` that cannot be safe.
 
     Raises:
-        MigrationRefused: naming the reason (snapshots, unsafe cache, I/O error).
+        MigrationRefused: naming the reason (snapshots, a part of the domain
+            that cannot migrate, unsafe cache, I/O error).
     """
     if snapshots:
         raise MigrationRefused(
             f"cannot migrate domain '{domain.name}' with {len(snapshots)} snapshot(s)",
             snapshots=snapshots,
+        )
+    blockers = unmigratable(domain)
+    if blockers:
+        raise MigrationRefused(
+            f"cannot migrate domain '{domain.name}': " + "; ".join(blockers), blockers=blockers,
         )
     if not flags & MigrationFlags.UNSAFE:
         problems = unsafe_disks(domain)

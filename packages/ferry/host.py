@@ -41,6 +41,7 @@ from ferry.domain import (
     parse_domain,
     to_qemu_argv,
 )
+from ferry.domain.argv import live_sockets
 from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.netdev import open_taps
@@ -280,7 +281,8 @@ class Host:
         # The ports are reserved (NAME.ports) until cleanup; the live XML
         # records them (dumpxml shows them, the migratable form leaves them out).
         ports, displays = self._reserve_graphics(domain)
-        live_domain = _with_ports(domain, ports)
+        # The live XML says where Ferry put the sockets (ferry.domain.argv.live_sockets).
+        live_domain = live_sockets(_with_ports(domain, ports), paths)
         try:
             argv = to_qemu_argv(
                 self._with_prealloc_threads(domain), paths=paths, incoming=incoming,

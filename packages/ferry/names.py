@@ -29,6 +29,7 @@ from pathlib import Path
 from ferry.config import PathsConfig
 from ferry.domain import Domain
 from ferry.domain._checks import NAME_MAX_BYTES, UNIX_PATH_MAX, Loc, check_name, fail
+from ferry.domain.model import is_libvirt_channel_path
 from ferry.errors import NameInvalid
 
 __all__ = ["chardev_default_sockets", "check_domain_names", "check_name_fits", "name_limit"]
@@ -94,7 +95,8 @@ def chardev_default_sockets(domain: Domain, chardev_dir: Path) -> list[tuple[str
         if c.type == "unix" and c.source_path is None:
             out.append((f"domain/devices/console[{i}]", chardev_dir / f"console{i}.sock"))
     for i, c in enumerate(domain.channels):
-        if c.type == "unix" and c.source_path is None:
+        if c.type == "unix" and (c.source_path is None
+                                 or is_libvirt_channel_path(c.source_path)):
             name = c.target_name or f"channel{i}"
             out.append((f"domain/devices/channel[{i}]", chardev_dir / f"{name}.sock"))
     return out

@@ -17,10 +17,13 @@ element                        path                                  handed over
 
 A unix socket or chardev file may also be in the domain's own socket
 directory (``run_dir/serial/NAME``), where Ferry places the sockets a
-definition leaves unnamed. Not checked, and why: ``<emulator>`` (the host's
-``[qemu] binary`` runs, the element is not used); rng backends (the parser
-admits only /dev/urandom, /dev/random and /dev/hwrng); loader, NVRAM and
-every other path-bearing element (the parser refuses them).
+definition leaves unnamed, and those of channels whose path is one libvirt
+chose for a run (``/var/lib/libvirt/qemu/channel/target/domain-…``, see
+:func:`ferry.domain.model.is_libvirt_channel_path`), which are not checked.
+Not checked either, and why: ``<emulator>`` (the host's ``[qemu] binary``
+runs, the element is not used); rng backends (the parser admits only
+/dev/urandom, /dev/random and /dev/hwrng); loader, NVRAM and every other
+path-bearing element (the parser refuses them).
 
 A check alone would lose a race against a symlink swapped between the check
 and qemu's open, so :func:`open_domain_files` opens file disks, the kernel
@@ -52,6 +55,7 @@ from typing import Literal
 
 from ferry.config import AgentConfig
 from ferry.domain import Domain, PassedFiles
+from ferry.domain.model import is_libvirt_channel_path
 from ferry.errors import PathNotAllowed, QemuLaunchError
 from ferry.names import check_domain_names
 
@@ -105,8 +109,11 @@ def domain_paths(domain: Domain) -> list[DomainPath]:
     for tag, devs in (("serial", domain.serials), ("console", domain.consoles),
                       ("channel", domain.channels)):  # fmt: skip
         for i, c in enumerate(devs):
-            if c.source_path is None or c.type not in ("file", "unix"):
-                continue  # pty/null, or a socket Ferry places itself
+            if c.source_path is None or c.type not in ("file", "unix") or (
+                    c.type == "unix" and is_libvirt_channel_path(c.source_path)):
+                # pty/null/spicevmc, or a socket Ferry places itself (in its own
+                # directory also for a path libvirt chose for one run).
+                continue
             kind: PathKind = "socket" if c.type == "unix" else "file"
             out.append(DomainPath(f"domain/devices/{tag}[{i}]/source", c.source_path, kind))
     return out

@@ -14,15 +14,22 @@ Modelled (parsed, formatted, compared, and used in the argv)
     ``<domain type='kvm|qemu'>``, name, uuid, title, description;
     ``<metadata>`` (kept verbatim, opaque); memory and currentMemory with
     units (b, k/KiB, KB, M/MiB, MB, G/GiB, ... default KiB); ``<memoryBacking>``
-    with only ``<allocation mode='immediate|ondemand' threads=N/>``; vcpu
-    (placement, cpuset); ``<os>`` type hvm with arch x86_64/i686 and machine
-    pc/q35/pc-i440fx-*/pc-q35-*, kernel, initrd, cmdline, boot dev
+    with ``<allocation mode='immediate|ondemand' threads=N/>``, ``<source
+    type='anonymous|memfd'/>``, ``<access mode='shared|private'/>`` and
+    ``<hugepages>`` (one optional ``<page size>``, 2 MiB or 1 GiB); vcpu
+    (placement, cpuset, current); ``<iothreads>``; ``<os>`` type hvm with
+    arch x86_64/i686 and machine pc/q35/pc-i440fx-*/pc-q35-*, kernel, initrd, cmdline, boot dev
     (hd/cdrom/network), bootmenu; ``<cpu>`` modes custom/host-model/
     host-passthrough/maximum with model, features, topology, migratable;
-    ``<features>`` acpi, apic (eoi), pae; ``<clock>`` offset utc/localtime and
-    timers rtc/pit/hpet/kvmclock; on_poweroff/on_reboot/on_crash; ``<pm>``.
+    ``<features>`` acpi, apic (eoi), pae, vmport, smm, ``<kvm>`` (hidden,
+    hint-dedicated, poll-control, pv-ipi), ``<hyperv mode='custom|passthrough'>``
+    (relaxed, vapic, spinlocks retries, vpindex, runtime, synic, stimer with
+    direct, reset, vendor_id value, frequencies, reenlightenment, tlbflush,
+    ipi, evmcs, avic, emsr_bitmap, xmm_input); ``<clock>`` offset
+    utc/localtime and timers rtc/pit/hpet/kvmclock/hypervclock;
+    on_poweroff/on_reboot/on_crash; ``<pm>``.
     Devices: emulator; disk (file/block, disk/cdrom, driver qemu raw/qcow2
-    with cache, io, discard, error_policy, rerror_policy, event_idx; target
+    with cache, io, discard, error_policy, rerror_policy, event_idx, iothread; target
     on virtio/ide/scsi/sata/usb; readonly; shareable; address); controller
     (usb, ide, sata, scsi, virtio-serial, pci-root/pcie-root); interface
     (user, bridge, network; mac, model, mtu, tune/sndbuf, address); graphics
@@ -31,9 +38,15 @@ Modelled (parsed, formatted, compared, and used in the argv)
     channel/image/jpeg/zlib/playback/streaming/clipboard/filetransfer/mouse);
     video (vga, cirrus, qxl, virtio, bochs, none; only with graphics); serial
     and console (pty, file, unix bind/connect, null; isa-serial, virtio
-    console); channel (pty/unix/file/null, virtio target name); input
+    console); channel (pty/unix/file/null/spicevmc, virtio target name;
+    a unix path under libvirt's channel directory, ``/var/lib/libvirt/qemu/
+    channel/target/domain-…``, is kept but the socket goes into Ferry's run
+    directory, and the live XML shows that path); input
     (mouse/keyboard/tablet on ps2/usb/virtio); audio (id, type);
-    memballoon (virtio/none); rng (virtio, backend random or builtin, rate).
+    memballoon (virtio/none); rng (virtio, backend random or builtin, rate);
+    sound (ich9, ich6 with codecs, ac97; ``<audio id>``); redirdev (usb,
+    spicevmc or tcp); watchdog (i6300esb, itco, ib700; action); panic (isa
+    with its iobase, hyperv).
 
 Defaults filled in on parse, the way libvirt does on define (so the
 formatted XML is explicit and round-trips): a random UUID; random
@@ -47,24 +60,28 @@ when none is given; a vga video device when graphics have none.
 
 Accepted and ignored
     ``<domain id=…>`` (libvirt's runtime id); the ``<source path>`` of a pty
-    chardev (libvirt's live XML shows the allocated /dev/pts/N); XML
-    comments and processing instructions outside ``<metadata>``.
+    chardev (libvirt's live XML shows the allocated /dev/pts/N); a device's
+    ``<alias name=…/>`` (libvirt's runtime device name; libvirt ignores it
+    in an inactive definition too, user aliases ``ua-…`` included); a
+    channel's ``<target state=…>`` (whether the guest agent is connected);
+    XML comments and processing instructions outside ``<metadata>``.
 
 Modelled but not in the argv (see :mod:`ferry.domain.argv`): emulator,
-audio, vcpu cpuset/placement, sndbuf, ps2 inputs and built-in
-controllers. An interface of type 'network' is the bridge the host's
-configuration maps the network to (``[networks.NAME]``,
-:mod:`ferry.netdev`): ``parse_domain(networks=…)`` refuses one the host
-does not map (define, Prepare), and the argv needs the tap the agent
-made for it.
+vcpu cpuset/placement, sndbuf, ps2 inputs and built-in controllers, an
+``<audio>`` no sound card plays through, and the Hyper-V and KVM CPU
+flags under TCG (as ``<apic eoi>`` and kvmclock). An interface of type
+'network' is the bridge the host's configuration maps the network to
+(``[networks.NAME]``, :mod:`ferry.netdev`): ``parse_domain(networks=…)``
+refuses one the host does not map (define, Prepare), and the argv needs
+the tap the agent made for it.
 
 Refused (``XMLUnsupported``, with element path and line): every element
-and attribute not listed above, e.g. hostdev, filesystem, tpm, sound,
-watchdog, redirdev, smartcard, hub, panic, shmem, iommu, vsock, numatune,
-hugepages and any other memoryBacking child, iothreads, cputune, memtune,
+and attribute not listed above, e.g. hostdev, filesystem, tpm,
+smartcard, hub, shmem, iommu, vsock, numatune, memoryBacking's locked,
+nosharepages, discard and ``source type='file'``, cputune, memtune,
 blkiotune, seclabel, resource, sysinfo, launchSecurity, os loader/nvram/
 shim/dtb, disk type network/volume/dir/nvme, floppy and lun devices,
-per-device ``<boot order>``, ``<alias>``, disk serial/wwn/iotune,
+per-device ``<boot order>``, disk serial/wwn/iotune,
 interface types other than user/bridge/network, chardev types other than
 pty/file/unix/null, channel targets other than virtio, video without
 graphics, PCI addresses off the root bus, and any namespaced element

@@ -30,7 +30,11 @@ def parse_console(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> CharDev:
 
 
 def parse_channel(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> CharDev:
-    """A virtio ``<channel>``."""
+    """A virtio ``<channel>``; ``spicevmc`` is the spice agent's (``com.redhat.spice.0``).
+
+    ``<target state=…>`` (whether the guest agent is connected, in libvirt's
+    live XML) is runtime state: accepted and ignored.
+    """
     return _chardev(ctx, el, "channel", 0)
 
 
@@ -52,8 +56,9 @@ class _Target:
 def _chardev(ctx: Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
     path = f"domain/devices/{kind}"
     loc = ctx.loc(el, path)
-    ctype = enum(el, "type", loc, ("pty", "file", "unix", "null"), default="pty",
-                 what=f"{kind} type")
+    types = ("pty", "file", "unix", "null", "spicevmc") if kind == "channel" else \
+        ("pty", "file", "unix", "null")
+    ctype = enum(el, "type", loc, types, default="pty", what=f"{kind} type")
     mark = ctx.count
     source = ctx.guard(_source, ctx, el, loc, kind, ctype or "pty")
     tgt = one(ctx, el, "target", loc)
@@ -69,7 +74,7 @@ def _chardev(ctx: Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
             ctx.report(loc, "only a virtio console takes an address", kind="conflict",
                        hint="remove the address, or use <target type='virtio'/>")
     else:
-        target = ctx.guard(_channel_target, tgt, loc, tloc)
+        target = ctx.guard(_channel_target, tgt, loc, tloc, ctype)
         address = ctx.guard(parse_address, ctx, el, loc, ("virtio-serial",))
     if source is None or target is None or ctx.count != mark:
         raise Skip()
@@ -87,6 +92,8 @@ def _source(ctx: Ctx, el: etree._Element, loc: Loc, kind: str, ctype: str) -> _S
     if src is not None:
         sloc = ctx.loc(src, f"{loc.element}/source")
         raw = get(src, "path")
+        if ctype == "spicevmc":
+            raise fail(sloc, "a spicevmc channel has no <source>", hint="remove <source>")
         if ctype in ("pty", "null"):
             # libvirt's live XML shows the allocated pty as <source path='/dev/pts/N'/>;
             # it is runtime state, not configuration, so it is dropped.
@@ -146,7 +153,12 @@ def _console_target(tgt: etree._Element | None, tloc: Loc, index: int) -> _Targe
     return _Target(ttype, port=target_port)
 
 
-def _channel_target(tgt: etree._Element | None, loc: Loc, tloc: Loc) -> _Target:
+#: The guest name of the spice agent's channel (libvirt's default for spicevmc).
+SPICE_CHANNEL = "com.redhat.spice.0"
+
+
+def _channel_target(tgt: etree._Element | None, loc: Loc, tloc: Loc, ctype: str | None
+                    ) -> _Target:  # fmt: skip
     if tgt is None:
         raise fail(loc, "<channel> needs a <target type='virtio'>",
                    hint="add <target type='virtio' name='org.qemu.guest_agent.0'/>")
@@ -157,4 +169,10 @@ def _channel_target(tgt: etree._Element | None, loc: Loc, tloc: Loc) -> _Target:
     name = get(tgt, "name")
     if name is not None:
         target_name = ident(name, tloc, "channel name", CHANNEL_NAME_RE)
+    if ctype == "spicevmc":
+        if target_name is None:
+            target_name = SPICE_CHANNEL
+        elif target_name != SPICE_CHANNEL:
+            raise fail(tloc, f"a spicevmc channel is named {SPICE_CHANNEL!r}, not {target_name!r}",
+                       hint=f"use name='{SPICE_CHANNEL}'")
     return _Target(ttype, name=target_name)

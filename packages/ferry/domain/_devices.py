@@ -21,7 +21,15 @@ from ferry.domain._checks import check_host_path
 from ferry.domain._context import Ctx, DeviceEnv
 from ferry.domain._disks import parse_controller, parse_disk
 from ferry.domain._display import parse_audio, parse_graphics, parse_video
-from ferry.domain._misc import parse_input, parse_memballoon, parse_rng
+from ferry.domain._misc import (
+    parse_input,
+    parse_memballoon,
+    parse_panic,
+    parse_redirdev,
+    parse_rng,
+    parse_sound,
+    parse_watchdog,
+)
 from ferry.domain._nics import parse_interface
 from ferry.domain._values import elements, one, text
 from ferry.domain.model import (
@@ -69,6 +77,10 @@ DEVICES: dict[str, DeviceKind] = {
     # libvirt adds a virtio balloon when there is none; so does Ferry.
     "memballoon": DeviceKind("memballoon", parse_memballoon, single=Memballoon),
     "rng": DeviceKind("rngs", parse_rng),
+    "sound": DeviceKind("sounds", parse_sound),
+    "redirdev": DeviceKind("redirdevs", parse_redirdev),
+    "watchdog": DeviceKind("watchdogs", parse_watchdog),
+    "panic": DeviceKind("panics", parse_panic),
 }
 
 

@@ -49,7 +49,7 @@ def parse_disk(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Disk:
         target_bus=cast(Any, bus), source=source, driver_name=driver.name, format=driver.format,
         cache=driver.cache, io=driver.io, discard=driver.discard,
         error_policy=driver.error_policy, rerror_policy=driver.rerror_policy,
-        event_idx=driver.event_idx,
+        event_idx=driver.event_idx, iothread=driver.iothread,
         # libvirt makes every cdrom read-only; so does Ferry (and says so in the XML).
         readonly=device == "cdrom" or readonly,
         shareable=shareable,
@@ -111,6 +111,7 @@ class _Driver:
     error_policy: str | None = None
     rerror_policy: str | None = None
     event_idx: bool | None = None
+    iothread: int | None = None
 
 
 def _disk_driver(ctx: Ctx, el: etree._Element, loc: Loc, bus: str | None) -> _Driver:
@@ -135,6 +136,8 @@ def _disk_driver(ctx: Ctx, el: etree._Element, loc: Loc, bus: str | None) -> _Dr
                             "error_policy"),
         rerror_policy=choice("rerror_policy", ("stop", "report", "ignore"), "rerror_policy"),
         event_idx=ctx.guard(yes_no, drv, "event_idx", drloc, yes="on", no="off"),
+        # checked against <iothreads> by ferry.domain._top
+        iothread=ctx.guard(int_attr, drv, "iothread", drloc, lo=1, hi=64),
     )
     if ctx.count != mark:
         raise Skip()

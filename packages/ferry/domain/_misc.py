@@ -1,4 +1,5 @@
-"""Other devices: ``<input>``, ``<memballoon>`` and ``<rng>``."""
+"""Other devices: ``<input>``, ``<memballoon>``, ``<rng>``, ``<sound>``,
+``<redirdev>``, ``<watchdog>`` and ``<panic>``."""
 
 from __future__ import annotations
 
@@ -7,12 +8,21 @@ from typing import Any, cast
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import Loc, fail
+from ferry.domain._checks import Loc, check_listen, fail
 from ferry.domain._context import Ctx, DeviceEnv, Skip
-from ferry.domain._values import enum, int_attr, one, text
-from ferry.domain.model import Input, Memballoon, Rng
+from ferry.domain._values import all_of, enum, get, int_attr, one, text
+from ferry.domain.model import Input, Memballoon, Panic, Redirdev, Rng, Sound, Watchdog
+from ferry.errors import XMLUnsupported
 
-__all__ = ["parse_input", "parse_memballoon", "parse_rng"]
+__all__ = [
+    "parse_input",
+    "parse_memballoon",
+    "parse_panic",
+    "parse_redirdev",
+    "parse_rng",
+    "parse_sound",
+    "parse_watchdog",
+]
 
 
 def parse_input(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Input:
@@ -105,3 +115,137 @@ def _rng_rate(ctx: Ctx, el: etree._Element, loc: Loc) -> tuple[int | None, int |
     if rate_bytes is None:
         raise fail(rloc, "<rate> needs bytes", hint="add bytes='1024' or remove <rate>")
     return rate_bytes, rate_period
+
+
+_SOUND = "domain/devices/sound"
+
+
+def parse_sound(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Sound:
+    """A ``<sound>`` card: ich9 or ich6 (Intel HDA, with codecs) or ac97."""
+    loc = ctx.loc(el, _SOUND)
+    model = enum(el, "model", loc, ("ich9", "ich6", "ac97"), what="sound model")
+    if model is None:
+        raise fail(loc, "<sound> needs a model", hint="add model='ich9'")
+    mark = ctx.count
+    codecs: list[str] = []
+    for c in all_of(el, "codec"):
+        cloc = ctx.loc(c, f"{_SOUND}/codec")
+        ctype = ctx.guard(enum, c, "type", cloc, ("duplex", "micro", "output"),
+                          what="codec type")
+        if ctype is None:
+            if get(c, "type") is None:
+                ctx.report(cloc, "<codec> needs a type", hint="add type='duplex'")
+            continue
+        if model == "ac97":
+            ctx.report(cloc, "an ac97 card has no HDA codecs", kind="conflict",
+                       hint="remove <codec>, or use model='ich9'")
+        codecs.append(ctype)
+    audio_id = None
+    au = one(ctx, el, "audio", loc)
+    if au is not None:
+        audio_id = ctx.guard(int_attr, au, "id", ctx.loc(au, f"{_SOUND}/audio"), lo=1,
+                             hi=1 << 31)
+        if audio_id is None and get(au, "id") is None:
+            ctx.report(ctx.loc(au, f"{_SOUND}/audio"), "<audio> needs an id",
+                       hint="add id='1' (the id of an <audio> backend)")
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
+    if ctx.count != mark:
+        raise Skip()
+    return Sound(model=cast(Any, model), codecs=tuple(codecs), audio_id=audio_id,
+                 address=address)
+
+
+_REDIRDEV = "domain/devices/redirdev"
+
+
+def parse_redirdev(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Redirdev:
+    """A USB ``<redirdev>`` from a spice client (spicevmc) or a TCP peer (usbredir)."""
+    loc = ctx.loc(el, _REDIRDEV)
+    mark = ctx.count
+    ctx.guard(enum, el, "bus", loc, ("usb",), default="usb", what="redirdev bus")
+    rtype = enum(el, "type", loc, ("spicevmc", "tcp"), what="redirdev type")
+    if rtype is None:
+        raise fail(loc, "<redirdev> needs a type", hint="add type='spicevmc'")
+    host = mode = protocol = None
+    service = None
+    src = one(ctx, el, "source", loc)
+    proto = one(ctx, el, "protocol", loc)
+    if rtype == "spicevmc":
+        for extra in (src, proto):
+            if extra is not None:
+                ctx.report(ctx.loc(extra, f"{_REDIRDEV}/{extra.tag}"),
+                           f"a spicevmc redirdev takes no <{extra.tag}>",
+                           hint=f"remove <{extra.tag}>")
+    else:
+        tcp = ctx.guard(_tcp_source, ctx, src, loc)
+        if tcp is not None:
+            host, service, mode = tcp
+        if proto is not None:
+            protocol = ctx.guard(enum, proto, "type", ctx.loc(proto, f"{_REDIRDEV}/protocol"),
+                                 ("raw",), default="raw", what="redirdev protocol")
+    address = ctx.guard(parse_address, ctx, el, loc, ("usb",))
+    if ctx.count != mark:
+        raise Skip()
+    return Redirdev(type=cast(Any, rtype), host=host, service=service, mode=cast(Any, mode),
+                    protocol=protocol, address=address)
+
+
+def _tcp_source(ctx: Ctx, src: etree._Element | None, loc: Loc) -> tuple[str, int, str]:
+    if src is None:
+        raise fail(loc, "a tcp redirdev needs <source host=… service=…>",
+                   hint="add <source mode='connect' host='127.0.0.1' service='4000'/>")
+    sloc = ctx.loc(src, f"{_REDIRDEV}/source")
+    mode = enum(src, "mode", sloc, ("connect", "bind"), default="connect", what="source mode")
+    raw_host, raw_service = get(src, "host"), get(src, "service")
+    if raw_host is None or raw_service is None:
+        raise fail(sloc, "<source> needs host and service", hint="add host='…' service='…'")
+    host = check_listen(raw_host, sloc)
+    service = int_attr(src, "service", sloc, lo=1, hi=65535)
+    assert service is not None and mode is not None
+    return host, service, mode
+
+
+_WATCHDOG = "domain/devices/watchdog"
+#: libvirt's watchdog actions that qemu's ``-action watchdog=`` has.
+WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "none", "inject-nmi")
+
+
+def parse_watchdog(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Watchdog:
+    """A ``<watchdog>``: i6300esb (PCI), itco (q35's LPC) or ib700 (ISA)."""
+    loc = ctx.loc(el, _WATCHDOG)
+    model = enum(el, "model", loc, ("i6300esb", "itco", "ib700"), what="watchdog model")
+    if model is None:
+        raise fail(loc, "<watchdog> needs a model", hint="add model='i6300esb'")
+    mark = ctx.count
+    action = ctx.guard(enum, el, "action", loc, WATCHDOG_ACTIONS, default="reset",
+                       what="watchdog action")
+    if model == "itco" and env.os is not None and not env.os.is_q35:
+        ctx.report(loc, "the itco watchdog is part of the q35 machine", kind="conflict",
+                   hint="use model='i6300esb', or machine='q35'")
+    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
+    if address is not None and model != "i6300esb":
+        ctx.report(loc, f"a {model} watchdog takes no address", hint="remove the address")
+    if ctx.count != mark:
+        raise Skip()
+    return Watchdog(model=cast(Any, model), action=action or "reset", address=address)
+
+
+_PANIC = "domain/devices/panic"
+
+
+def parse_panic(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Panic:
+    """A ``<panic>`` notifier: isa (qemu's ISA pvpanic) or hyperv (``hv-crash``)."""
+    loc = ctx.loc(el, _PANIC)
+    model = enum(el, "model", loc, ("isa", "hyperv"), default="isa", what="panic model")
+    iobase = None
+    a = one(ctx, el, "address", loc)
+    if a is not None:
+        aloc = ctx.loc(a, f"{_PANIC}/address")
+        if model != "isa":
+            raise fail(aloc, f"a {model} panic device takes no address here",
+                       cls=XMLUnsupported, hint="remove the address")
+        enum(a, "type", aloc, ("isa",), what="address type")
+        iobase = int_attr(a, "iobase", aloc, lo=1, hi=0xFFFF, hex_ok=True)
+        if get(a, "irq") is not None:
+            raise fail(aloc, "an isa panic device has no irq", hint="remove irq")
+    return Panic(model=cast(Any, model), iobase=iobase)

@@ -12,6 +12,7 @@ from ferry.domain._context import Ctx, Skip
 from ferry.domain._values import (
     MAX_VCPUS,
     all_of,
+    elements,
     enum,
     get,
     ident,
@@ -20,7 +21,17 @@ from ferry.domain._values import (
     text,
     yes_no,
 )
-from ferry.domain.model import OS, PM, Clock, Cpu, CpuFeature, CpuTopology, Features, Timer
+from ferry.domain.model import (
+    OS,
+    PM,
+    Clock,
+    Cpu,
+    CpuFeature,
+    CpuTopology,
+    Features,
+    HypervFeature,
+    Timer,
+)
 from ferry.errors import XMLUnsupported
 
 __all__ = ["parse_clock", "parse_cpu", "parse_features", "parse_os", "parse_pm"]
@@ -195,18 +206,109 @@ def _cpu_topology(
 
 
 def parse_features(ctx: Ctx, el: etree._Element) -> Features:
-    """``<features>``: acpi, apic, pae."""
+    """``<features>``: acpi, apic, pae, vmport, smm, kvm, hyperv."""
     loc = ctx.loc(el, "domain/features")
+    mark = ctx.count
     apic = one(ctx, el, "apic", loc)
     eoi = None
     if apic is not None:
-        eoi = yes_no(apic, "eoi", ctx.loc(apic, "domain/features/apic"), yes="on", no="off")
+        eoi = ctx.guard(yes_no, apic, "eoi", ctx.loc(apic, "domain/features/apic"),
+                        yes="on", no="off")
+    switches: dict[str, bool | None] = {}
+    for tag in ("vmport", "smm"):
+        sw = one(ctx, el, tag, loc)
+        switches[tag] = None if sw is None else ctx.guard(
+            _state, ctx, sw, f"domain/features/{tag}")
+    kvm = one(ctx, el, "kvm", loc)
+    kvm_features = () if kvm is None else _kvm_features(ctx, kvm)
+    hv = one(ctx, el, "hyperv", loc)
+    hv_mode = None
+    hv_features: tuple[HypervFeature, ...] = ()
+    if hv is not None:
+        hv_mode = ctx.guard(enum, hv, "mode", ctx.loc(hv, "domain/features/hyperv"),
+                            ("custom", "passthrough"), default="custom", what="hyperv mode")
+        hv_features = _hyperv_features(ctx, hv)
+    if ctx.count != mark:
+        raise Skip()
     return Features(
         acpi=one(ctx, el, "acpi", loc) is not None,
         apic=apic is not None,
         apic_eoi=eoi,
         pae=one(ctx, el, "pae", loc) is not None,
+        vmport=switches["vmport"],
+        smm=switches["smm"],
+        kvm=kvm_features,
+        hyperv_mode=cast(Any, hv_mode),
+        hyperv=hv_features,
     )
+
+
+def _state(ctx: Ctx, el: etree._Element, path: str) -> bool:
+    """The required ``state='on|off'`` of a feature switch."""
+    loc = ctx.loc(el, path)
+    state = yes_no(el, "state", loc, yes="on", no="off")
+    if state is None:
+        raise fail(loc, f"<{el.tag}> needs state='on' or state='off'", hint="add state='on'")
+    return state
+
+
+def _kvm_features(ctx: Ctx, kvm: etree._Element) -> tuple[tuple[str, bool], ...]:
+    """``<kvm>`` children: hidden, hint-dedicated, poll-control, pv-ipi."""
+    out: list[tuple[str, bool]] = []
+    for child in elements(kvm):
+        tag = str(child.tag)
+        if any(name == tag for name, _ in out):
+            ctx.report(ctx.loc(child, f"domain/features/kvm/{tag}"),
+                       f"<{tag}> appears more than once", hint=f"keep one <{tag}>")
+            continue
+        state = ctx.guard(_state, ctx, child, f"domain/features/kvm/{tag}")
+        if state is not None:
+            out.append((tag, state))
+    return tuple(out)
+
+
+#: spinlocks retries: libvirt's bounds.
+_SPINLOCK_RETRIES = (4095, 0xFFFFFFFF)
+_VENDOR_ID_RE = re.compile(r"^[A-Za-z0-9_ -]{1,12}$")
+
+
+def _hyperv_features(ctx: Ctx, hv: etree._Element) -> tuple[HypervFeature, ...]:
+    out: list[HypervFeature] = []
+    for child in elements(hv):
+        found = ctx.guard(_hyperv_feature, ctx, child, {f.name for f in out})
+        if found is not None:
+            out.append(found)
+    return tuple(out)
+
+
+def _hyperv_feature(ctx: Ctx, child: etree._Element, seen: set[str]) -> HypervFeature:
+    tag = str(child.tag)
+    path = f"domain/features/hyperv/{tag}"
+    loc = ctx.loc(child, path)
+    if tag in seen:
+        raise fail(loc, f"<{tag}> appears more than once", hint=f"keep one <{tag}>")
+    state = _state(ctx, child, path)
+    retries = value = direct = None
+    if tag == "spinlocks" and state:
+        lo, hi = _SPINLOCK_RETRIES
+        retries = int_attr(child, "retries", loc, lo=lo, hi=hi)
+        if retries is None:
+            raise fail(loc, "<spinlocks state='on'> needs retries", hint="add retries='8191'")
+    elif tag == "vendor_id" and state:
+        raw = get(child, "value")
+        if raw is None or not _VENDOR_ID_RE.fullmatch(raw):
+            raise fail(loc, "<vendor_id state='on'> needs a value of 1 to 12 letters or digits",
+                       hint="add value='KVMKVMKVM'")
+        value = raw
+    elif tag == "stimer":
+        d = one(ctx, child, "direct", loc)
+        if d is not None:
+            direct = _state(ctx, d, f"{path}/direct")
+    for attr, owner in (("retries", "spinlocks"), ("value", "vendor_id")):
+        if get(child, attr) is not None and (tag != owner or not state):
+            raise fail(loc, f"{attr} applies to <{owner} state='on'> only",
+                       hint=f"remove {attr}")
+    return HypervFeature(tag, state, retries=retries, value=value, direct=direct)
 
 
 def parse_clock(ctx: Ctx, el: etree._Element) -> Clock:
@@ -225,16 +327,18 @@ def parse_clock(ctx: Ctx, el: etree._Element) -> Clock:
 
 def _timer(ctx: Ctx, t: etree._Element, seen: set[str]) -> Timer:
     tloc = ctx.loc(t, "domain/clock/timer")
-    name = enum(t, "name", tloc, ("rtc", "pit", "hpet", "kvmclock"), what="timer")
+    name = enum(t, "name", tloc, ("rtc", "pit", "hpet", "kvmclock", "hypervclock"),
+                what="timer")
     if name is None:
-        raise fail(tloc, "<timer> needs a name", hint="add name='rtc' (or pit, hpet, kvmclock)")
+        raise fail(tloc, "<timer> needs a name",
+                   hint="add name='rtc' (or pit, hpet, kvmclock, hypervclock)")
     if name in seen:
         raise fail(tloc, f"timer {name!r} is listed twice", hint="list it once")
     seen.add(name)
     present = yes_no(t, "present", tloc)
     # kvm-pit knows only delay and discard as lost tick policies.
     policies = {"rtc": ("catchup", "delay"), "pit": ("delay", "discard"),
-                "hpet": (), "kvmclock": ()}[name]
+                "hpet": (), "kvmclock": (), "hypervclock": ()}[name]
     tickpolicy = enum(t, "tickpolicy", tloc, policies, what=f"{name} tickpolicy")
     track = enum(t, "track", tloc, ("guest", "wall", "realtime") if name == "rtc" else (),
                  what=f"{name} track")

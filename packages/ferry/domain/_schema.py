@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ADDRESS", "SCHEMA", "Spec", "spec"]
+__all__ = ["ADDRESS", "HYPERV_FEATURES", "KVM_FEATURES", "SCHEMA", "Spec", "spec"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,17 @@ _s = spec
 ADDRESS = _s("type", "domain", "bus", "slot", "function", "multifunction",
              "controller", "target", "unit", "port")
 
+#: ``<features><kvm>`` children.
+KVM_FEATURES = ("hidden", "hint-dedicated", "poll-control", "pv-ipi")
+#: ``<features><hyperv>`` children and their attributes.
+HYPERV_FEATURES: dict[str, tuple[str, ...]] = {
+    **{k: ("state",) for k in ("relaxed", "vapic", "vpindex", "runtime", "synic", "stimer",
+                               "reset", "frequencies", "reenlightenment", "tlbflush", "ipi",
+                               "evmcs", "avic", "emsr_bitmap", "xmm_input")},
+    "spinlocks": ("state", "retries"),
+    "vendor_id": ("state", "value"),
+}
+
 SCHEMA: dict[str, Spec] = {
     # `id` is the runtime domain id of libvirt's live XML: accepted, ignored.
     "domain": _s("type", "id"),
@@ -49,7 +60,12 @@ SCHEMA: dict[str, Spec] = {
     "domain/currentMemory": _s("unit", text=True),
     "domain/memoryBacking": _s(),
     "domain/memoryBacking/allocation": _s("mode", "threads"),
-    "domain/vcpu": _s("placement", "cpuset", text=True),
+    "domain/memoryBacking/source": _s("type"),
+    "domain/memoryBacking/access": _s("mode"),
+    "domain/memoryBacking/hugepages": _s(),
+    "domain/memoryBacking/hugepages/page": _s("size", "unit"),
+    "domain/vcpu": _s("placement", "cpuset", "current", text=True),
+    "domain/iothreads": _s(text=True),
     "domain/os": _s(),
     "domain/os/type": _s("arch", "machine", text=True),
     "domain/os/kernel": _s(text=True),
@@ -65,6 +81,13 @@ SCHEMA: dict[str, Spec] = {
     "domain/features/acpi": _s(),
     "domain/features/apic": _s("eoi"),
     "domain/features/pae": _s(),
+    "domain/features/vmport": _s("state"),
+    "domain/features/smm": _s("state"),
+    "domain/features/kvm": _s(),
+    **{f"domain/features/kvm/{k}": _s("state") for k in KVM_FEATURES},
+    "domain/features/hyperv": _s("mode"),
+    **{f"domain/features/hyperv/{k}": _s(*a) for k, a in HYPERV_FEATURES.items()},
+    "domain/features/hyperv/stimer/direct": _s("state"),
     "domain/clock": _s("offset"),
     "domain/clock/timer": _s("name", "present", "tickpolicy", "track"),
     "domain/on_poweroff": _s(text=True),
@@ -77,7 +100,7 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/emulator": _s(text=True),
     "domain/devices/disk": _s("type", "device"),
     "domain/devices/disk/driver": _s("name", "type", "cache", "io", "discard", "error_policy",
-                                     "rerror_policy", "event_idx"),
+                                     "rerror_policy", "event_idx", "iothread"),
     "domain/devices/disk/source": _s("file", "dev"),
     "domain/devices/disk/target": _s("dev", "bus"),
     "domain/devices/disk/readonly": _s(),
@@ -103,7 +126,9 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/console/address": ADDRESS,
     "domain/devices/channel": _s("type"),
     "domain/devices/channel/source": _s("path", "mode", "append"),
-    "domain/devices/channel/target": _s("type", "name"),
+    # target@state: the guest agent's connection state in libvirt's live XML
+    # (runtime state): accepted and ignored.
+    "domain/devices/channel/target": _s("type", "name", "state"),
     "domain/devices/channel/address": ADDRESS,
     "domain/devices/input": _s("type", "bus"),
     "domain/devices/input/address": ADDRESS,
@@ -129,4 +154,23 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/rng/rate": _s("bytes", "period"),
     "domain/devices/rng/backend": _s("model", text=True),
     "domain/devices/rng/address": ADDRESS,
+    "domain/devices/sound": _s("model"),
+    "domain/devices/sound/codec": _s("type"),
+    "domain/devices/sound/audio": _s("id"),
+    "domain/devices/sound/address": ADDRESS,
+    "domain/devices/redirdev": _s("bus", "type"),
+    "domain/devices/redirdev/source": _s("mode", "host", "service"),
+    "domain/devices/redirdev/protocol": _s("type"),
+    "domain/devices/redirdev/address": ADDRESS,
+    "domain/devices/watchdog": _s("model", "action"),
+    "domain/devices/watchdog/address": ADDRESS,
+    "domain/devices/panic": _s("model"),
+    # An isa panic's port (libvirt's dumpxml writes it); not an ADDRESS type.
+    "domain/devices/panic/address": _s("type", "iobase", "irq"),
 }
+
+# <alias name='…'/> on a device: libvirt's runtime device name (live XML),
+# accepted and ignored as libvirt ignores it in an inactive definition.
+for _dev in ("disk", "controller", "interface", "serial", "console", "channel", "input",
+             "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic"):
+    SCHEMA[f"domain/devices/{_dev}/alias"] = _s("name")

@@ -116,7 +116,8 @@ def _current_memory(ctx: Ctx, root: etree._Element, f: Fields) -> None:
 
 def _memory_backing(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     allocation: Literal["immediate", "ondemand"] | None = None
-    prealloc_threads = None
+    prealloc_threads = source = access = hugepage_kib = None
+    hugepages = False
     mb = _child(ctx, root, "memoryBacking")
     if mb is not None:
         mbloc = ctx.loc(mb, "domain/memoryBacking")
@@ -126,8 +127,55 @@ def _memory_backing(ctx: Ctx, root: etree._Element, f: Fields) -> None:
             allocation = cast(Literal["immediate", "ondemand"] | None,
                               ctx.guard(enum, al, "mode", aloc, ("immediate", "ondemand")))
             prealloc_threads = ctx.guard(int_attr, al, "threads", aloc, lo=1, hi=1024)
+        src = one(ctx, mb, "source", mbloc)
+        if src is not None:
+            # type='file' needs a memory backing directory on the host: not done.
+            source = ctx.guard(enum, src, "type", ctx.loc(src, "domain/memoryBacking/source"),
+                               ("anonymous", "memfd"), default="anonymous",
+                               what="memory source type")
+        acc = one(ctx, mb, "access", mbloc)
+        if acc is not None:
+            access = ctx.guard(enum, acc, "mode", ctx.loc(acc, "domain/memoryBacking/access"),
+                               ("shared", "private"), default="private",
+                               what="memory access mode")
+        hp = one(ctx, mb, "hugepages", mbloc)
+        if hp is not None:
+            hugepages = True
+            hugepage_kib = ctx.guard(_hugepage_size, ctx, hp)
     f["memory_allocation"] = allocation
     f["prealloc_threads"] = prealloc_threads
+    f["memory_source"] = source
+    f["memory_access"] = access
+    f["hugepages"] = hugepages
+    f["hugepage_kib"] = hugepage_kib
+
+
+#: Huge page sizes of x86_64, in KiB.
+_HUGEPAGE_KIB = (2048, 1048576)
+
+
+def _hugepage_size(ctx: Ctx, hp: etree._Element) -> int | None:
+    """The one ``<page size>`` of ``<hugepages>`` in KiB (None: the host's default)."""
+    page = one(ctx, hp, "page", ctx.loc(hp, "domain/memoryBacking/hugepages"))
+    if page is None:
+        return None
+    ploc = ctx.loc(page, "domain/memoryBacking/hugepages/page")
+    size = get(page, "size")
+    if size is None:
+        raise fail(ploc, "<page> needs a size", hint="add size='2' unit='MiB'")
+    scaled = etree.Element("page", unit=get(page, "unit") or "KiB")
+    scaled.text = size
+    kib = memory(scaled, ploc, "huge page size")
+    if kib not in _HUGEPAGE_KIB:
+        raise fail(ploc, f"huge page size {kib} KiB is not one of x86_64's (2048, 1048576 KiB)",
+                   cls=XMLUnsupported, hint="use size='2' unit='MiB' or size='1' unit='GiB'")
+    return kib
+
+
+def _iothreads(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    el = _child(ctx, root, "iothreads")
+    f["iothreads"] = None if el is None else uint(
+        text(el), ctx.loc(el, "domain/iothreads"), "iothreads count", lo=0, hi=64)
 
 
 def _vcpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
@@ -139,6 +187,12 @@ def _vcpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     vcpus = ctx.guard(uint, text(el), vloc, "vcpu count", lo=1, hi=MAX_VCPUS)
     if vcpus is not None:  # the cpu topology is checked against it
         f["vcpus"] = vcpus
+    current = ctx.guard(int_attr, el, "current", vloc, lo=1, hi=MAX_VCPUS)
+    if current is not None and vcpus is not None and current > vcpus:
+        ctx.report(vloc, f"current vCPUs {current} is more than the maximum {vcpus}",
+                   kind="conflict", hint="make current at most the <vcpu> count")
+        current = None
+    f["vcpus_current"] = current
     f["vcpu_placement"] = ctx.guard(enum, el, "placement", vloc, ("static", "auto"))
     cpuset = get(el, "cpuset")
     if cpuset is not None and not _CPUSET_RE.fullmatch(cpuset):
@@ -200,13 +254,32 @@ def _devices(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     else:
         devices = parse_devices(ctx, el, f.get("os"))
         cross_checks(ctx, el, devices, f.get("os"))
+        _iothread_refs(ctx, devices, f.get("iothreads"))
     f.update(devices.fields())
+
+
+def _iothread_refs(ctx: Ctx, devices: Devices, iothreads: int | None) -> None:
+    """A disk's ``<driver iothread=K>`` names one of the ``<iothreads>``."""
+    for i, d in enumerate(devices.disks):
+        if d.iothread is None:
+            continue
+        el = devices.element("disk", i)
+        if el is None:  # pragma: no cover (a parsed disk has its element)
+            continue
+        loc = ctx.loc(el, "domain/devices/disk/driver")
+        if d.target_bus != "virtio":
+            ctx.report(loc, f"disk {d.target_dev}: iothread applies to virtio disks only",
+                       kind="conflict", hint="remove iothread, or use bus='virtio'")
+        elif d.iothread > (iothreads or 0):
+            ctx.report(loc, f"disk {d.target_dev}: iothread {d.iothread} does not exist "
+                            f"(<iothreads> is {iothreads or 0})", kind="conflict",
+                       hint=f"add <iothreads>{d.iothread}</iothreads>, or use a smaller iothread")
 
 
 #: The sections of the typed parse, in the order they run.
 SECTIONS: tuple[Section, ...] = (
     _virt_type, _name, _uuid, _title, _description, _metadata, _memory, _current_memory,
-    _memory_backing, _vcpu, _os, _cpu, _features, _clock, _pm, _lifecycle, _devices,
+    _memory_backing, _vcpu, _iothreads, _os, _cpu, _features, _clock, _pm, _lifecycle, _devices,
 )
 
 

@@ -12,13 +12,16 @@ May differ (host side, not guest visible):
   source path, format, cache, io, discard and error policies; interface type,
   source and sndbuf; serial/console/channel host side (type, path, mode);
   graphics listen address, port, autoport, tlsPort, websocket; audio
-  backends (there are no sound devices); rng backend.
+  backends; rng backend; iothreads and a disk's iothread; memory backing
+  (source, access, hugepages); a redirdev's tcp peer; a watchdog's action.
 
 Must be equal (guest visible): virt type, UUID (always), memory and
-currentMemory, vCPU count, os type/arch/machine/kernel/initrd/cmdline/boot
+currentMemory, vCPU count and vCPUs online, os type/arch/machine/kernel/initrd/cmdline/boot
 order/boot menu, CPU mode/model/match/features/topology/migratable,
-features, clock offset and timers, pm, and every device's presence, order,
-kind, model, bus, target, MAC, MTU and address.
+features (acpi, apic, pae, vmport, smm, kvm, hyperv), clock offset and timers,
+pm, and every device's presence, order, kind, model, bus, target, MAC, MTU
+and address (sound cards with their codecs, redirdevs, watchdogs, panic
+notifiers included).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ferry.domain.model import (
     Disk,
     Domain,
     Graphics,
+    HypervFeature,
     Input,
     Interface,
     Rng,
@@ -148,6 +152,7 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("memory", old.memory_kib, new.memory_kib, "KiB")
     _same("currentMemory", old.current_memory_kib, new.current_memory_kib, "KiB")
     _same("vcpu count", old.vcpus, new.vcpus)
+    _same("vcpus online", old.online_vcpus, new.online_vcpus)
 
     o, n = old.os, new.os
     _same("os type", o.type, n.type)
@@ -176,6 +181,11 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("feature apic", of.apic, nf.apic)
     _same("feature apic eoi", of.apic_eoi, nf.apic_eoi)
     _same("feature pae", of.pae, nf.pae)
+    _same("feature vmport", of.vmport, nf.vmport)
+    _same("feature smm", of.smm, nf.smm)
+    _same("feature kvm", of.kvm, nf.kvm)
+    _same("feature hyperv mode", of.hyperv_mode, nf.hyperv_mode)
+    _same("feature hyperv", tuple(_hv(h) for h in of.hyperv), tuple(_hv(h) for h in nf.hyperv))
     _same("clock offset", old.clock.offset, new.clock.offset)
     _same("clock timers", old.clock.timers, new.clock.timers)
     _same("pm suspend-to-mem", old.pm.suspend_to_mem, new.pm.suspend_to_mem)
@@ -196,3 +206,17 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("memballoon model", old.memballoon.model, new.memballoon.model)
     _same("memballoon address", old.memballoon.address, new.memballoon.address)
     _each("rngs", old.rngs, new.rngs, lambda i, r: f"rng {i}", _rng_fields)
+    _each("sounds", old.sounds, new.sounds, lambda i, s: f"sound {i}",
+          lambda s: [("model", s.model), ("codecs", s.codecs), ("address", s.address)])
+    _each("redirdevs", old.redirdevs, new.redirdevs, lambda i, r: f"redirdev {i}",
+          lambda r: [("bus", r.bus), ("type", r.type), ("address", r.address)])
+    _each("watchdogs", old.watchdogs, new.watchdogs, lambda i, w: f"watchdog {i}",
+          lambda w: [("model", w.model), ("address", w.address)])
+    _each("panics", old.panics, new.panics, lambda i, p: f"panic {i}",
+          lambda p: [("model", p.model), ("iobase", p.iobase)])
+
+
+def _hv(h: HypervFeature) -> str:
+    extra = "".join(f" {k}={v}" for k, v in (("retries", h.retries), ("value", h.value),
+                                             ("direct", h.direct)) if v is not None)
+    return f"{h.name}={'on' if h.state else 'off'}{extra}"

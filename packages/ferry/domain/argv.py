@@ -17,19 +17,32 @@ What the argv does with the model (where it does nothing, it says so):
 
 * ``-machine TYPE,accel=kvm|tcg,usb=off,dump-guest-core=off,acpi=on|off``
   (``acpi`` follows ``<features><acpi/>`` as in libvirt), ``hpet=off`` for
-  ``<timer name='hpet' present='no'/>``.
+  ``<timer name='hpet' present='no'/>``, ``vmport``/``smm`` from
+  ``<features>``.
 * Guest RAM: ``-m MiB`` (rounded up to a whole MiB, as libvirt does on x86).
   ``<allocation mode='immediate'/>`` adds ``-object memory-backend-ram,
   id=pc.ram,…,prealloc=on`` and ``-machine memory-backend=pc.ram``. The id
   must be ``pc.ram``: it names the RAM block in the migration stream, and
   ``pc.ram`` is the name plain ``-m`` uses, so a preallocated destination
   accepts a stream from a source that is not preallocated (checked with
-  qemu 7.2: any other id fails the migration).
+  qemu 7.2: any other id fails the migration). ``<memoryBacking>`` with
+  ``<source type='memfd'/>``, ``<access mode='shared'/>`` or ``<hugepages>``
+  uses the same id: ``memory-backend-memfd`` (``hugetlb=on,hugetlbsize=…``
+  for huge pages, checked against the host's free huge pages first, so
+  that a host without them is a clear error and not qemu's ENOMEM) or
+  ``memory-backend-ram``, with ``share=on`` for shared access.
 * ``-cpu``: custom → the model (qemu64 when none); host-passthrough and
   host-model → ``host`` under KVM, ``max`` under TCG (TCG has no host CPU to
   pass through); features as ``NAME=on|off``; ``<apic eoi>`` and
-  ``<timer name='kvmclock'>`` as ``kvm-pv-eoi``/``kvmclock`` under KVM only.
-* ``-smp N,sockets,cores,threads`` (from ``<cpu><topology>`` or N sockets).
+  ``<timer name='kvmclock'>`` as ``kvm-pv-eoi``/``kvmclock`` under KVM only,
+  and so are ``<kvm>`` (``kvm=off`` hides KVM; ``kvm-hint-dedicated``, ...),
+  ``<hyperv>`` (``hv-relaxed``, ``hv-spinlocks=0x1fff``, ... or
+  ``hv-passthrough``), ``<timer name='hypervclock'>`` (``hv-time``) and a
+  hyperv ``<panic>`` (``hv-crash``).
+* ``-smp N,sockets,cores,threads`` (from ``<cpu><topology>`` or N sockets);
+  ``-smp CURRENT,maxcpus=N,…`` for ``<vcpu current>``. ``-object
+  iothread,id=iothreadK`` for ``<iothreads>``; a virtio disk's
+  ``<driver iothread=K>`` is its ``iothread=iothreadK``.
 * ``-kernel/-initrd/-append``, ``-boot order=…,menu=…``, ``-no-reboot`` for
   ``on_reboot=destroy``. Other lifecycle actions are the agent's job.
 * Files the agent opened for qemu (:class:`PassedFiles`): ``-add-fd`` and
@@ -43,9 +56,19 @@ What the argv does with the model (where it does nothing, it says so):
   daemonizes, so they are not used).
 * Devices in libvirt's order: controllers, disks (``-blockdev`` storage +
   format nodes, then the front end), NICs, serials, consoles, channels,
-  inputs, graphics, videos, balloon, rng. Not in the argv: ``<emulator>``
-  (the host chooses ``qemu_binary``), ``<audio>`` (no sound devices),
-  ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
+  inputs, graphics, videos, sound cards (``-audiodev`` spice with spice
+  graphics else none, or the ``<audio>`` it names; ``ich9-intel-hda``/
+  ``intel-hda`` with ``hda-duplex|micro|output`` codecs, ``AC97``),
+  watchdogs (``i6300esb``, ``ib700``, q35's iTCO via
+  ``ICH9-LPC.noreboot=off``; ``-action watchdog=…``), USB redirection
+  (``usb-redir`` on a ``spicevmc`` or tcp socket chardev), balloon, rng,
+  an isa ``pvpanic``. A ``spicevmc`` channel is the spice agent
+  (``-chardev spicevmc,name=vdagent``). A unix channel with one of
+  libvirt's per-run paths gets its socket in ``RuntimePaths.run_dir``, like
+  one without a path (:func:`live_sockets` writes the paths into the live
+  XML, :func:`unplaced_sockets` takes them out for a migration). Not in
+  the argv: ``<emulator>`` (the host chooses ``qemu_binary``), an
+  ``<audio>`` no sound card uses, ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
   interface ``sndbuf`` (no tap devices), ps2 inputs and the IDE/SATA
   controllers built into the machine, pci-root/pcie-root.
 * NICs: ``user`` → ``-netdev user``. ``bridge`` and ``network`` → ``-netdev
@@ -60,6 +83,8 @@ What the argv does with the model (where it does nothing, it says so):
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -68,7 +93,16 @@ from pathlib import Path
 
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
 from ferry.domain._nics import network_table
-from ferry.domain.model import Address, CharDev, Controller, Disk, Domain, Graphics, Video
+from ferry.domain.model import (
+    Address,
+    CharDev,
+    Controller,
+    Disk,
+    Domain,
+    Graphics,
+    Video,
+    is_libvirt_channel_path,
+)
 from ferry.errors import QemuLaunchError, XMLUnsupported
 
 __all__ = [
@@ -78,8 +112,11 @@ __all__ = [
     "PassedFiles",
     "RuntimePaths",
     "kvm_usable",
+    "live_sockets",
+    "placed_socket",
     "qemu_disk_ids",
     "to_qemu_argv",
+    "unplaced_sockets",
 ]
 
 #: The seccomp policy: everything qemu 7.2 tolerates together with -daemonize.
@@ -308,6 +345,7 @@ def _explicit_pci(domain: Domain) -> Iterable[Address]:
     addrs += [i.address for i in domain.inputs]
     addrs += [v.address for v in domain.videos]
     addrs += [domain.memballoon.address] + [r.address for r in domain.rngs]
+    addrs += [s.address for s in domain.sounds] + [w.address for w in domain.watchdogs]
     return [a for a in addrs if a is not None and a.type == "pci"]
 
 
@@ -373,7 +411,9 @@ class _Builder:
             ("dump-guest-core", False),
             ("acpi", d.features.acpi),
             ("hpet", hpet),
-            ("memory-backend", _RAM_ID if d.preallocated else None),
+            ("vmport", d.features.vmport),
+            ("smm", d.features.smm),
+            ("memory-backend", _RAM_ID if _ram_backend(d) else None),
         ))
 
     def cpu(self) -> None:
@@ -401,6 +441,7 @@ class _Builder:
             kvmclock = next((t.present for t in d.clock.timers if t.name == "kvmclock"), None)
             if kvmclock is not None:
                 flags.append(("kvmclock", kvmclock))
+            flags += _kvm_hyperv_flags(d)
         if base is None and flags:
             base = "qemu64"  # qemu's own default model, made explicit to carry flags
         if base is not None:
@@ -409,22 +450,37 @@ class _Builder:
     def memory(self) -> None:
         d = self.d
         mib = d.memory_mib
-        if d.preallocated:
+        if _ram_backend(d):
+            memfd = d.memory_source == "memfd" or d.hugepages
+            hugetlbsize = None
+            if d.hugepages:
+                page_kib = d.hugepage_kib or _default_hugepage_kib()
+                _check_hugepages(d, page_kib)
+                hugetlbsize = page_kib * 1024
             self.add("-object", _opts(
-                "memory-backend-ram", ("id", _RAM_ID), ("size", mib * 1024 * 1024),
-                ("prealloc", True), ("prealloc-threads", d.prealloc_threads),
+                "memory-backend-memfd" if memfd else "memory-backend-ram",
+                ("id", _RAM_ID), ("size", mib * 1024 * 1024),
+                ("hugetlb", True if d.hugepages else None), ("hugetlbsize", hugetlbsize),
+                ("share", True if d.memory_access == "shared" else None),
+                ("prealloc", True if d.preallocated else None),
+                ("prealloc-threads", d.prealloc_threads if d.preallocated else None),
             ))
         self.add("-m", str(mib))
 
     def smp(self) -> None:
         d = self.d
         t = d.cpu.topology if d.cpu else None
+        # <vcpu current=N>: N online, the rest hot-pluggable up to maxcpus.
+        head = (f"{d.vcpus_current},maxcpus={d.vcpus}" if d.vcpus_current is not None
+                else str(d.vcpus))
         if t is None:
-            self.add("-smp", f"{d.vcpus},sockets={d.vcpus},cores=1,threads=1")
+            self.add("-smp", f"{head},sockets={d.vcpus},cores=1,threads=1")
         else:
             dies = f",dies={t.dies}" if t.dies != 1 else ""
-            self.add("-smp", f"{d.vcpus},sockets={t.sockets}{dies},cores={t.cores},"
+            self.add("-smp", f"{head},sockets={t.sockets}{dies},cores={t.cores},"
                              f"threads={t.threads}")
+        for k in range(1, (d.iothreads or 0) + 1):
+            self.add("-object", f"iothread,id=iothread{k}")
 
     # -- firmware-ish ---------------------------------------------------------
 
@@ -477,7 +533,7 @@ class _Builder:
         d = self.d
         needs_usb = any(x.target_bus == "usb" for x in d.disks) or any(
             i.bus == "usb" for i in d.inputs
-        )
+        ) or bool(d.redirdevs)
         usb = [c for c in d.controllers if c.type == "usb"]
         if needs_usb and usb and usb[0].model == "none":
             raise _refuse(d, "domain/devices/controller",
@@ -567,7 +623,8 @@ class _Builder:
         cd = d.device == "cdrom"
         idx = _disk_index(d.target_dev)
         if d.target_bus == "virtio":
-            self.device(_opts("virtio-blk-pci", *common, ("event_idx", d.event_idx))
+            self.device(_opts("virtio-blk-pci", *common, ("event_idx", d.event_idx),
+                              ("iothread", f"iothread{d.iothread}" if d.iothread else None))
                         + "," + self.pci.place(a))
         elif d.target_bus == "ide":
             bus, unit = (a.bus or 0, a.unit or 0) if a else (idx // 2, idx % 2)
@@ -635,8 +692,10 @@ class _Builder:
         elif c.type == "file":
             self.add("-chardev", _opts("file", ("id", cid), ("path", c.source_path),
                                        ("append", c.append)))
+        elif c.type == "spicevmc":
+            self.add("-chardev", f"spicevmc,id={cid},name=vdagent")
         else:
-            path = c.source_path or (str(default_path) if default_path else None)
+            path = placed_socket(c, default_path)
             if path is None:  # pragma: no cover - every caller passes a default
                 raise QemuLaunchError(f"{cid}: unix socket without a path")
             if len(path.encode()) > UNIX_PATH_MAX:
@@ -814,6 +873,80 @@ class _Builder:
 
     # -- the rest ---------------------------------------------------------------
 
+    def sounds(self) -> None:
+        d = self.d
+        if not d.sounds:
+            return
+        spice = any(g.type == "spice" for g in d.graphics)
+        backends = {a.id: a.type for a in d.audios}
+        emitted: set[int] = set()
+        for i, s in enumerate(d.sounds):
+            if s.audio_id is not None and s.audio_id not in backends:
+                raise _refuse(d, "domain/devices/sound/audio",
+                              f"sound {i} plays through <audio id='{s.audio_id}'>, which "
+                              "is not defined")
+            aid = s.audio_id if s.audio_id is not None else (min(backends) if backends else 1)
+            # libvirt's default backend: spice with spice graphics, else none.
+            driver = backends.get(aid) or ("spice" if spice else "none")
+            if driver not in ("none", "spice"):
+                raise _refuse(d, "domain/devices/audio", f"audio type {driver!r} plays on the "
+                              "host's sound system, which Ferry does not use; use type "
+                              "'spice' (with spice graphics) or 'none'")
+            if driver == "spice" and not spice:
+                raise _refuse(d, "domain/devices/audio",
+                              "audio type 'spice' needs spice graphics")
+            if aid not in emitted:
+                emitted.add(aid)
+                self.add("-audiodev", f"{driver},id=audio{aid}")
+            sid = f"sound{i}"
+            if s.model == "ac97":
+                self.device(f"AC97,id={sid},audiodev=audio{aid},{self.pci.place(s.address)}")
+                continue
+            hda = "ich9-intel-hda" if s.model == "ich9" else "intel-hda"
+            self.device(f"{hda},id={sid},{self.pci.place(s.address)}")
+            for cad, codec in enumerate(s.codecs or ("duplex",)):
+                self.device(f"hda-{codec},id={sid}-codec{cad},bus={sid}.0,cad={cad},"
+                            f"audiodev=audio{aid}")
+
+    def watchdogs(self) -> None:
+        d = self.d
+        actions = {w.action for w in d.watchdogs}
+        if len(actions) > 1:
+            raise _refuse(d, "domain/devices/watchdog", "qemu has one watchdog action for "
+                          f"all watchdogs; these ask for {', '.join(sorted(actions))}")
+        for i, w in enumerate(d.watchdogs):
+            if w.model == "i6300esb":
+                self.device(f"i6300esb,id=watchdog{i},{self.pci.place(w.address)}")
+            elif w.model == "ib700":
+                self.device(f"ib700,id=watchdog{i}")
+            else:  # q35's built-in iTCO: let it reset the machine, as libvirt does
+                self.add("-global", "ICH9-LPC.noreboot=off")
+        if actions:
+            self.add("-action", f"watchdog={actions.pop()}")
+
+    def redirdevs(self) -> None:
+        for i, r in enumerate(self.d.redirdevs):
+            cid = f"charredir{i}"
+            if r.type == "spicevmc":
+                if not any(g.type == "spice" for g in self.d.graphics):
+                    raise _refuse(self.d, "domain/devices/redirdev",
+                                  "a spicevmc redirdev needs spice graphics")
+                self.add("-chardev", f"spicevmc,id={cid},name=usbredir")
+            else:
+                server = r.mode == "bind"
+                self.add("-chardev", _opts("socket", ("id", cid), ("host", r.host),
+                                           ("port", r.service),
+                                           ("server", True if server else None),
+                                           ("wait", False if server else None)))
+            port = r.address.port if r.address else None
+            self.device(_opts("usb-redir", ("chardev", cid), ("id", f"redir{i}"),
+                              ("bus", "usb.0"), ("port", port)))
+
+    def panics(self) -> None:
+        for p in self.d.panics:
+            if p.model == "isa":  # hyperv is the hv-crash CPU flag
+                self.device(_opts("pvpanic", ("ioport", p.iobase)))
+
     def balloon_rng(self) -> None:
         d = self.d
         if d.memballoon.model == "virtio":
@@ -828,6 +961,151 @@ class _Builder:
                               ("max-bytes", r.rate_bytes),
                               ("period", r.rate_period if r.rate_bytes else None))
                         + "," + self.pci.place(r.address))
+
+
+def _ram_backend(d: Domain) -> bool:
+    """Whether guest RAM needs an explicit backend object (id ``pc.ram``)."""
+    return (d.preallocated or d.hugepages or d.memory_source == "memfd"
+            or d.memory_access == "shared")
+
+
+# Huge pages of the host: module level so that tests can replace them.
+def _default_hugepage_kib() -> int:
+    """The host's default huge page size in KiB (/proc/meminfo), 2048 if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("Hugepagesize:"):
+                return int(line.split()[1])
+    return 2048
+
+
+def _free_hugepages(page_kib: int) -> int | None:
+    """Free huge pages of ``page_kib`` KiB on the host (None: the kernel has no such pages)."""
+    try:
+        text = Path(f"/sys/kernel/mm/hugepages/hugepages-{page_kib}kB/free_hugepages"
+                    ).read_text()  # fmt: skip
+    except OSError:
+        return None
+    return int(text.strip() or 0)
+
+
+def _check_hugepages(d: Domain, page_kib: int) -> None:
+    free = _free_hugepages(page_kib)
+    need = -(-d.memory_mib * 1024 // page_kib)
+    if free is None:
+        raise QemuLaunchError(
+            f"<memoryBacking><hugepages> needs huge pages of {page_kib} KiB, which this "
+            "host's kernel does not offer (no /sys/kernel/mm/hugepages/"
+            f"hugepages-{page_kib}kB)", domain=d.name)
+    if free < need:
+        raise QemuLaunchError(
+            f"<memoryBacking><hugepages>: the guest needs {need} huge pages of {page_kib} KiB, "
+            f"this host has {free} free (reserve them, e.g. sysctl vm.nr_hugepages={need})",
+            domain=d.name, needed=need, free=free)
+
+
+_HV_FLAGS = {"emsr_bitmap": "hv-emsr-bitmap", "xmm_input": "hv-xmm-input",
+             "vendor_id": "hv-vendor-id"}
+_KVM_FLAGS = {"hint-dedicated": "kvm-hint-dedicated", "poll-control": "kvm-poll-control",
+              "pv-ipi": "kvm-pv-ipi"}
+
+
+def _kvm_hyperv_flags(d: Domain) -> list[tuple[str, object | None]]:
+    """``-cpu`` flags of ``<features><kvm>``, ``<hyperv>``, hypervclock and a hyperv panic."""
+    flags: list[tuple[str, object | None]] = []
+    for name, state in d.features.kvm:
+        if name == "hidden":
+            flags.append(("kvm", not state))  # hide the KVM signature
+        else:
+            flags.append((_KVM_FLAGS[name], state))
+    hvclock = next((t.present for t in d.clock.timers if t.name == "hypervclock"), None)
+    if hvclock:
+        flags.append(("hv-time", True))
+    if d.features.hyperv_mode == "passthrough":
+        flags.append(("hv-passthrough", True))
+    for f in d.features.hyperv:
+        if not f.state:
+            continue  # off is qemu's default (libvirt writes nothing either)
+        name = _HV_FLAGS.get(f.name, f"hv-{f.name}")
+        if f.name == "spinlocks":
+            flags.append((name, f"0x{f.retries or 0:x}"))
+        elif f.name == "vendor_id":
+            flags.append((name, f.value))
+        else:
+            flags.append((name, True))
+            if f.name == "stimer" and f.direct:
+                flags.append(("hv-stimer-direct", True))
+    if any(p.model == "hyperv" for p in d.panics):
+        flags.append(("hv-crash", True))
+    return flags
+
+
+def placed_socket(c: CharDev, default: Path | None) -> str | None:
+    """The unix socket qemu gets for ``c``: its own path, or ``default``.
+
+    ``default`` (in ``RuntimePaths.run_dir``) when the XML names no path or
+    a path libvirt chose for one run (:func:`~ferry.domain.model.is_libvirt_channel_path`).
+    """
+    if c.source_path is not None and not is_libvirt_channel_path(c.source_path):
+        return c.source_path
+    return str(default) if default is not None else None
+
+
+def _placed_defaults(d: Domain, run_dir: Path) -> dict[tuple[str, int], Path]:
+    """(kind, index) → the socket Ferry places for each unix chardev (as the argv does)."""
+    out: dict[tuple[str, int], Path] = {}
+    serial_ports = {s.target_port for s in d.serials}
+    for i, _s in enumerate(d.serials):
+        out["serial", i] = run_dir / f"serial{i}.sock"
+    for i, c in enumerate(d.consoles):
+        if c.target_type == "serial" and c.target_port in serial_ports:
+            continue
+        out["console", i] = run_dir / f"console{i}.sock"
+    for i, c in enumerate(d.channels):
+        out["channel", i] = run_dir / f"{c.target_name or f'channel{i}'}.sock"
+    return out
+
+
+def live_sockets(domain: Domain, paths: RuntimePaths) -> Domain:
+    """``domain`` with each unix socket Ferry places written in: for the live XML.
+
+    A unix serial, console or channel without a path, or with one of
+    libvirt's per-run channel paths, gets its socket in ``paths.run_dir``;
+    the live XML says where it really is. :func:`unplaced_sockets` undoes
+    it for a migration, whose destination places its own.
+    """
+    placed = _placed_defaults(domain, paths.run_dir)
+
+    def fix(kind: str, devs: tuple[CharDev, ...]) -> tuple[CharDev, ...]:
+        out = []
+        for i, c in enumerate(devs):
+            where = placed.get((kind, i))
+            if c.type == "unix" and where is not None:
+                c = dataclasses.replace(c, source_path=placed_socket(c, where))
+            out.append(c)
+        return tuple(out)
+
+    return dataclasses.replace(domain, serials=fix("serial", domain.serials),
+                               consoles=fix("console", domain.consoles),
+                               channels=fix("channel", domain.channels))
+
+
+def unplaced_sockets(domain: Domain, run_dir: Path) -> Domain:
+    """``domain`` without the socket paths Ferry placed in ``run_dir`` (the migratable form)."""
+    placed = _placed_defaults(domain, run_dir)
+
+    def fix(kind: str, devs: tuple[CharDev, ...]) -> tuple[CharDev, ...]:
+        out = []
+        for i, c in enumerate(devs):
+            where = placed.get((kind, i))
+            if c.type == "unix" and where is not None and c.source_path == str(where):
+                c = dataclasses.replace(c, source_path=None)
+            out.append(c)
+        return tuple(out)
+
+    return dataclasses.replace(domain, serials=fix("serial", domain.serials),
+                               consoles=fix("console", domain.consoles),
+                               channels=fix("channel", domain.channels))
 
 
 def to_qemu_argv(
@@ -914,7 +1192,11 @@ def to_qemu_argv(
     b.inputs()
     for i, video in enumerate(d.videos):
         b.video(i, video)
+    b.sounds()
+    b.watchdogs()
+    b.redirdevs()
     b.balloon_rng()
+    b.panics()
     if incoming:
         b.add("-incoming", "defer")
     return b.argv

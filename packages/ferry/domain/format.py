@@ -21,6 +21,7 @@ from ferry.domain.model import (
     CharDev,
     Disk,
     Domain,
+    Features,
     Graphics,
     Interface,
     Video,
@@ -83,7 +84,8 @@ def _disk(parent: _Element, d: Disk) -> None:
     el = _sub(parent, "disk", type=d.type, device=d.device)
     drv = {"name": d.driver_name, "type": d.format, "cache": d.cache, "io": d.io,
            "discard": d.discard, "error_policy": d.error_policy,
-           "rerror_policy": d.rerror_policy, "event_idx": _yn(d.event_idx, "on", "off")}
+           "rerror_policy": d.rerror_policy, "event_idx": _yn(d.event_idx, "on", "off"),
+           "iothread": _num(d.iothread)}
     if any(v is not None for v in drv.values()):
         _sub(el, "driver", **drv)
     if d.source is not None:
@@ -128,6 +130,76 @@ def _chardev(parent: _Element, kind: str, c: CharDev) -> None:
         if c.target_model is not None:
             _sub(tgt, "model", name=c.target_model)
     _address(el, c.address)
+
+
+def _memory_backing(root: _Element, d: Domain) -> None:
+    if (d.memory_allocation is None and d.prealloc_threads is None and not d.hugepages
+            and d.memory_source is None and d.memory_access is None):
+        return
+    mb = _sub(root, "memoryBacking")
+    if d.hugepages:
+        hp = _sub(mb, "hugepages")
+        if d.hugepage_kib is not None:
+            _sub(hp, "page", size=str(d.hugepage_kib), unit="KiB")
+    if d.memory_source is not None:
+        _sub(mb, "source", type=d.memory_source)
+    if d.memory_access is not None:
+        _sub(mb, "access", mode=d.memory_access)
+    if d.memory_allocation is not None or d.prealloc_threads is not None:
+        _sub(mb, "allocation", mode=d.memory_allocation, threads=_num(d.prealloc_threads))
+
+
+def _features(root: _Element, f: Features) -> None:
+    if not (f.acpi or f.apic or f.pae or f.vmport is not None or f.smm is not None or f.kvm
+            or f.hyperv_mode is not None):
+        return
+    fel = _sub(root, "features")
+    if f.acpi:
+        _sub(fel, "acpi")
+    if f.apic:
+        _sub(fel, "apic", eoi=_yn(f.apic_eoi, "on", "off"))
+    if f.pae:
+        _sub(fel, "pae")
+    if f.hyperv_mode is not None:
+        hv = _sub(fel, "hyperv", mode=f.hyperv_mode)
+        for h in f.hyperv:
+            hel = _sub(hv, h.name, state=_yn(h.state, "on", "off"), retries=_num(h.retries),
+                       value=h.value)
+            if h.direct is not None:
+                _sub(hel, "direct", state=_yn(h.direct, "on", "off"))
+    if f.kvm:
+        kel = _sub(fel, "kvm")
+        for name, state in f.kvm:
+            _sub(kel, name, state=_yn(state, "on", "off"))
+    if f.vmport is not None:
+        _sub(fel, "vmport", state=_yn(f.vmport, "on", "off"))
+    if f.smm is not None:
+        _sub(fel, "smm", state=_yn(f.smm, "on", "off"))
+
+
+def _misc_devices(devs: _Element, d: Domain) -> None:
+    """sound, redirdev, watchdog and panic (after rng; libvirt's order differs, harmlessly)."""
+    for s in d.sounds:
+        sel = _sub(devs, "sound", model=s.model)
+        for codec in s.codecs:
+            _sub(sel, "codec", type=codec)
+        if s.audio_id is not None:
+            _sub(sel, "audio", id=str(s.audio_id))
+        _address(sel, s.address)
+    for r in d.redirdevs:
+        rel = _sub(devs, "redirdev", bus=r.bus, type=r.type)
+        if r.type == "tcp":
+            _sub(rel, "source", mode=r.mode, host=r.host, service=_num(r.service))
+            if r.protocol is not None:
+                _sub(rel, "protocol", type=r.protocol)
+        _address(rel, r.address)
+    for w in d.watchdogs:
+        wel = _sub(devs, "watchdog", model=w.model, action=w.action)
+        _address(wel, w.address)
+    for p in d.panics:
+        pel = _sub(devs, "panic", model=p.model)
+        if p.iobase is not None:
+            _sub(pel, "address", type="isa", iobase=f"0x{p.iobase:x}")
 
 
 def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
@@ -201,10 +273,11 @@ def _format(domain: Domain, migratable: bool) -> str:
         _metadata(root, d.metadata)
     _sub(root, "memory", str(d.memory_kib), unit="KiB")
     _sub(root, "currentMemory", str(d.current_memory_kib), unit="KiB")
-    if d.memory_allocation is not None or d.prealloc_threads is not None:
-        _sub(_sub(root, "memoryBacking"), "allocation", mode=d.memory_allocation,
-             threads=_num(d.prealloc_threads))
-    _sub(root, "vcpu", str(d.vcpus), placement=d.vcpu_placement, cpuset=d.vcpu_cpuset)
+    _memory_backing(root, d)
+    _sub(root, "vcpu", str(d.vcpus), placement=d.vcpu_placement, cpuset=d.vcpu_cpuset,
+         current=_num(d.vcpus_current))
+    if d.iothreads is not None:
+        _sub(root, "iothreads", str(d.iothreads))
 
     os_el = _sub(root, "os")
     _sub(os_el, "type", d.os.type, arch=d.os.arch, machine=d.os.machine)
@@ -219,15 +292,7 @@ def _format(domain: Domain, migratable: bool) -> str:
     if d.os.bootmenu is not None or d.os.bootmenu_timeout is not None:
         _sub(os_el, "bootmenu", enable=_yn(d.os.bootmenu), timeout=_num(d.os.bootmenu_timeout))
 
-    f = d.features
-    if f.acpi or f.apic or f.pae:
-        fel = _sub(root, "features")
-        if f.acpi:
-            _sub(fel, "acpi")
-        if f.apic:
-            _sub(fel, "apic", eoi=_yn(f.apic_eoi, "on", "off"))
-        if f.pae:
-            _sub(fel, "pae")
+    _features(root, d.features)
 
     if d.cpu is not None:
         c = d.cpu
@@ -290,6 +355,7 @@ def _format(domain: Domain, migratable: bool) -> str:
             _sub(rel, "rate", bytes=str(rng.rate_bytes), period=_num(rng.rate_period))
         _sub(rel, "backend", rng.backend_path, model=rng.backend_model)
         _address(rel, rng.address)
+    _misc_devices(devs, d)
 
     _indent(root)
     return etree.tostring(root, encoding="unicode") + "\n"

@@ -38,12 +38,18 @@ __all__ = [
     "Features",
     "Graphics",
     "GraphicsOption",
+    "HypervFeature",
     "Input",
     "Interface",
     "Memballoon",
+    "Panic",
+    "Redirdev",
     "Rng",
+    "Sound",
     "Timer",
     "Video",
+    "Watchdog",
+    "is_libvirt_channel_path",
 ]
 
 VirtType = Literal["kvm", "qemu"]
@@ -124,6 +130,21 @@ class Cpu:
 
 
 @dataclass(frozen=True)
+class HypervFeature:
+    """One ``<features><hyperv>`` child: ``<relaxed state='on'/>``, ...
+
+    ``retries`` belongs to spinlocks, ``value`` to vendor_id, ``direct`` to
+    stimer (its ``<direct state=…/>`` child).
+    """
+
+    name: str
+    state: bool
+    retries: int | None = None
+    value: str | None = None
+    direct: bool | None = None
+
+
+@dataclass(frozen=True)
 class Features:
     """``<features>``: only the hypervisor features Ferry knows."""
 
@@ -132,11 +153,20 @@ class Features:
     #: ``<apic eoi='on|off'/>``: paravirtual EOI (KVM only).
     apic_eoi: bool | None = None
     pae: bool = False
+    #: ``<vmport state=…/>``: VMware's I/O port (``-machine vmport``).
+    vmport: bool | None = None
+    #: ``<smm state=…/>``: system management mode (``-machine smm``).
+    smm: bool | None = None
+    #: ``<kvm>`` children in document order: (name, state), e.g. ("hidden", True).
+    kvm: tuple[tuple[str, bool], ...] = ()
+    #: ``<hyperv mode=…>``: None without ``<hyperv>``; custom or passthrough.
+    hyperv_mode: Literal["custom", "passthrough"] | None = None
+    hyperv: tuple[HypervFeature, ...] = ()
 
 
 @dataclass(frozen=True)
 class Timer:
-    """``<clock><timer …/>`` (rtc, pit, hpet, kvmclock)."""
+    """``<clock><timer …/>`` (rtc, pit, hpet, kvmclock, hypervclock)."""
 
     name: str
     present: bool | None = None
@@ -179,6 +209,8 @@ class Disk:
     error_policy: str | None = None
     rerror_policy: str | None = None
     event_idx: bool | None = None
+    #: ``<driver iothread=K>``: the disk's I/O runs in iothread K (1-based).
+    iothread: int | None = None
     readonly: bool = False
     shareable: bool = False
     address: Address | None = None
@@ -268,7 +300,7 @@ class CharDev:
     qemu starts, which keeps host paths out of a definition that migrates.
     """
 
-    type: Literal["pty", "file", "unix", "null"]
+    type: Literal["pty", "file", "unix", "null", "spicevmc"]
     target_type: str
     source_path: str | None = None
     #: unix sockets: bind (qemu listens) or connect.
@@ -278,6 +310,28 @@ class CharDev:
     target_name: str | None = None
     target_model: str | None = None
     address: Address | None = None
+
+
+#: libvirt's own place for channel sockets (``channelTargetDir``): a path there
+#: is the one libvirt chose for a run (``domain-ID-NAME/…``), not configuration.
+_LIBVIRT_CHANNEL_DIRS = ("/var/lib/libvirt/qemu/channel/target/",
+                         "/run/libvirt/qemu/channel/target/")
+
+
+def is_libvirt_channel_path(path: str | None) -> bool:
+    """True for a socket path under libvirt's channel target directory.
+
+    ``virsh dumpxml`` shows the path libvirt chose for a guest-agent channel
+    (``/var/lib/libvirt/qemu/channel/target/domain-1-NAME/org.qemu.guest_agent.0``,
+    or under ``~/.config/libvirt/qemu/lib/channel/target/`` for a session),
+    and virt-install writes what it is given. The directory is libvirt's and
+    the ``domain-ID`` part changes with every run, so Ferry treats such a
+    path like a missing one: the socket goes into the domain's run directory
+    (as libvirt drops its default path from migratable XML).
+    """
+    if path is None:
+        return False
+    return path.startswith(_LIBVIRT_CHANNEL_DIRS) or "/libvirt/qemu/lib/channel/target/" in path
 
 
 @dataclass(frozen=True)
@@ -295,6 +349,51 @@ class Audio:
 
     id: int
     type: str
+
+
+@dataclass(frozen=True)
+class Sound:
+    """``<sound model=…>``: an emulated sound card with its HDA codecs."""
+
+    model: Literal["ich9", "ich6", "ac97"]
+    #: ``<codec type=…>`` of an HDA card (duplex, micro, output); none means duplex.
+    codecs: tuple[str, ...] = ()
+    #: ``<audio id=…/>``: the ``<audio>`` backend it plays through (None: the first).
+    audio_id: int | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Redirdev:
+    """``<redirdev bus='usb'>``: a USB device redirected from a spice client or a TCP peer."""
+
+    type: Literal["spicevmc", "tcp"]
+    bus: Literal["usb"] = "usb"
+    #: tcp: the peer (``<source mode host service>``); connect or bind.
+    host: str | None = None
+    service: int | None = None
+    mode: Literal["connect", "bind"] | None = None
+    #: tcp: ``<protocol type='raw'|'telnet'>``.
+    protocol: str | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Watchdog:
+    """``<watchdog model=… action=…>``."""
+
+    model: Literal["i6300esb", "itco", "ib700"]
+    action: str = "reset"
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Panic:
+    """``<panic model=…>``: isa (pvpanic at an I/O port) or hyperv (``hv-crash``)."""
+
+    model: Literal["isa", "hyperv"]
+    #: isa: ``<address type='isa' iobase=…/>`` (0x505 when absent).
+    iobase: int | None = None
 
 
 @dataclass(frozen=True)
@@ -337,6 +436,17 @@ class Domain:
     prealloc_threads: int | None = None
     vcpu_placement: str | None = None
     vcpu_cpuset: str | None = None
+    #: ``<vcpu current=N>``: vCPUs online at start (``vcpus`` is the maximum).
+    vcpus_current: int | None = None
+    #: ``<iothreads>N</iothreads>``: I/O threads ``iothread1..N``.
+    iothreads: int | None = None
+    #: ``<memoryBacking><source type=…/>``: anonymous or memfd.
+    memory_source: Literal["anonymous", "memfd"] | None = None
+    #: ``<memoryBacking><access mode=…/>``: shared (vhost-user needs it) or private.
+    memory_access: Literal["shared", "private"] | None = None
+    #: ``<memoryBacking><hugepages/>``; with ``<page size>`` in KiB (None: the host's default).
+    hugepages: bool = False
+    hugepage_kib: int | None = None
     cpu: Cpu | None = None
     features: Features = field(default_factory=Features)
     clock: Clock = field(default_factory=Clock)
@@ -357,11 +467,20 @@ class Domain:
     videos: tuple[Video, ...] = ()
     memballoon: Memballoon = field(default_factory=Memballoon)
     rngs: tuple[Rng, ...] = ()
+    sounds: tuple[Sound, ...] = ()
+    redirdevs: tuple[Redirdev, ...] = ()
+    watchdogs: tuple[Watchdog, ...] = ()
+    panics: tuple[Panic, ...] = ()
 
     @property
     def memory_mib(self) -> int:
         """Guest RAM in MiB, rounded up (qemu on x86 sizes RAM in whole MiB)."""
         return -(-self.memory_kib // 1024)
+
+    @property
+    def online_vcpus(self) -> int:
+        """vCPUs online when qemu starts (``<vcpu current>``, else all)."""
+        return self.vcpus_current if self.vcpus_current is not None else self.vcpus
 
     @property
     def preallocated(self) -> bool:
