@@ -11,6 +11,7 @@ agent's reason; START_FLOOR is what must keep starting here.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def test_virtinst_configs_define_and_start(cluster: Cluster, tmp_path: Path) -> 
     corpus = vc.generate(tmp_path / "corpus")  # within the test bed's storage policy
     rows = vc.survey(corpus.files)
     a = cluster.a
+    # virt-install's NICs (network='default', bridge=br0) on a bridge of host A.
+    subprocess.run(a.ns.exec_argv(["ip", "link", "add", "br0", "type", "bridge"]), check=True)
+    a.write_config(**{"networks.default.bridge": "br0"})
     a.start_agent("source")
     started: dict[str, str] = {}
     why: dict[str, str] = {}

@@ -192,7 +192,7 @@ class NicTap:
     fd: int
     #: The device's name (for messages; qemu gets the descriptor).
     ifname: str = ""
-    #: Opened with IFF_VNET_HDR (virtio NICs): qemu is told ``vnet_hdr=on``.
+    #: Opened with IFF_VNET_HDR (virtio NICs); qemu finds that out itself.
     vnet_hdr: bool = False
 
 
@@ -663,9 +663,9 @@ class _Builder:
                 self.add("-netdev", f"user,id=hostnet{i}")
             elif tap is not None:
                 # A tap the agent created and attached to the bridge; qemu
-                # only gets the descriptor (the device goes when qemu exits).
-                self.add("-netdev", _opts("tap", ("id", f"hostnet{i}"), ("fd", tap.fd),
-                                          ("vnet_hdr", True if tap.vnet_hdr else None)))
+                # only gets the descriptor (the device goes when qemu exits)
+                # and reads its IFF_VNET_HDR itself (vnet_hdr= is invalid with fd=).
+                self.add("-netdev", _opts("tap", ("id", f"hostnet{i}"), ("fd", tap.fd)))
             elif n.type == "bridge":
                 # No tap from the caller: qemu-bridge-helper attaches one (it
                 # must be allowed in /etc/qemu/bridge.conf on this host).
