@@ -346,7 +346,7 @@ def test_usb_redirection() -> None:
     assert "-device qemu-xhci,id=usb," in args  # the implicit USB controller
     assert "-chardev spicevmc,id=charredir0,name=usbredir " \
            "-device usb-redir,chardev=charredir0,id=redir0,bus=usb.0" in args
-    assert "-chardev socket,id=charredir1,host=127.0.0.1,port=4000 " \
+    assert "-chardev socket,id=charredir1,host=127.0.0.1,port=4000,reconnect=1 " \
            "-device usb-redir,chardev=charredir1,id=redir1,bus=usb.0,port=3" in args
     assert unmigratable(d) == []  # qemu migrates usb-redir, client or not
     with pytest.raises(XMLUnsupported, match="needs spice graphics"):
@@ -508,7 +508,8 @@ def test_real_qemu_starts_a_desktop_with_these_devices(machine: str) -> None:
     <sound model='ac97'/>
     <video><model type='qxl'/></video>
     <redirdev bus='usb' type='spicevmc'/>
-    <redirdev bus='usb' type='spicevmc'/>
+    <redirdev bus='usb' type='tcp'><source mode='connect' host='127.0.0.1' service='9'/>
+    </redirdev>
     <watchdog model='{watchdog}' action='reset'/>
     <panic model='isa'/>""", machine=machine, vcpu="<vcpu current='1'>2</vcpu>",
                    extra=DESKTOP, virt="qemu")

@@ -61,7 +61,8 @@ What the argv does with the model (where it does nothing, it says so):
   ``intel-hda`` with ``hda-duplex|micro|output`` codecs, ``AC97``),
   watchdogs (``i6300esb``, ``ib700``, q35's iTCO via
   ``ICH9-LPC.noreboot=off``; ``-action watchdog=…``), USB redirection
-  (``usb-redir`` on a ``spicevmc`` or tcp socket chardev), balloon, rng,
+  (``usb-redir`` on a ``spicevmc`` or tcp socket chardev, which reconnects
+  every second until its peer listens), balloon, rng,
   an isa ``pvpanic``. A ``spicevmc`` channel is the spice agent
   (``-chardev spicevmc,name=vdagent``). A unix channel with one of
   libvirt's per-run paths gets its socket in ``RuntimePaths.run_dir``, like
@@ -933,11 +934,17 @@ class _Builder:
                                   "a spicevmc redirdev needs spice graphics")
                 self.add("-chardev", f"spicevmc,id={cid},name=usbredir")
             else:
+                # A peer that is not listening yet does not stop the start
+                # (libvirt's qemu would exit): qemu retries every second and
+                # attaches the device once it connects. So does the
+                # destination of a migration, while the source still holds
+                # the peer's one connection.
                 server = r.mode == "bind"
                 self.add("-chardev", _opts("socket", ("id", cid), ("host", r.host),
                                            ("port", r.service),
                                            ("server", True if server else None),
-                                           ("wait", False if server else None)))
+                                           ("wait", False if server else None),
+                                           ("reconnect", None if server else 1)))
             port = r.address.port if r.address else None
             self.device(_opts("usb-redir", ("chardev", cid), ("id", f"redir{i}"),
                               ("bus", "usb.0"), ("port", port)))
