@@ -66,9 +66,9 @@ def test_group_a_round_trips(path: Path) -> None:
     assert parse_domain(format_domain(domain, migratable=True)).uuid == domain.uuid
 
 
-# Group B files Ferry accepts since issue 14 (huge pages, watchdog):
-# they must round-trip like group A.
-ACCEPTED_B = {"hugepages-default.xml", "watchdog.xml"}
+# Group B files Ferry accepts since issue 14 (huge pages, watchdog, USB
+# redirection): they must round-trip like group A.
+ACCEPTED_B = {"hugepages-default.xml", "usb-redir.xml", "watchdog.xml"}
 
 
 @needs_corpus
@@ -98,7 +98,6 @@ EXPECTED_B = {
     "numatune-memnode-restrictive-mode.xml": "domain/numatune",
     "sound-device.xml": "domain/devices/sound",
     "tpm-emulator.xml": "domain/devices/tpm",
-    "usb-redir.xml": "domain/devices/controller/master",
     "vhost-user-fs-fd-memory.xml": "domain/cpu/numa",  # and memory source type 'file'
     "video-virtio-vga.xml": "domain/devices/video",
 }

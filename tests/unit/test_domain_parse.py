@@ -363,11 +363,12 @@ def test_duplicates_and_address_conflicts() -> None:
         "<memballoon model='virtio'><address type='pci' slot='0x05' function='0'/></memballoon>"
     )
     assert "slot 0x05 function 0 is used by both" in str(refused(dom(clash)))
-    err = refused(dom("<controller type='pci' index='1' model='pci-bridge'/>"), XMLUnsupported)
-    assert "pci controller model 'pci-bridge'" in str(err)
+    err = refused(dom("<controller type='pci' index='1' model='pcie-root-port'/>"),
+                  XMLUnsupported)
+    assert "pci controller model 'pcie-root-port' needs the q35 machine" in str(err)
     err = refused(dom("<memballoon model='virtio'><address type='pci' bus='1' slot='1'/>"
-                      "</memballoon>"), XMLUnsupported)
-    assert "off the root bus" in str(err)
+                      "</memballoon>"))
+    assert "names bus 0x01, which does not exist" in str(err)
     assert "more than once" in str(refused(dom(extra="<vcpu>1</vcpu><vcpu>2</vcpu>")))
 
 
@@ -521,8 +522,9 @@ def test_controllers_inputs_audio_rng() -> None:
     assert "rng source '/dev/sda' is not allowed" in str(err)
     refused(dom("<rng model='virtio'><backend model='egd' type='tcp'/></rng>"), XMLUnsupported)
     refused(dom("<controller type='fdc'/>"), XMLUnsupported)
-    refused(dom("<controller type='usb' model='ich9-uhci1'><master startport='0'/></controller>"),
-            XMLUnsupported)
+    err = refused(dom("<controller type='usb' model='ich9-uhci1'><master startport='0'/>"
+                      "</controller>"))
+    assert "needs an ich9-ehci1 controller" in str(err)
     refused(dom("<input type='tablet' bus='ps2'/>"), XMLError)
     q35 = "<os><type machine='q35'>hvm</type></os>"
     err = refused(dom("<disk type='file'><source file='/a'/><target dev='hda'/></disk>", os=q35),

@@ -1,4 +1,5 @@
-"""The ``<address>`` of a device: pci, drive, virtio-serial or usb."""
+"""The ``<address>`` of a device: pci (on any bus of the PCI tree), drive,
+virtio-serial or usb."""
 
 from __future__ import annotations
 
@@ -49,10 +50,12 @@ def parse_address(
         function = int_attr(el, "function", loc, hi=7, hex_ok=True) or 0
         if slot is None:
             raise fail(loc, "a pci address needs a slot", hint="add slot='0x…'")
-        if domain != 0 or bus != 0:
-            # Only the root bus exists: Ferry adds no PCI bridges.
-            raise fail(loc, "pci addresses off the root bus (domain 0, bus 0) are not supported",
-                       cls=XMLUnsupported, hint="use bus='0x00' (or remove the address)")
+        if domain != 0:
+            # One PCI domain (no pci-expander-bus / pxb): whether the bus
+            # exists is checked with the controller tree (ferry.domain._cross).
+            raise fail(loc, f"pci domain {domain:#06x} does not exist: x86 guests have only "
+                            "PCI domain 0", cls=XMLUnsupported,
+                       hint="use domain='0x0000' (or remove the address)")
         multi = yes_no(el, "multifunction", loc, yes="on", no="off")
         return Address("pci", domain=domain, bus=bus, slot=slot, function=function,
                        multifunction=multi)

@@ -19,7 +19,8 @@ from lxml import etree
 from ferry.domain._chardevs import parse_channel, parse_console, parse_serial
 from ferry.domain._checks import check_host_path
 from ferry.domain._context import Ctx, DeviceEnv
-from ferry.domain._disks import parse_controller, parse_disk
+from ferry.domain._controllers import parse_controller
+from ferry.domain._disks import parse_disk
 from ferry.domain._display import parse_audio, parse_graphics, parse_video
 from ferry.domain._misc import (
     parse_input,

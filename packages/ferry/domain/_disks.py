@@ -1,4 +1,4 @@
-"""Storage devices: ``<disk>`` and ``<controller>``."""
+"""Storage devices: ``<disk>`` (controllers: :mod:`ferry.domain._controllers`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from ferry.domain._address import parse_address
 from ferry.domain._checks import Loc, check_host_path, fail
 from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, yes_no
-from ferry.domain.model import Controller, Disk
+from ferry.domain.model import Disk
 from ferry.errors import XMLUnsupported
 
-__all__ = ["parse_controller", "parse_disk"]
+__all__ = ["parse_disk"]
 
 TARGET_DEV_RE = re.compile(r"^(hd|sd|vd)[a-z]{1,3}$")
 _DISK = "domain/devices/disk"
@@ -148,49 +148,3 @@ def _disk_driver(ctx: Ctx, el: etree._Element, loc: Loc, bus: str | None) -> _Dr
     if d.event_idx is not None and bus is not None and bus != "virtio":
         ctx.report(drloc, "event_idx only applies to virtio disks", hint="remove event_idx")
     return d
-
-
-_CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
-    "usb": ("piix3-uhci", "qemu-xhci", "nec-xhci", "ich9-ehci1", "none"),
-    "ide": (),
-    "sata": (),
-    "scsi": ("lsilogic", "virtio-scsi"),
-    "virtio-serial": (),
-    "pci": ("pci-root", "pcie-root"),
-}
-
-
-def parse_controller(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Controller:
-    """A ``<controller>``: usb, ide, sata, scsi, virtio-serial or the PCI root."""
-    os_ = env.os
-    loc = ctx.loc(el, "domain/devices/controller")
-    ctype = enum(el, "type", loc, tuple(_CONTROLLER_MODELS), what="controller type")
-    if ctype is None:
-        raise fail(loc, "<controller> needs a type",
-                   hint=f"add type= one of {', '.join(_CONTROLLER_MODELS)}")
-    index = int_attr(el, "index", loc, hi=31) or 0
-    model = enum(el, "model", loc, _CONTROLLER_MODELS[ctype], what=f"{ctype} controller model")
-    mark = ctx.count
-    if ctype == "pci" and os_ is not None:
-        want = "pcie-root" if os_.is_q35 else "pci-root"
-        if model != want or index != 0:
-            ctx.report(loc, f"only the {want} controller with index 0 is supported on machine "
-                            f"{os_.machine!r} (no PCI bridges)", cls=XMLUnsupported,
-                       hint=f"remove this controller (Ferry adds the {want} itself)")
-    ports = ctx.guard(int_attr, el, "ports", loc, lo=1,
-                      hi=31 if ctype == "virtio-serial" else 15)
-    if ports is not None and not (ctype == "virtio-serial"
-                                  or (ctype == "usb" and model in ("qemu-xhci", "nec-xhci"))):
-        ctx.report(loc, "ports is only valid for virtio-serial and xhci USB controllers",
-                   hint="remove ports")
-    if ctype in ("ide", "sata", "usb", "scsi") and index != 0:
-        ctx.report(loc, f"only one {ctype} controller (index 0) is supported",
-                   cls=XMLUnsupported, hint="remove the controllers with another index")
-    if ctype == "ide" and os_ is not None and os_.is_q35:
-        ctx.report(loc, "the q35 machine has no IDE controller (use sata)", cls=XMLUnsupported,
-                   hint="remove the ide controller; use sata disks")
-    address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
-    if ctx.count != mark:
-        raise Skip()
-    return Controller(type=ctype, index=index, model=model, ports=ports, address=address)
-

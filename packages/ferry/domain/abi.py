@@ -21,7 +21,11 @@ order/boot menu, CPU mode/model/match/features/topology/migratable,
 features (acpi, apic, pae, vmport, smm, kvm, hyperv), clock offset and timers,
 pm, and every device's presence, order, kind, model, bus, target, MAC, MTU
 and address (sound cards with their codecs, redirdevs, watchdogs, panic
-notifiers included).
+notifiers included). The PCI controller tree (each bus by index and model;
+a root port's chassis and port, a bridge's chassisNr) is compared first, so
+a different tree is named as such; with equal models both ends place the
+devices without addresses identically (:mod:`ferry.domain.argv`), so equal
+models mean identical qemu device trees.
 """
 
 from __future__ import annotations
@@ -97,8 +101,39 @@ def _disk_fields(d: Disk) -> list[tuple[str, Any]]:
 
 
 def _controller_fields(c: Controller) -> list[tuple[str, Any]]:
-    return [("type", c.type), ("index", c.index), ("model", c.model), ("ports", c.ports),
-            ("address", c.address)]
+    return [("type", c.type), ("index", c.index), ("model", c.model),
+            ("model name", c.model_name), ("ports", c.ports), ("target chassis", c.chassis),
+            ("target port", c.port), ("target chassisNr", c.chassis_nr),
+            ("target hotplug", c.hotplug), ("master startport", c.master_startport),
+            ("driver queues", c.queues), ("address", c.address)]
+
+
+def _controller_label(c: Controller) -> str:
+    if c.type == "pci":
+        return f"pci controller {c.index} ({c.model or 'root'})"
+    if c.master_startport is not None:
+        return f"usb controller {c.index} ({c.model})"
+    return f"{c.type} controller {c.index}"
+
+
+def _pci_tree(old: Sequence[Controller], new: Sequence[Controller]) -> None:
+    """The PCI buses (index → model) are the same; else name the first difference."""
+    o = {c.index: c.model for c in old if c.type == "pci"}
+    n = {c.index: c.model for c in new if c.type == "pci"}
+    for index in sorted(set(o) | set(n)):
+        if index not in n or index not in o:
+            side, model = ("source", o[index]) if index in o else ("destination", n[index])
+            raise ABIError(
+                f"pci controller tree differs: bus {index} ({model or 'root'}) is only in the "
+                f"{side} definition (source buses: {_buses(o)}; destination: {_buses(n)})",
+                field="pci controller tree", old=_buses(o), new=_buses(n),
+            )
+        if o[index] != n[index]:
+            _same(f"pci controller tree differs: bus {index} model", o[index], n[index])
+
+
+def _buses(tree: dict[int, str | None]) -> str:
+    return ", ".join(f"{i} {m or 'root'}" for i, m in sorted(tree.items())) or "none"
 
 
 def _interface_fields(n: Interface) -> list[tuple[str, Any]]:
@@ -192,8 +227,9 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("pm suspend-to-disk", old.pm.suspend_to_disk, new.pm.suspend_to_disk)
 
     _each("disks", old.disks, new.disks, lambda i, d: f"disk {d.target_dev}", _disk_fields)
+    _pci_tree(old.controllers, new.controllers)
     _each("controllers", old.controllers, new.controllers,
-          lambda i, c: f"{c.type} controller {c.index}", _controller_fields)
+          lambda i, c: _controller_label(c), _controller_fields)
     _each("interfaces", old.interfaces, new.interfaces,
           lambda i, n: f"interface {i} ({n.mac})", _interface_fields)
     _each("serials", old.serials, new.serials, lambda i, c: f"serial {i}", _chardev_fields)

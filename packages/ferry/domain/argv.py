@@ -301,7 +301,17 @@ def _scsi_position(domain: Domain, d: Disk) -> tuple[int, int]:
 
 
 class _Pci:
-    """Deterministic PCI slot assignment on the root bus."""
+    """Deterministic PCI placement on the guest's PCI tree.
+
+    Bus 0 is the root (``pcie.0`` on q35, ``pci.0`` on pc); a PCI controller
+    of index N makes bus N (qemu id ``pci.N``). A device with an ``<address>``
+    goes where it says (checked at define by :mod:`ferry.domain._cross`); one
+    without goes to the next free slot of the root bus, as before there were
+    bridges. All explicit addresses are reserved first, so an automatically
+    placed device never takes a slot an explicit one names; PCI controllers
+    without an address are placed before any other device, root ports packed
+    eight to a slot (functions 0..7, from slot 2) as libvirt packs them.
+    """
 
     def __init__(self, domain: Domain) -> None:
         self.q35 = domain.os.is_q35
@@ -309,9 +319,14 @@ class _Pci:
         # Slot 0: host bridge. pc: slot 1 is the PIIX3 (ISA, IDE, USB, ACPI);
         # q35: 0x1f is the LPC/SATA/SMBus function group.
         self.used: set[int] = {0, 0x1F} if self.q35 else {0, 1}
+        #: Functions named by explicit addresses, by (bus, slot).
+        self.functions: dict[tuple[int, int], set[int]] = {}
         for addr in _explicit_pci(domain):
             assert addr.slot is not None
-            self.used.add(addr.slot)
+            bus = addr.bus or 0
+            self.functions.setdefault((bus, addr.slot), set()).add(addr.function or 0)
+            if bus == 0:
+                self.used.add(addr.slot)
         # libvirt keeps the primary video in a fixed slot (pc: 2, q35: 1);
         # reserve it now, as devices placed before the video would take it.
         self.video_slot: int | None = None
@@ -321,33 +336,81 @@ class _Pci:
             if slot not in self.used:
                 self.video_slot = slot
                 self.used.add(slot)
+        #: Where each PCI controller (by index) goes: (bus, slot, function, bus=…,addr=…).
+        self.controllers: dict[int, tuple[int, int, int, str]] = {}
+        self._plan_controllers(domain)
+
+    def bus_name(self, bus: int) -> str:
+        """The qemu id of PCI bus ``bus``."""
+        return self.bus if bus == 0 else f"pci.{bus}"
+
+    def _where(self, bus: int, slot: int, function: int, multi: bool) -> str:
+        fn = f".0x{function:x}" if function else ""
+        return f"bus={self.bus_name(bus)},addr=0x{slot:x}{fn}{',multifunction=on' if multi else ''}"
+
+    def free_slot(self, first: int = 1) -> int:
+        """Take the next root-bus slot from ``first`` that no function uses."""
+        free = [s for s in range(first, 0x20) if s not in self.used]
+        if not free:
+            raise XMLUnsupported("too many PCI devices on the root bus: give some of them "
+                                 "<address> elements on other buses (pcie-root-port, "
+                                 "pci-bridge)")
+        self.used.add(free[0])
+        return free[0]
+
+    def _plan_controllers(self, domain: Domain) -> None:
+        pcis = sorted((c for c in domain.controllers if c.type == "pci" and c.index > 0),
+                      key=lambda c: c.index)
+        packing: tuple[int, int] | None = None  # the root-port slot being filled, next function
+        for c in pcis:
+            a = c.address
+            if a is not None and a.type == "pci":
+                self.controllers[c.index] = (a.bus or 0, a.slot or 0, a.function or 0,
+                                             self.place(a))
+            elif c.model == "pcie-root-port":
+                if packing is None or packing[1] == 8:
+                    packing = (self.free_slot(2), 0)
+                slot, fn = packing
+                self.functions.setdefault((0, slot), set()).add(fn)
+                self.controllers[c.index] = (0, slot, fn, "")
+                packing = (slot, fn + 1)
+            else:
+                if c.model == "dmi-to-pci-bridge" and 0x1E not in self.used:
+                    slot = 0x1E  # where libvirt puts it
+                    self.used.add(slot)
+                else:
+                    slot = self.free_slot()
+                self.controllers[c.index] = (0, slot, 0, self._where(0, slot, 0, False))
+        for index, (bus, slot, fn, where) in self.controllers.items():
+            if not where:  # a packed root port: function 0 is multifunction if others follow
+                multi = fn == 0 and len(self.functions[(bus, slot)]) > 1
+                self.controllers[index] = (bus, slot, fn, self._where(bus, slot, fn, multi))
 
     def place(self, addr: Address | None, *, video: bool = False) -> str:
-        """Return ``bus=…,addr=…`` for a device: its own address, or the next free slot."""
+        """Return ``bus=…,addr=…`` for a device: its own address, or the next free slot.
+
+        Function 0 of a slot whose other functions are in use is made
+        multifunction (as libvirt sets it), whatever the XML says.
+        """
         if addr is not None:
-            fn = f".0x{addr.function:x}" if addr.function else ""
-            multi = ",multifunction=on" if addr.multifunction else ""
-            return f"bus={self.bus},addr=0x{addr.slot or 0:x}{fn}{multi}"
-        if video and self.video_slot is not None:
-            slot = self.video_slot
-        else:
-            free = [s for s in range(1, 0x20) if s not in self.used]
-            if not free:
-                raise XMLUnsupported("too many PCI devices for one root bus (no bridges)")
-            slot = free[0]
-        self.used.add(slot)
+            bus, slot, fn = addr.bus or 0, addr.slot or 0, addr.function or 0
+            multi = bool(addr.multifunction) or (
+                fn == 0 and len(self.functions.get((bus, slot), ())) > 1)
+            return self._where(bus, slot, fn, multi)
+        slot = self.video_slot if video and self.video_slot is not None else self.free_slot()
         return f"bus={self.bus},addr=0x{slot:x}"
 
 
 def _explicit_pci(domain: Domain) -> Iterable[Address]:
-    addrs: list[Address | None] = [d.address for d in domain.disks]
-    addrs += [c.address for c in domain.controllers]
-    addrs += [n.address for n in domain.interfaces]
-    addrs += [i.address for i in domain.inputs]
-    addrs += [v.address for v in domain.videos]
-    addrs += [domain.memballoon.address] + [r.address for r in domain.rngs]
-    addrs += [s.address for s in domain.sounds] + [w.address for w in domain.watchdogs]
-    return [a for a in addrs if a is not None and a.type == "pci"]
+    """The pci addresses of every device of ``domain`` (whatever its kind)."""
+    found: list[Address] = []
+    for f in dataclasses.fields(domain):
+        value = getattr(domain, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            addr = getattr(item, "address", None)
+            if isinstance(addr, Address) and addr.type == "pci":
+                found.append(addr)
+    return found
 
 
 def _refuse(domain: Domain, element: str, message: str) -> XMLUnsupported:
@@ -361,7 +424,12 @@ _USB_MODELS = {
     "qemu-xhci": "qemu-xhci",
     "nec-xhci": "nec-usb-xhci",
     "ich9-ehci1": "ich9-usb-ehci1",
+    "ich9-uhci1": "ich9-usb-uhci1",
+    "ich9-uhci2": "ich9-usb-uhci2",
+    "ich9-uhci3": "ich9-usb-uhci3",
 }
+# The functions of an ich9 USB group sharing one slot (libvirt's layout).
+_ICH9_USB_FUNCTION = {"ich9-ehci1": 7, "ich9-uhci1": 0, "ich9-uhci2": 1, "ich9-uhci3": 2}
 _NIC_MODELS = {
     "virtio": "virtio-net-pci",
     "rtl8139": "rtl8139",
@@ -393,6 +461,8 @@ class _Builder:
         self.listen = graphics_listen
         self.argv: list[str] = []
         self.pci = _Pci(domain)
+        #: ``bus=…,addr=…`` of the ich9 USB controllers placed as a group, by model.
+        self.usb_where: dict[str, str] = {}
 
     def add(self, *args: str) -> None:
         self.argv.extend(args)
@@ -551,8 +621,51 @@ class _Builder:
         has_sata = any(c.type == "sata" for c in ctrls)
         if any(x.target_bus == "sata" for x in d.disks) and not has_sata:
             ctrls.append(Controller("sata"))
+        # The PCI tree first, parents before children (by index), so that
+        # every device after it finds its bus.
+        for c in sorted((c for c in ctrls if c.type == "pci" and c.index > 0),
+                        key=lambda c: c.index):
+            self.pci_controller(c)
+        # An ich9-ehci1 before its uhci companions (they name it as masterbus);
+        # a group without addresses shares one slot, as on real ICH9 boards.
+        ich9 = [c for c in ctrls if c.type == "usb" and c.model in _ICH9_USB_FUNCTION]
+        if len(ich9) > 1 and all(c.address is None for c in ich9):
+            slot = self.pci.free_slot()
+            for c in ich9:
+                assert c.model is not None
+                fn = _ICH9_USB_FUNCTION[c.model]
+                self.usb_where[c.model] = (f"bus={self.pci.bus},addr=0x{slot:x}"
+                                           + (f".0x{fn:x}" if fn else ",multifunction=on"))
+        ich9.sort(key=lambda c: c.model != "ich9-ehci1")
         for c in ctrls:
-            self.controller(c)
+            if c.type == "pci":
+                continue
+            if c in ich9:
+                for companion in ich9:
+                    self.controller(companion)
+                ich9 = []
+            elif c.model not in _ICH9_USB_FUNCTION or c.type != "usb":
+                self.controller(c)
+
+    def pci_controller(self, c: Controller) -> None:
+        """A bus of the PCI tree: ``-device pcie-root-port,…,id=pci.N,bus=…,addr=…``."""
+        _, slot, fn, where = self.pci.controllers[c.index]
+        cid = ("id", f"pci.{c.index}")
+        if c.model == "pcie-root-port":
+            port = c.port if c.port is not None else (slot << 3) | fn
+            spec = _opts(c.model_name or "pcie-root-port", ("port", f"{port:#x}"),
+                         ("chassis", c.chassis if c.chassis is not None else c.index), cid,
+                         ("hotplug", c.hotplug))
+        elif c.model == "pci-bridge":
+            spec = _opts("pci-bridge", ("chassis_nr", c.chassis_nr or c.index), cid)
+        elif c.model == "pcie-to-pci-bridge":
+            spec = _opts("pcie-pci-bridge", cid)
+        elif c.model == "dmi-to-pci-bridge":
+            spec = _opts("i82801b11-bridge", cid)
+        else:
+            raise _refuse(self.d, "domain/devices/controller",
+                          f"pci controller {c.index}: model {c.model!r} cannot be built")
+        self.device(spec + "," + where)
 
     def controller(self, c: Controller) -> None:
         if c.type == "usb":
@@ -562,21 +675,29 @@ class _Builder:
             if model == "piix3-uhci" and c.address is None and not self.pci.q35:
                 # Function 2 of the PIIX3 in slot 1, where real i440FX boards have it.
                 where = f"bus={self.pci.bus},addr=0x1.0x2"
+            elif model in self.usb_where:
+                where = self.usb_where[model]
             else:
                 where = self.pci.place(c.address)
+            if c.master_startport is not None:  # an ich9-uhci companion of the ehci1
+                self.device(_opts(_USB_MODELS[model], ("masterbus", "usb.0"),
+                                  ("firstport", c.master_startport)) + "," + where)
+                return
             ports = c.ports if model in ("qemu-xhci", "nec-xhci") else None
             self.device(_opts(_USB_MODELS[model], ("p2", ports), ("p3", ports), ("id", "usb"))
                         + "," + where)
         elif c.type == "scsi":
             dev = "lsi" if (c.model or "lsilogic") == "lsilogic" else "virtio-scsi-pci"
-            self.device(f"{dev},id=scsi{c.index},{self.pci.place(c.address)}")
+            self.device(_opts(dev, ("num_queues", c.queues), ("id", f"scsi{c.index}"))
+                        + "," + self.pci.place(c.address))
         elif c.type == "sata":
             if not self.pci.q35:  # q35 has its AHCI built in (bus ide.N)
                 self.device(f"ahci,id=sata{c.index},{self.pci.place(c.address)}")
         elif c.type == "virtio-serial":
             self.device(_opts("virtio-serial-pci", ("id", f"virtio-serial{c.index}"),
                               ("max_ports", c.ports)) + "," + self.pci.place(c.address))
-        # ide (built into pc) and pci-root/pcie-root need nothing.
+        # ide (built into pc) and pci-root/pcie-root need nothing; the other PCI
+        # controllers are built by pci_controller.
 
     # -- disks ----------------------------------------------------------------
 

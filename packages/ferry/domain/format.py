@@ -19,6 +19,7 @@ from lxml import etree
 from ferry.domain.model import (
     Address,
     CharDev,
+    Controller,
     Disk,
     Domain,
     Features,
@@ -99,6 +100,23 @@ def _disk(parent: _Element, d: Disk) -> None:
     if d.shareable:
         _sub(el, "shareable")
     _address(el, d.address)
+
+
+def _controller(parent: _Element, c: Controller) -> None:
+    """A ``<controller>`` with its children in libvirt's order."""
+    el = _sub(parent, "controller", type=c.type, index=str(c.index), model=c.model,
+              ports=_num(c.ports))
+    if c.queues is not None:
+        _sub(el, "driver", queues=str(c.queues))
+    if c.master_startport is not None:
+        _sub(el, "master", startport=str(c.master_startport))
+    if c.model_name is not None:
+        _sub(el, "model", name=c.model_name)
+    if (c.chassis, c.port, c.chassis_nr, c.hotplug) != (None, None, None, None):
+        _sub(el, "target", chassisNr=_num(c.chassis_nr), chassis=_num(c.chassis),
+             port=None if c.port is None else f"{c.port:#x}",
+             hotplug=_yn(c.hotplug, "on", "off"))
+    _address(el, c.address)
 
 
 def _interface(parent: _Element, n: Interface) -> None:
@@ -327,9 +345,7 @@ def _format(domain: Domain, migratable: bool) -> str:
     for disk in d.disks:
         _disk(devs, disk)
     for ctl in d.controllers:
-        cel = _sub(devs, "controller", type=ctl.type, index=str(ctl.index), model=ctl.model,
-                   ports=_num(ctl.ports))
-        _address(cel, ctl.address)
+        _controller(devs, ctl)
     for nic in d.interfaces:
         _interface(devs, nic)
     for ser in d.serials:

@@ -218,13 +218,35 @@ class Disk:
 
 @dataclass(frozen=True)
 class Controller:
-    """``<controller>``: usb, ide, sata, scsi, virtio-serial or pci root."""
+    """``<controller>``: usb, ide, sata, scsi, virtio-serial, or a PCI bus of the tree.
+
+    PCI controllers (``type='pci'``) form the guest's PCI tree: the root
+    (``pci-root`` on pc, ``pcie-root`` on q35, index 0) and the buses that
+    plug into it, each exposing bus number ``index`` (``pcie-root-port``,
+    ``pcie-to-pci-bridge``, ``pci-bridge``, ``dmi-to-pci-bridge``). A
+    controller without ``index`` in the XML gets the lowest free one of its
+    type, as libvirt assigns it. ``chassis``/``port`` (root ports) and
+    ``chassis_nr`` (pci-bridge) left None take libvirt's defaults when qemu
+    starts (chassis = index, port = slot << 3 | function).
+    """
 
     type: str
     index: int = 0
     model: str | None = None
     ports: int | None = None
     address: Address | None = None
+    #: ``<model name=…>``: the qemu device of a PCI controller (pcie-root-port, ioh3420, …).
+    model_name: str | None = None
+    #: ``<target chassis=… port=…>`` of a root port; ``chassisNr`` of a pci-bridge.
+    chassis: int | None = None
+    port: int | None = None
+    chassis_nr: int | None = None
+    #: ``<target hotplug='on|off'>`` of a root port.
+    hotplug: bool | None = None
+    #: ``<master startport=…>`` of a USB companion (ich9-uhci1..3 of an ich9-ehci1).
+    master_startport: int | None = None
+    #: ``<driver queues=…>`` of a virtio-scsi controller.
+    queues: int | None = None
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ Module layout (no module imports one listed after it)::
     _context   the parse context (locations, the problems recorded)
     _load      step 1                  _schema   the schema table
     _walk      step 2                  _values   typed readers of values
-    _address   <address>               _disks _nics _chardevs _display _misc
+    _address   <address>               _disks _controllers _nics _chardevs _display _misc
     _devices   the device table        _cross    checks across devices
     _platform  os, cpu, features, clock, pm
     _top       the sections of <domain>
