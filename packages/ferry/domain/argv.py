@@ -13,6 +13,18 @@ the emission order, instead of leaving it to qemu: explicitly addressed
 devices anywhere on the command line can then never collide with an
 automatically placed one.
 
+The PCI tree is the XML's: each PCI controller of index N is a
+``-device`` with ``id=pci.N`` (``pcie-root-port,port=…,chassis=…``,
+``pcie-pci-bridge``, ``pci-bridge,chassis_nr=…``, ``i82801b11-bridge``),
+emitted first and in index order, and a device with an ``<address>`` goes
+to ``bus=pci.N,addr=0xS.0xF`` (bus 0 is ``pcie.0`` or ``pci.0``). Root
+ports without an address are packed as libvirt packs them (functions 0..7
+of slot 2, then 3, …; ``port`` = slot << 3 | function, ``chassis`` = index);
+devices without an address go to free slots of the root bus. An ich9-ehci1
+and its uhci companions without addresses share one slot (functions 7, 0,
+1, 2). Function 0 of a slot with other functions in use is made
+multifunction.
+
 What the argv does with the model (where it does nothing, it says so):
 
 * ``-machine TYPE,accel=kvm|tcg,usb=off,dump-guest-core=off,acpi=on|off``
@@ -71,7 +83,8 @@ What the argv does with the model (where it does nothing, it says so):
   the argv: ``<emulator>`` (the host chooses ``qemu_binary``), an
   ``<audio>`` no sound card uses, ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
   interface ``sndbuf`` (no tap devices), ps2 inputs and the IDE/SATA
-  controllers built into the machine, pci-root/pcie-root.
+  controllers built into the machine (q35's SATA at 00:1f.2, pc's IDE at
+  00:01.1), pci-root/pcie-root.
 * NICs: ``user`` → ``-netdev user``. ``bridge`` and ``network`` → ``-netdev
   tap,fd=N`` with the tap device the caller created and attached to the
   bridge (``nic_taps``; :mod:`ferry.netdev`: a ``network`` is the bridge
