@@ -24,15 +24,35 @@ pytestmark = pytest.mark.e2e
 
 #: Configurations that start on this test bed today: a regression fails.
 START_FLOOR = (
+    "desktop-spice",
+    "desktop-vnc-qxl",
+    "server-headless",
+    "server-minimal",
+    "bridge-nic",
+    "network-nic",
+    "virtio-scsi",
+    "multi-disk-nic",
+    "cloud-init",
+    "cloud-seed-iso",
+    "i440fx",
     "i440fx-user-net",
     "i440fx-passthrough",
+    "session-desktop",
+    "session-server",
+    "cpu-host-passthrough",
+    "cpu-named",
+    "guest-agent-path",
+    "usb-redir",
+    "watchdog",
+    "cdrom-install",
+    "pxe-install",
+    "iothreads-vcpus",
 )
 
 #: Accepted by define but cannot start on this test bed, and why.  Not an
 #: assertion (they may start elsewhere); the test prints what it met.
 CANNOT_START_HERE = {
-    "i440fx": "interface type 'network' (virt-install's default network=default): Ferry "
-              "has no virtual networks yet (issue 14: [networks.NAME] in the host config)",
+    "win10": "Hyper-V enlightenments: this nested KVM cannot set MSR 0x40000021",
 }
 
 

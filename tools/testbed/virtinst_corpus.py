@@ -1089,13 +1089,22 @@ def _peel_all(row: SurveyRow, xml: str, where: str, max_peel: int) -> None:
 def _argv_error(domain: Any) -> str | None:
     """Why Ferry cannot build the qemu command line of ``domain`` (as ``Host.start`` asks)."""
     from ferry.domain import RuntimePaths, to_qemu_argv
+    from ferry.domain.argv import GraphicsPorts, NicTap
     from ferry.errors import FerryError
 
+    # What Host.start passes: ports it reserved for autoport displays and
+    # the tap devices it opened for bridge/network NICs (stand-in numbers:
+    # the command line is built, never run, here).
+    ports = {i: GraphicsPorts(port=5900 + i, tls_port=None, websocket=None)
+             for i, _ in enumerate(domain.graphics)}  # fmt: skip
+    taps = {i: NicTap(fd=100 + i, ifname=f"ferry{i}")
+            for i, nic in enumerate(domain.interfaces) if nic.type in ("bridge", "network")}
     with tempfile.TemporaryDirectory(prefix="fy-argv-") as tmp:
         run = Path(tmp)
         paths = RuntimePaths(run_dir=run, qmp_socket=run / "qmp.sock", pidfile=run / "pid")
         try:
-            to_qemu_argv(domain, paths=paths, kvm_usable=lambda: True)
+            to_qemu_argv(domain, paths=paths, kvm_usable=lambda: True, graphics_ports=ports,
+                         nic_taps=taps)
         except FerryError as exc:
             return str(exc)
     return None
