@@ -19,13 +19,13 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
 from typing import Any
 
 from ferry.acl import check_access
 from ferry.domain import Domain, check_abi_stability, format_domain, parse_domain
 from ferry.errors import DomainExists, FerryError, HookRefused, MigrationRefused
 from ferry.flags import MigrationFlags, MigrationParams
+from ferry.host import free_port
 from ferry.jobs import AsyncJob
 from ferry.journal import LogContext, MessageID, log_event
 from ferry.netdev import host_networks
@@ -208,16 +208,10 @@ async def _run_hook(dst: DestinationContext, domain: Domain) -> Domain:
 
 def _pick_port(dst: DestinationContext, address: str) -> int:
     first, last = dst.config.destination.migration_ports
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    for port in range(first, last + 1):
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((address, port))
-            except OSError:
-                continue
-            return port
-    raise MigrationRefused(f"no free migration port in {first}..{last} on {address}")
+    port = free_port(address, first, last)
+    if port is None:
+        raise MigrationRefused(f"no free migration port in {first}..{last} on {address}")
+    return port
 
 
 async def _start_incoming(

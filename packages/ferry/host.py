@@ -403,7 +403,7 @@ class Host:
                 address = g.listen or cfg.listen
 
                 def pick(lo: int, hi: int, what: str, address: str = address) -> int:
-                    port = _free_port(address, lo, hi, taken)
+                    port = free_port(address, lo, hi, taken)
                     if port is None:
                         raise QemuLaunchError(
                             f"domain {domain.name}: no free {what} port in {lo}..{hi} on "
@@ -612,8 +612,10 @@ class Host:
 # -- display ports (module helpers) ---------------------------------------------
 
 
-def _free_port(address: str, lo: int, hi: int, taken: set[int]) -> int | None:
-    """The first port in ``lo..hi`` not in ``taken`` that binds on ``address``."""
+def free_port(address: str, lo: int, hi: int, taken: frozenset[int] | set[int] = frozenset()
+              ) -> int | None:  # fmt: skip
+    """The first port in ``lo..hi`` not in ``taken`` that binds on ``address`` (displays
+    here, migration streams in the destination's Prepare)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     for port in range(lo, hi + 1):
         if port in taken:
