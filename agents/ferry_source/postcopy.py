@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from ferry.errors import FerryError
 from ferry.jobs import Job
 from ferry.journal import MessageID, log_event
-from ferry.qemu import QemuProcess, query_migrate
+from ferry.qemu import MigrationStats, QemuProcess, query_migrate
 from ferry_source.context import Emit
 
 __all__ = [
@@ -73,7 +74,10 @@ class PostcopyEnd:
 
 
 async def wait_postcopy_end(
-    proc: QemuProcess, *, stall_s: float, on_progress: object = None
+    proc: QemuProcess,
+    *,
+    stall_s: float,
+    on_progress: Callable[[MigrationStats], None] | None = None,
 ) -> tuple[str, str]:
     """Follow the source qemu in post-copy until it completed, paused or failed.
 
@@ -92,7 +96,7 @@ async def wait_postcopy_end(
             return PostcopyEnd.PAUSED, "the migration stream broke in post-copy"
         if stats.status in ("failed", "cancelled"):
             return PostcopyEnd.FAILED, stats.error_desc or f"qemu reports {stats.status}"
-        if callable(on_progress):
+        if on_progress is not None:
             on_progress(stats)
         if stats.ram_transferred != last:
             last, moved_at = stats.ram_transferred, time.monotonic()
