@@ -50,8 +50,9 @@ def test_q35_root_port_guest_migrates_live(
         serial.wait_for_boot(timeout=60)
         live = a.ferryctl("dumpxml", "q35", check=True).stdout
         assert live.count('model="pcie-root-port"') == 14 and 'index="14"' in live, live
-        before = serial.latest()
-        assert before is not None
+        # The boot line comes before the first report: wait for one (latest()
+        # right after boot raced with it under load).
+        before = serial.wait_for(lambda r: r.counter >= 1, timeout=60)
         moved = a.ferryctl("migrate", "q35", b.uri, "--live", "--json", timeout=300)
         assert moved.returncode == 0, moved.stderr + cluster.logs()
         assert b.domain_state("q35") == "running"

@@ -51,8 +51,9 @@ def test_devices_start_show_their_socket_and_migrate(
         inactive = a.ferryctl("dumpxml", "g1", "--inactive", check=True).stdout
         assert LIBVIRT_AGENT in inactive
 
-        before = serial.latest()
-        assert before is not None
+        # The boot line comes before the first report: wait for one (latest()
+        # right after boot raced with it under load).
+        before = serial.wait_for(lambda r: r.counter >= 1, timeout=60)
         moved = a.ferryctl("migrate", "g1", b.uri, "--live", "--json", timeout=300)
         assert moved.returncode == 0, moved.stderr + cluster.logs()
         assert b.domain_state("g1") == "running"

@@ -94,8 +94,9 @@ def test_network_nics_start_and_migrate_with_the_hosts_bridges(
         b.stop_agent("destination")
         b.write_config(**{"networks.default.bridge": "br-lan"})
         b.start_agent("destination")
-        before = serial.latest()
-        assert before is not None
+        # The boot line comes before the first report: wait for one (latest()
+        # right after boot raced with it under load).
+        before = serial.wait_for(lambda r: r.counter >= 1, timeout=60)
         moved = a.ferryctl("migrate", "g1", b.uri, "--live", "--json", timeout=300)
         assert moved.returncode == 0, moved.stderr + cluster.logs()
         assert b.domain_state("g1") == "running"
