@@ -390,35 +390,10 @@ def issue_host(
             f"host {name!r} needs at least one --dns or --ip: peers check the "
             "certificate against the name or address they dial"
         )
-    cert_path, key_path, ca_copy = (
-        out_dir / f"{name}.pem",
-        out_dir / f"{name}-key.pem",
-        out_dir / CA_CERT_NAME,
-    )
-    existing = [p for p in (cert_path, key_path) if p.exists()]
-    if existing and not force:
-        raise ConfigError(
-            f"host files already exist in {out_dir} ({', '.join(p.name for p in existing)}); "
-            "use --force to re-issue",
-            path=str(out_dir),
-        )
-    _mkdir(out_dir, 0o755)
-
-    key = _new_key()
-    cert = _sign_leaf(
-        ca_cert,
-        ca_key,
-        key,
-        name,
-        days=days,
-        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-        sans=sans,
-    )
-    _write_atomic(key_path, _key_pem(key), 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    if ca_copy.resolve() != (ca_dir / CA_CERT_NAME).resolve():
-        _write_atomic(ca_copy, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    return HostFiles(ca=ca_copy, cert=cert_path, key=key_path)
+    return _issue_leaf(
+        ca_dir, out_dir, name, ca_cert, ca_key, what="host", days=days, force=force,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], sans=sans,
+    )  # fmt: skip
 
 
 def issue_client(
@@ -455,6 +430,21 @@ def issue_client(
     if days <= 0:
         raise ConfigError(f"certificate validity must be positive, got {days} days")
     ca_cert, ca_key = _load_ca(ca_dir)
+    return _issue_leaf(
+        ca_dir, out_dir, name, ca_cert, ca_key, what="operator", days=days, force=force,
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        sans=[x509.UniformResourceIdentifier(f"{OPERATOR_URI_PREFIX}{name}")],
+    )  # fmt: skip
+
+
+def _issue_leaf(
+    ca_dir: Path, out_dir: Path, name: str, ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey, *,
+    what: str, days: int, force: bool, usages: list[x509.ObjectIdentifier],
+    sans: list[x509.GeneralName],
+) -> HostFiles:  # fmt: skip
+    """Write ``NAME.pem``, ``NAME-key.pem`` and a copy of ``ca.pem`` into ``out_dir``:
+    what :func:`issue_host` and :func:`issue_client` share once their checks passed."""
     cert_path, key_path, ca_copy = (
         out_dir / f"{name}.pem",
         out_dir / f"{name}-key.pem",
@@ -463,22 +453,14 @@ def issue_client(
     existing = [p for p in (cert_path, key_path) if p.exists()]
     if existing and not force:
         raise ConfigError(
-            f"operator files already exist in {out_dir} "
+            f"{what} files already exist in {out_dir} "
             f"({', '.join(p.name for p in existing)}); use --force to re-issue",
             path=str(out_dir),
         )
     _mkdir(out_dir, 0o755)
 
     key = _new_key()
-    cert = _sign_leaf(
-        ca_cert,
-        ca_key,
-        key,
-        name,
-        days=days,
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-        sans=[x509.UniformResourceIdentifier(f"{OPERATOR_URI_PREFIX}{name}")],
-    )
+    cert = _sign_leaf(ca_cert, ca_key, key, name, days=days, usages=usages, sans=sans)
     _write_atomic(key_path, _key_pem(key), 0o600)
     _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     if ca_copy.resolve() != (ca_dir / CA_CERT_NAME).resolve():
