@@ -1115,6 +1115,35 @@ def survey(files: Iterable[Generated]) -> list[SurveyRow]:
     return [survey_one(g) for g in files]
 
 
+#: Configurations Ferry defines today (the unit test's floor; of them, the
+#: e2e test's START_FLOOR is every one this test bed can start).
+DEFINE_FLOOR = (
+    "desktop-spice",
+    "desktop-vnc-qxl",
+    "server-headless",
+    "server-minimal",
+    "win10",
+    "bridge-nic",
+    "network-nic",
+    "virtio-scsi",
+    "multi-disk-nic",
+    "cloud-init",
+    "cloud-seed-iso",
+    "i440fx",
+    "i440fx-user-net",
+    "i440fx-passthrough",
+    "session-desktop",
+    "session-server",
+    "cpu-host-passthrough",
+    "cpu-named",
+    "guest-agent-path",
+    "usb-redir",
+    "watchdog",
+    "cdrom-install",
+    "pxe-install",
+    "iothreads-vcpus",
+)
+
 # ---------------------------------------------------------------------------
 # Reports.
 # ---------------------------------------------------------------------------
