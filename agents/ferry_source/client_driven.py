@@ -34,7 +34,7 @@ from ferry.errors import (
 )
 from ferry.flags import MigrationFlags, MigrationParams, validate
 from ferry.jobs.orphans import ClientStage, OrphanAction, decide_orphan
-from ferry.journal import LogContext, MessageID, log_event
+from ferry.journal import MessageID, log_event
 from ferry.protocol.cookie import Cookie
 from ferry.rpc import Handler, RequestContext, Session
 from ferry_source.begin import begin
@@ -136,8 +136,7 @@ class ClientDriven:
         out = self.driver.new_outgoing(req, "migrate", args, flags, params)
         link = ClientLink(session=req.session, emit_to=req.emit)
         out.client = link
-        with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
+        with out.log_context():
             try:
                 cookie, xml = await begin(self.ctx, out, req.emit)
             except FerryError as exc:
@@ -171,8 +170,7 @@ class ClientDriven:
         """
         out, link = self._find(req, args, "perform")
         link.bind(req.session, req.emit)
-        with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
+        with out.log_context():
             if link.stage is ClientStage.BEGUN:
                 self._start_perform(out, link, args)
             elif link.perform_task is None:
@@ -216,9 +214,7 @@ class ClientDriven:
                 log.exception("perform failed unexpectedly")
             if out.tunnel is not None:
                 await out.tunnel.close(drain=False)
-            # With our qemu gone after the stream started, the destination's
-            # copy is the only one left: it may try to finish.
-            cancelled = out.proc.alive() or not out.migrate_sent
+            cancelled = not out.may_finish_after_failure()
             if not cancelled:
                 # The client sends a real Finish next: see below.
                 out.job.phase = "finish"
@@ -257,8 +253,7 @@ class ClientDriven:
             # Our qemu died after the stream started: nothing here to resume
             # whatever Finish said; the destination's answer is the outcome.
             unknown = unknown or not cancelled
-        with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
+        with out.log_context():
             link.ended = "confirm"
             try:
                 return await self._confirm(out, link, req, cancelled=cancelled,
@@ -325,8 +320,7 @@ class ClientDriven:
                 migration_id=out.migration_id,
             )  # fmt: skip
         link.bind(req.session, req.emit)
-        with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
+        with out.log_context():
             log_event(log, MessageID.MIGRATION_PHASE,
                       f"a client took over migration {out.migration_id} of {out.name} "
                       f"({link.stage})", phase=out.phases.current)  # fmt: skip
@@ -355,8 +349,7 @@ class ClientDriven:
                 continue
             if link.ended:
                 return
-            with LogContext(domain=out.name, uuid=out.domain.uuid,
-                            migration_id=out.migration_id, peer=out.host):  # fmt: skip
+            with out.log_context():
                 log_event(log, MessageID.MIGRATION_PHASE,
                           f"the client of migration {out.migration_id} went away after "
                           f"{link.stage}; waiting {grace:g}s for a client to take it over "
@@ -369,8 +362,7 @@ class ClientDriven:
             link.rebound.clear()
         if link.ended:
             return
-        with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
+        with out.log_context():
             await self._end_orphan(out, link, grace)
 
     async def _end_orphan(self, out: Outgoing, link: ClientLink, grace: float) -> None:

@@ -123,8 +123,7 @@ class MigrationDriver:
             fence = self.ctx.fences.get(out.domain.uuid)
             if fence is not None:
                 out.migration_id = fence.migration_id
-        with LogContext(domain=out.name, uuid=out.domain.uuid,
-                        migration_id=out.migration_id, peer=out.host):  # fmt: skip
+        with out.log_context():
             try:
                 if resuming:
                     return await resume_postcopy(self.ctx, out, ctx)

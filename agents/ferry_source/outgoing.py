@@ -12,6 +12,7 @@ from ferry.domain import Domain
 from ferry.errors import FerryError
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.jobs import Job
+from ferry.journal import LogContext
 from ferry.protocol.phases import SourcePhases
 from ferry.qemu import QemuProcess
 from ferry.rpc import Session
@@ -73,6 +74,16 @@ class Outgoing:
             self.steering = Steering(self.flags, self.params, self.domain.memory_kib * 1024,
                                      preflight=self.preflight)  # fmt: skip
         return self.steering
+
+    def log_context(self) -> LogContext:
+        """The journal fields of everything logged for this migration."""
+        return LogContext(domain=self.name, uuid=self.domain.uuid,
+                          migration_id=self.migration_id, peer=self.host)  # fmt: skip
+
+    def may_finish_after_failure(self) -> bool:
+        """After a failed Perform: may the destination still finish?  Only when
+        our qemu died after the stream started: its copy is the only one left."""
+        return self.migrate_sent and self.proc is not None and not self.proc.alive()
 
     @property
     def name(self) -> str:

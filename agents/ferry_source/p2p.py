@@ -120,9 +120,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
         if out.tunnel is not None and perform_error is not None:
             # Nothing more may reach the destination's qemu.
             await out.tunnel.close(drain=False)
-        # With our qemu gone after the stream started, the destination's copy
-        # is the only one left: let it try to finish rather than discard it.
-        cancelled = perform_error is not None and (out.proc.alive() or not out.migrate_sent)
+        cancelled = perform_error is not None and not out.may_finish_after_failure()
 
         # -- Finish (peer) -------------------------------------------------
         enter_phase(out, emit, "finish")
