@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_migration import assert_moved, assert_stayed, boot_guest, refused
+from test_migration import assert_moved, assert_stayed, boot_guest, events, refused
 
 import testguest
 from cluster import Cluster, guest_xml, wait_until
@@ -44,22 +44,10 @@ def guest(
         serial.close()
 
 
-def run_client(cluster: Cluster, *args: str, fault: str | None = None,
-               timeout: float = 180) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    argv = cluster.client_argv("migrate", "g1", cluster.b.uri, "--client-driven", *args,
-                               fault=fault)  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)  # fmt: skip
-
-
-def events(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
-
 def test_client_driven_live_migration_moves_the_guest(
     guest: testguest.SerialReader, client_hosts: Cluster
 ) -> None:
-    result = run_client(client_hosts, "--live", "--json")
+    result = run_mig(client_hosts, "--live", "--json")
     assert result.returncode == 0, result.stderr + client_hosts.logs()
     evs = events(result)
     phases = [e["data"]["phase"] for e in evs if e["event"] == "phase"]  # type: ignore[index]
