@@ -161,8 +161,9 @@ class Driver:
             # Take its side over too, so its grace ends; Finish decides either way.
             await self.dest_request("adopt_incoming", {"migration_id": self.migration_id})
         self.dest_name = str(adopted.get("dest_name") or self.name)
-        return await self._from_perform({"uri": "-", "cookie": b"", "name": self.dest_name},
-                                        attach=True)  # fmt: skip
+        # Perform is running or over: the source follows it (or gives its
+        # result) and ignores the URI and cookie.
+        return await self._from_perform({"uri": "-", "cookie": b"", "name": self.dest_name})
 
     async def close(self) -> None:
         """Close the connection to the destination."""
@@ -208,9 +209,7 @@ class Driver:
         _die_here("after-prepare")
         return prepared
 
-    async def _from_perform(
-        self, prepared: dict[str, Any], *, attach: bool = False
-    ) -> dict[str, Any]:
+    async def _from_perform(self, prepared: dict[str, Any]) -> dict[str, Any]:
         """Perform (or follow the one running), Finish, Confirm."""
         try:
             perform_error: FerryError | None = None
@@ -268,8 +267,7 @@ class Driver:
         def on_event(event: str, data: dict[str, Any]) -> None:
             self._source_event(event, data)
             if event == "progress":
-                if os.environ.get(CLIENT_FAULT_ENV) == "during-perform" and data.get(
-                        "transferred"):  # fmt: skip
+                if data.get("transferred"):
                     _die_here("during-perform")
                 now = loop.time()
                 if now - heartbeat[0] >= HEARTBEAT_INTERVAL_S and self.dest is not None:
