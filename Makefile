@@ -9,8 +9,9 @@ APT_PKGS := qemu-system-x86 qemu-utils libsystemd-dev pkg-config iproute2 zstd \
             socat binutils gcc make systemd python3-venv python3-dev util-linux libssl-dev \
             swtpm swtpm-tools ovmf
 # Installed without their recommends: virtinst would pull in a libvirt daemon
-# (and a viewer) that the tests never use and that must not run on a CI host.
-APT_PKGS_BARE := virtinst xorriso
+# (and a viewer) that the tests never use and that must not run on a CI host;
+# the tests run their own Open vSwitch daemons per test host.
+APT_PKGS_BARE := virtinst xorriso openvswitch-switch
 NATIVE_SRC := $(wildcard native/ferry_native/*.pyx native/ferry_native/*.pxd)
 PYTEST_ARGS ?=
 

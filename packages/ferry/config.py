@@ -76,6 +76,17 @@ Example::
     # stands for on this host, so that the same XML starts on every host.
     [networks.default]
     bridge = "br0"
+    # An Open vSwitch bridge instead: Ferry adds each tap as a port of it with
+    # ovs-vsctl (external-ids iface-id, attached-mac, vm-id) and removes the
+    # port when the VM leaves the host.
+    [networks.ovs]
+    bridge = "ovsbr0"
+    virtualport = "openvswitch"
+
+    [openvswitch]
+    # ovs-vsctl and its database (unset: ovs-vsctl's default socket).
+    vsctl = "ovs-vsctl"
+    db = "unix:/run/openvswitch/db.sock"
 
     [[acl]]
     groups = ["ferry"]
@@ -358,8 +369,19 @@ class NetworkConfig:
     """``[networks.NAME]``: what ``<source network='NAME'/>`` means on this host."""
 
     name: str
-    #: The Linux bridge the VM's tap device is attached to.
+    #: The bridge the VM's tap device is attached to (a Linux bridge, or an
+    #: Open vSwitch bridge when ``virtualport`` is "openvswitch").
     bridge: str
+    virtualport: str | None = None
+
+
+@dataclass(frozen=True)
+class OpenVSwitchConfig:
+    """``[openvswitch]``: how Ferry reaches Open vSwitch for ``virtualport`` ports."""
+
+    vsctl: str = "ovs-vsctl"
+    #: ovs-vsctl's ``--db`` (e.g. ``unix:/run/openvswitch/db.sock``); None: its default.
+    db: str | None = None
 
 
 @dataclass(frozen=True)
@@ -392,6 +414,7 @@ class AgentConfig:
     graphics: GraphicsConfig = field(default_factory=GraphicsConfig)
     #: ``[networks.NAME]`` tables by NAME.
     networks: Mapping[str, NetworkConfig] = field(default_factory=dict)
+    openvswitch: OpenVSwitchConfig = field(default_factory=OpenVSwitchConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
     source_path: Path | None = None
 
@@ -637,6 +660,12 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
     storage = _parse_storage(_Section(top.get("storage", dict, {}), "storage"))
     graphics = _parse_graphics(_Section(top.get("graphics", dict, {}), "graphics"))
     networks = _parse_networks(top.get("networks", dict, {}))
+    ovs_s = _Section(top.get("openvswitch", dict, {}), "openvswitch")
+    openvswitch = OpenVSwitchConfig(vsctl=ovs_s.get("vsctl", str, "ovs-vsctl"),
+                                    db=ovs_s.get("db", str))
+    if not openvswitch.vsctl or (openvswitch.db is not None and not openvswitch.db.strip()):
+        raise ConfigError("[openvswitch] vsctl and db must not be empty")
+    ovs_s.finish()
 
     testing_s = _Section(top.get("testing", dict, {}), "testing")
     faults = _str_tuple(testing_s, "faults", ())
@@ -666,6 +695,7 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         storage=storage,
         graphics=graphics,
         networks=networks,
+        openvswitch=openvswitch,
         testing=testing,
         source_path=source_path,
     )
@@ -752,16 +782,17 @@ def _parse_networks(data: Any) -> dict[str, NetworkConfig]:
                               'with bridge = "br0"')
         section = _Section(table, where)
         bridge = section.get("bridge", str)
-        if section.get("virtualport", str) is not None:
-            raise ConfigError(f"[{where}] virtualport: Open vSwitch bridges are not supported "
-                              "yet; name a Linux bridge (ip link add br0 type bridge)")
+        virtualport = section.get("virtualport", str)
+        if virtualport not in (None, "openvswitch"):
+            raise ConfigError(f"[{where}] virtualport: {virtualport!r} is not supported "
+                              '(use "openvswitch", or leave it out for a Linux bridge)')
         if bridge is None:
             raise ConfigError(f'[{where}] bridge is required (the host bridge, e.g. "br0")')
         if not 0 < len(bridge) <= 15 or not set(bridge) <= _IFNAME_CHARS:
             raise ConfigError(f"[{where}] bridge: {bridge!r} is not an interface name "
                               "(1..15 of A-Z a-z 0-9 _ . -)")
         section.finish()
-        out[name] = NetworkConfig(name=name, bridge=bridge)
+        out[name] = NetworkConfig(name=name, bridge=bridge, virtualport=virtualport)
     return out
 
 

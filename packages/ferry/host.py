@@ -44,7 +44,7 @@ from ferry.domain import (
 from ferry.domain.argv import live_sockets
 from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
-from ferry.netdev import open_taps
+from ferry.netdev import detach_switch_ports, open_taps
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
 from ferry.qemu.scope import scope_for
 from ferry.statefile import DomainStatus, atomic_write
@@ -359,6 +359,9 @@ class Host:
             status.extra["graphics"] = displays
         if taps:
             status.extra["taps"] = {str(i): t.ifname for i, t in taps.items()}
+            on_switch = [t.ifname for t in taps.values() if t.switch_port]
+            if on_switch:
+                status.extra["switch_ports"] = on_switch
         self.save_status(status)
         self._procs[domain.name] = proc
         return proc
@@ -527,8 +530,14 @@ class Host:
         self.cleanup(name)
 
     def cleanup(self, name: str) -> None:
-        """Remove a stopped domain's status, live XML, pidfile and sockets."""
+        """Remove a stopped domain's status, live XML, pidfile, sockets and switch ports."""
         self._procs.pop(name, None)
+        status = self.load_status(name)
+        if status is not None and status.extra.get("switch_ports"):
+            removed = detach_switch_ports(self.config, status.extra["switch_ports"],
+                                          status.uuid)  # fmt: skip
+            if removed:
+                log.info("domain %s: removed Open vSwitch ports %s", name, " ".join(removed))
         for path in (
             self.status_path(name),
             self.live_xml_path(name),

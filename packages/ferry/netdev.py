@@ -17,6 +17,11 @@ dev TAP master BRIDGE up`` (an argv, never a shell) and hands the
 descriptor to qemu (``-netdev tap,fd=N``). The device is not persistent:
 the kernel deletes it when the last descriptor closes, that is when qemu
 exits (or at once, when the start fails before qemu holds it).
+
+A NIC with ``<virtualport type='openvswitch'>``, or on a network the host
+maps to an Open vSwitch bridge (``virtualport = "openvswitch"``), becomes a
+port of that bridge instead (:mod:`ferry.ovs`); the port is removed when the
+VM leaves the host (:func:`detach_switch_ports`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import struct
 import subprocess
 from collections.abc import Iterator, Mapping
 
+from ferry import ovs
 from ferry.config import AgentConfig
 from ferry.domain import Domain, HostNetworks, Interface
 from ferry.domain._nics import network_table
@@ -38,9 +44,11 @@ __all__ = [
     "TAP_TEMPLATE",
     "bridge_of",
     "check_networks",
+    "detach_switch_ports",
     "host_networks",
     "network_problems",
     "open_taps",
+    "switch_port_of",
     "unmapped_hint",
 ]
 
@@ -105,6 +113,34 @@ def bridge_of(nic: Interface, config: AgentConfig) -> str | None:
     return None
 
 
+def switch_port_of(
+    domain: Domain, nic: Interface, bridge: str, tap: str, config: AgentConfig
+) -> ovs.SwitchPort | None:
+    """The Open vSwitch port ``nic`` needs on this host, or None (a Linux bridge)."""
+    mapped = config.networks.get(str(nic.source)) if nic.type == "network" else None
+    on_ovs = nic.virtualport is not None or (
+        mapped is not None and mapped.virtualport == "openvswitch")
+    if not on_ovs:
+        return None
+    vp = nic.virtualport
+    interface_id = (vp.interfaceid if vp is not None and vp.interfaceid is not None
+                    else ovs.default_interface_id(domain.uuid, nic.mac))  # fmt: skip
+    return ovs.SwitchPort(bridge=bridge, tap=tap, mac=nic.mac, interface_id=interface_id,
+                          vm_id=domain.uuid, profile_id=vp.profileid if vp else None)
+
+
+def detach_switch_ports(config: AgentConfig, ports: object, vm_id: str) -> list[str]:
+    """Remove the switch ports a VM's status recorded (``extra["switch_ports"]``).
+
+    Returns the taps removed. Never raises: called while cleaning up.
+    """
+    removed = []
+    for tap in ports if isinstance(ports, list) else ():
+        if isinstance(tap, str) and ovs.detach(config.openvswitch, tap, vm_id):
+            removed.append(tap)
+    return removed
+
+
 def _create_tap(vnet_hdr: bool) -> tuple[int, str]:
     """Open ``/dev/net/tun`` and create a tap device: (descriptor, name)."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
@@ -146,7 +182,9 @@ def _attach(tap: str, bridge: str, mtu: int | None, domain: str) -> None:
         raise QemuLaunchError(
             f"domain {domain}: bridge {bridge!r} does not exist on this host (or is not a "
             f"Linux bridge): create it (ip link add {bridge} type bridge) or map the "
-            "network to another one", bridge=bridge)
+            "network to another one (an Open vSwitch bridge needs <virtualport "
+            "type='openvswitch'/> in the interface, or virtualport = \"openvswitch\" in "
+            "the network's [networks.NAME])", bridge=bridge)
     if mtu is not None:
         _ip("link", "set", "dev", tap, "mtu", str(mtu))
     _ip("link", "set", "dev", tap, "master", bridge, "up")
@@ -166,6 +204,7 @@ def open_taps(domain: Domain, config: AgentConfig) -> Iterator[Mapping[int, NicT
             CAP_NET_ADMIN) or the bridge does not exist.
     """
     taps: dict[int, NicTap] = {}
+    switch_ports: list[str] = []
     try:
         for i, nic in enumerate(domain.interfaces):
             bridge = bridge_of(nic, config)
@@ -179,9 +218,21 @@ def open_taps(domain: Domain, config: AgentConfig) -> Iterator[Mapping[int, NicT
                     f"domain {domain.name}: cannot create a tap device for interface {i} "
                     f"({nic.mac}) on bridge {bridge!r}: {exc.strerror or exc} (the agent "
                     "needs /dev/net/tun and CAP_NET_ADMIN)", bridge=bridge) from None
-            taps[i] = NicTap(fd=fd, ifname=name, vnet_hdr=vnet_hdr)
-            _attach(name, bridge, nic.mtu, domain.name)
+            port = switch_port_of(domain, nic, bridge, name, config)
+            taps[i] = NicTap(fd=fd, ifname=name, vnet_hdr=vnet_hdr, switch_port=port is not None)
+            if port is None:
+                _attach(name, bridge, nic.mtu, domain.name)
+            else:
+                if nic.mtu is not None:
+                    _ip("link", "set", "dev", name, "mtu", str(nic.mtu))
+                _ip("link", "set", "dev", name, "up")
+                ovs.attach(config.openvswitch, port, domain.name)
+                switch_ports.append(name)
         yield taps
+    except BaseException:
+        # qemu never held these taps: their switch ports must not outlive them.
+        detach_switch_ports(config, switch_ports, domain.uuid)
+        raise
     finally:
         for tap in taps.values():
             with contextlib.suppress(OSError):

@@ -59,8 +59,8 @@ def test_networks_config() -> None:
     for bad, match in (({"default": {}}, "bridge is required"),
                        ({"default": {"bridge": "a" * 16}}, "not an interface name"),
                        ({"default": {"bridge": "br 0"}}, "not an interface name"),
-                       ({"default": {"bridge": "br0", "virtualport": "openvswitch"}},
-                        "Open vSwitch"),
+                       ({"default": {"bridge": "br0", "virtualport": "ovs"}},
+                        "virtualport: 'ovs' is not supported"),
                        ({"default": {"bridge": "br0", "mode": "nat"}}, "unknown key"),
                        ({"default": "br0"}, "expected a table")):
         with pytest.raises(ConfigError, match=match):
@@ -227,3 +227,101 @@ def test_no_tun_device_is_a_clear_launch_error(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(QemuLaunchError, match="CAP_NET_ADMIN"), \
             ferry.netdev.open_taps(parse_domain(XML), _config(default={"bridge": "br0"})):
         pass
+
+
+# -- Open vSwitch -------------------------------------------------------------------------------
+
+OVS_NIC = """<domain type='qemu'>
+  <name>ovs</name>
+  <uuid>5a1f0c2e-8b3d-4f6a-9e7c-2d4b6a8c0e11</uuid>
+  <memory>65536</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:0f:00:01'/>
+      <source bridge='ovsbr0'/>
+      <virtualport type='openvswitch'>
+        <parameters interfaceid='0B5E6F1C-7D2A-4E8B-9C3F-1A2B3C4D5E6F' profileid='gold'/>
+      </virtualport>
+    </interface>
+    <interface type='network'>
+      <mac address='52:54:00:0f:00:02'/>
+      <source network='sdn'/>
+    </interface>
+  </devices>
+</domain>
+"""
+
+
+def test_openvswitch_config() -> None:
+    cfg = parse_config({"host": HOST, "networks": {"sdn": {"bridge": "ovsbr0",
+                                                           "virtualport": "openvswitch"}},
+                        "openvswitch": {"db": "unix:/run/ovs/db.sock"}})  # fmt: skip
+    assert cfg.networks["sdn"].virtualport == "openvswitch"
+    assert cfg.openvswitch.db == "unix:/run/ovs/db.sock" and cfg.openvswitch.vsctl == "ovs-vsctl"
+    with pytest.raises(ConfigError, match=r"virtualport: '802\.1Qbh' is not supported"):
+        _config(sdn={"bridge": "br0", "virtualport": "802.1Qbh"})
+    with pytest.raises(ConfigError, match=r"\[openvswitch\] vsctl and db must not be empty"):
+        parse_config({"host": HOST, "openvswitch": {"db": " "}})
+
+
+def test_virtualport_parses_and_round_trips() -> None:
+    from ferry.domain import format_domain
+
+    d = parse_domain(OVS_NIC)
+    vp = d.interfaces[0].virtualport
+    assert vp is not None and vp.type == "openvswitch" and vp.profileid == "gold"
+    assert vp.interfaceid == "0b5e6f1c-7d2a-4e8b-9c3f-1a2b3c4d5e6f"  # canonical form
+    assert d.interfaces[1].virtualport is None
+    assert parse_domain(format_domain(d)) == d
+
+
+@pytest.mark.parametrize(("fragment", "words"), [
+    ("<virtualport type='802.1Qbh'/>", "virtualport type"),
+    ("<virtualport/>", "<virtualport> needs a type"),
+    ("<virtualport type='openvswitch'><parameters interfaceid='nope'/></virtualport>",
+     "invalid UUID"),
+])  # fmt: skip
+def test_bad_virtualport_is_refused_with_its_problem(fragment: str, words: str) -> None:
+    from ferry.errors import XMLError
+
+    xml = OVS_NIC.replace("<source network='sdn'/>", "<source network='sdn'/>" + fragment)
+    with pytest.raises(XMLError, match=words):
+        parse_domain(xml)
+
+
+def test_user_interface_has_no_switch_port() -> None:
+    from ferry.errors import XMLError
+
+    xml = OVS_NIC.replace("<interface type='network'>\n      <mac address='52:54:00:0f:00:02'/>\n"
+                          "      <source network='sdn'/>",
+                          "<interface type='user'><virtualport type='openvswitch'/>")  # fmt: skip
+    with pytest.raises(XMLError, match="has no switch port"):
+        parse_domain(xml)
+
+
+def test_switch_ports_and_their_ovs_vsctl_argv() -> None:
+    from ferry import ovs
+    from ferry.netdev import switch_port_of
+
+    cfg = parse_config({"host": HOST, "networks": {
+        "sdn": {"bridge": "ovsbr0", "virtualport": "openvswitch"}, "plain": {"bridge": "br0"}},
+        "openvswitch": {"db": "unix:/x/db.sock"}})  # fmt: skip
+    d = parse_domain(OVS_NIC)
+    explicit = switch_port_of(d, d.interfaces[0], "ovsbr0", "ferry3", cfg)
+    derived = switch_port_of(d, d.interfaces[1], "ovsbr0", "ferry4", cfg)
+    assert explicit is not None and derived is not None
+    assert explicit.interface_id == "0b5e6f1c-7d2a-4e8b-9c3f-1a2b3c4d5e6f"
+    # Derived from UUID and MAC: the same on every host, different per NIC.
+    assert derived.interface_id == ovs.default_interface_id(d.uuid, "52:54:00:0F:00:02")
+    assert derived.interface_id != ovs.default_interface_id(d.uuid, "52:54:00:0f:00:01")
+    argv = ovs.add_port_argv(cfg.openvswitch, explicit)
+    assert argv[:3] == ["ovs-vsctl", "--db=unix:/x/db.sock", "--timeout=10"]
+    assert argv[3:12] == ["--", "--if-exists", "del-port", "ferry3",
+                          "--", "add-port", "ovsbr0", "ferry3", "--"]  # fmt: skip
+    assert f'external-ids:iface-id="{explicit.interface_id}"' in argv
+    assert f'external-ids:vm-id="{d.uuid}"' in argv
+    assert 'external-ids:port-profile="gold"' in argv
+    # A NIC on a network mapped to a Linux bridge is not a switch port.
+    plain = parse_domain(OVS_NIC.replace("network='sdn'", "network='plain'"))
+    assert switch_port_of(plain, plain.interfaces[1], "br0", "ferry5", cfg) is None

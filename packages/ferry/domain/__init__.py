@@ -129,6 +129,7 @@ from ferry.domain.model import (
     Rng,
     Timer,
     Video,
+    VirtualPort,
 )
 from ferry.domain.parse import MAX_XML_BYTES, HostNetworks, parse_domain
 
@@ -160,6 +161,7 @@ __all__ = [
     "RuntimePaths",
     "Timer",
     "Video",
+    "VirtualPort",
     "check_abi_stability",
     "format_domain",
     "kvm_usable",

@@ -11,10 +11,10 @@ from typing import Any, cast
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import Loc, check_safe_text, fail, normalise_mac
+from ferry.domain._checks import Loc, check_safe_text, fail, normalise_mac, normalise_uuid
 from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, text, uint
-from ferry.domain.model import Interface
+from ferry.domain.model import Interface, VirtualPort
 from ferry.errors import XMLUnsupported
 
 __all__ = ["HostNetworks", "check_host_networks", "network_table", "parse_interface"]
@@ -75,10 +75,40 @@ def parse_interface(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Interface:
     mtu = ctx.guard(_mtu, ctx, el, loc)
     sndbuf = ctx.guard(_sndbuf, ctx, el, loc)
     address = ctx.guard(parse_address, ctx, el, loc, ("pci",))
+    virtualport = ctx.guard(_virtualport, ctx, el, loc, itype)
     if mac is None or ctx.count != mark:
         raise Skip()
     return Interface(type=cast(Any, itype), mac=mac, model=model, source=source, mtu=mtu,
-                     sndbuf=sndbuf, address=address)
+                     sndbuf=sndbuf, address=address, virtualport=virtualport)
+
+
+def _virtualport(ctx: Ctx, el: etree._Element, loc: Loc, itype: str) -> VirtualPort | None:
+    """``<virtualport type='openvswitch'>`` (libvirt's other port types need switch
+    hardware (802.1Qbg/Qbh) or a MidoNet controller that Ferry does not drive)."""
+    vp = one(ctx, el, "virtualport", loc)
+    if vp is None:
+        return None
+    vloc = ctx.loc(vp, f"{_NIC}/virtualport")
+    vtype = enum(vp, "type", vloc, ("openvswitch",), what="virtualport type")
+    if vtype is None:
+        raise fail(vloc, "<virtualport> needs a type", hint="add type='openvswitch'")
+    if itype not in ("bridge", "network"):
+        raise fail(vloc, f"an interface of type {itype!r} has no switch port",
+                   hint="remove <virtualport>, or use type='bridge' with an Open vSwitch bridge")
+    interfaceid = profileid = None
+    params = one(ctx, vp, "parameters", vloc)
+    if params is not None:
+        ploc = ctx.loc(params, f"{_NIC}/virtualport/parameters")
+        raw = get(params, "interfaceid")
+        if raw is not None:
+            interfaceid = normalise_uuid(raw, ploc)
+        raw = get(params, "profileid")
+        if raw is not None:
+            profileid = check_safe_text(raw, ploc, "profileid")
+            if not 0 < len(profileid) <= 255:
+                raise fail(ploc, "profileid must have 1 to 255 characters",
+                           hint="shorten profileid or remove it")
+    return VirtualPort(type="openvswitch", interfaceid=interfaceid, profileid=profileid)
 
 
 def _mac(ctx: Ctx, el: etree._Element, loc: Loc) -> str:

@@ -119,6 +119,8 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/interface/mtu": _s("size"),
     "domain/devices/interface/tune": _s(),
     "domain/devices/interface/tune/sndbuf": _s(text=True),
+    "domain/devices/interface/virtualport": _s("type"),
+    "domain/devices/interface/virtualport/parameters": _s("interfaceid", "profileid"),
     "domain/devices/interface/address": ADDRESS,
     "domain/devices/serial": _s("type"),
     "domain/devices/serial/source": _s("path", "mode", "append"),

@@ -208,6 +208,8 @@ class NicTap:
     ifname: str = ""
     #: Opened with IFF_VNET_HDR (virtio NICs); qemu finds that out itself.
     vnet_hdr: bool = False
+    #: A port of an Open vSwitch bridge (removed when the VM leaves the host).
+    switch_port: bool = False
 
 
 def _kvm_problem(dev: str = "/dev/kvm") -> str | None:

@@ -132,6 +132,11 @@ def _interface(parent: _Element, n: Interface) -> None:
         _sub(el, "model", type=n.model)
     if n.mtu is not None:
         _sub(el, "mtu", size=str(n.mtu))
+    if n.virtualport is not None:
+        vp = _sub(el, "virtualport", type=n.virtualport.type)
+        if n.virtualport.interfaceid is not None or n.virtualport.profileid is not None:
+            _sub(vp, "parameters", interfaceid=n.virtualport.interfaceid,
+                 profileid=n.virtualport.profileid)
     _address(el, n.address)
 
 

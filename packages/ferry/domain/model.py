@@ -250,6 +250,17 @@ class Controller:
 
 
 @dataclass(frozen=True)
+class VirtualPort:
+    """``<virtualport type='openvswitch'>``: the NIC's port on an Open vSwitch bridge."""
+
+    type: Literal["openvswitch"]
+    #: The port's identity for an SDN controller (OVS ``external-ids:iface-id``);
+    #: None: derived from the domain UUID and the MAC (the same on every host).
+    interfaceid: str | None = None
+    profileid: str | None = None
+
+
+@dataclass(frozen=True)
 class Interface:
     """``<interface>``: a NIC and its host side (user, bridge or network)."""
 
@@ -261,6 +272,7 @@ class Interface:
     mtu: int | None = None
     sndbuf: int | None = None
     address: Address | None = None
+    virtualport: VirtualPort | None = None
 
 
 @dataclass(frozen=True)
