@@ -35,7 +35,13 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 AGENT_PORT = 49160
 
-__all__ = ["Cluster", "HostEnv", "wait_until"]
+#: Where a host with local storage (:meth:`HostEnv.enable_local_storage`) sees
+#: its own disk directory: the same path on every host, different files, as
+#: two machines with local disks have. Inside the temp directory, so the
+#: default storage policy admits it.
+LOCAL_STORAGE = Path(tempfile.gettempdir()) / "ferry-local-storage"
+
+__all__ = ["LOCAL_STORAGE", "Cluster", "HostEnv", "wait_until"]
 
 
 def wait_until(
@@ -70,6 +76,24 @@ class HostEnv:
     extra_config: dict[str, Any] = field(default_factory=dict)
     agent_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: Agents (and their qemus) see :attr:`local_dir` at :data:`LOCAL_STORAGE`.
+    local_storage: bool = False
+
+    @property
+    def local_dir(self) -> Path:
+        """This host's own disk directory (its agents see it at LOCAL_STORAGE)."""
+        return self.root / "local"
+
+    def enable_local_storage(self) -> Path:
+        """Give this host local disks: agents started from now on run in a private
+        mount namespace where :data:`LOCAL_STORAGE` is :attr:`local_dir`.
+
+        Returns :attr:`local_dir`, where the test puts (and checks) this host's images.
+        """
+        self.local_storage = True
+        self.local_dir.mkdir(exist_ok=True)
+        LOCAL_STORAGE.mkdir(exist_ok=True)
+        return self.local_dir
 
     @property
     def run_dir(self) -> Path:
@@ -163,8 +187,14 @@ class HostEnv:
         ):
             env.pop("FERRY_JOURNAL_SOCKET", None)
         env.update(self.agent_env)
+        argv = [binary, "--config", str(self.config_path), "--debug"]
+        if self.local_storage:
+            # Both agents of the host bind the same directory: one host's view.
+            argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                    'mount --bind "$0" "$1" || exit 1; shift; exec "$@"',
+                    str(self.local_dir), str(LOCAL_STORAGE), *argv]  # fmt: skip
         proc = subprocess.Popen(
-            self.ns.exec_argv([binary, "--config", str(self.config_path), "--debug"]),
+            self.ns.exec_argv(argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
