@@ -26,6 +26,7 @@ from ferry.qemu import query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, discard, end_tunnel
+from ferry_destination.nbd_export import forget_created, stop_nbd
 from ferry_destination.postcopy import finish_held, hold, postcopy_state
 
 __all__ = ["finish"]
@@ -70,6 +71,10 @@ async def finish(
         try:
             postcopy = bool(flags & MigrationFlags.POSTCOPY)
             stats = await _wait_incoming(dst, incoming, postcopy=postcopy)
+            if incoming.created_images:
+                # The source ended its mirrors in sync at switchover; nobody
+                # may write to the images over NBD once the guest runs here.
+                await stop_nbd(incoming.proc)
             # The source released its leases at switchover; we take them
             # before any CPU of ours can write.
             await dst.host.acquire_leases(incoming.domain, incoming.proc)
@@ -102,6 +107,10 @@ async def finish(
                                      source_host=record.source_host)  # fmt: skip
         # It runs here now: a fence left from an earlier move away is stale.
         dst.fences.clear(incoming.domain.uuid)
+        if incoming.created_images:
+            # The copied images are the VM's disks now, not leftovers.
+            forget_created(dst, name)
+            incoming.created_images = []
         status = dst.host.load_status(name)
         if status is not None:
             status.run_state = "paused" if flags & MigrationFlags.PAUSED else "running"

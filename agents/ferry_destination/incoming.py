@@ -34,6 +34,7 @@ from ferry.outcomes import FAILED
 from ferry.protocol.phases import DestinationPhases
 from ferry.qemu import QemuProcess
 from ferry_destination.context import DestinationContext
+from ferry_destination.nbd_export import remove_images
 from ferry_destination.tunnel import IncomingTunnel
 
 __all__ = ["Binding", "Incoming", "discard", "end_tunnel", "watchdog"]
@@ -122,6 +123,8 @@ class Incoming:
     binding: Binding | None = None
     #: Prepare's reply without its tunnel token: what ``adopt_incoming`` hands a new client.
     answer: dict[str, Any] | None = None
+    #: Images this host created for a storage copy (deleted if the migration fails).
+    created_images: list[str] = field(default_factory=list)
 
     @property
     def client_driven(self) -> bool:
@@ -213,6 +216,8 @@ async def discard(ctx: DestinationContext, incoming: Incoming, reason: str) -> N
         incoming.phases.abort()
     try:
         await ctx.host.kill(name)
+        # Only once qemu is gone: it held them open (and the mirror wrote).
+        remove_images(incoming.created_images)
         ctx.outcomes.record(incoming.migration_id, FAILED, domain=name,
                             uuid=incoming.domain.uuid, reason=reason,
                             source_host=incoming.source_host)  # fmt: skip

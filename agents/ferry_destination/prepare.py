@@ -30,14 +30,22 @@ from ferry.jobs import AsyncJob
 from ferry.journal import LogContext, MessageID, log_event
 from ferry.netdev import host_networks
 from ferry.outcomes import FAILED, PREPARED, valid_migration_id
-from ferry.protocol.cookie import Cookie, Graphics, Identity
+from ferry.protocol.cookie import Cookie, Graphics, Identity, Nbd
 from ferry.qemu import QemuProcess, set_caps, set_params
 from ferry.qemu.settings import destination_settings
 from ferry.rpc import RequestContext
+from ferry.storage_copy import DiskCopy
 from ferry.storage_policy import check_domain
 from ferry.uri import split_authority
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Binding, Incoming, watchdog
+from ferry_destination.nbd_export import (
+    check_plan,
+    create_images,
+    record_created,
+    remove_images,
+    start_nbd,
+)
 from ferry_destination.tunnel import IncomingTunnel, issue_token, redeemer_for
 
 __all__ = ["listen_uri", "prepare", "unmapped"]
@@ -117,7 +125,27 @@ async def prepare(
                     channels += params.parallel_connections or 2
                 path = dst.config.paths.tunnel_dir / f"{identity.migration_id[:16]}.sock"
                 tunnel = IncomingTunnel(domain.name, path, channels)
-            proc, uri = await _start_incoming(dst, domain, flags, params, reached, tunnel)
+            # --copy-storage-*: the images exist (made here) before qemu opens them.
+            copies = check_plan(domain, cookie.storage) if cookie.storage is not None else []
+            created = await create_images(dst, domain, copies) if copies else []
+            nbd: Nbd | None = None
+            try:
+                proc, uri = await _start_incoming(dst, domain, flags, params, reached, tunnel)
+                if copies:
+                    client = redeemer_for(ctx.subject, identity.hostname)
+                    try:
+                        if client is None:
+                            raise MigrationRefused("prepare: no source host certificate name "
+                                                   "to admit to the disks' NBD server")
+                        nbd = await _export_disks(dst, proc, domain, copies, client, params,
+                                                  reached)  # fmt: skip
+                        record_created(dst, domain.name, created)
+                    except BaseException:
+                        await dst.host.kill(domain.name)
+                        raise
+            except BaseException:
+                remove_images(created)
+                raise
         except BaseException as exc:
             with contextlib.suppress(FerryError):
                 dst.outcomes.record(identity.migration_id, FAILED, domain=domain.name,
@@ -129,7 +157,7 @@ async def prepare(
                           grace_s=dst.config.migration.client_grace_s)  # fmt: skip
         incoming = Incoming(domain, job, proc, identity.migration_id, flags,
                             source_host=identity.hostname, tunnel=tunnel,
-                            binding=binding)  # fmt: skip
+                            binding=binding, created_images=created)  # fmt: skip
         incoming.phases.advance("prepare")
         dst.incoming[domain.name] = incoming
         dst.notify_status()
@@ -141,6 +169,8 @@ async def prepare(
         graphics = await _graphics(dst, domain, proc, reached)
         if graphics is not None:
             reply = reply.with_graphics(graphics)
+        if nbd is not None:
+            reply = reply.with_section(Nbd.SECTION, nbd.to_wire())
         answer: dict[str, Any] = {"uri": uri, "cookie": reply.encode(), "name": domain.name}
         if client_driven:
             # Kept without the token (a credential): a client taking over
@@ -204,6 +234,22 @@ async def _run_hook(dst: DestinationContext, domain: Domain) -> Domain:
     replaced = parse_domain(out, where=f"migrate hook {hook} output")
     check_abi_stability(domain, replaced)
     return replaced
+
+
+async def _export_disks(
+    dst: DestinationContext, proc: QemuProcess, domain: Domain, copies: list[DiskCopy],
+    client: str, params: MigrationParams, reached: str | None,
+) -> Nbd:
+    """Start the incoming qemu's NBD server for the copied disks (--disks-port, --disks-uri)."""
+    address = dst.config.destination.migration_address
+    port: int | None = params.disks_port
+    if params.disks_uri:
+        address, port = _parse_tcp_uri(params.disks_uri, address, what="disks URI")
+    if port is None:
+        port = _pick_port(dst, address)
+    advertised = _advertised(address, reached)
+    return await start_nbd(dst, proc, domain, copies, client=client, address=address, port=port,
+                           advertised=advertised)  # fmt: skip
 
 
 def _pick_port(dst: DestinationContext, address: str) -> int:
@@ -304,7 +350,9 @@ async def _graphics(
     return Graphics(type=g.type, port=port or 0, tls_port=tls_port, listen=listen)
 
 
-def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
+def _parse_tcp_uri(
+    uri: str, default_host: str, *, what: str = "migrate URI"
+) -> tuple[str, int | None]:
     """``tcp:HOST[:PORT]`` or ``tcp://HOST[:PORT]`` → (host, port)."""
     rest = uri
     for prefix in ("tcp://", "tcp:"):
@@ -312,12 +360,12 @@ def _parse_tcp_uri(uri: str, default_host: str) -> tuple[str, int | None]:
             rest = rest[len(prefix) :]
             break
     else:
-        raise MigrationRefused(f"migrate URI {uri!r}: only tcp:HOST[:PORT] is supported")
+        raise MigrationRefused(f"{what} {uri!r}: only tcp:HOST[:PORT] is supported")
     host, port_text = split_authority(rest)
     host = host or default_host
     if port_text:
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise MigrationRefused(f"migrate URI {uri!r}: bad port {port_text!r}")
+            raise MigrationRefused(f"{what} {uri!r}: bad port {port_text!r}")
         return host, int(port_text)
     return host, None
 

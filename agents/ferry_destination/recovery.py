@@ -19,6 +19,7 @@ from ferry.journal import LogContext, MessageID, log_event
 from ferry.outcomes import FAILED, FINISHING, POSTCOPY, PREPARED, RUNNING
 from ferry.qemu import query_migrate
 from ferry_destination.context import DestinationContext
+from ferry_destination.nbd_export import CREATED_KEY, remove_images
 
 __all__ = ["recover_incoming"]
 
@@ -92,7 +93,11 @@ async def _decide(
             return decision.action
         status = dst.host.load_status(name)
         if status is not None and status.uuid == uuid:
+            created = status.extra.get(CREATED_KEY)
             await dst.host.kill(name)  # by pid if its monitor is wedged
+            if isinstance(created, list):
+                # A storage copy's half-made images: only those this host created.
+                remove_images(p for p in created if isinstance(p, str))
         if migration_id and (entry is None or entry.state != FAILED):
             dst.outcomes.record(migration_id, FAILED, domain=name, uuid=uuid,
                                 reason=f"ferry-destination restarted: {decision.reason}",

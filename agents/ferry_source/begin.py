@@ -11,9 +11,10 @@ from ferry.fences import POSTCOPY
 from ferry.flags import MigrationFlags, flag_names
 from ferry.jobs import AsyncJob
 from ferry.journal import MessageID, log_event
-from ferry.protocol.cookie import Cookie, Identity, LockState, Persistent
+from ferry.protocol.cookie import Cookie, Identity, LockState, Persistent, StorageCopy
 from ferry_source.checks import check_io_error, is_allowed
 from ferry_source.context import Emit, SourceContext
+from ferry_source.mirror import copied_targets, copy_mode, plan_storage
 from ferry_source.outgoing import Outgoing
 
 __all__ = ["JOB_TIMEOUT", "begin"]
@@ -47,7 +48,11 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
         )
     status = ctx.host.load_status(domain.name)
     snapshots = [s["name"] for s in ctx.snapshots(domain.name)]
-    is_allowed(domain, flags, snapshots, status.run_state if status else None)
+    # --copy-storage-*: which disks, read from their images (refused here,
+    # before the destination creates anything, when one cannot be copied).
+    out.storage = await plan_storage(domain, flags, params)
+    is_allowed(domain, flags, snapshots, status.run_state if status else None,
+               copied_targets(out.storage))  # fmt: skip
     xml_domain = domain
     if params.dest_xml:
         supplied = parse_domain(params.dest_xml, where="--xml")
@@ -80,6 +85,12 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
             Identity(name=domain.name, uuid=domain.uuid, hostname=ctx.config.host.name,
                      host_uuid=ctx.config.host.uuid, migration_id=out.migration_id)
         ).with_lockstate(LockState(driver="lease", leases=()))  # fmt: skip
+        mode = copy_mode(flags)
+        if mode is not None:
+            # Mandatory: a destination that cannot copy storage must refuse,
+            # not start the VM on images it does not have.
+            plan = StorageCopy(mode=mode, disks=tuple(c.to_wire() for c in out.storage))
+            cookie = cookie.with_section(StorageCopy.SECTION, plan.to_wire(), mandatory=True)
         if flags & MigrationFlags.PERSIST_DEST:
             persistent = ctx.host.load_definition(domain.name) or domain
             cookie = cookie.with_persistent(Persistent(xml=format_domain(persistent)))

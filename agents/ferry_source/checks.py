@@ -50,11 +50,17 @@ def _fs_magic(path: str) -> int | None:
     return int(buf.f_type) & 0xFFFFFFFF
 
 
-def unsafe_disks(domain: Domain) -> list[str]:
-    """Disks whose cache mode makes migration unsafe, each with the reason."""
+def unsafe_disks(domain: Domain, copied: frozenset[str] = frozenset()) -> list[str]:
+    """Disks whose cache mode makes migration unsafe, each with the reason.
+
+    A disk in ``copied`` (``--copy-storage-*``) is safe whatever its cache:
+    the mirror reads through qemu, and ends in sync with the guest paused.
+    """
     problems = []
     for disk in domain.disks:
         if disk.readonly or disk.shareable or disk.source is None or disk.device == "cdrom":
+            continue
+        if disk.target_dev in copied:
             continue
         cache = disk.cache or "default"
         if cache in SAFE_CACHE:
@@ -88,7 +94,8 @@ def unmigratable(domain: Domain) -> list[str]:
 
 
 def is_allowed(
-    domain: Domain, flags: MigrationFlags, snapshots: list[str], run_state: str | None
+    domain: Domain, flags: MigrationFlags, snapshots: list[str], run_state: str | None,
+    copied: frozenset[str] = frozenset(),
 ) -> None:
     """Refuse a migration of ``domain`` that cannot be safe.
 
@@ -107,7 +114,7 @@ def is_allowed(
             f"cannot migrate domain '{domain.name}': " + "; ".join(blockers), blockers=blockers,
         )
     if not flags & MigrationFlags.UNSAFE:
-        problems = unsafe_disks(domain)
+        problems = unsafe_disks(domain, copied)
         if problems:
             raise MigrationRefused("unsafe migration: " + "; ".join(problems))
     if run_state == "io-error" and flags & MigrationFlags.ABORT_ON_ERROR:

@@ -67,6 +67,11 @@ class Outgoing:
     #: Client-driven mode: the :class:`~ferry_source.client_driven.ClientLink`
     #: that ties the migration to its client's connection (None in p2p).
     client: Any = None
+    #: --copy-storage-*: the disks Begin planned to copy (ferry.storage_copy.DiskCopy).
+    storage: list[Any] = field(default_factory=list)
+    #: The mirror jobs and NBD client nodes made in qemu (removed on any end).
+    mirror_jobs: list[str] = field(default_factory=list)
+    mirror_nodes: list[str] = field(default_factory=list)
 
     def steer(self) -> Steering:
         """The migration's :class:`~ferry.steering.Steering`, made on first use."""

@@ -43,6 +43,7 @@ from ferry.qemu import (
 from ferry.qemu.settings import MIB, UNLIMITED_BANDWIDTH, source_settings
 from ferry.steering import Abort, Move, Suspend, SwitchToPostcopy, Tune
 from ferry_source.context import Emit, SourceContext
+from ferry_source.mirror import abort_mirrors, end_mirrors, start_mirrors
 from ferry_source.outgoing import Outgoing
 from ferry_source.postcopy import POSTCOPY_STATES, pause_postcopy, start_postcopy
 
@@ -80,8 +81,21 @@ async def perform(
     await check_io_error(proc, out.name, flags)
     saved = await _setup(ctx, out, job, proc, dest_cookie)
     try:
+        if out.storage:
+            # Disks first: memory moves only once every mirror is in sync.
+            nbd = dest_cookie.nbd
+            if nbd is None:
+                raise MigrationFailed(f"{out.peer} did not say where to copy the disks (its "
+                                      "Prepare reply has no NBD server)")  # fmt: skip
+            await start_mirrors(ctx, out, proc, nbd, emit)
         return await _follow(ctx, out, job, proc, uri, saved, emit)
     except BaseException:
+        if out.mirror_jobs or out.mirror_nodes:
+            # The guest keeps running on its own disks; the destination
+            # deletes the images it made when it hears the migration failed.
+            with contextlib.suppress(FerryError):
+                async with ctx.jobs.nested(job):
+                    await abort_mirrors(proc, out)
         # Only a failed transfer leaves the source running on: give it
         # back its settings.  After success the qemu is stopped anyway,
         # and after a switch to post-copy it never runs here again.
@@ -106,7 +120,9 @@ async def _setup(
         # (and with it the right to write) moves.
         status = ctx.host.load_status(out.name)
         out.lease_handover = bool(status is not None and status.extra.get("leases"))
-        settings = source_settings(flags, params, pause_before_switchover=out.lease_handover)
+        # Copied disks too: their mirrors end there, in sync, guest paused.
+        settings = source_settings(flags, params,
+                                   pause_before_switchover=out.lease_handover or bool(out.storage))
         caps, tuning = dict(settings.caps), dict(settings.params)
         if out.steering is not None:
             # The controller's opening position: its throttle needs
@@ -216,9 +232,17 @@ async def _follow(
                     # migrate-continue, so the next query may still show it,
                     # and a second migrate-continue then fails ("device").
                     switchover_released = True
-                    await ctx.host.release_leases(out.name)
-                    out.leases_released = True
-                    job.record(leases_released=True)
+                    if out.mirror_jobs:
+                        try:
+                            async with ctx.jobs.nested(job):
+                                await end_mirrors(proc, out)
+                        except BaseException:
+                            await cancel_migration(proc)
+                            raise
+                    if out.lease_handover:
+                        await ctx.host.release_leases(out.name)
+                        out.leases_released = True
+                        job.record(leases_released=True)
                     async with ctx.jobs.nested(job):
                         await proc.qmp.execute("migrate-continue", {"state": "pre-switchover"})
                     received = []

@@ -34,8 +34,7 @@ __all__ = [
 class MigrationFlags(enum.IntFlag):
     """Migration flags, bit-compatible with libvirt's ``virDomainMigrateFlags``.
 
-    libvirt's storage-copy bits (NON_SHARED_DISK 64, NON_SHARED_INC 128) and
-    others Ferry does not implement are left out, so setting them is an
+    Bits Ferry does not implement are left out, so setting one is an
     unknown-bit error rather than a silently ignored request.
     """
 
@@ -45,6 +44,8 @@ class MigrationFlags(enum.IntFlag):
     PERSIST_DEST = 1 << 3
     UNDEFINE_SOURCE = 1 << 4
     PAUSED = 1 << 5
+    NON_SHARED_DISK = 1 << 6
+    NON_SHARED_INC = 1 << 7
     CHANGE_PROTECTION = 1 << 8
     UNSAFE = 1 << 9
     OFFLINE = 1 << 10
@@ -53,6 +54,7 @@ class MigrationFlags(enum.IntFlag):
     AUTO_CONVERGE = 1 << 13
     POSTCOPY = 1 << 15
     PARALLEL = 1 << 17
+    NON_SHARED_SYNCHRONOUS_WRITES = 1 << 18
     POSTCOPY_RESUME = 1 << 19
 
 
@@ -69,6 +71,9 @@ _OPTION: dict[MigrationFlags, str] = {
     MigrationFlags.PERSIST_DEST: "--persistent",
     MigrationFlags.UNDEFINE_SOURCE: "--undefinesource",
     MigrationFlags.PAUSED: "--suspend",
+    MigrationFlags.NON_SHARED_DISK: "--copy-storage-all",
+    MigrationFlags.NON_SHARED_INC: "--copy-storage-inc",
+    MigrationFlags.NON_SHARED_SYNCHRONOUS_WRITES: "--copy-storage-synchronous-writes",
     MigrationFlags.CHANGE_PROTECTION: "--change-protection",
     MigrationFlags.UNSAFE: "--unsafe",
     MigrationFlags.OFFLINE: "--offline",
@@ -102,6 +107,9 @@ _PARAM_OPTION: dict[str, str] = {
     "compression_zstd_level": "--comp-zstd-level",
     "deadline_s": "--deadline",
     "max_throttle_pct": "--max-throttle",
+    "migrate_disks": "--migrate-disks",
+    "disks_port": "--disks-port",
+    "disks_uri": "--disks-uri",
 }
 
 #: What ``--timeout`` does when it fires (virsh: suspend unless --timeout-postcopy).
@@ -155,6 +163,10 @@ _PARAM_SPECS: Mapping[str, FieldSpec] = {
     "compression_zstd_level": FieldSpec(int, nullable=True, ge=0, le=20),
     "deadline_s": FieldSpec(float, nullable=True, gt=0, le=86400 * 7),
     "max_throttle_pct": FieldSpec(int, nullable=True, ge=0, le=99),
+    "migrate_disks": FieldSpec(list, nullable=True, min_len=1, max_len=64,
+                               items=FieldSpec(str, min_len=1, max_len=32)),
+    "disks_port": FieldSpec(int, nullable=True, ge=1, le=65535),
+    "disks_uri": FieldSpec(str, nullable=True, min_len=1, max_len=4096),
 }
 
 # The same fields with types only: from_wire reports a wrong type as a broken
@@ -199,6 +211,11 @@ class MigrationParams:
     deadline_s: float | None = None
     #: The most the guest's CPUs may be throttled (the controller's and auto-converge's cap).
     max_throttle_pct: int | None = None
+    #: --copy-storage-*: the disks to copy (target names); None: every copyable one.
+    migrate_disks: list[str] | None = None
+    #: Where the destination's NBD server listens for the disks (port, or tcp://HOST[:PORT]).
+    disks_port: int | None = None
+    disks_uri: str | None = None
 
     def __post_init__(self) -> None:
         """Raises :class:`~ferry.errors.FlagError` naming a field of wrong type or range."""
@@ -282,6 +299,7 @@ def validate(flags: MigrationFlags | int, params: MigrationParams) -> MigrationF
     param_needs("tunnel_plaintext", M.TUNNELLED)
     _check_postcopy(f, params, problems)
     _check_compression(f, params, problems)
+    _check_storage_copy(f, params, problems)
     if problems:
         raise FlagError("; ".join(problems), problems=problems, flags=flag_names(f))
     return f
@@ -316,6 +334,35 @@ def _check_postcopy(f: MigrationFlags, params: MigrationParams, problems: list[s
             f"{_param('max_throttle_pct')} needs {_param('deadline_s')} (the controller) "
             f"or {_flag(M.AUTO_CONVERGE)}"
         )
+
+
+def _check_storage_copy(f: MigrationFlags, params: MigrationParams, problems: list[str]) -> None:
+    M = MigrationFlags
+    copy = f & (M.NON_SHARED_DISK | M.NON_SHARED_INC)
+    if M.NON_SHARED_DISK in f and M.NON_SHARED_INC in f:
+        problems.append(f"{_flag(M.NON_SHARED_DISK)} and {_flag(M.NON_SHARED_INC)} cannot be "
+                        "combined: copy whole images or only their top layer")
+    for name in ("migrate_disks", "disks_port", "disks_uri"):
+        if getattr(params, name) is not None and not copy:
+            problems.append(f"{_param(name)} requires {_flag(M.NON_SHARED_DISK)} or "
+                            f"{_flag(M.NON_SHARED_INC)}")
+    if M.NON_SHARED_SYNCHRONOUS_WRITES in f and not copy:
+        problems.append(f"{_flag(M.NON_SHARED_SYNCHRONOUS_WRITES)} requires "
+                        f"{_flag(M.NON_SHARED_DISK)} or {_flag(M.NON_SHARED_INC)}")
+    if params.disks_port is not None and params.disks_uri is not None:
+        problems.append(f"{_param('disks_port')} cannot be combined with {_param('disks_uri')}: "
+                        "the URI names the port")
+    if not copy:
+        return
+    if M.OFFLINE in f:
+        problems.append(f"{_flag(M.OFFLINE)} cannot copy storage: it moves only the definition")
+    if M.TUNNELLED in f:
+        problems.append(f"{_flag(M.TUNNELLED)} cannot copy storage yet: the disks go over "
+                        "their own TLS connection to the destination's NBD server (drop "
+                        "--tunnelled; the memory stream can still use TLS)")
+    if M.POSTCOPY in f:
+        problems.append(f"{_flag(M.POSTCOPY)} cannot be combined with copying storage yet: "
+                        "the disk mirrors must end in sync before the destination runs")
 
 
 def compression_methods(f: MigrationFlags, params: MigrationParams) -> list[str]:

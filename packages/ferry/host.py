@@ -42,7 +42,7 @@ from ferry.domain import (
     to_qemu_argv,
 )
 from ferry.domain.argv import live_sockets
-from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
+from ferry.errors import ConfigError, NoDomain, QemuLaunchError, QMPError, StateFileError
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.netdev import detach_switch_ports, open_taps
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
@@ -528,6 +528,35 @@ class Host:
         await proc.kill()
         self._procs.pop(name, None)
         self.cleanup(name)
+
+    def qemu_tls_dir(self) -> Path:
+        """This host's certificate and key as qemu's ``tls-creds-x509`` reads them.
+
+        qemu wants fixed names in one directory (``ca-cert.pem``,
+        ``server-cert.pem``, ``client-key.pem``, ...); these are symlinks to
+        the files of ``[tls]``, made once per agent in the run directory.
+
+        Raises:
+            ConfigError: the host has no ``[tls]`` configuration.
+        """
+        tls = self.config.tls
+        if tls is None:
+            raise ConfigError("this host has no [tls] configuration (ca, cert, key)")
+        out = self.config.paths.run_dir / f"qemu-tls-{self.agent}"
+        out.mkdir(mode=0o700, exist_ok=True)
+        links = {"ca-cert.pem": tls.ca}
+        for role in ("server", "client"):
+            links[f"{role}-cert.pem"] = tls.cert
+            links[f"{role}-key.pem"] = tls.key
+        for name, target in links.items():
+            link = out / name
+            if not link.is_symlink() or Path(os.readlink(link)) != target.resolve():
+                tmp = out / f".{name}.tmp"
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                tmp.symlink_to(target.resolve())
+                tmp.replace(link)
+        return out
 
     def cleanup(self, name: str) -> None:
         """Remove a stopped domain's status, live XML, pidfile, sockets and switch ports."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ def test_bit_values_match_libvirt() -> None:
         "PERSIST_DEST": 8,
         "UNDEFINE_SOURCE": 16,
         "PAUSED": 32,
+        "NON_SHARED_DISK": 64,
+        "NON_SHARED_INC": 128,
         "CHANGE_PROTECTION": 256,
         "UNSAFE": 512,
         "OFFLINE": 1024,
@@ -29,6 +32,7 @@ def test_bit_values_match_libvirt() -> None:
         "AUTO_CONVERGE": 8192,
         "POSTCOPY": 32768,
         "PARALLEL": 131072,
+        "NON_SHARED_SYNCHRONOUS_WRITES": 262144,
         "POSTCOPY_RESUME": 524288,
     }
 
@@ -169,7 +173,7 @@ def test_all_problems_are_reported_together() -> None:
     assert info.value.details["flags"] == ["TUNNELLED", "OFFLINE", "POSTCOPY"]
 
 
-@pytest.mark.parametrize("bits", [64, 128, 1 << 14, 1 << 16, 1 << 40])
+@pytest.mark.parametrize("bits", [64 << 20, 1 << 14, 1 << 16, 1 << 40])
 def test_unknown_bits_are_refused(bits: int) -> None:
     with pytest.raises(FlagError, match=f"unknown migration flag bits {bits:#x}"):
         validate(F.LIVE | bits, NO_PARAMS)
@@ -184,7 +188,7 @@ def test_flags_must_be_a_non_negative_int(flags: Any) -> None:
 def test_flag_names() -> None:
     assert flag_names(0) == []
     assert flag_names(F.LIVE | F.PEER2PEER | F.PARALLEL) == ["LIVE", "PEER2PEER", "PARALLEL"]
-    assert flag_names(1 | 64) == ["LIVE", "0x40"]
+    assert flag_names(1 | 1 << 14) == ["LIVE", "0x4000"]
     assert flag_names(ALL_FLAGS) == [m.name for m in MigrationFlags]
 
 
@@ -314,3 +318,23 @@ def test_comp_methods_checked_on_the_wire() -> None:
     assert MigrationParams.from_wire({"compression_methods": ["zstd"]}).compression_methods == [
         "zstd"
     ]
+
+
+def test_storage_copy_rules_name_the_options() -> None:
+    disk, inc = F.LIVE | F.NON_SHARED_DISK, F.LIVE | F.NON_SHARED_INC
+    assert validate(disk, MigrationParams(migrate_disks=["vda"], disks_port=49400)) == disk
+    assert validate(inc | F.NON_SHARED_SYNCHRONOUS_WRITES, NO_PARAMS)
+    cases = [
+        (disk | F.NON_SHARED_INC, NO_PARAMS, "cannot be combined: copy whole images"),
+        (F.LIVE, MigrationParams(migrate_disks=["vda"]),
+         "--migrate-disks (migrate_disks) requires --copy-storage-all"),
+        (F.LIVE | F.NON_SHARED_SYNCHRONOUS_WRITES, NO_PARAMS,
+         "--copy-storage-synchronous-writes (NON_SHARED_SYNCHRONOUS_WRITES) requires"),
+        (disk, MigrationParams(disks_port=1, disks_uri="tcp://h:2"), "the URI names the port"),
+        (F.NON_SHARED_DISK | F.OFFLINE | F.PERSIST_DEST, NO_PARAMS, "cannot copy storage"),
+        (disk | F.TUNNELLED | F.PEER2PEER, NO_PARAMS, "cannot copy storage yet"),
+        (disk | F.POSTCOPY, NO_PARAMS, "cannot be combined with copying storage yet"),
+    ]
+    for flags, params, words in cases:
+        with pytest.raises(FlagError, match=re.escape(words)):
+            validate(flags, params)

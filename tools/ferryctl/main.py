@@ -178,8 +178,8 @@ async def _jobinfo(args: argparse.Namespace, session: Session) -> int:
 # -- migrate -------------------------------------------------------------
 
 
-def _comp_methods(text: str | None) -> list[str] | None:
-    """virsh's ``--comp-methods a,b``: the list, or None when not given."""
+def _csv(text: str | None) -> list[str] | None:
+    """A virsh list option (``--comp-methods a,b``, ``--migrate-disks vda,vdb``), or None."""
     if text is None:
         return None
     return [m.strip() for m in text.split(",") if m.strip()] or None
@@ -202,6 +202,9 @@ def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, Migrat
         ("postcopy", MigrationFlags.POSTCOPY),
         ("postcopy_resume", MigrationFlags.POSTCOPY_RESUME),
         ("change_protection", MigrationFlags.CHANGE_PROTECTION),
+        ("copy_storage_all", MigrationFlags.NON_SHARED_DISK),
+        ("copy_storage_inc", MigrationFlags.NON_SHARED_INC),
+        ("copy_storage_synchronous_writes", MigrationFlags.NON_SHARED_SYNCHRONOUS_WRITES),
     ):
         if getattr(args, option, False):
             flags |= flag
@@ -224,12 +227,15 @@ def _migration_request(args: argparse.Namespace) -> tuple[MigrationFlags, Migrat
         tunnel_plaintext=True if args.tunnel_plaintext else None,
         postcopy_after_precopy=True if args.postcopy_after_precopy else None,
         postcopy_bandwidth_mib=args.postcopy_bandwidth,
-        compression_methods=_comp_methods(args.comp_methods),
+        compression_methods=_csv(args.comp_methods),
         compression_xbzrle_cache=args.comp_xbzrle_cache,
         compression_zlib_level=args.comp_zlib_level,
         compression_zstd_level=args.comp_zstd_level,
         deadline_s=args.deadline,
         max_throttle_pct=args.max_throttle,
+        migrate_disks=_csv(args.migrate_disks),
+        disks_port=args.disks_port,
+        disks_uri=args.disks_uri,
     )
     return validate(flags, params), params
 
@@ -526,6 +532,36 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
         "--abort-on-error", action="store_true", help="abort when the guest hits a disk I/O error"
     )
     p.add_argument("--unsafe", action="store_true", help="allow disks with unsafe cache modes")
+    p.add_argument(
+        "--copy-storage-all", action="store_true",
+        help="copy the disks with the VM (local storage): the destination creates each image "
+        "at the same path and the source mirrors it there over NBD with TLS before memory moves",
+    )
+    p.add_argument(
+        "--copy-storage-inc", action="store_true",
+        help="as --copy-storage-all, copying only the top layer of each image; its backing "
+        "file must already be on the destination",
+    )
+    p.add_argument(
+        "--migrate-disks", metavar="LIST",
+        help="with --copy-storage-*: copy only these disks (e.g. vda,vdb); default every "
+        "writable, non-shareable disk",
+    )
+    p.add_argument(
+        "--disks-port", type=int, metavar="PORT",
+        help="with --copy-storage-*: the destination's NBD server port (default: a free "
+        "migration port)",
+    )
+    p.add_argument(
+        "--disks-uri", metavar="URI",
+        help="with --copy-storage-*: where the destination's NBD server listens "
+        "(tcp://HOST[:PORT])",
+    )
+    p.add_argument(
+        "--copy-storage-synchronous-writes", action="store_true",
+        help="with --copy-storage-*: a guest write completes only once both copies have it, "
+        "so a disk-busy guest cannot outrun the copy",
+    )
     p.add_argument(
         "--tunnelled",
         action="store_true",

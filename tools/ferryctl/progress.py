@@ -47,6 +47,8 @@ class Display:
         self.verbose = verbose
         self.phase = "begin"
         self.last: dict[str, Any] = {}
+        #: The last storage-copy sample (--copy-storage-*), shown beside RAM.
+        self.storage: dict[str, Any] = {}
         self._last_print = 0.0
 
     def __enter__(self) -> Display:
@@ -75,6 +77,12 @@ class Display:
             if self.verbose or now - self._last_print > 2.0:
                 self._last_print = now
                 print(self.line(data), flush=True)
+        elif name == "storage":
+            self.storage = data
+            now = time.monotonic()
+            if self.verbose or now - self._last_print > 2.0 or _storage_done(data):
+                self._last_print = now
+                print(storage_line(data), flush=True)
         elif name == "warning":
             self.note(f"warning: {data.get('message')}")
         elif name in ("decision", "postcopy", "preflight"):
@@ -165,6 +173,8 @@ class RichDisplay(Display):
         converging = data.get("converging")
         table.add_row("converging", "-" if converging is None else ("yes" if converging else "NO"))
         table.add_row("ETA", _secs(data.get("eta_s")))
+        if self.storage:
+            table.add_row("storage", storage_line(self.storage))
         if data.get("plan"):
             table.add_row("plan", str(data["plan"]))
         if self.decision:
@@ -198,12 +208,30 @@ class RichDisplay(Display):
             self.phase = str(data.get("phase"))
         elif name == "progress":
             self.last = data
+        elif name == "storage":
+            self.storage = data
         elif name == "warning":
             self.console.print(f"[yellow]warning:[/] {data.get('message')}")
         elif name in ("decision", "postcopy", "preflight"):
             self.decision = describe(name, data)
             self.console.print(self.decision)
         self.live.update(self._render())
+
+
+def _storage_done(data: dict[str, Any]) -> bool:
+    disks = data.get("disks") or {}
+    return bool(disks) and all(d.get("ready") for d in disks.values())
+
+
+def storage_line(data: dict[str, Any]) -> str:
+    """One line for the disks' copy: total and per disk (``--copy-storage-*``)."""
+    disks = data.get("disks") or {}
+    parts = ", ".join(
+        f"{t} {_size(d.get('copied'))}/{_size(d.get('total'))}"
+        + (" in sync" if d.get("ready") else "")
+        for t, d in disks.items())  # fmt: skip
+    return (f"storage: copied {_size(data.get('disk_copied'))} of {_size(data.get('disk_total'))}"
+            + (f" ({parts})" if parts else ""))  # fmt: skip
 
 
 def describe(name: str, data: dict[str, Any]) -> str:

@@ -38,14 +38,17 @@ __all__ = [
     "Graphics",
     "Identity",
     "LockState",
+    "Nbd",
     "Persistent",
     "Snapshots",
     "Statistics",
+    "StorageCopy",
 ]
 
 MAX_COOKIE = 16 * 1024
 KNOWN_SECTIONS: frozenset[str] = frozenset(
-    {"identity", "graphics", "lockstate", "persistent", "statistics", "snapshots"}
+    {"identity", "graphics", "lockstate", "persistent", "statistics", "snapshots", "storage",
+     "nbd"}
 )
 
 _MANDATORY_KEY = "mandatory"
@@ -232,6 +235,64 @@ class Snapshots:
         return cls(**_check(cls.SECTION, cls.SPECS, data))
 
 
+@dataclass(frozen=True)
+class StorageCopy:
+    """Begin → Prepare: the disks the destination creates and exports (``--copy-storage-*``).
+
+    Each disk is :meth:`ferry.storage_copy.DiskCopy.to_wire`; the destination
+    checks every field (:meth:`~ferry.storage_copy.DiskCopy.from_wire`) before
+    it creates anything. Sent mandatory: a destination that cannot copy
+    storage refuses the migration instead of starting without the disks.
+    """
+
+    SECTION: ClassVar[str] = "storage"
+    SPECS: ClassVar[Mapping[str, FieldSpec]] = {
+        "mode": FieldSpec(str, required=True, choices=frozenset({"all", "inc"})),
+        "disks": FieldSpec(list, required=True, min_len=1, max_len=64, items=FieldSpec(dict)),
+    }
+
+    mode: str
+    disks: tuple[Mapping[str, Any], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disks", tuple(self.disks))
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the section map."""
+        return {"mode": self.mode, "disks": [dict(d) for d in self.disks]}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> StorageCopy:
+        """Build from a section map; raises :class:`~ferry.errors.CookieError`."""
+        return cls(**_check(cls.SECTION, cls.SPECS, data))
+
+
+@dataclass(frozen=True)
+class Nbd:
+    """Prepare → Perform: where the destination's NBD server takes the disks' mirrors."""
+
+    SECTION: ClassVar[str] = "nbd"
+    SPECS: ClassVar[Mapping[str, FieldSpec]] = {
+        "host": FieldSpec(str, required=True, min_len=1, max_len=255),
+        "port": FieldSpec(int, required=True, ge=1, le=65535),
+        #: The server's certificate name the source checks (TLS is always on).
+        "tls_hostname": FieldSpec(str, required=True, min_len=1, max_len=255),
+    }
+
+    host: str
+    port: int
+    tls_hostname: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the section map."""
+        return {"host": self.host, "port": self.port, "tls_hostname": self.tls_hostname}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Nbd:
+        """Build from a section map; raises :class:`~ferry.errors.CookieError`."""
+        return cls(**_check(cls.SECTION, cls.SPECS, data))
+
+
 def _check(section: str, specs: Mapping[str, FieldSpec], data: Mapping[str, Any]) -> dict[str, Any]:
     return check_fields(
         f"cookie section {section!r}", specs, data, CookieError, details={"section": section}
@@ -239,10 +300,12 @@ def _check(section: str, specs: Mapping[str, FieldSpec], data: Mapping[str, Any]
 
 
 _SECTION_TYPES: dict[str, Any] = {
-    cls.SECTION: cls for cls in (Identity, Graphics, LockState, Persistent, Statistics, Snapshots)
+    cls.SECTION: cls for cls in (Identity, Graphics, LockState, Persistent, Statistics, Snapshots,
+                                 StorageCopy, Nbd)
 }
 
-_S = TypeVar("_S", Identity, Graphics, LockState, Persistent, Statistics, Snapshots)
+_S = TypeVar("_S", Identity, Graphics, LockState, Persistent, Statistics, Snapshots,
+             StorageCopy, Nbd)
 
 
 @dataclass
@@ -395,6 +458,16 @@ class Cookie:
     def snapshots(self) -> Snapshots | None:
         """The snapshots section, or None; CookieError if it was set malformed."""
         return self._get(Snapshots)
+
+    @property
+    def storage(self) -> StorageCopy | None:
+        """The storage-copy plan, or None; CookieError if it was set malformed."""
+        return self._get(StorageCopy)
+
+    @property
+    def nbd(self) -> Nbd | None:
+        """The destination's NBD server, or None; CookieError if it was set malformed."""
+        return self._get(Nbd)
 
     def with_identity(self, identity: Identity, *, mandatory: bool = False) -> Cookie:
         """Return a copy carrying ``identity``; raises CookieError if it is malformed."""
