@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from ferry.acl import check_access
+from ferry.cpu_probe import check_guest_cpu
 from ferry.domain import Domain, check_abi_stability, format_domain, parse_domain
 from ferry.errors import DomainExists, FerryError, HookRefused, MigrationRefused
 from ferry.flags import MigrationFlags, MigrationParams
@@ -86,6 +87,8 @@ async def prepare(
             )
         _check_free(dst, domain)
         domain = await _run_hook(dst, domain)
+        # Before any job or qemu: can this host run the guest's CPU exactly?
+        domain = await check_guest_cpu(domain, cookie.cpu, dst.config.qemu.binary)
         # Anyone but the source host's agent is a client driving the migration.
         client_driven = ctx.subject.kind != "peer"
         peer_uri = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ferry.cpu_probe import source_cpu
 from ferry.domain import check_abi_stability, format_domain, parse_domain
 from ferry.domain.argv import unplaced_sockets
 from ferry.errors import DomainState
@@ -80,6 +81,12 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
             Identity(name=domain.name, uuid=domain.uuid, hostname=ctx.config.host.name,
                      host_uuid=ctx.config.host.uuid, migration_id=out.migration_id)
         ).with_lockstate(LockState(driver="lease", leases=()))  # fmt: skip
+        # What the destination must check its CPU against (host-model: the
+        # CPU this qemu runs). Mandatory: a destination that ignored it
+        # would start a different CPU under the running guest.
+        cpu = await source_cpu(domain, proc.qmp, ctx.config.qemu.binary)
+        if cpu is not None:
+            cookie = cookie.with_cpu(cpu, mandatory=True)
         if flags & MigrationFlags.PERSIST_DEST:
             persistent = ctx.host.load_definition(domain.name) or domain
             cookie = cookie.with_persistent(Persistent(xml=format_domain(persistent)))

@@ -43,7 +43,10 @@ What the argv does with the model (where it does nothing, it says so):
   for huge pages, checked against the host's free huge pages first, so
   that a host without them is a clear error and not qemu's ENOMEM) or
   ``memory-backend-ram``, with ``share=on`` for shared access.
-* ``-cpu``: custom → the model (qemu64 when none); host-passthrough and
+* ``-cpu``: custom → the model (qemu64 when none), with ``enforce`` for a
+  named model unless ``check='none'`` (a host lacking a feature is an error
+  naming it); a host-model guest that arrived by migration runs the
+  source's CPU as ``base,…,enforce`` (:mod:`ferry.domain._cpu`); host-passthrough and
   host-model → ``host`` under KVM, ``max`` under TCG (TCG has no host CPU to
   pass through); features as ``NAME=on|off``; ``<apic eoi>`` and
   ``<timer name='kvmclock'>`` as ``kvm-pv-eoi``/``kvmclock`` under KVM only,
@@ -106,6 +109,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
+from ferry.domain._cpu import CpuExpansion, cpu_opts
 from ferry.domain._nics import network_table
 from ferry.domain.model import (
     Address,
@@ -505,9 +509,19 @@ class _Builder:
         c = d.cpu
         flags: list[tuple[str, object | None]] = []
         base: str | None = None
-        if c is not None:
+        if c is not None and c.expansion is not None:
+            # The CPU the migration source ran, exactly (ferry.domain._cpu).
+            base = "base"
+            flags += cpu_opts(CpuExpansion(c.expansion))
+        elif c is not None:
             if c.mode == "custom":
                 base = c.model or "qemu64"
+                if c.model and c.check != "none" \
+                        and not any(f.policy == "force" for f in c.features):
+                    # libvirt's partial/full check: a host lacking a feature
+                    # of the model is an error naming it, not a quieter CPU
+                    # (a forced feature is claimed whatever the host has).
+                    flags.append(("enforce", True))
             elif c.mode in ("host-passthrough", "host-model"):
                 base = "host" if self.kvm else "max"
             else:

@@ -127,6 +127,9 @@ class Cpu:
     fallback: str | None = None
     features: tuple[CpuFeature, ...] = ()
     topology: CpuTopology | None = None
+    #: Not from the XML: the concrete CPU (qemu ``base`` properties) a
+    #: host-model guest arriving by migration runs (:mod:`ferry.domain._cpu`).
+    expansion: tuple[tuple[str, bool | int | str], ...] | None = None
 
 
 @dataclass(frozen=True)
