@@ -169,6 +169,13 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/watchdog": _s("model", "action"),
     "domain/devices/watchdog/address": ADDRESS,
     "domain/devices/panic": _s("model"),
+    "domain/devices/hostdev": _s("mode", "type", "managed"),
+    "domain/devices/hostdev/source": _s(),
+    "domain/devices/hostdev/source/address": _s("domain", "bus", "slot", "function", "device"),
+    "domain/devices/hostdev/source/vendor": _s("id"),
+    "domain/devices/hostdev/source/product": _s("id"),
+    "domain/devices/hostdev/driver": _s("name"),
+    "domain/devices/hostdev/address": ADDRESS,
     # An isa panic's port (libvirt's dumpxml writes it); not an ADDRESS type.
     "domain/devices/panic/address": _s("type", "iobase", "irq"),
 }
@@ -176,5 +183,6 @@ SCHEMA: dict[str, Spec] = {
 # <alias name='…'/> on a device: libvirt's runtime device name (live XML),
 # accepted and ignored as libvirt ignores it in an inactive definition.
 for _dev in ("disk", "controller", "interface", "serial", "console", "channel", "input",
-             "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic"):
+             "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic",
+             "hostdev"):
     SCHEMA[f"domain/devices/{_dev}/alias"] = _s("name")

@@ -110,6 +110,7 @@ from pathlib import Path
 
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
 from ferry.domain._cpu import CpuExpansion, cpu_opts
+from ferry.domain._hostdev import hostdev_device
 from ferry.domain._nics import network_table
 from ferry.domain.model import (
     Address,
@@ -631,7 +632,7 @@ class _Builder:
         d = self.d
         needs_usb = any(x.target_bus == "usb" for x in d.disks) or any(
             i.bus == "usb" for i in d.inputs
-        ) or bool(d.redirdevs)
+        ) or bool(d.redirdevs) or any(h.type == "usb" for h in d.hostdevs)
         usb = [c for c in d.controllers if c.type == "usb"]
         if needs_usb and usb and usb[0].model == "none":
             raise _refuse(d, "domain/devices/controller",
@@ -1097,6 +1098,11 @@ class _Builder:
             self.device(_opts("usb-redir", ("chardev", cid), ("id", f"redir{i}"),
                               ("bus", "usb.0"), ("port", port)))
 
+    def hostdevs(self) -> None:
+        for i, h in enumerate(self.d.hostdevs):
+            placement = self.pci.place(h.address) if h.type == "pci" else None
+            self.device(hostdev_device(h, i, placement))
+
     def panics(self) -> None:
         for p in self.d.panics:
             if p.model == "isa":  # hyperv is the hv-crash CPU flag
@@ -1352,6 +1358,7 @@ def to_qemu_argv(
     b.redirdevs()
     b.balloon_rng()
     b.panics()
+    b.hostdevs()
     if incoming:
         b.add("-incoming", "defer")
     return b.argv

@@ -38,6 +38,7 @@ __all__ = [
     "Features",
     "Graphics",
     "GraphicsOption",
+    "Hostdev",
     "HypervFeature",
     "Input",
     "Interface",
@@ -422,6 +423,35 @@ class Panic:
 
 
 @dataclass(frozen=True)
+class Hostdev:
+    """``<hostdev mode='subsystem' type='pci|usb'>``: a host device given to the guest.
+
+    pci: the host's PCI function ``pci_addr`` (domain, bus, slot, function)
+    through vfio-pci. usb: by ``vendor``/``product`` id, or by the host's
+    ``usb_bus``/``usb_device`` numbers. ``address`` is the guest's address.
+    """
+
+    type: Literal["pci", "usb"]
+    managed: bool | None = None
+    pci_addr: tuple[int, int, int, int] | None = None
+    driver: str | None = None
+    vendor: int | None = None
+    product: int | None = None
+    usb_bus: int | None = None
+    usb_device: int | None = None
+    address: Address | None = None
+
+    def describe(self) -> str:
+        """How an operator recognises the device (``lspci``/``lsusb`` style)."""
+        if self.type == "pci" and self.pci_addr is not None:
+            d, b, s, f = self.pci_addr
+            return f"PCI host device {d:04x}:{b:02x}:{s:02x}.{f:x}"
+        if self.vendor is not None and self.product is not None:
+            return f"USB host device {self.vendor:04x}:{self.product:04x}"
+        return f"USB host device at bus {self.usb_bus} device {self.usb_device}"
+
+
+@dataclass(frozen=True)
 class Memballoon:
     """``<memballoon model='virtio|none'>``; absent in the XML means virtio."""
 
@@ -496,6 +526,7 @@ class Domain:
     redirdevs: tuple[Redirdev, ...] = ()
     watchdogs: tuple[Watchdog, ...] = ()
     panics: tuple[Panic, ...] = ()
+    hostdevs: tuple[Hostdev, ...] = ()
 
     @property
     def memory_mib(self) -> int:
