@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ferry.domain import Domain
+from ferry.domain._filesystem import migration_blockers as fs_migration_blockers
 from ferry.domain._hostdev import migration_blockers
 from ferry.errors import MigrationRefused
 from ferry.flags import MigrationFlags
@@ -80,9 +81,9 @@ def unmigratable(domain: Domain) -> list[str]:
     with a client connected or not), spice agent channels, watchdogs, panic
     notifiers, iothreads, huge pages and memfd memory all migrate; host
     devices (``<hostdev>``, :func:`~ferry.domain._hostdev.migration_blockers`)
-    do not.
+    and virtiofs filesystems do not.
     """
-    found = migration_blockers(domain)
+    found = migration_blockers(domain) + fs_migration_blockers(domain)
     if domain.features.hyperv_mode == "passthrough":
         found.append("<features><hyperv mode='passthrough'>: qemu blocks the migration of "
                      "'hv-passthrough' (it copies this host's Hyper-V features); list the "

@@ -169,6 +169,11 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/watchdog": _s("model", "action"),
     "domain/devices/watchdog/address": ADDRESS,
     "domain/devices/panic": _s("model"),
+    "domain/devices/filesystem": _s("type", "accessmode"),
+    "domain/devices/filesystem/driver": _s("type", "queue"),
+    "domain/devices/filesystem/source": _s("dir"),
+    "domain/devices/filesystem/target": _s("dir"),
+    "domain/devices/filesystem/address": ADDRESS,
     "domain/devices/hostdev": _s("mode", "type", "managed"),
     "domain/devices/hostdev/source": _s(),
     "domain/devices/hostdev/source/address": _s("domain", "bus", "slot", "function", "device"),
@@ -184,5 +189,5 @@ SCHEMA: dict[str, Spec] = {
 # accepted and ignored as libvirt ignores it in an inactive definition.
 for _dev in ("disk", "controller", "interface", "serial", "console", "channel", "input",
              "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic",
-             "hostdev"):
+             "hostdev", "filesystem"):
     SCHEMA[f"domain/devices/{_dev}/alias"] = _s("name")

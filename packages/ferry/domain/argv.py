@@ -110,6 +110,7 @@ from pathlib import Path
 
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
 from ferry.domain._cpu import CpuExpansion, cpu_opts
+from ferry.domain._filesystem import start_refusal as fs_start_refusal
 from ferry.domain._hostdev import hostdev_device
 from ferry.domain._nics import network_table
 from ferry.domain.model import (
@@ -1322,6 +1323,9 @@ def to_qemu_argv(
                 "(use <domain type='qemu'> for TCG emulation)",
                 domain=d.name, reason=problem,
             )
+    refusal = fs_start_refusal(d)
+    if refusal is not None:
+        raise _refuse(d, "domain/devices/filesystem", refusal)
     b = _Builder(d, paths, kvm, graphics_ports or {}, files, nic_taps, graphics_listen)
     b.add(_plain(qemu_binary, "qemu binary"))
     b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))

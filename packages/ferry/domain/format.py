@@ -221,6 +221,12 @@ def _misc_devices(devs: _Element, d: Domain) -> None:
             _sub(pel, "address", type="isa", iobase=f"0x{p.iobase:x}")
     for h in d.hostdevs:
         _hostdev(devs, h)
+    for fs in d.filesystems:
+        fel = _sub(devs, "filesystem", type="mount", accessmode=fs.accessmode)
+        _sub(fel, "driver", type="virtiofs", queue=_num(fs.queue))
+        _sub(fel, "source", dir=fs.source_dir)
+        _sub(fel, "target", dir=fs.target_dir)
+        _address(fel, fs.address)
 
 
 def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "Disk",
     "Domain",
     "Features",
+    "Filesystem",
     "Graphics",
     "GraphicsOption",
     "Hostdev",
@@ -423,6 +424,17 @@ class Panic:
 
 
 @dataclass(frozen=True)
+class Filesystem:
+    """A virtiofs ``<filesystem type='mount'>``: host ``source_dir`` as mount tag ``target_dir``."""
+
+    source_dir: str
+    target_dir: str
+    accessmode: Literal["passthrough"] | None = None
+    queue: int | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
 class Hostdev:
     """``<hostdev mode='subsystem' type='pci|usb'>``: a host device given to the guest.
 
@@ -527,6 +539,7 @@ class Domain:
     watchdogs: tuple[Watchdog, ...] = ()
     panics: tuple[Panic, ...] = ()
     hostdevs: tuple[Hostdev, ...] = ()
+    filesystems: tuple[Filesystem, ...] = ()
 
     @property
     def memory_mib(self) -> int:
