@@ -157,6 +157,9 @@ def test_destination_refuses_a_cpu_feature_it_lacks(
         assert b.qemu_pids() == pids_b == []
         assert b.domain_state("g1") is None
         assert a.domain_state("g1") == "running"
+        # B's own log says why it refused.
+        said = b.agent_log("destination")
+        assert "prepare: refused g1" in said and lacking in said, said
         serial.wait_for(lambda r: r.counter > before.counter + 2, timeout=120)
         info = json.loads(a.ferryctl("dominfo", "g1", "--json", check=True).stdout)
         assert info["state"] == "running"
