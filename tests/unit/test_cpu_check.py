@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
 import pytest
 
+from ferry import cpu_probe
 from ferry.domain import parse_domain
 from ferry.domain._cpu import (
     CpuExpansion,
@@ -17,8 +19,8 @@ from ferry.domain._cpu import (
     passthrough_differences,
 )
 from ferry.domain.argv import RuntimePaths, to_qemu_argv
-from ferry.domain.model import Cpu, CpuFeature
-from ferry.errors import CookieError
+from ferry.domain.model import Cpu, CpuFeature, Domain
+from ferry.errors import CookieError, CpuIncompatible
 from ferry.protocol.cookie import Cookie, CpuSection
 
 HOST = HostCpu.from_qmp(
@@ -72,6 +74,15 @@ def test_required_features_the_host_lacks_are_named() -> None:
     assert missing_features(cpu, HOST) == (["avx512f"], None)
     both = _cpu("Icelake-Server", avx512f="require")
     assert missing_features(both, HOST)[0] == ["avx512f", "avx512vl", "pcid"]
+
+
+def test_check_none_and_no_model_check_only_required_features() -> None:
+    none = dataclasses.replace(_cpu("Icelake-Server", avx512f="require", avx="require"),
+                               check="none")
+    assert missing_features(none, HOST) == (["avx512f"], None)
+    host_lacks_qemu64 = dataclasses.replace(HOST, unavailable={"qemu64": ("pni",)})
+    assert missing_features(_cpu(None), host_lacks_qemu64) == ([], None)
+    assert missing_features(_cpu("qemu64"), host_lacks_qemu64) == (["pni"], None)
 
 
 def test_unknown_model_and_default_model() -> None:
@@ -164,3 +175,59 @@ def test_an_arrived_host_model_runs_the_source_cpu() -> None:
                                  "model-id": "Xeon, v2", "avx": True, "pni": False})
     assert _cpu_arg("<cpu mode='host-model'/>", virt="kvm", expansion=e) == \
         "base,avx=on,family=6,model-id=Xeon,, v2,vendor=GenuineIntel,enforce=on"
+
+
+# -- Prepare's glue (ferry.cpu_probe.check_guest_cpu) over a probed host --------
+
+
+@pytest.fixture
+def probed(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A qemu binary name whose KVM probe answer is HOST (no qemu runs)."""
+    monkeypatch.setitem(cpu_probe._cache, ("qemu-test", "kvm"), HOST)
+    return "qemu-test"
+
+
+def _guest(cpu_xml: str) -> Domain:
+    return parse_domain(f"""<domain type='kvm'><name>g</name><memory>65536</memory>
+      <vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os>{cpu_xml}</domain>""")
+
+
+def _check(d: Domain, section: CpuSection | None, qemu: str) -> Domain:
+    return asyncio.run(cpu_probe.check_guest_cpu(d, section, qemu))
+
+
+def test_prepare_refuses_missing_features_by_name(probed: str) -> None:
+    with pytest.raises(CpuIncompatible) as info:
+        _check(_guest("<cpu><model>Icelake-Server</model></cpu>"), None, probed)
+    assert info.value.code == "cpu-incompatible"
+    assert info.value.details["missing"] == ["avx512f", "avx512vl", "pcid"]
+    assert "CPU model 'Icelake-Server': avx512f, avx512vl, pcid" in str(info.value)
+    d = _guest("<cpu><model>Nehalem</model></cpu>")
+    assert _check(d, None, probed) is d
+    plain = _guest("")
+    assert _check(plain, None, probed) is plain  # no <cpu>: nothing to check
+
+
+def test_prepare_starts_an_arrived_host_model_as_the_source_ran_it(probed: str) -> None:
+    d = _guest("<cpu mode='host-model'/>")
+    ran = {"vendor": "GenuineIntel", "family": 6, "lm": True, "avx": True}
+    got = _check(d, CpuSection(mode="host-model", expansion=ran), probed)
+    assert got.cpu is not None and dict(got.cpu.expansion or ()) == ran
+    with pytest.raises(CpuIncompatible, match="host-model CPU: amx-tile"):
+        _check(d, CpuSection(mode="host-model", expansion={**ran, "amx-tile": True}), probed)
+    with pytest.raises(CpuIncompatible, match="older source"):
+        _check(d, None, probed)
+
+
+def test_prepare_needs_an_identical_cpu_for_host_passthrough(probed: str) -> None:
+    d = _guest("<cpu mode='host-passthrough'/>")
+    same = CpuSection(mode="host-passthrough", signature=HOST.signature.to_wire())
+    assert _check(d, same, probed) is d
+    other = dict(same.signature or {}, vendor="AuthenticAMD", features=["lm"])
+    with pytest.raises(CpuIncompatible) as info:
+        _check(d, CpuSection(mode="host-passthrough", signature=other), probed)
+    diffs = info.value.details["differences"]
+    assert diffs[0] == "vendor 'AuthenticAMD' there, 'GenuineIntel' here"
+    assert diffs[1].startswith("features only here: ")
+    with pytest.raises(CpuIncompatible, match="signature"):
+        _check(d, None, probed)

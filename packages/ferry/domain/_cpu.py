@@ -6,9 +6,12 @@ plain data, verdicts go out. The rules follow libvirt's QEMU driver:
 * ``custom`` (a named model): the model's features this host cannot give
   (qemu's ``query-cpu-definitions`` ``unavailable-features`` for the host's
   accelerator) that the guest does not disable, plus every
-  ``policy='require'`` feature the host lacks. ``force`` claims a feature
-  whatever the host has and ``optional`` takes it only if present: neither
-  can be missing. ``disable``/``forbid`` remove a feature from the need.
+  ``policy='require'`` feature the host lacks. Without a ``<model>`` (qemu's
+  qemu64) or with ``check='none'`` qemu runs the model without ``enforce``
+  on both hosts (what it lacks, it drops): only the required features count.
+  ``force`` claims a feature whatever the host has and ``optional`` takes it
+  only if present: neither can be missing. ``disable``/``forbid`` remove a
+  feature from the need.
 * ``host-model``: libvirt turns it into a concrete CPU when the domain
   starts, and the migratable XML carries that CPU. Ferry starts it as
   ``-cpu host`` and, at Begin, reads the CPU the source's qemu actually runs
@@ -197,7 +200,11 @@ def missing_features(
         return [], f"CPU model {model!r} is not known to this host's qemu"
     off = _keys(f.name for f in cpu.features if f.policy in ("disable", "forbid"))
     out: list[str] = []
-    for name in host.unavailable[model]:
+    # Without a model, or with check='none', qemu ran the model without
+    # enforce on the source too (it may lack the same features there): only
+    # what the XML requires by name is checked.
+    exact = cpu.model is not None and cpu.check != "none"
+    for name in host.unavailable[model] if exact else ():
         if feature_key(name) not in off and name not in out:
             out.append(name)
     seen = _keys(out)
