@@ -22,8 +22,15 @@ import logging
 from typing import Any
 
 from ferry.acl import check_access
+from ferry.cpu_probe import check_guest_cpu
 from ferry.domain import Domain, check_abi_stability, format_domain, parse_domain
-from ferry.errors import DomainExists, FerryError, HookRefused, MigrationRefused
+from ferry.errors import (
+    CpuIncompatible,
+    DomainExists,
+    FerryError,
+    HookRefused,
+    MigrationRefused,
+)
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.host import free_port
 from ferry.jobs import AsyncJob
@@ -94,6 +101,14 @@ async def prepare(
             )
         _check_free(dst, domain)
         domain = await _run_hook(dst, domain)
+        # Before any job or qemu: can this host run the guest's CPU exactly?
+        try:
+            domain = await check_guest_cpu(domain, cookie.cpu, dst.config.qemu.binary)
+        except CpuIncompatible as exc:
+            # The operator of this host sees why it said no, not only the source's.
+            log_event(log, MessageID.MIGRATION_REFUSED, f"prepare: refused {domain.name}: {exc}",
+                      level=logging.WARNING, result=exc.code)  # fmt: skip
+            raise
         # Anyone but the source host's agent is a client driving the migration.
         client_driven = ctx.subject.kind != "peer"
         peer_uri = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from ferry.cpu_probe import source_cpu
 from ferry.domain import check_abi_stability, format_domain, parse_domain
 from ferry.domain.argv import unplaced_sockets
 from ferry.errors import DomainState
@@ -91,6 +92,12 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
             # not start the VM on images it does not have.
             plan = StorageCopy(mode=mode, disks=tuple(c.to_wire() for c in out.storage))
             cookie = cookie.with_section(StorageCopy.SECTION, plan.to_wire(), mandatory=True)
+        # What the destination must check its CPU against (host-model: the
+        # CPU this qemu runs). Mandatory: a destination that ignored it
+        # would start a different CPU under the running guest.
+        cpu = await source_cpu(domain, proc.qmp, ctx.config.qemu.binary)
+        if cpu is not None:
+            cookie = cookie.with_cpu(cpu, mandatory=True)
         if flags & MigrationFlags.PERSIST_DEST:
             persistent = ctx.host.load_definition(domain.name) or domain
             cookie = cookie.with_persistent(Persistent(xml=format_domain(persistent)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 from ferry.domain import Domain
+from ferry.domain._filesystem import migration_blockers as fs_migration_blockers
+from ferry.domain._hostdev import migration_blockers
 from ferry.errors import MigrationRefused
 from ferry.flags import MigrationFlags
 from ferry.qemu import QemuProcess
@@ -83,9 +85,11 @@ def unmigratable(domain: Domain) -> list[str]:
     (libvirt asks qemu for its migration blockers; these are the ones the
     definition alone shows). Sound cards, USB redirection (spicevmc or tcp,
     with a client connected or not), spice agent channels, watchdogs, panic
-    notifiers, iothreads, huge pages and memfd memory all migrate.
+    notifiers, iothreads, huge pages and memfd memory all migrate; host
+    devices (``<hostdev>``, :func:`~ferry.domain._hostdev.migration_blockers`)
+    and virtiofs filesystems do not.
     """
-    found = []
+    found = migration_blockers(domain) + fs_migration_blockers(domain)
     if domain.features.hyperv_mode == "passthrough":
         found.append("<features><hyperv mode='passthrough'>: qemu blocks the migration of "
                      "'hv-passthrough' (it copies this host's Hyper-V features); list the "

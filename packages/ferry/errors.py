@@ -37,6 +37,7 @@ ferryctl or by the peer agent on another host (:func:`from_wire`).
      │    └── JobAborted            "job-aborted"
      ├── MigrationError             "migration"
      │    ├── MigrationRefused      "migration-refused" is_allowed / unsafe / same host
+     │    │    └── CpuIncompatible  "cpu-incompatible"  destination lacks guest CPU features
      │    ├── MigrationFailed       "migration-failed"
      │    ├── MigrationTimeout      "migration-timeout"
      │    │    (TunnelError         "tunnel-failed"     a MigrationFailed: data connection broke)
@@ -59,6 +60,7 @@ __all__ = [
     "ConfigError",
     "CookieError",
     "CookieTooLarge",
+    "CpuIncompatible",
     "DeadlineUnreachable",
     "DomainError",
     "DomainExists",
@@ -296,6 +298,16 @@ class MigrationRefused(MigrationError):
     """A migration was refused before it started (checks in Begin/Prepare)."""
 
     code = "migration-refused"
+
+
+class CpuIncompatible(MigrationRefused):
+    """The destination cannot run the guest's CPU exactly (Prepare).
+
+    ``details``: ``missing`` (the features this host lacks) or
+    ``differences`` (host-passthrough: how the two hosts' CPUs differ).
+    """
+
+    code = "cpu-incompatible"
 
 
 class MigrationFailed(MigrationError):

@@ -72,7 +72,7 @@ __all__ = [
 #: The configuration setting named in refusals.
 SETTING = "[storage] allowed"
 
-PathKind = Literal["disk", "kernel", "initrd", "file", "socket"]
+PathKind = Literal["disk", "kernel", "initrd", "file", "socket", "directory"]
 Resolver = Callable[[str], str]
 
 
@@ -116,6 +116,10 @@ def domain_paths(domain: Domain) -> list[DomainPath]:
                 continue
             kind: PathKind = "socket" if c.type == "unix" else "file"
             out.append(DomainPath(f"domain/devices/{tag}[{i}]/source", c.source_path, kind))
+    for i, fs in enumerate(domain.filesystems):
+        # A shared directory (virtiofs): its server, not qemu, opens it.
+        out.append(DomainPath(f"domain/devices/filesystem[{i}]/source", fs.source_dir,
+                              "directory", writable=True))
     return out
 
 
@@ -270,7 +274,7 @@ def _open_items(policy: StoragePolicy, items: list[DomainPath], where: str,
                 files: OpenedFiles) -> Iterator[tuple[DomainPath, int]]:  # fmt: skip
     for item in items:
         resolved = policy.check_path(item, where)
-        if item.kind in ("socket", "file") or item.block:
+        if item.kind in ("socket", "file", "directory") or item.block:
             continue  # checked; handed over by path (module docstring)
         # One descriptor, in the one access mode qemu will use (see
         # ferry.domain.argv: no auto-read-only reopen for passed files).

@@ -90,7 +90,7 @@ def test_group_b_is_refused_with_element_and_line(path: Path) -> None:
 # What each group B file is refused for (the first unsupported thing in it).
 EXPECTED_B = {
     "boot-order.xml": "domain/devices/disk/boot",
-    "hostdev-vfio.xml": "domain/devices/hostdev",
+    "hostdev-vfio.xml": "domain/devices/hostdev/driver",  # model='vfio-pci-igb'; vfio is fine
     "iothreads-disk.xml": "domain/devices/disk/driver",  # queues, <iothreads> mapping
     "launch-security-sev-direct.xml": "domain/os/shim",
     "net-vhostuser.xml": "domain/devices/interface/source",  # vhostuser

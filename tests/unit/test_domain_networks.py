@@ -87,12 +87,12 @@ def test_define_lists_every_unmapped_network_with_line_and_setting() -> None:
 
 
 def test_unmapped_networks_are_listed_with_the_other_problems() -> None:
-    xml = XML.replace("<interface type='user'/>", "<interface type='user'/><hostdev/>")
+    xml = XML.replace("<interface type='user'/>", "<interface type='user'/><shmem/>")
     with pytest.raises(XMLUnsupported) as info:
         parse_domain(xml, where="define", networks=host_networks(_config()))
     paths = sorted(str(p["path"]) for p in info.value.details["problems"])
-    assert paths == ["domain/devices/hostdev", "domain/devices/interface/source",
-                     "domain/devices/interface/source"]
+    assert paths == ["domain/devices/interface/source", "domain/devices/interface/source",
+                     "domain/devices/shmem"]
 
 
 def test_a_network_name_toml_cannot_take_bare_is_quoted_in_the_hint() -> None:

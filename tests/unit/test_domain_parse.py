@@ -375,7 +375,7 @@ def test_duplicates_and_address_conflicts() -> None:
 @pytest.mark.parametrize(
     ("devices", "element"),
     [
-        ("<hostdev mode='subsystem' type='pci'/>", "domain/devices/hostdev"),
+        ("<hostdev mode='subsystem' type='scsi'/>", "domain/devices/hostdev"),
         ("<filesystem type='mount'/>", "domain/devices/filesystem"),
         ("<tpm model='tpm-tis'/>", "domain/devices/tpm"),
         ("<smartcard mode='passthrough' type='spicevmc'/>", "domain/devices/smartcard"),

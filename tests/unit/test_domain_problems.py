@@ -38,7 +38,7 @@ FIVE = """<domain type='kvm'>
     <disk type='file'><source file='/img/a.qcow2'/><target dev='vda'/></disk>
     <disk type='file'><source file='/img/b.qcow2'/><target dev='vda'/></disk>
     <interface type='user'><model type='ne2k_pci'/></interface>
-    <hostdev mode='subsystem' type='pci'/>
+    <shmem name='ivshmem'/>
   </devices>
 </domain>
 """
@@ -46,12 +46,12 @@ FIVE = """<domain type='kvm'>
 
 def test_five_problems_are_all_reported_with_line_path_and_hint() -> None:
     err = refused(FIVE)
-    memory, firmware, second_disk, nic_model, hostdev = lines_of(
+    memory, firmware, second_disk, nic_model, shmem = lines_of(
         FIVE, "<memory", "<os firmware", "<disk type='file'><source file='/img/b",
-        "<model type='ne2k_pci'", "<hostdev")
+        "<model type='ne2k_pci'", "<shmem")
     got = [(p["kind"], p["line"], p["path"]) for p in problems(err)]
     assert got == [
-        ("unsupported-element", hostdev, "domain/devices/hostdev"),
+        ("unsupported-element", shmem, "domain/devices/shmem"),
         ("unsupported-attribute", firmware, "domain/os"),
         ("unsupported-value", nic_model, "domain/devices/interface/model"),
         ("invalid", memory, "domain/memory"),
@@ -62,7 +62,7 @@ def test_five_problems_are_all_reported_with_line_path_and_hint() -> None:
         assert set(p) == {"line", "path", "kind", "code", "message", "hint"}
         assert p["message"] and p["hint"]
     codes = {p["path"]: p["code"] for p in problems(err)}
-    assert codes["domain/devices/hostdev"] == "xml-unsupported"
+    assert codes["domain/devices/shmem"] == "xml-unsupported"
     assert codes["domain/memory"] == "xml-invalid"
     hints = {p["path"]: p["hint"] for p in problems(err)}
     assert "virtio" in hints["domain/devices/interface/model"]  # use one of: virtio, ...
@@ -73,7 +73,7 @@ def test_five_problems_are_all_reported_with_line_path_and_hint() -> None:
     assert text.startswith("vm.xml: 5 problems in the domain XML")
     for p in problems(err):
         assert f"\n  vm.xml:{p['line']}: {p['path']}: {p['message']}" in text
-    assert "vm.xml:9: domain/devices/hostdev: element <hostdev> is not supported by Ferry" in text
+    assert "vm.xml:9: domain/devices/shmem: element <shmem> is not supported by Ferry" in text
     assert f"vm.xml:{memory}: domain/memory: memory must be greater than 0" in text
     assert f"vm.xml:{second_disk}: domain/devices/disk: disk target 'vda' is used twice" in text
 
@@ -90,7 +90,7 @@ def test_the_first_problem_found_sets_class_and_top_level_details() -> None:
     assert type(err) is XMLError and err.details["element"] == "domain"
     # And a name problem first keeps its class too.
     err = refused(FIVE.replace("<name>five</name>", "<name>a/b</name>").replace(
-        " firmware='efi'", "").replace("<hostdev mode='subsystem' type='pci'/>", ""), NameInvalid)
+        " firmware='efi'", "").replace("<shmem name='ivshmem'/>", ""), NameInvalid)
     assert err.details["element"] == "domain/name"
 
 
@@ -123,7 +123,7 @@ def test_groups_follow_the_kinds_and_each_is_sorted_by_line() -> None:
 
 def test_a_single_problem_keeps_its_one_line_message() -> None:
     text = FIVE.replace(" firmware='efi'", "") \
-        .replace("<hostdev mode='subsystem' type='pci'/>", "") \
+        .replace("<shmem name='ivshmem'/>", "") \
         .replace("<model type='ne2k_pci'/>", "").replace("/img/b.qcow2'/><target dev='vda'",
                                                            "/img/b.qcow2'/><target dev='vdb'")
     err = refused(text)

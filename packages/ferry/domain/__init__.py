@@ -46,7 +46,8 @@ Modelled (parsed, formatted, compared, and used in the argv)
     memballoon (virtio/none); rng (virtio, backend random or builtin, rate);
     sound (ich9, ich6 with codecs, ac97; ``<audio id>``); redirdev (usb,
     spicevmc or tcp); watchdog (i6300esb, itco, ib700; action); panic (isa
-    with its iobase, hyperv).
+    with its iobase, hyperv); hostdev (subsystem pci through vfio-pci, usb
+    by vendor/product or bus/device: defined and started, never migrated).
 
 Defaults filled in on parse, the way libvirt does on define (so the
 formatted XML is explicit and round-trips): a random UUID; random

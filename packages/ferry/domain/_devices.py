@@ -22,6 +22,8 @@ from ferry.domain._context import Ctx, DeviceEnv
 from ferry.domain._controllers import parse_controller
 from ferry.domain._disks import parse_disk
 from ferry.domain._display import parse_audio, parse_graphics, parse_video
+from ferry.domain._filesystem import parse_filesystem
+from ferry.domain._hostdev import parse_hostdev
 from ferry.domain._misc import (
     parse_input,
     parse_memballoon,
@@ -82,6 +84,8 @@ DEVICES: dict[str, DeviceKind] = {
     "redirdev": DeviceKind("redirdevs", parse_redirdev),
     "watchdog": DeviceKind("watchdogs", parse_watchdog),
     "panic": DeviceKind("panics", parse_panic),
+    "hostdev": DeviceKind("hostdevs", parse_hostdev),
+    "filesystem": DeviceKind("filesystems", parse_filesystem),
 }
 
 

@@ -171,6 +171,18 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/watchdog": _s("model", "action"),
     "domain/devices/watchdog/address": ADDRESS,
     "domain/devices/panic": _s("model"),
+    "domain/devices/filesystem": _s("type", "accessmode"),
+    "domain/devices/filesystem/driver": _s("type", "queue"),
+    "domain/devices/filesystem/source": _s("dir"),
+    "domain/devices/filesystem/target": _s("dir"),
+    "domain/devices/filesystem/address": ADDRESS,
+    "domain/devices/hostdev": _s("mode", "type", "managed"),
+    "domain/devices/hostdev/source": _s(),
+    "domain/devices/hostdev/source/address": _s("domain", "bus", "slot", "function", "device"),
+    "domain/devices/hostdev/source/vendor": _s("id"),
+    "domain/devices/hostdev/source/product": _s("id"),
+    "domain/devices/hostdev/driver": _s("name"),
+    "domain/devices/hostdev/address": ADDRESS,
     # An isa panic's port (libvirt's dumpxml writes it); not an ADDRESS type.
     "domain/devices/panic/address": _s("type", "iobase", "irq"),
 }
@@ -178,5 +190,6 @@ SCHEMA: dict[str, Spec] = {
 # <alias name='…'/> on a device: libvirt's runtime device name (live XML),
 # accepted and ignored as libvirt ignores it in an inactive definition.
 for _dev in ("disk", "controller", "interface", "serial", "console", "channel", "input",
-             "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic"):
+             "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic",
+             "hostdev", "filesystem"):
     SCHEMA[f"domain/devices/{_dev}/alias"] = _s("name")

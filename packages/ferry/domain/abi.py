@@ -250,6 +250,10 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
           lambda w: [("model", w.model), ("address", w.address)])
     _each("panics", old.panics, new.panics, lambda i, p: f"panic {i}",
           lambda p: [("model", p.model), ("iobase", p.iobase)])
+    _each("filesystems", old.filesystems, new.filesystems, lambda i, f: f"filesystem {i}",
+          lambda f: [("mount tag", f.target_dir), ("queue", f.queue), ("address", f.address)])
+    _each("hostdevs", old.hostdevs, new.hostdevs, lambda i, h: f"hostdev {i}",
+          lambda h: [("type", h.type), ("device", h.describe()), ("address", h.address)])
 
 
 def _hv(h: HypervFeature) -> str:

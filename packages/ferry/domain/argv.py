@@ -43,7 +43,10 @@ What the argv does with the model (where it does nothing, it says so):
   for huge pages, checked against the host's free huge pages first, so
   that a host without them is a clear error and not qemu's ENOMEM) or
   ``memory-backend-ram``, with ``share=on`` for shared access.
-* ``-cpu``: custom → the model (qemu64 when none); host-passthrough and
+* ``-cpu``: custom → the model (qemu64 when none), with ``enforce`` for a
+  named model unless ``check='none'`` (a host lacking a feature is an error
+  naming it); a host-model guest that arrived by migration runs the
+  source's CPU as ``base,…,enforce`` (:mod:`ferry.domain._cpu`); host-passthrough and
   host-model → ``host`` under KVM, ``max`` under TCG (TCG has no host CPU to
   pass through); features as ``NAME=on|off``; ``<apic eoi>`` and
   ``<timer name='kvmclock'>`` as ``kvm-pv-eoi``/``kvmclock`` under KVM only,
@@ -106,6 +109,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
+from ferry.domain._cpu import CpuExpansion, cpu_opts
+from ferry.domain._filesystem import start_refusal as fs_start_refusal
+from ferry.domain._hostdev import hostdev_device
 from ferry.domain._nics import network_table
 from ferry.domain.model import (
     Address,
@@ -507,9 +513,19 @@ class _Builder:
         c = d.cpu
         flags: list[tuple[str, object | None]] = []
         base: str | None = None
-        if c is not None:
+        if c is not None and c.expansion is not None:
+            # The CPU the migration source ran, exactly (ferry.domain._cpu).
+            base = "base"
+            flags += cpu_opts(CpuExpansion(c.expansion))
+        elif c is not None:
             if c.mode == "custom":
                 base = c.model or "qemu64"
+                if c.model and c.check != "none" \
+                        and not any(f.policy == "force" for f in c.features):
+                    # libvirt's partial/full check: a host lacking a feature
+                    # of the model is an error naming it, not a quieter CPU
+                    # (a forced feature is claimed whatever the host has).
+                    flags.append(("enforce", True))
             elif c.mode in ("host-passthrough", "host-model"):
                 base = "host" if self.kvm else "max"
             else:
@@ -619,7 +635,7 @@ class _Builder:
         d = self.d
         needs_usb = any(x.target_bus == "usb" for x in d.disks) or any(
             i.bus == "usb" for i in d.inputs
-        ) or bool(d.redirdevs)
+        ) or bool(d.redirdevs) or any(h.type == "usb" for h in d.hostdevs)
         usb = [c for c in d.controllers if c.type == "usb"]
         if needs_usb and usb and usb[0].model == "none":
             raise _refuse(d, "domain/devices/controller",
@@ -1085,6 +1101,11 @@ class _Builder:
             self.device(_opts("usb-redir", ("chardev", cid), ("id", f"redir{i}"),
                               ("bus", "usb.0"), ("port", port)))
 
+    def hostdevs(self) -> None:
+        for i, h in enumerate(self.d.hostdevs):
+            placement = self.pci.place(h.address) if h.type == "pci" else None
+            self.device(hostdev_device(h, i, placement))
+
     def panics(self) -> None:
         for p in self.d.panics:
             if p.model == "isa":  # hyperv is the hv-crash CPU flag
@@ -1304,6 +1325,9 @@ def to_qemu_argv(
                 "(use <domain type='qemu'> for TCG emulation)",
                 domain=d.name, reason=problem,
             )
+    refusal = fs_start_refusal(d)
+    if refusal is not None:
+        raise _refuse(d, "domain/devices/filesystem", refusal)
     b = _Builder(d, paths, kvm, graphics_ports or {}, files, nic_taps, graphics_listen)
     b.add(_plain(qemu_binary, "qemu binary"))
     b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))
@@ -1340,6 +1364,7 @@ def to_qemu_argv(
     b.redirdevs()
     b.balloon_rng()
     b.panics()
+    b.hostdevs()
     if incoming:
         b.add("-incoming", "defer")
     return b.argv

@@ -24,6 +24,7 @@ from ferry.domain.model import (
     Domain,
     Features,
     Graphics,
+    Hostdev,
     Interface,
     Video,
 )
@@ -223,6 +224,14 @@ def _misc_devices(devs: _Element, d: Domain) -> None:
         pel = _sub(devs, "panic", model=p.model)
         if p.iobase is not None:
             _sub(pel, "address", type="isa", iobase=f"0x{p.iobase:x}")
+    for h in d.hostdevs:
+        _hostdev(devs, h)
+    for fs in d.filesystems:
+        fel = _sub(devs, "filesystem", type="mount", accessmode=fs.accessmode)
+        _sub(fel, "driver", type="virtiofs", queue=_num(fs.queue))
+        _sub(fel, "source", dir=fs.source_dir)
+        _sub(fel, "target", dir=fs.target_dir)
+        _address(fel, fs.address)
 
 
 def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
@@ -380,3 +389,20 @@ def _format(domain: Domain, migratable: bool) -> str:
 
     _indent(root)
     return etree.tostring(root, encoding="unicode") + "\n"
+
+
+def _hostdev(devs: _Element, h: Hostdev) -> None:
+    hel = _sub(devs, "hostdev", mode="subsystem", type=h.type, managed=_yn(h.managed))
+    if h.driver is not None:
+        _sub(hel, "driver", name=h.driver)
+    src = _sub(hel, "source")
+    if h.pci_addr is not None:
+        d, b, s, f = h.pci_addr
+        _sub(src, "address", domain=f"0x{d:04x}", bus=f"0x{b:02x}", slot=f"0x{s:02x}",
+             function=f"0x{f:x}")
+    if h.vendor is not None and h.product is not None:
+        _sub(src, "vendor", id=f"0x{h.vendor:04x}")
+        _sub(src, "product", id=f"0x{h.product:04x}")
+    if h.usb_bus is not None and h.usb_device is not None:
+        _sub(src, "address", bus=str(h.usb_bus), device=str(h.usb_device))
+    _address(hel, h.address)

@@ -36,8 +36,10 @@ __all__ = [
     "Disk",
     "Domain",
     "Features",
+    "Filesystem",
     "Graphics",
     "GraphicsOption",
+    "Hostdev",
     "HypervFeature",
     "Input",
     "Interface",
@@ -127,6 +129,9 @@ class Cpu:
     fallback: str | None = None
     features: tuple[CpuFeature, ...] = ()
     topology: CpuTopology | None = None
+    #: Not from the XML: the concrete CPU (qemu ``base`` properties) a
+    #: host-model guest arriving by migration runs (:mod:`ferry.domain._cpu`).
+    expansion: tuple[tuple[str, bool | int | str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -431,6 +436,46 @@ class Panic:
 
 
 @dataclass(frozen=True)
+class Filesystem:
+    """A virtiofs ``<filesystem type='mount'>``: host ``source_dir`` as mount tag ``target_dir``."""
+
+    source_dir: str
+    target_dir: str
+    accessmode: Literal["passthrough"] | None = None
+    queue: int | None = None
+    address: Address | None = None
+
+
+@dataclass(frozen=True)
+class Hostdev:
+    """``<hostdev mode='subsystem' type='pci|usb'>``: a host device given to the guest.
+
+    pci: the host's PCI function ``pci_addr`` (domain, bus, slot, function)
+    through vfio-pci. usb: by ``vendor``/``product`` id, or by the host's
+    ``usb_bus``/``usb_device`` numbers. ``address`` is the guest's address.
+    """
+
+    type: Literal["pci", "usb"]
+    managed: bool | None = None
+    pci_addr: tuple[int, int, int, int] | None = None
+    driver: str | None = None
+    vendor: int | None = None
+    product: int | None = None
+    usb_bus: int | None = None
+    usb_device: int | None = None
+    address: Address | None = None
+
+    def describe(self) -> str:
+        """How an operator recognises the device (``lspci``/``lsusb`` style)."""
+        if self.type == "pci" and self.pci_addr is not None:
+            d, b, s, f = self.pci_addr
+            return f"PCI host device {d:04x}:{b:02x}:{s:02x}.{f:x}"
+        if self.vendor is not None and self.product is not None:
+            return f"USB host device {self.vendor:04x}:{self.product:04x}"
+        return f"USB host device at bus {self.usb_bus} device {self.usb_device}"
+
+
+@dataclass(frozen=True)
 class Memballoon:
     """``<memballoon model='virtio|none'>``; absent in the XML means virtio."""
 
@@ -505,6 +550,8 @@ class Domain:
     redirdevs: tuple[Redirdev, ...] = ()
     watchdogs: tuple[Watchdog, ...] = ()
     panics: tuple[Panic, ...] = ()
+    hostdevs: tuple[Hostdev, ...] = ()
+    filesystems: tuple[Filesystem, ...] = ()
 
     @property
     def memory_mib(self) -> int:

@@ -20,6 +20,7 @@ property and a ``with_...`` builder.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -35,6 +36,7 @@ __all__ = [
     "KNOWN_SECTIONS",
     "MAX_COOKIE",
     "Cookie",
+    "CpuSection",
     "Graphics",
     "Identity",
     "LockState",
@@ -48,7 +50,7 @@ __all__ = [
 MAX_COOKIE = 16 * 1024
 KNOWN_SECTIONS: frozenset[str] = frozenset(
     {"identity", "graphics", "lockstate", "persistent", "statistics", "snapshots", "storage",
-     "nbd"}
+     "nbd", "cpu"}
 )
 
 _MANDATORY_KEY = "mandatory"
@@ -291,6 +293,71 @@ class Nbd:
     def from_wire(cls, data: Mapping[str, Any]) -> Nbd:
         """Build from a section map; raises :class:`~ferry.errors.CookieError`."""
         return cls(**_check(cls.SECTION, cls.SPECS, data))
+_PROP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class CpuSection:
+    """The guest CPU the destination must give (Begin → Prepare).
+
+    ``expansion`` (host-model): the CPU the source's qemu runs, as
+    properties of qemu's ``base`` model (features that are on, and the
+    vendor/family/model/stepping/model-id/levels). ``signature``
+    (host-passthrough): the source host's CPU, which the destination's must
+    equal. Property names go into qemu's ``-cpu`` option, so they are
+    checked here: lower-case letters, digits, ``.``, ``_``, ``-``.
+    """
+
+    SECTION: ClassVar[str] = "cpu"
+    SPECS: ClassVar[Mapping[str, FieldSpec]] = {
+        "mode": FieldSpec(str, required=True, min_len=1, max_len=32),
+        "expansion": FieldSpec(dict, nullable=True),
+        "signature": FieldSpec(dict, nullable=True),
+    }
+
+    mode: str
+    expansion: Mapping[str, bool | int | str] | None = None
+    signature: Mapping[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the section map."""
+        return {
+            "mode": self.mode,
+            "expansion": None if self.expansion is None else dict(self.expansion),
+            "signature": None if self.signature is None else dict(self.signature),
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> CpuSection:
+        """Build from a section map; raises :class:`~ferry.errors.CookieError`."""
+        fields = _check(cls.SECTION, cls.SPECS, data)
+        expansion = fields["expansion"]
+        if expansion is not None:
+            if len(expansion) > 1024:
+                raise CookieError("cookie section 'cpu': too many CPU properties", section="cpu")
+            for key, value in expansion.items():
+                ok = isinstance(value, bool | int) or (
+                    isinstance(value, str) and len(value) <= 64 and value.isprintable())
+                if not isinstance(key, str) or not _PROP_NAME.fullmatch(key) or not ok:
+                    raise CookieError(
+                        f"cookie section 'cpu': bad CPU property {short_repr(key)}",
+                        section="cpu", field=str(key)[:64],
+                    )
+        signature = fields["signature"]
+        if signature is not None:
+            check_fields("cookie section 'cpu' signature", _SIGNATURE_SPECS, signature,
+                         CookieError, details={"section": "cpu"})
+        return cls(mode=fields["mode"], expansion=expansion, signature=signature)
+
+
+_SIGNATURE_SPECS: Mapping[str, FieldSpec] = {
+    "vendor": FieldSpec(str, required=True, max_len=64),
+    "family": FieldSpec(int, required=True, ge=0, le=1 << 16),
+    "model": FieldSpec(int, required=True, ge=0, le=1 << 16),
+    "stepping": FieldSpec(int, required=True, ge=0, le=1 << 16),
+    "features": FieldSpec(list, default=[], max_len=1024,
+                          items=FieldSpec(str, min_len=1, max_len=64)),
+}
 
 
 def _check(section: str, specs: Mapping[str, FieldSpec], data: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,11 +368,11 @@ def _check(section: str, specs: Mapping[str, FieldSpec], data: Mapping[str, Any]
 
 _SECTION_TYPES: dict[str, Any] = {
     cls.SECTION: cls for cls in (Identity, Graphics, LockState, Persistent, Statistics, Snapshots,
-                                 StorageCopy, Nbd)
+                                 StorageCopy, Nbd, CpuSection)
 }
 
 _S = TypeVar("_S", Identity, Graphics, LockState, Persistent, Statistics, Snapshots,
-             StorageCopy, Nbd)
+             StorageCopy, Nbd, CpuSection)
 
 
 @dataclass
@@ -468,6 +535,13 @@ class Cookie:
     def nbd(self) -> Nbd | None:
         """The destination's NBD server, or None; CookieError if it was set malformed."""
         return self._get(Nbd)
+    def cpu(self) -> CpuSection | None:
+        """The guest CPU section, or None; CookieError if it was set malformed."""
+        return self._get(CpuSection)
+
+    def with_cpu(self, cpu: CpuSection, *, mandatory: bool = False) -> Cookie:
+        """Return a copy carrying ``cpu``; raises CookieError if it is malformed."""
+        return self.with_section(CpuSection.SECTION, cpu.to_wire(), mandatory=mandatory)
 
     def with_identity(self, identity: Identity, *, mandatory: bool = False) -> Cookie:
         """Return a copy carrying ``identity``; raises CookieError if it is malformed."""
