@@ -535,6 +535,8 @@ class Cookie:
     def nbd(self) -> Nbd | None:
         """The destination's NBD server, or None; CookieError if it was set malformed."""
         return self._get(Nbd)
+
+    @property
     def cpu(self) -> CpuSection | None:
         """The guest CPU section, or None; CookieError if it was set malformed."""
         return self._get(CpuSection)
