@@ -32,6 +32,7 @@ from ferry.domain._misc import (
     parse_watchdog,
 )
 from ferry.domain._nics import parse_interface
+from ferry.domain._tpm import parse_tpm
 from ferry.domain._values import elements, one, text
 from ferry.domain.model import (
     OS,
@@ -82,6 +83,7 @@ DEVICES: dict[str, DeviceKind] = {
     "redirdev": DeviceKind("redirdevs", parse_redirdev),
     "watchdog": DeviceKind("watchdogs", parse_watchdog),
     "panic": DeviceKind("panics", parse_panic),
+    "tpm": DeviceKind("tpms", parse_tpm),
 }
 
 
