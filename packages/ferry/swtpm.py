@@ -93,8 +93,9 @@ class SwtpmPaths:
     log_file: Path
 
 
-def swtpm_paths(state_root: Path, run_dir: Path, log_dir: Path, name: str, uuid: str,
-                tpm: Tpm) -> SwtpmPaths:
+def swtpm_paths(
+    state_root: Path, run_dir: Path, log_dir: Path, name: str, uuid: str, tpm: Tpm
+) -> SwtpmPaths:
     """The paths of ``name``'s swtpm (sans-I/O).
 
     ``state_root`` is the host's ``state_dir/swtpm``; ``run_dir`` the
@@ -102,10 +103,13 @@ def swtpm_paths(state_root: Path, run_dir: Path, log_dir: Path, name: str, uuid:
     """
     domain_dir = state_root / uuid
     sub = "tpm2" if tpm.tpm_version == "2.0" else "tpm1.2"
-    return SwtpmPaths(domain_dir=domain_dir, state_dir=domain_dir / sub,
-                      ctrl_socket=tpm_socket(run_dir),
-                      pidfile=swtpm_run_dir(run_dir) / "swtpm.pid",
-                      log_file=log_dir / f"{name}-swtpm.log")
+    return SwtpmPaths(
+        domain_dir=domain_dir,
+        state_dir=domain_dir / sub,
+        ctrl_socket=tpm_socket(run_dir),
+        pidfile=swtpm_run_dir(run_dir) / "swtpm.pid",
+        log_file=log_dir / f"{name}-swtpm.log",
+    )
 
 
 def _opt_path(path: Path) -> str:
@@ -125,10 +129,14 @@ def swtpm_argv(binary: str, tpm: Tpm, paths: SwtpmPaths) -> list[str]:
     if tpm.tpm_version == "2.0":
         argv.append("--tpm2")
     argv += [
-        "--tpmstate", f"dir={_opt_path(paths.state_dir)},mode=0600",
-        "--ctrl", f"type=unixio,path={_opt_path(paths.ctrl_socket)},mode=0600",
-        "--log", f"file={_opt_path(paths.log_file)},level=1",
-        "--pid", f"file={_opt_path(paths.pidfile)}",
+        "--tpmstate",
+        f"dir={_opt_path(paths.state_dir)},mode=0600",
+        "--ctrl",
+        f"type=unixio,path={_opt_path(paths.ctrl_socket)},mode=0600",
+        "--log",
+        f"file={_opt_path(paths.log_file)},level=1",
+        "--pid",
+        f"file={_opt_path(paths.pidfile)}",
         # Exit when qemu's control connection closes: swtpm never outlives qemu.
         "--terminate",
         # Race-free daemonizing (swtpm >= 0.7): the launcher exits once the
@@ -138,15 +146,26 @@ def swtpm_argv(binary: str, tpm: Tpm, paths: SwtpmPaths) -> list[str]:
     return argv
 
 
-def swtpm_setup_argv(binary: str, tpm: Tpm, paths: SwtpmPaths, *, name: str,
-                     uuid: str) -> list[str]:
+def swtpm_setup_argv(
+    binary: str, tpm: Tpm, paths: SwtpmPaths, *, name: str, uuid: str
+) -> list[str]:
     """The argv that manufactures a new TPM (libvirt's qemuTPMEmulatorRunSetup; sans-I/O)."""
     argv = [binary]
     if tpm.tpm_version == "2.0":
         argv.append("--tpm2")
-    argv += ["--tpm-state", str(paths.state_dir), "--vmid", f"{name}:{uuid}",
-             "--logfile", str(paths.log_file), "--createek", "--create-ek-cert",
-             "--create-platform-cert", "--lock-nvram", "--not-overwrite"]
+    argv += [
+        "--tpm-state",
+        str(paths.state_dir),
+        "--vmid",
+        f"{name}:{uuid}",
+        "--logfile",
+        str(paths.log_file),
+        "--createek",
+        "--create-ek-cert",
+        "--create-platform-cert",
+        "--lock-nvram",
+        "--not-overwrite",
+    ]
     if tpm.pcr_banks and tpm.tpm_version == "2.0":
         argv += ["--pcr-banks", ",".join(tpm.pcr_banks)]
     return argv
@@ -159,13 +178,24 @@ def attach_to_scope_argv(unit: str, pid: int) -> list[str]:
     existing unit: swtpm starts before qemu's scope exists, so it joins it
     afterwards, as libvirt moves swtpm into the VM's cgroup.
     """
-    return ["busctl", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
-            "org.freedesktop.systemd1.Manager", "AttachProcessesToUnit", "ssau", unit, "",
-            "1", str(pid)]
+    return [
+        "busctl",
+        "call",
+        "org.freedesktop.systemd1",
+        "/org/freedesktop/systemd1",
+        "org.freedesktop.systemd1.Manager",
+        "AttachProcessesToUnit",
+        "ssau",
+        unit,
+        "",
+        "1",
+        str(pid),
+    ]
 
 
-def state_to_remove(tpm: Tpm, *, persistent: bool, incoming_unfinished: bool,
-                    created_here: bool) -> bool:
+def state_to_remove(
+    tpm: Tpm, *, persistent: bool, incoming_unfinished: bool, created_here: bool
+) -> bool:
     """Whether a TPM state directory goes when the domain's qemu is gone (sans-I/O).
 
     ``persistent``: this host keeps a definition of the domain.
@@ -185,9 +215,12 @@ def remove_state(paths: SwtpmPaths, *, name: str) -> None:
     if not paths.domain_dir.exists():
         return
     shutil.rmtree(paths.domain_dir, ignore_errors=True)
-    log.info("domain %s: TPM state %s removed", name, paths.domain_dir,
-             extra={"ferry_fields": {"FERRY_DOMAIN": name,
-                                     "FERRY_TPM_STATE": str(paths.domain_dir)}})
+    log.info(
+        "domain %s: TPM state %s removed",
+        name,
+        paths.domain_dir,
+        extra={"ferry_fields": {"FERRY_DOMAIN": name, "FERRY_TPM_STATE": str(paths.domain_dir)}},
+    )
 
 
 def _read_pid(pidfile: Path) -> int | None:
@@ -205,8 +238,11 @@ def _is_our_swtpm(pid: int, paths: SwtpmPaths) -> bool:
     except OSError:
         return False
     argv = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
-    return (bool(argv) and os.path.basename(argv[0]) == "swtpm"
-            and any(f"path={paths.ctrl_socket}," in a for a in argv))
+    return (
+        bool(argv)
+        and os.path.basename(argv[0]) == "swtpm"
+        and any(f"path={paths.ctrl_socket}," in a for a in argv)
+    )
 
 
 def _wait_pidfd_blocking(pidfd: int, timeout: float) -> bool:
@@ -235,8 +271,12 @@ def kill_stale(paths: SwtpmPaths, *, name: str) -> bool:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         _wait_pidfd_blocking(pidfd, _STOP_WAIT)
-        log.warning("domain %s: killed stale swtpm pid %d", name, pid,
-                    extra={"ferry_fields": {"FERRY_DOMAIN": name, "FERRY_SWTPM_PID": str(pid)}})
+        log.warning(
+            "domain %s: killed stale swtpm pid %d",
+            name,
+            pid,
+            extra={"ferry_fields": {"FERRY_DOMAIN": name, "FERRY_SWTPM_PID": str(pid)}},
+        )
         return True
     finally:
         os.close(pidfd)
@@ -247,8 +287,9 @@ def kill_stale(paths: SwtpmPaths, *, name: str) -> bool:
 class Swtpm:
     """A swtpm this agent started, tracked by a pidfd until qemu owns it."""
 
-    def __init__(self, pid: int, pidfd: int, paths: SwtpmPaths, *, created: bool,
-                 name: str) -> None:
+    def __init__(
+        self, pid: int, pidfd: int, paths: SwtpmPaths, *, created: bool, name: str
+    ) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.paths = paths
@@ -316,11 +357,17 @@ async def _run(argv: list[str], timeout: float, what: str, domain: Domain) -> st
     with tempfile.TemporaryFile() as errfile:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=errfile, start_new_session=True)
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=errfile,
+                start_new_session=True,
+            )
         except OSError as exc:
-            raise QemuLaunchError(f"domain {domain.name}: cannot execute {argv[0]}: "
-                                  f"{exc.strerror or exc}", domain=domain.name) from None
+            raise QemuLaunchError(
+                f"domain {domain.name}: cannot execute {argv[0]}: {exc.strerror or exc}",
+                domain=domain.name,
+            ) from None
         try:
             async with asyncio.timeout(timeout):
                 rc = await proc.wait()
@@ -333,8 +380,11 @@ async def _run(argv: list[str], timeout: float, what: str, domain: Domain) -> st
         errfile.seek(0)
         err = errfile.read().decode(errors="replace").strip()
     if rc != 0:
-        raise QemuLaunchError(f"domain {domain.name}: {what} failed (exit status {rc}): "
-                              f"{err or '(no message)'}", domain=domain.name, returncode=rc)
+        raise QemuLaunchError(
+            f"domain {domain.name}: {what} failed (exit status {rc}): {err or '(no message)'}",
+            domain=domain.name,
+            returncode=rc,
+        )
     return err
 
 
@@ -364,13 +414,15 @@ async def start_swtpm(
     tpm = domain.tpms[0]
     binary = shutil.which(swtpm)
     if binary is None:
-        raise QemuLaunchError(f"domain {domain.name} has a <tpm>, but {swtpm} is not installed "
-                              "(Debian: apt-get install swtpm swtpm-tools)", domain=domain.name)
+        raise QemuLaunchError(
+            f"domain {domain.name} has a <tpm>, but {swtpm} is not installed "
+            "(Debian: apt-get install swtpm swtpm-tools)",
+            domain=domain.name,
+        )
     argv = swtpm_argv(binary, tpm, paths)
     kill_stale(paths, name=domain.name)
     created = not paths.state_dir.is_dir()
-    for d in (paths.domain_dir.parent, paths.domain_dir, paths.state_dir,
-              paths.ctrl_socket.parent):
+    for d in (paths.domain_dir.parent, paths.domain_dir, paths.state_dir, paths.ctrl_socket.parent):
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.log_file.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     ok = False
@@ -381,40 +433,62 @@ async def start_swtpm(
         if created and not incoming and setup is not None:
             # A new TPM: manufacture it as libvirt does. An incoming one is
             # not: its state comes in the migration stream.
-            await _run(swtpm_setup_argv(setup, tpm, paths, name=domain.name, uuid=domain.uuid),
-                       SETUP_TIMEOUT, "swtpm_setup (manufacturing the TPM)", domain)
+            await _run(
+                swtpm_setup_argv(setup, tpm, paths, name=domain.name, uuid=domain.uuid),
+                SETUP_TIMEOUT,
+                "swtpm_setup (manufacturing the TPM)",
+                domain,
+            )
         try:
             await _run(argv, START_TIMEOUT, "swtpm", domain)
         except QemuLaunchError as exc:
             tail = _log_tail(paths.log_file)
-            raise QemuLaunchError(exc.message + (f" (swtpm log: {tail})" if tail else ""),
-                                  **exc.details) from None
+            raise QemuLaunchError(
+                exc.message + (f" (swtpm log: {tail})" if tail else ""), **exc.details
+            ) from None
         pid = _read_pid(paths.pidfile)
         if pid is None:
-            raise QemuLaunchError(f"domain {domain.name}: swtpm started but wrote no pid to "
-                                  f"{paths.pidfile}", domain=domain.name)
+            raise QemuLaunchError(
+                f"domain {domain.name}: swtpm started but wrote no pid to {paths.pidfile}",
+                domain=domain.name,
+            )
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
-            raise QemuLaunchError(f"domain {domain.name}: swtpm (pid {pid}) exited right after "
-                                  f"starting: {_log_tail(paths.log_file) or '(no message)'}",
-                                  domain=domain.name) from None
+            raise QemuLaunchError(
+                f"domain {domain.name}: swtpm (pid {pid}) exited right after "
+                f"starting: {_log_tail(paths.log_file) or '(no message)'}",
+                domain=domain.name,
+            ) from None
         handle = Swtpm(pid, pidfd, paths, created=created, name=domain.name)
         if not paths.ctrl_socket.exists() or not handle.alive():
             await handle.stop()
-            raise QemuLaunchError(f"domain {domain.name}: swtpm (pid {pid}) is not listening on "
-                                  f"{paths.ctrl_socket}", domain=domain.name)
+            raise QemuLaunchError(
+                f"domain {domain.name}: swtpm (pid {pid}) is not listening on {paths.ctrl_socket}",
+                domain=domain.name,
+            )
         ok = True
     finally:
         if not ok:
             kill_stale(paths, name=domain.name)
             if created:
                 remove_state(paths, name=domain.name)
-    log.info("domain %s: swtpm pid %d started (TPM %s, state %s%s)", domain.name, pid,
-             tpm.tpm_version, paths.state_dir, ", new" if created else "",
-             extra={"ferry_fields": {"FERRY_DOMAIN": domain.name, "FERRY_DOMAIN_UUID": domain.uuid,
-                                     "FERRY_SWTPM_PID": str(pid),
-                                     "FERRY_TPM_STATE": str(paths.state_dir)}})
+    log.info(
+        "domain %s: swtpm pid %d started (TPM %s, state %s%s)",
+        domain.name,
+        pid,
+        tpm.tpm_version,
+        paths.state_dir,
+        ", new" if created else "",
+        extra={
+            "ferry_fields": {
+                "FERRY_DOMAIN": domain.name,
+                "FERRY_DOMAIN_UUID": domain.uuid,
+                "FERRY_SWTPM_PID": str(pid),
+                "FERRY_TPM_STATE": str(paths.state_dir),
+            }
+        },
+    )
     return handle
 
 
@@ -426,19 +500,29 @@ async def attach_to_scope(unit: str, swtpm_pid: int, *, name: str) -> None:
     """
     argv = attach_to_scope_argv(unit, swtpm_pid)
     if shutil.which(argv[0]) is None:
-        log.warning("domain %s: busctl missing; swtpm pid %d stays outside scope %s",
-                    name, swtpm_pid, unit)
+        log.warning(
+            "domain %s: busctl missing; swtpm pid %d stays outside scope %s", name, swtpm_pid, unit
+        )
         return
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
         async with asyncio.timeout(10):
             _, err = await proc.communicate()
     except (OSError, TimeoutError) as exc:
-        log.warning("domain %s: cannot move swtpm pid %d into scope %s: %s",
-                    name, swtpm_pid, unit, exc)
+        log.warning(
+            "domain %s: cannot move swtpm pid %d into scope %s: %s", name, swtpm_pid, unit, exc
+        )
         return
     if proc.returncode != 0:
-        log.warning("domain %s: cannot move swtpm pid %d into scope %s: %s", name, swtpm_pid,
-                    unit, err.decode(errors="replace").strip())
+        log.warning(
+            "domain %s: cannot move swtpm pid %d into scope %s: %s",
+            name,
+            swtpm_pid,
+            unit,
+            err.decode(errors="replace").strip(),
+        )

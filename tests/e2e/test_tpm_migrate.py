@@ -68,17 +68,35 @@ def _fresh_tpm(tmp_path: Path) -> bytes:
     """The permanent state of a TPM manufactured now, as Ferry's first start does."""
     state = tmp_path / "fresh"
     state.mkdir()
-    subprocess.run(["swtpm_setup", "--tpm2", "--tpm-state", str(state), "--createek",
-                    "--not-overwrite", "--logfile", str(tmp_path / "fresh.log")],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "swtpm_setup",
+            "--tpm2",
+            "--tpm-state",
+            str(state),
+            "--createek",
+            "--not-overwrite",
+            "--logfile",
+            str(tmp_path / "fresh.log"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return (state / "tpm2-00.permall").read_bytes()
 
 
-@pytest.mark.parametrize(("machine", "model", "mode"),
-                         [("pc", "tpm-tis", "p2p"), ("q35", "tpm-crb", "tunnelled")])
+@pytest.mark.parametrize(
+    ("machine", "model", "mode"), [("pc", "tpm-tis", "p2p"), ("q35", "tpm-crb", "tunnelled")]
+)
 def test_tpm_state_moves_with_the_guest(
-    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path,
-    machine: str, model: str, mode: str,
+    cluster: Cluster,
+    guest_kernel: Path,
+    virt_type: str,
+    tmp_path: Path,
+    machine: str,
+    model: str,
+    mode: str,
 ) -> None:
     a, b = cluster.a, cluster.b
     cluster.start()
@@ -109,8 +127,9 @@ def test_tpm_state_moves_with_the_guest(
         assert serial.boot_count == 1 and after.bad_pages == 0
 
         # A's qemu and swtpm are gone; B runs one swtpm.
-        wait_until(lambda: not _alive(a_qemu) and not _alive(a_swtpm), 10,
-                   "A's qemu and swtpm to exit")
+        wait_until(
+            lambda: not _alive(a_qemu) and not _alive(a_swtpm), 10, "A's qemu and swtpm to exit"
+        )
         assert _swtpm_pids(a) == []
         b_swtpm = _swtpm_pids(b)
         assert len(b_swtpm) == 1, b_swtpm
@@ -147,7 +166,10 @@ def test_swtpm_lost_during_prepare_fails_the_migration_cleanly(
         serial.wait_for_boot(timeout=60)
         migrate = subprocess.Popen(
             a.ns.exec_argv(a.ferryctl_argv("migrate", "t2", b.uri, "--live")),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # B's incoming qemu and its swtpm run; Prepare has not answered yet.
         frozen = wait_frozen(b, "destination", 60, also=migrate)
         b_swtpm = _swtpm_pids(b)
@@ -168,10 +190,14 @@ def test_swtpm_lost_during_prepare_fails_the_migration_cleanly(
         assert later.bad_pages == 0 and serial.boot_count == 1
         assert len(_swtpm_pids(a)) == 1
         # B has nothing left of it: no qemu, no swtpm, no state it created.
-        wait_until(lambda: not b.qemu_pids() and not _swtpm_pids(b), 30,
-                   "B's qemu and swtpm to be gone")
-        wait_until(lambda: not (b.state_dir / "swtpm" / UUID).exists(), 30,
-                   "B to remove the TPM state it created")
+        wait_until(
+            lambda: not b.qemu_pids() and not _swtpm_pids(b), 30, "B's qemu and swtpm to be gone"
+        )
+        wait_until(
+            lambda: not (b.state_dir / "swtpm" / UUID).exists(),
+            30,
+            "B to remove the TPM state it created",
+        )
         a.ferryctl("destroy", "t2", check=True)
         assert _swtpm_pids(a) == []
     finally:

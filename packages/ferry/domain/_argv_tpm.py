@@ -41,13 +41,22 @@ def tpm_argv(domain: Domain, run_dir: Path) -> list[str]:
     for i, t in enumerate(domain.tpms):
         sock = str(tpm_socket(run_dir))
         if len(sock.encode()) > UNIX_PATH_MAX:
-            raise QemuLaunchError(f"domain {domain.name}: swtpm socket path {sock} is longer "
-                                  f"than {UNIX_PATH_MAX} bytes (use a shorter [paths] run_dir)",
-                                  domain=domain.name)
+            raise QemuLaunchError(
+                f"domain {domain.name}: swtpm socket path {sock} is longer "
+                f"than {UNIX_PATH_MAX} bytes (use a shorter [paths] run_dir)",
+                domain=domain.name,
+            )
         if "," in sock or "\n" in sock or "\0" in sock:
-            raise QemuLaunchError(f"domain {domain.name}: swtpm socket path {sock!r} cannot be "
-                                  "passed to qemu", domain=domain.name)
-        out += ["-chardev", f"socket,id=chrtpm,path={sock}",
-                "-tpmdev", f"emulator,id=tpm-tpm{i},chardev=chrtpm",
-                "-device", f"{t.model},tpmdev=tpm-tpm{i},id=tpm{i}"]
+            raise QemuLaunchError(
+                f"domain {domain.name}: swtpm socket path {sock!r} cannot be passed to qemu",
+                domain=domain.name,
+            )
+        out += [
+            "-chardev",
+            f"socket,id=chrtpm,path={sock}",
+            "-tpmdev",
+            f"emulator,id=tpm-tpm{i},chardev=chrtpm",
+            "-device",
+            f"{t.model},tpmdev=tpm-tpm{i},id=tpm{i}",
+        ]
     return out

@@ -42,28 +42,36 @@ def parse_tpm(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Tpm:
     loc = ctx.loc(el, _TPM)
     mark = ctx.count
     if env.index > 0:
-        ctx.report(loc, "a domain has at most one <tpm>", kind="conflict",
-                   hint="keep one <tpm>")
+        ctx.report(loc, "a domain has at most one <tpm>", kind="conflict", hint="keep one <tpm>")
     model = ctx.guard(enum, el, "model", loc, TPM_MODELS, default="tpm-tis", what="tpm model")
     be = one(ctx, el, "backend", loc)
     if be is None:
-        raise fail(loc, "<tpm> needs a <backend>",
-                   hint="add <backend type='emulator' version='2.0'/>")
+        raise fail(
+            loc, "<tpm> needs a <backend>", hint="add <backend type='emulator' version='2.0'/>"
+        )
     bloc = ctx.loc(be, f"{_TPM}/backend")
     btype = be.get("type")
     if btype == "passthrough":
-        ctx.report(bloc, "tpm backend 'passthrough' is not supported: the host's TPM cannot "
-                         "follow the guest to another host, and Ferry only runs guests it can "
-                         "migrate", cls=XMLUnsupported,
-                   hint="use <backend type='emulator' version='2.0'/> (swtpm)")
+        ctx.report(
+            bloc,
+            "tpm backend 'passthrough' is not supported: the host's TPM cannot "
+            "follow the guest to another host, and Ferry only runs guests it can "
+            "migrate",
+            cls=XMLUnsupported,
+            hint="use <backend type='emulator' version='2.0'/> (swtpm)",
+        )
     elif btype is None:
         ctx.report(bloc, "<backend> needs a type", hint="add type='emulator'")
     else:
         ctx.guard(enum, be, "type", bloc, ("emulator",), what="tpm backend")
     version = ctx.guard(enum, be, "version", bloc, ("1.2", "2.0"), what="tpm version")
     if version == "1.2" and model == "tpm-crb":
-        ctx.report(bloc, "a tpm-crb is a TPM 2.0 interface; it cannot carry a TPM 1.2",
-                   kind="conflict", hint="use version='2.0', or model='tpm-tis'")
+        ctx.report(
+            bloc,
+            "a tpm-crb is a TPM 2.0 interface; it cannot carry a TPM 1.2",
+            kind="conflict",
+            hint="use version='2.0', or model='tpm-tis'",
+        )
     persistent = ctx.guard(yes_no, be, "persistent_state", bloc)
     banks: list[str] = []
     pcr = one(ctx, be, "active_pcr_banks", bloc)
@@ -75,14 +83,25 @@ def parse_tpm(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Tpm:
                 ctx.report(ploc, f"PCR bank {name} is listed twice", hint=f"keep one <{name}/>")
             banks.append(name)
         if version == "1.2":
-            ctx.report(ploc, "a TPM 1.2 has no PCR banks to choose", kind="conflict",
-                       hint="remove <active_pcr_banks>")
+            ctx.report(
+                ploc,
+                "a TPM 1.2 has no PCR banks to choose",
+                kind="conflict",
+                hint="remove <active_pcr_banks>",
+            )
     for enc in all_of(be, "encryption"):
-        ctx.report(ctx.loc(enc, f"{_TPM}/backend/encryption"),
-                   "an encrypted TPM state is not supported: Ferry has no secret store to give "
-                   "swtpm the key", cls=XMLUnsupported,
-                   hint="remove <encryption> (the state directory is 0700, root only)")
+        ctx.report(
+            ctx.loc(enc, f"{_TPM}/backend/encryption"),
+            "an encrypted TPM state is not supported: Ferry has no secret store to give "
+            "swtpm the key",
+            cls=XMLUnsupported,
+            hint="remove <encryption> (the state directory is 0700, root only)",
+        )
     if ctx.count != mark or model is None:
         raise Skip()
-    return Tpm(model=cast(Any, model), version=cast(Any, version), persistent_state=persistent,
-               pcr_banks=tuple(banks))
+    return Tpm(
+        model=cast(Any, model),
+        version=cast(Any, version),
+        persistent_state=persistent,
+        pcr_banks=tuple(banks),
+    )
