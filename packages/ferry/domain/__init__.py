@@ -46,7 +46,10 @@ Modelled (parsed, formatted, compared, and used in the argv)
     memballoon (virtio/none); rng (virtio, backend random or builtin, rate);
     sound (ich9, ich6 with codecs, ac97; ``<audio id>``); redirdev (usb,
     spicevmc or tcp); watchdog (i6300esb, itco, ib700; action); panic (isa
-    with its iobase, hyperv).
+    with its iobase, hyperv); tpm (tpm-tis, tpm-crb; backend emulator,
+    version 1.2/2.0, persistent_state, active_pcr_banks: a swtpm the host
+    runs, :mod:`ferry.swtpm`; passthrough, external and an encrypted state
+    are refused, see :mod:`ferry.domain._tpm`).
 
 Defaults filled in on parse, the way libvirt does on define (so the
 formatted XML is explicit and round-trips): a random UUID; random
@@ -76,7 +79,7 @@ refuses one the host does not map (define, Prepare), and the argv needs
 the tap the agent made for it.
 
 Refused (``XMLUnsupported``, with element path and line): every element
-and attribute not listed above, e.g. hostdev, filesystem, tpm,
+and attribute not listed above, e.g. hostdev, filesystem,
 smartcard, hub, shmem, iommu, vsock, numatune, memoryBacking's locked,
 nosharepages, discard and ``source type='file'``, cputune, memtune,
 blkiotune, seclabel, resource, sysinfo, launchSecurity, os loader/nvram/
