@@ -10,11 +10,13 @@ Skipped where swtpm is not installed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,20 @@ def _exited(pid: int, timeout: float = 5.0) -> bool:
         return bool(poller.poll(int(timeout * 1000)))
     finally:
         os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Whatever a failing test left running goes: its swtpm, and its qemu."""
+    yield
+    paths = Host(_config(tmp_path), "source").swtpm_paths(_domain())
+    assert paths is not None
+    kill_stale(paths, name="t")
+    qemu_pidfile = tmp_path / "qemu.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(qemu_pidfile.read_text())
+        if str(qemu_pidfile).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu is not installed")
