@@ -10,6 +10,10 @@ afresh — the guest counts on with its memory intact, and A has neither qemu
 nor swtpm left. The state follows libvirt's rules: A keeps it (a persistent
 definition) until undefine, B drops it when the transient guest ends.
 
+Where qemu runs in a systemd scope, its swtpm joins that scope (systemd's
+``AttachProcessesToUnit``, through ``busctl``); systemd is not PID 1 here, so
+stand-ins for ``systemd-run`` and ``busctl`` record what the agent asks.
+
 A destination whose swtpm dies during Prepare fails the migration cleanly:
 the guest keeps running on A, and B is left with no qemu, no swtpm and no
 state directory.
@@ -17,13 +21,16 @@ state directory.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from faults import proc_state, thaw, wait_frozen
+from standins import write_systemd_run
 
 import testguest
 from cluster import Cluster, HostEnv, guest_xml, wait_until
@@ -207,3 +214,41 @@ def test_swtpm_lost_during_prepare_fails_the_migration_cleanly(
             migrate.kill()
             migrate.wait()
         serial.close()
+
+
+_BUSCTL = """#!{python}
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "busctl.jsonl"), "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+def test_swtpm_joins_its_qemus_scope(
+    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    a = cluster.a
+    bindir = a.root / "standin"
+    bindir.mkdir()
+    write_systemd_run(bindir)
+    busctl = bindir / "busctl"
+    busctl.write_text(_BUSCTL.format(python=sys.executable))
+    busctl.chmod(0o755)
+    a.write_config(**{"qemu.cgroup": "scope"})
+    a.agent_env = {**a.agent_env, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    cluster.start()
+    xml = tmp_path / "t3.xml"
+    xml.write_text(_xml("t3", guest_kernel, virt_type, "q35", "tpm-crb"))
+    a.ferryctl("define", str(xml), check=True)
+    a.ferryctl("start", "t3", check=True)
+    runs = [json.loads(line) for line in (bindir / "calls.jsonl").read_text().splitlines()]
+    assert len(runs) == 1
+    unit = next(x.split("=", 1)[1] for x in runs[0]["argv"] if x.startswith("--unit="))
+    swtpm = _swtpm_pids(a)
+    assert len(swtpm) == 1, swtpm
+    calls = [json.loads(line) for line in (bindir / "busctl.jsonl").read_text().splitlines()]
+    assert calls == [["call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                      "org.freedesktop.systemd1.Manager", "AttachProcessesToUnit", "ssau",
+                      unit, "", "1", str(swtpm[0])]]  # fmt: skip
+    a.ferryctl("destroy", "t3", check=True)
+    wait_until(lambda: not _alive(swtpm), 10, "the swtpm to end with its qemu")
