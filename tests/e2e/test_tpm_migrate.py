@@ -1,8 +1,8 @@
 """A guest with an emulated TPM 2.0 starts with its swtpm and migrates live with the TPM's state.
 
 What virt-install ``--tpm emulator`` writes (``<tpm model='tpm-crb'|'tpm-tis'>
-<backend type='emulator' version='2.0'/>``) on the test guest (SeaBIOS, which
-initialises the TPM and extends its PCRs at boot). On host A the first
+<backend type='emulator' version='2.0'/>``, and a TPM 1.2 on tpm-tis) on the
+test guest (SeaBIOS, which initialises the TPM and extends its PCRs at boot). On host A the first
 start manufactures the TPM (``swtpm_setup``: random seeds) and a swtpm serves
 it; after the live migration B's swtpm holds the *same* TPM — its permanent
 state file equals A's byte for byte and differs from a TPM manufactured
@@ -57,28 +57,31 @@ def _alive(pids: list[int]) -> list[int]:
     return [p for p in pids if proc_state(p) not in (None, "Z", "X")]
 
 
-def _state_dir(host: HostEnv) -> Path:
-    return host.state_dir / "swtpm" / UUID / "tpm2"
+def _state_dir(host: HostEnv, version: str = "2.0") -> Path:
+    return host.state_dir / "swtpm" / UUID / ("tpm2" if version == "2.0" else "tpm1.2")
 
 
-def _permall(host: HostEnv) -> bytes:
-    return (_state_dir(host) / "tpm2-00.permall").read_bytes()
+def _permall(host: HostEnv, version: str = "2.0") -> bytes:
+    name = "tpm2-00.permall" if version == "2.0" else "tpm-00.permall"
+    return (_state_dir(host, version) / name).read_bytes()
 
 
-def _xml(name: str, kernel: Path, virt_type: str, machine: str, model: str) -> str:
-    tpm = f"<tpm model='{model}'><backend type='emulator' version='2.0'/></tpm>"
+def _xml(
+    name: str, kernel: Path, virt_type: str, machine: str, model: str, version: str = "2.0"
+) -> str:
+    tpm = f"<tpm model='{model}'><backend type='emulator' version='{version}'/></tpm>"
     text = guest_xml(name, kernel, virt_type=virt_type, uuid=UUID, extra_devices=tpm)
     return text.replace("machine='pc'", f"machine='{machine}'")
 
 
-def _fresh_tpm(tmp_path: Path) -> bytes:
+def _fresh_tpm(tmp_path: Path, version: str) -> bytes:
     """The permanent state of a TPM manufactured now, as Ferry's first start does."""
     state = tmp_path / "fresh"
     state.mkdir()
     subprocess.run(
         [
             "swtpm_setup",
-            "--tpm2",
+            *(["--tpm2"] if version == "2.0" else []),
             "--tpm-state",
             str(state),
             "--createek",
@@ -90,11 +93,16 @@ def _fresh_tpm(tmp_path: Path) -> bytes:
         capture_output=True,
         timeout=60,
     )
-    return (state / "tpm2-00.permall").read_bytes()
+    return (state / ("tpm2-00.permall" if version == "2.0" else "tpm-00.permall")).read_bytes()
 
 
 @pytest.mark.parametrize(
-    ("machine", "model", "mode"), [("pc", "tpm-tis", "p2p"), ("q35", "tpm-crb", "tunnelled")]
+    ("machine", "model", "version", "mode"),
+    [
+        ("pc", "tpm-tis", "2.0", "p2p"),
+        ("q35", "tpm-crb", "2.0", "tunnelled"),
+        ("pc", "tpm-tis", "1.2", "p2p"),
+    ],
 )
 def test_tpm_state_moves_with_the_guest(
     cluster: Cluster,
@@ -103,12 +111,13 @@ def test_tpm_state_moves_with_the_guest(
     tmp_path: Path,
     machine: str,
     model: str,
+    version: str,
     mode: str,
 ) -> None:
     a, b = cluster.a, cluster.b
     cluster.start()
     xml = tmp_path / "t1.xml"
-    xml.write_text(_xml("t1", guest_kernel, virt_type, machine, model))
+    xml.write_text(_xml("t1", guest_kernel, virt_type, machine, model, version))
     a.ferryctl("define", str(xml), check=True)
     a.ferryctl("start", "t1", check=True)
     serial = testguest.SerialReader(a.serial_socket("t1"))
@@ -117,9 +126,9 @@ def test_tpm_state_moves_with_the_guest(
         # One swtpm, on a 0700 state directory manufactured at this first start.
         a_swtpm = _swtpm_pids(a)
         assert len(a_swtpm) == 1, a_swtpm
-        assert _state_dir(a).stat().st_mode & 0o777 == 0o700
+        assert _state_dir(a, version).stat().st_mode & 0o777 == 0o700
         live = a.ferryctl("dumpxml", "t1", check=True).stdout
-        assert f'<tpm model="{model}">' in live and 'version="2.0"' in live, live
+        assert f'<tpm model="{model}">' in live and f'version="{version}"' in live, live
         a_qemu = a.qemu_pids()
 
         before = serial.wait_for(lambda r: r.counter >= 1, timeout=60)
@@ -141,15 +150,15 @@ def test_tpm_state_moves_with_the_guest(
         b_swtpm = _swtpm_pids(b)
         assert len(b_swtpm) == 1, b_swtpm
         # The TPM itself moved: B's state is A's, not some new TPM's.
-        assert _permall(b) == _permall(a)
-        assert _permall(b) != _fresh_tpm(tmp_path)
+        assert _permall(b, version) == _permall(a, version)
+        assert _permall(b, version) != _fresh_tpm(tmp_path, version)
 
         # B's guest is transient: its TPM state goes with it.
         b.ferryctl("destroy", "t1", check=True)
         wait_until(lambda: not _alive(b_swtpm), 10, "B's swtpm to exit")
         assert not (b.state_dir / "swtpm" / UUID).exists()
         # A keeps its state for its persistent definition, until undefine.
-        assert _state_dir(a).is_dir()
+        assert _state_dir(a, version).is_dir()
         a.ferryctl("undefine", "t1", check=True)
         assert not (a.state_dir / "swtpm" / UUID).exists()
     finally:
