@@ -490,7 +490,7 @@ class Host:
         await tpm.stop()
         if state_to_remove(domain.tpms[0], persistent=self.definition_path(domain.name).exists(),
                            incoming_unfinished=incoming, created_here=tpm.created):
-            remove_state(tpm.paths, name=domain.name)
+            remove_state(tpm.paths, name=domain.name, whole=not incoming)
 
     def _swtpm_gone(self, domain: Domain, status: DomainStatus | None) -> None:
         """``domain``'s qemu is gone: no swtpm may stay; its state follows
@@ -508,7 +508,8 @@ class Host:
         persistent = self.definition_path(domain.name).exists()
         if state_to_remove(domain.tpms[0], persistent=persistent,
                            incoming_unfinished=unfinished, created_here=created):
-            remove_state(paths, name=domain.name)
+            # A failed incoming migration removes only the state it created.
+            remove_state(paths, name=domain.name, whole=not unfinished)
 
     def _with_prealloc_threads(self, domain: Domain) -> Domain:
         """``domain`` with the host's preallocation threads when its XML names none.

@@ -210,16 +210,26 @@ def state_to_remove(
     return not persistent and not tpm.persistent_state
 
 
-def remove_state(paths: SwtpmPaths, *, name: str) -> None:
-    """Remove the domain's TPM state (its whole ``state_dir/swtpm/UUID``)."""
-    if not paths.domain_dir.exists():
+def remove_state(paths: SwtpmPaths, *, name: str, whole: bool = True) -> None:
+    """Remove the domain's TPM state.
+
+    ``whole``: the domain's whole ``state_dir/swtpm/UUID`` (undefine, a
+    transient domain ended), as libvirt deletes it. Otherwise only this
+    TPM's state directory (what a failed start or incoming migration
+    created), and the domain's directory only if nothing else is in it.
+    """
+    target = paths.domain_dir if whole else paths.state_dir
+    if not target.exists():
         return
-    shutil.rmtree(paths.domain_dir, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    if not whole:
+        with contextlib.suppress(OSError):
+            paths.domain_dir.rmdir()  # only when empty
     log.info(
         "domain %s: TPM state %s removed",
         name,
-        paths.domain_dir,
-        extra={"ferry_fields": {"FERRY_DOMAIN": name, "FERRY_TPM_STATE": str(paths.domain_dir)}},
+        target,
+        extra={"ferry_fields": {"FERRY_DOMAIN": name, "FERRY_TPM_STATE": str(target)}},
     )
 
 
@@ -472,7 +482,7 @@ async def start_swtpm(
         if not ok:
             kill_stale(paths, name=domain.name)
             if created:
-                remove_state(paths, name=domain.name)
+                remove_state(paths, name=domain.name, whole=False)
     log.info(
         "domain %s: swtpm pid %d started (TPM %s, state %s%s)",
         domain.name,

@@ -160,6 +160,13 @@ def test_a_failed_incoming_start_removes_only_the_state_it_created(
     with pytest.raises(QemuLaunchError):
         asyncio.run(host.start(_domain(), incoming=True))
     assert (state / "marker").read_text() == "mine"
+    # What else the domain's directory holds (a TPM 1.2's state) stays too.
+    shutil.rmtree(state)
+    other = state.parent / "tpm1.2"
+    other.mkdir()
+    with pytest.raises(QemuLaunchError):
+        asyncio.run(host.start(_domain(), incoming=True))
+    assert not state.exists() and other.is_dir()
 
 
 def test_kill_stale_kills_this_domains_swtpm_and_nothing_else(tmp_path: Path) -> None:
