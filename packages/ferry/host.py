@@ -607,10 +607,12 @@ class Host:
         """Remove a stopped domain's status, live XML, pidfile and sockets
         (and its swtpm, and the TPM state of a transient domain)."""
         self._procs.pop(name, None)
-        with contextlib.suppress(Exception):
+        try:
             live = self.live_definition(name)
             if live is not None and live.tpms:
                 self._swtpm_gone(live, self.load_status(name))
+        except Exception as exc:  # cleanup goes on: the rest must still be removed
+            log.warning("domain %s: cannot clean up its swtpm: %s", name, exc)
         for path in (
             self.status_path(name),
             self.live_xml_path(name),
