@@ -16,7 +16,7 @@ from typing import Any
 
 from ferry.acl import check_access
 from ferry.domain import parse_domain
-from ferry.errors import FerryError, MigrationFailed, MigrationTimeout, PhaseError
+from ferry.errors import FerryError, MigrationFailed, MigrationTimeout, PhaseError, QMPError
 from ferry.flags import MigrationFlags, MigrationParams
 from ferry.journal import LogContext, MessageID, log_event
 from ferry.outcomes import FINISHING, POSTCOPY, RUNNING
@@ -144,7 +144,15 @@ async def _wait_incoming(
     deadline = time.monotonic() + dst.config.destination.incoming_timeout_s
     proc = incoming.proc
     while True:
-        stats = await query_migrate(proc.qmp)
+        try:
+            stats = await query_migrate(proc.qmp)
+        except QMPError as exc:
+            # qemu exits when loading the stream fails (a device refused its
+            # state, e.g. a TPM whose swtpm is gone): its log says why.
+            why = _qemu_log_tail(dst, incoming.domain.name)
+            if not why or proc.alive():
+                raise
+            raise MigrationFailed(f"the incoming qemu exited: {why}") from exc
         if stats.status == "completed":
             break
         if postcopy and stats.status == "postcopy-active":
@@ -165,6 +173,18 @@ async def _wait_incoming(
             raise MigrationTimeout("the incoming migration did not complete in time")
         await asyncio.sleep(0.005)
     return {"received_ms": int(time.time() * 1000)}
+
+
+def _qemu_log_tail(dst: DestinationContext, name: str) -> str:
+    """The last lines of the incoming qemu's own log (timestamps dropped), or ""."""
+    log_file = dst.host.runtime_paths(name).log_file
+    if log_file is None:
+        return ""
+    try:
+        lines = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+    except OSError:
+        return ""
+    return " / ".join(line.split(" ", 1)[-1] if line[:4].isdigit() else line for line in lines)
 
 
 async def _start_cpus(dst: DestinationContext, incoming: Incoming, flags: MigrationFlags) -> None:

@@ -49,6 +49,16 @@ from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
 from ferry.qemu.scope import scope_for
 from ferry.statefile import DomainStatus, atomic_write
 from ferry.storage_policy import OpenedFiles, open_domain_files
+from ferry.swtpm import (
+    Swtpm,
+    SwtpmPaths,
+    attach_to_scope,
+    kill_stale,
+    remove_state,
+    start_swtpm,
+    state_to_remove,
+    swtpm_paths,
+)
 
 __all__ = ["AgentName", "Host", "LiveDomain"]
 
@@ -148,11 +158,22 @@ class Host:
         atomic_write(self.definition_path(domain.name), format_domain(domain).encode())
 
     def delete_definition(self, name: str) -> bool:
-        """Remove the persistent definition; True if there was one."""
+        """Remove the persistent definition; True if there was one.
+
+        An inactive domain's TPM state goes with it (libvirt's undefine); a
+        running one keeps it until its qemu is gone (it is transient then).
+        """
+        domain = None
+        with contextlib.suppress(Exception):
+            domain = self.load_definition(name)
         try:
             self.definition_path(name).unlink()
         except FileNotFoundError:
             return False
+        paths = self.swtpm_paths(domain) if domain is not None else None
+        if (paths is not None and domain is not None and self.load_status(name) is None
+                and not domain.tpms[0].persistent_state):
+            remove_state(paths, name=name)
         return True
 
     # -- live state -----------------------------------------------------------
@@ -315,7 +336,10 @@ class Host:
             extra_properties=self.config.qemu.scope_properties,
         )
         self.save_live_definition(live_domain)
+        tpm = None
         try:
+            # swtpm first: qemu connects to its socket while it starts.
+            tpm = await self._start_swtpm(domain, incoming=incoming)
             proc = await launch(
                 argv,
                 pidfile=paths.pidfile,
@@ -326,6 +350,7 @@ class Host:
                 pass_fds=[*files.fds, *(tap.fd for tap in taps.values())],
             )
         except QemuLaunchError as exc:
+            await self._stop_swtpm(domain, tpm, incoming=incoming)
             self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
@@ -339,6 +364,7 @@ class Host:
                         ) from None
             raise
         except BaseException:
+            await self._stop_swtpm(domain, tpm, incoming=incoming)
             self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
@@ -362,6 +388,12 @@ class Host:
             on_switch = [t.ifname for t in taps.values() if t.switch_port]
             if on_switch:
                 status.extra["switch_ports"] = on_switch
+        if tpm is not None:
+            # qemu holds swtpm's control connection now: swtpm ends with it.
+            status.extra["swtpm"] = {"pid": tpm.pid, "created": tpm.created}
+            tpm.close()
+            if proc.scope_unit is not None:
+                await attach_to_scope(proc.scope_unit, tpm.pid, name=domain.name)
         self.save_status(status)
         self._procs[domain.name] = proc
         return proc
@@ -436,6 +468,51 @@ class Host:
     def _release_graphics(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.ports_path(name).unlink()
+
+    # -- swtpm ------------------------------------------------------------------
+
+    def swtpm_paths(self, domain: Domain) -> SwtpmPaths | None:
+        """Where ``domain``'s swtpm keeps its state and socket (None: no TPM)."""
+        if not domain.tpms:
+            return None
+        return swtpm_paths(self.paths.state_dir / "swtpm", self.chardev_dir(domain.name),
+                           self.paths.log_dir, domain.name, domain.uuid, domain.tpms[0])
+
+    async def _start_swtpm(self, domain: Domain, *, incoming: bool) -> Swtpm | None:
+        paths = self.swtpm_paths(domain)
+        if paths is None:
+            return None
+        return await start_swtpm(domain, paths, incoming=incoming)
+
+    async def _stop_swtpm(self, domain: Domain, tpm: Swtpm | None, *, incoming: bool) -> None:
+        """After qemu failed to start: stop its swtpm; its state follows
+        :func:`ferry.swtpm.state_to_remove` (an incoming migration's goes
+        if Prepare created it; a persistent domain's manufactured TPM stays)."""
+        if tpm is None:
+            return
+        await tpm.stop()
+        if state_to_remove(domain.tpms[0], persistent=self.definition_path(domain.name).exists(),
+                           incoming_unfinished=incoming, created_here=tpm.created):
+            remove_state(tpm.paths, name=domain.name, whole=not incoming)
+
+    def _swtpm_gone(self, domain: Domain, status: DomainStatus | None) -> None:
+        """``domain``'s qemu is gone: no swtpm may stay; its state follows
+        :func:`ferry.swtpm.state_to_remove`."""
+        paths = self.swtpm_paths(domain)
+        if paths is None:
+            return
+        kill_stale(paths, name=domain.name)
+        for stale in (paths.ctrl_socket, paths.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        info = status.extra.get("swtpm") if status is not None else None
+        created = bool(info.get("created")) if isinstance(info, dict) else False
+        unfinished = status is not None and status.run_state == "incoming"
+        persistent = self.definition_path(domain.name).exists()
+        if state_to_remove(domain.tpms[0], persistent=persistent,
+                           incoming_unfinished=unfinished, created_here=created):
+            # A failed incoming migration removes only the state it created.
+            remove_state(paths, name=domain.name, whole=not unfinished)
 
     def _with_prealloc_threads(self, domain: Domain) -> Domain:
         """``domain`` with the host's preallocation threads when its XML names none.
@@ -559,7 +636,8 @@ class Host:
         return out
 
     def cleanup(self, name: str) -> None:
-        """Remove a stopped domain's status, live XML, pidfile, sockets and switch ports."""
+        """Remove a stopped domain's status, live XML, pidfile, sockets and switch ports
+        (and its swtpm, and the TPM state of a transient domain)."""
         self._procs.pop(name, None)
         status = self.load_status(name)
         if status is not None and status.extra.get("switch_ports"):
@@ -567,6 +645,12 @@ class Host:
                                           status.uuid)  # fmt: skip
             if removed:
                 log.info("domain %s: removed Open vSwitch ports %s", name, " ".join(removed))
+        try:
+            live = self.live_definition(name)
+            if live is not None and live.tpms:
+                self._swtpm_gone(live, status)
+        except Exception as exc:  # cleanup goes on: the rest must still be removed
+            log.warning("domain %s: cannot clean up its swtpm: %s", name, exc)
         for path in (
             self.status_path(name),
             self.live_xml_path(name),

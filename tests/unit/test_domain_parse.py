@@ -377,7 +377,8 @@ def test_duplicates_and_address_conflicts() -> None:
     [
         ("<hostdev mode='subsystem' type='scsi'/>", "domain/devices/hostdev"),
         ("<filesystem type='mount'/>", "domain/devices/filesystem"),
-        ("<tpm model='tpm-tis'/>", "domain/devices/tpm"),
+        ("<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/>"
+         "</backend></tpm>", "domain/devices/tpm/backend"),
         ("<smartcard mode='passthrough' type='spicevmc'/>", "domain/devices/smartcard"),
         ("<shmem name='x'/>", "domain/devices/shmem"),
         ("<interface type='user'><boot order='1'/></interface>",

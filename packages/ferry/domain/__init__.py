@@ -47,7 +47,11 @@ Modelled (parsed, formatted, compared, and used in the argv)
     sound (ich9, ich6 with codecs, ac97; ``<audio id>``); redirdev (usb,
     spicevmc or tcp); watchdog (i6300esb, itco, ib700; action); panic (isa
     with its iobase, hyperv); hostdev (subsystem pci through vfio-pci, usb
-    by vendor/product or bus/device: defined and started, never migrated).
+    by vendor/product or bus/device: defined and started, never migrated);
+    tpm (tpm-tis, tpm-crb; backend emulator,
+    version 1.2/2.0, persistent_state, active_pcr_banks: a swtpm the host
+    runs, :mod:`ferry.swtpm`; passthrough, external and an encrypted state
+    are refused, see :mod:`ferry.domain._tpm`).
 
 Defaults filled in on parse, the way libvirt does on define (so the
 formatted XML is explicit and round-trips): a random UUID; random
@@ -77,7 +81,7 @@ refuses one the host does not map (define, Prepare), and the argv needs
 the tap the agent made for it.
 
 Refused (``XMLUnsupported``, with element path and line): every element
-and attribute not listed above, e.g. hostdev, filesystem, tpm,
+and attribute not listed above, e.g. hostdev, filesystem,
 smartcard, hub, shmem, iommu, vsock, numatune, memoryBacking's locked,
 nosharepages, discard and ``source type='file'``, cputune, memtune,
 blkiotune, seclabel, resource, sysinfo, launchSecurity, os loader/nvram/

@@ -34,6 +34,7 @@ from ferry.domain._misc import (
     parse_watchdog,
 )
 from ferry.domain._nics import parse_interface
+from ferry.domain._tpm import parse_tpm
 from ferry.domain._values import elements, one, text
 from ferry.domain.model import (
     OS,
@@ -86,6 +87,7 @@ DEVICES: dict[str, DeviceKind] = {
     "panic": DeviceKind("panics", parse_panic),
     "hostdev": DeviceKind("hostdevs", parse_hostdev),
     "filesystem": DeviceKind("filesystems", parse_filesystem),
+    "tpm": DeviceKind("tpms", parse_tpm),
 }
 
 

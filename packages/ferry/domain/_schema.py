@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ferry.domain._tpm import PCR_BANKS
+
 __all__ = ["ADDRESS", "HYPERV_FEATURES", "KVM_FEATURES", "SCHEMA", "Spec", "spec"]
 
 
@@ -185,11 +187,19 @@ SCHEMA: dict[str, Spec] = {
     "domain/devices/hostdev/address": ADDRESS,
     # An isa panic's port (libvirt's dumpxml writes it); not an ADDRESS type.
     "domain/devices/panic/address": _s("type", "iobase", "irq"),
+    # <tpm>: see ferry.domain._tpm (passthrough's <device> and <encryption>
+    # are read only to be refused with the reason).
+    "domain/devices/tpm": _s("model"),
+    "domain/devices/tpm/backend": _s("type", "version", "persistent_state"),
+    "domain/devices/tpm/backend/device": _s("path"),
+    "domain/devices/tpm/backend/encryption": _s("secret"),
+    "domain/devices/tpm/backend/active_pcr_banks": _s(),
+    **{f"domain/devices/tpm/backend/active_pcr_banks/{b}": _s() for b in PCR_BANKS},
 }
 
 # <alias name='…'/> on a device: libvirt's runtime device name (live XML),
 # accepted and ignored as libvirt ignores it in an inactive definition.
 for _dev in ("disk", "controller", "interface", "serial", "console", "channel", "input",
              "video", "memballoon", "rng", "sound", "redirdev", "watchdog", "panic",
-             "hostdev", "filesystem"):
+             "hostdev", "filesystem", "tpm"):
     SCHEMA[f"domain/devices/{_dev}/alias"] = _s("name")

@@ -13,7 +13,8 @@ May differ (host side, not guest visible):
   source and sndbuf; serial/console/channel host side (type, path, mode);
   graphics listen address, port, autoport, tlsPort, websocket; audio
   backends; rng backend; iothreads and a disk's iothread; memory backing
-  (source, access, hugepages); a redirdev's tcp peer; a watchdog's action.
+  (source, access, hugepages); a redirdev's tcp peer; a watchdog's action;
+  a TPM's persistent_state and active PCR banks.
 
 Must be equal (guest visible): virt type, UUID (always), memory and
 currentMemory, vCPU count and vCPUs online, os type/arch/machine/kernel/initrd/cmdline/boot
@@ -21,8 +22,9 @@ order/boot menu, CPU mode/model/match/features/topology/migratable,
 features (acpi, apic, pae, vmport, smm, kvm, hyperv), clock offset and timers,
 pm, and every device's presence, order, kind, model, bus, target, MAC, MTU
 and address (sound cards with their codecs, redirdevs, watchdogs, panic
-notifiers included). The PCI controller tree (each bus by index and model;
-a root port's chassis and port, a bridge's chassisNr) is compared first, so
+notifiers included; a TPM's model and version). The PCI controller tree
+(each bus by index and model; a root port's chassis and port, a bridge's
+chassisNr) is compared first, so
 a different tree is named as such; with equal models both ends place the
 devices without addresses identically (:mod:`ferry.domain.argv`), so equal
 models mean identical qemu device trees.
@@ -254,6 +256,11 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
           lambda f: [("mount tag", f.target_dir), ("queue", f.queue), ("address", f.address)])
     _each("hostdevs", old.hostdevs, new.hostdevs, lambda i, h: f"hostdev {i}",
           lambda h: [("type", h.type), ("device", h.describe()), ("address", h.address)])
+    # The TPM's state moves in the stream (swtpm's blobs); its interface and
+    # version must be the ones the guest has (PCR banks and persistence are
+    # host side: the banks are the state's, which moves).
+    _each("tpms", old.tpms, new.tpms, lambda i, t: f"tpm {i}",
+          lambda t: [("model", t.model), ("version", t.tpm_version)])
 
 
 def _hv(h: HypervFeature) -> str:

@@ -78,7 +78,8 @@ What the argv does with the model (where it does nothing, it says so):
   ``ICH9-LPC.noreboot=off``; ``-action watchdog=…``), USB redirection
   (``usb-redir`` on a ``spicevmc`` or tcp socket chardev, which reconnects
   every second until its peer listens), balloon, rng,
-  an isa ``pvpanic``. A ``spicevmc`` channel is the spice agent
+  an isa ``pvpanic``, the TPM (``-tpmdev emulator`` on the socket of the
+  swtpm the host started: :mod:`ferry.domain._argv_tpm`). A ``spicevmc`` channel is the spice agent
   (``-chardev spicevmc,name=vdagent``). A unix channel with one of
   libvirt's per-run paths gets its socket in ``RuntimePaths.run_dir``, like
   one without a path (:func:`live_sockets` writes the paths into the live
@@ -108,6 +109,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.domain._argv_tpm import tpm_argv
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
 from ferry.domain._cpu import CpuExpansion, cpu_opts
 from ferry.domain._filesystem import start_refusal as fs_start_refusal
@@ -1365,6 +1367,7 @@ def to_qemu_argv(
     b.balloon_rng()
     b.panics()
     b.hostdevs()
+    b.add(*tpm_argv(d, paths.run_dir))
     if incoming:
         b.add("-incoming", "defer")
     return b.argv

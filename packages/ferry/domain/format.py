@@ -234,6 +234,18 @@ def _misc_devices(devs: _Element, d: Domain) -> None:
         _address(fel, fs.address)
 
 
+def _tpms(devs: _Element, d: Domain) -> None:
+    """``<tpm>`` (libvirt writes it after the panic notifiers too)."""
+    for t in d.tpms:
+        tel = _sub(devs, "tpm", model=t.model)
+        bel = _sub(tel, "backend", type=t.backend, version=t.version,
+                   persistent_state=_yn(t.persistent_state))
+        if t.pcr_banks:
+            pel = _sub(bel, "active_pcr_banks")
+            for bank in t.pcr_banks:
+                _sub(pel, bank)
+
+
 def _graphics(parent: _Element, g: Graphics, migratable: bool) -> None:
     port = g.port
     tls_port = g.tls_port
@@ -386,6 +398,7 @@ def _format(domain: Domain, migratable: bool) -> str:
         _sub(rel, "backend", rng.backend_path, model=rng.backend_model)
         _address(rel, rng.address)
     _misc_devices(devs, d)
+    _tpms(devs, d)
 
     _indent(root)
     return etree.tostring(root, encoding="unicode") + "\n"

@@ -49,6 +49,7 @@ __all__ = [
     "Rng",
     "Sound",
     "Timer",
+    "Tpm",
     "Video",
     "Watchdog",
     "is_libvirt_channel_path",
@@ -427,6 +428,26 @@ class Watchdog:
 
 
 @dataclass(frozen=True)
+class Tpm:
+    """``<tpm model=…><backend type='emulator' version=…/></tpm>``: a TPM that
+    ``swtpm`` emulates (:mod:`ferry.swtpm`); its state moves with a migration."""
+
+    model: Literal["tpm-tis", "tpm-crb"] = "tpm-tis"
+    backend: Literal["emulator"] = "emulator"
+    #: ``version`` as written (None: libvirt's default, 2.0).
+    version: Literal["1.2", "2.0"] | None = None
+    #: ``persistent_state='yes'``: keep the state when a transient domain ends.
+    persistent_state: bool | None = None
+    #: ``<active_pcr_banks>``: the PCR banks swtpm_setup activates (sha1, sha256, …).
+    pcr_banks: tuple[str, ...] = ()
+
+    @property
+    def tpm_version(self) -> Literal["1.2", "2.0"]:
+        """The TPM version the guest sees."""
+        return self.version or "2.0"
+
+
+@dataclass(frozen=True)
 class Panic:
     """``<panic model=…>``: isa (pvpanic at an I/O port) or hyperv (``hv-crash``)."""
 
@@ -552,6 +573,7 @@ class Domain:
     panics: tuple[Panic, ...] = ()
     hostdevs: tuple[Hostdev, ...] = ()
     filesystems: tuple[Filesystem, ...] = ()
+    tpms: tuple[Tpm, ...] = ()
 
     @property
     def memory_mib(self) -> int:
