@@ -43,6 +43,7 @@ from ferry.domain import (
 )
 from ferry.domain.argv import live_sockets
 from ferry.errors import NoDomain, QemuLaunchError, QMPError, StateFileError
+from ferry.firmware_files import firmware_files, remove_default_nvram
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.netdev import open_taps
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
@@ -148,11 +149,17 @@ class Host:
         atomic_write(self.definition_path(domain.name), format_domain(domain).encode())
 
     def delete_definition(self, name: str) -> bool:
-        """Remove the persistent definition; True if there was one."""
+        """Remove the persistent definition; True if there was one.
+
+        Ferry's NVRAM file of the domain goes with it unless the domain
+        still runs here (it is then transient and still uses the file).
+        """
         try:
             self.definition_path(name).unlink()
         except FileNotFoundError:
             return False
+        if self.load_status(name) is None:
+            remove_default_nvram(self.config, name)
         return True
 
     # -- live state -----------------------------------------------------------
@@ -256,9 +263,13 @@ class Host:
         """
         where = "prepare" if incoming else "start"
         with open_domain_files(domain, self.config, where=where) as files, \
+                firmware_files(domain, self.config, files, where=where) as fw, \
                 open_taps(domain, self.config) as taps:
-            return await self._start(domain, files, incoming=incoming, extra_status=extra_status,
-                                     taps=taps)
+            if incoming and fw.created:
+                # Removed again if this incoming qemu is discarded (cleanup).
+                extra_status = {**(extra_status or {}), "nvram_created": str(fw.nvram)}
+            return await self._start(fw.domain, files, incoming=incoming,
+                                     extra_status=extra_status, taps=taps)
 
     async def _start(
         self,
@@ -527,8 +538,19 @@ class Host:
         self.cleanup(name)
 
     def cleanup(self, name: str) -> None:
-        """Remove a stopped domain's status, live XML, pidfile and sockets."""
+        """Remove a stopped domain's status, live XML, pidfile and sockets.
+
+        An incoming domain that never ran here also loses the NVRAM file
+        its Prepare created (:mod:`ferry.firmware_files`).
+        """
         self._procs.pop(name, None)
+        with contextlib.suppress(StateFileError):
+            status = self.load_status(name)
+            created = status.extra.get("nvram_created") if status is not None else None
+            if status is not None and status.run_state == "incoming" and isinstance(created, str):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(created).unlink()
+                    log.info("removed the NVRAM file %s created for incoming %s", created, name)
         for path in (
             self.status_path(name),
             self.live_xml_path(name),

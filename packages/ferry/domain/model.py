@@ -41,7 +41,9 @@ __all__ = [
     "HypervFeature",
     "Input",
     "Interface",
+    "Loader",
     "Memballoon",
+    "Nvram",
     "Panic",
     "Redirdev",
     "Rng",
@@ -77,6 +79,35 @@ class Address:
 
 
 @dataclass(frozen=True)
+class Loader:
+    """``<os><loader>``: the firmware image.
+
+    ``type='pflash'`` maps it as flash (with ``readonly`` the code part of a
+    split UEFI firmware, whose variables live in the :class:`Nvram` file);
+    ``type='rom'`` loads it as the BIOS ROM. ``path`` None: chosen from the
+    host's firmware descriptors (``<os firmware='efi'>``).
+    """
+
+    path: str | None = None
+    readonly: bool | None = None
+    secure: bool | None = None
+    type: Literal["rom", "pflash"] | None = None
+
+
+@dataclass(frozen=True)
+class Nvram:
+    """``<os><nvram>``: the VM's own UEFI variable store and its template.
+
+    ``path`` None: Ferry's per-VM default (``state_dir/nvram/NAME_VARS.fd``),
+    created from ``template`` when the VM first starts on a host;
+    ``template`` None: the one the firmware descriptor of the loader names.
+    """
+
+    path: str | None = None
+    template: str | None = None
+
+
+@dataclass(frozen=True)
 class OS:
     """``<os>``: firmware type, machine, direct kernel boot and boot order."""
 
@@ -90,6 +121,12 @@ class OS:
     boot_devs: tuple[str, ...] = ()
     bootmenu: bool | None = None
     bootmenu_timeout: int | None = None
+    #: ``<os firmware=…>``: efi or bios, chosen from the host's firmware descriptors.
+    firmware: Literal["efi", "bios"] | None = None
+    #: ``<firmware><feature enabled=… name=…/>``: (secure-boot|enrolled-keys, enabled).
+    firmware_features: tuple[tuple[str, bool], ...] = ()
+    loader: Loader | None = None
+    nvram: Nvram | None = None
 
     @property
     def is_q35(self) -> bool:
