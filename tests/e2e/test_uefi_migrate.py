@@ -202,3 +202,39 @@ def test_uefi_guest_migrates_with_its_variables(
         assert not nvram_file(b, name).exists()
     finally:
         shell.close()
+
+
+def test_failed_migration_removes_only_the_nvram_file_prepare_created(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """B's Prepare created an NVRAM file; the migration fails: B removes it, A keeps its own."""
+    a, b = cluster.a, cluster.b
+    fast = {"migration.reply_timeout_s": 8, "migration.outcome_timeout_s": 5}
+    a.write_config(**fast)
+    # B's reply to Prepare is lost (the connection drops): the source gives up.
+    b.write_config(**fast, **{"testing.faults": ["dst.prepare=drop-reply"]})
+    cluster.start()
+    name = "uefi-fail"
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(uefi_xml(name, FIRMWARE["plain"]))
+    a.ferryctl("define", str(xml), check=True)
+    a.ferryctl("start", name, check=True)
+    shell = UefiShell(a.serial_socket(name))
+    try:
+        shell.boot()
+        out = shell.run(f'setvar FerryProbe -guid {GUID} -nv -bs =L"{VALUE}"')
+        assert "Unable" not in out, out
+        failed = a.ferryctl("migrate", name, b.uri, "--live", timeout=300)
+        assert failed.returncode != 0, failed.stdout + cluster.logs()
+        assert "created the NVRAM file" in b.agent_log("destination")
+        wait_until(lambda: not nvram_file(b, name).exists() and b.qemu_pids() == [], 90,
+                   "B to discard the incoming qemu and its NVRAM file")
+        assert b.domain_state(name) is None
+        # A runs on, with its own file and the variable in the firmware.
+        assert a.domain_state(name) == "running" and holds_probe(nvram_file(a, name))
+        out = shell.run(f"dmpstore FerryProbe -guid {GUID}")
+        assert "b.e.f.o.r.e" in out, out
+        a.ferryctl("destroy", name, check=True)
+        assert nvram_file(a, name).exists()  # destroy keeps it: it belongs to the definition
+    finally:
+        shell.close()
