@@ -220,7 +220,12 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("feature apic eoi", of.apic_eoi, nf.apic_eoi)
     _same("feature pae", of.pae, nf.pae)
     _same("feature vmport", of.vmport, nf.vmport)
-    _same("feature smm", of.smm, nf.smm)
+    smm = (of.smm, nf.smm)
+    if o.firmware == n.firmware == "efi" and None in smm:
+        # Unstated, SMM is the firmware autoselection's choice (a definition
+        # as written vs the one it resolved to at start).
+        smm = (of.smm if of.smm is not None else nf.smm,) * 2
+    _same("feature smm", *smm)
     _same("feature kvm", of.kvm, nf.kvm)
     _same("feature hyperv mode", of.hyperv_mode, nf.hyperv_mode)
     _same("feature hyperv", tuple(_hv(h) for h in of.hyperv), tuple(_hv(h) for h in nf.hyperv))
