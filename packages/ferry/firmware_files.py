@@ -49,6 +49,7 @@ from ferry.domain import Domain
 from ferry.domain.firmware import (
     FirmwareDescriptor,
     descriptor_paths,
+    loader_type,
     needs_nvram,
     parse_descriptor,
     resolve_firmware,
@@ -212,7 +213,7 @@ def firmware_files(
     nvram = ro.nvram if needs_nvram(ro) else None
     opened: list[int] = []
     try:
-        writable_code = ro.loader.type == "pflash" and ro.loader.readonly is False
+        writable_code = loader_type(ro) == "pflash" and ro.loader.readonly is False
         opened.append(_open(ro.loader.path, writable_code, "loader", where,
                             () if writable_code else installed, policy))
         if nvram is not None:
@@ -252,7 +253,7 @@ def firmware_files(
         raise
     files.fds.extend(opened)
     out.fds = opened
-    if ro.loader.type == "rom":
+    if loader_type(ro) == "rom":
         # -bios reads the file with a plain open(): a /dev/fdset name means nothing to it.
         files.passed = dataclasses.replace(files.passed, firmware=(f"/proc/self/fd/{opened[0]}",))
     else:

@@ -422,3 +422,29 @@ def test_a_domain_without_uefi_needs_nothing(fw_host: Any) -> None:
     with files, cm as fw:
         assert fw.domain is d and files.fds == [] and files.passed.firmware == ()
     assert dataclasses.replace(d) == d
+
+
+def test_a_named_nvram_file_is_checked_from_define_on() -> None:
+    from ferry.storage_policy import StoragePolicy, domain_paths
+
+    d = parse_domain(dom("<nvram>/etc/u_VARS.fd</nvram>"))
+    assert [(p.element, p.kind, p.writable) for p in domain_paths(d)] == [
+        ("domain/os/nvram", "nvram", True)]
+    policy = StoragePolicy(["/var/lib/ferry/images"], resolve=lambda p: p)
+    with pytest.raises(PathNotAllowed, match=r"domain/os/nvram: nvram path '/etc/u_VARS\.fd'"):
+        policy.check(d, "define")
+    policy.check(parse_domain(dom("<nvram>/var/lib/ferry/images/u_VARS.fd</nvram>")), "define")
+    assert domain_paths(parse_domain(dom())) == []  # Ferry's own file: not the policy's
+
+
+def test_a_loader_without_type_is_pflash_for_uefi_and_rom_otherwise() -> None:
+    from ferry.domain.firmware import loader_type
+
+    rom = parse_domain(dom("<loader>/fw/bios.bin</loader>", firmware=None))
+    assert loader_type(rom.os) == "rom" and not needs_nvram(rom.os)
+    assert "-bios" in _argv(rom)
+    flash = parse_domain(dom("<loader readonly='yes'>/fw/C.fd</loader>"
+                             "<nvram>/img/u_VARS.fd</nvram>", firmware=None))
+    assert loader_type(flash.os) == "pflash" and needs_nvram(flash.os)
+    assert "pflash1=pflash1-format" in _machine(_argv(flash))
+    assert parse_domain(format_domain(flash)) == flash  # the type stays unstated

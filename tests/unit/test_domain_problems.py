@@ -33,7 +33,7 @@ def problems(err: XMLError) -> list[dict[str, Any]]:
 FIVE = """<domain type='kvm'>
   <name>five</name>
   <memory unit='MiB'>0</memory>
-  <os><type arch='x86_64' machine='q35'>hvm</type><loader type='rom' stateless='yes'>/fw/b.rom</loader></os>
+  <os><type arch='x86_64' machine='q35'>hvm</type><loader stateless='yes'>/f</loader></os>
   <devices>
     <disk type='file'><source file='/img/a.qcow2'/><target dev='vda'/></disk>
     <disk type='file'><source file='/img/b.qcow2'/><target dev='vda'/></disk>

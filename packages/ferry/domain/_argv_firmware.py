@@ -36,6 +36,7 @@ def firmware_argv(
         firmware was not resolved, or the NVRAM file is not named).
     """
     from ferry.domain.argv import _opts, _plain
+    from ferry.domain.firmware import loader_type
 
     ld = d.os.loader
     if ld is None:
@@ -44,7 +45,7 @@ def firmware_argv(
                                   "loader (ferry.firmware_files does that at start)",
                                   domain=d.name)
         return [], []
-    if ld.type == "rom":
+    if loader_type(d.os) == "rom":
         path = passed[0] if passed else ld.path
         if path is None:
             raise QemuLaunchError(f"domain {d.name}: the rom loader has no path", domain=d.name)

@@ -143,7 +143,7 @@ def _firmware(ctx: Ctx, root: etree._Element, el: etree._Element, loc: Loc,
         raise fail(loc, "firmware='bios' has no secure boot, pflash loader or NVRAM",
                    kind="conflict", hint="use firmware='efi', or remove <firmware>, "
                                          "<loader type='pflash'> and <nvram>")
-    if nvram is not None and kind != "efi" and (loader is None or loader.type != "pflash"):
+    if nvram is not None and kind != "efi" and (loader is None or loader.type == "rom"):
         raise fail(loc.child("nvram"), "<nvram> needs a pflash <loader> or firmware='efi'",
                    kind="conflict", hint="add <loader readonly='yes' type='pflash'>…</loader> "
                                          "or <os firmware='efi'>")

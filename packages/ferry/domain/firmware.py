@@ -48,6 +48,7 @@ __all__ = [
     "FirmwareDescriptor",
     "choose_firmware",
     "descriptor_paths",
+    "loader_type",
     "needs_nvram",
     "parse_descriptor",
     "resolve_firmware",
@@ -127,18 +128,27 @@ def parse_descriptor(name: str, data: bytes | str) -> FirmwareDescriptor:
     )
 
 
+def loader_type(os_: OS) -> str | None:
+    """How the loader is mapped: its ``type``, else pflash for UEFI (firmware='efi'
+    or an ``<nvram>``) and rom otherwise; None without a loader."""
+    ld = os_.loader
+    if ld is not None and ld.type is not None:
+        return ld.type
+    if os_.firmware == "efi" or os_.nvram is not None:
+        return "pflash"
+    return "rom" if ld is not None else None
+
+
 def needs_nvram(os_: OS) -> bool:
     """True when the guest's firmware keeps its variables in a per-VM NVRAM file.
 
     That is UEFI chosen by ``firmware='efi'`` (every split flash firmware),
     a read-only pflash loader, or an explicit ``<nvram>``.
     """
-    ld = os_.loader
-    if ld is not None and ld.type == "rom":
+    if loader_type(os_) != "pflash":
         return False
-    if os_.nvram is not None or os_.firmware == "efi":
-        return True
-    return ld is not None and ld.type == "pflash" and ld.readonly is not False
+    return os_.nvram is not None or os_.firmware == "efi" or (
+        os_.loader is not None and os_.loader.readonly is not False)
 
 
 def _machine(machine: str) -> str:
