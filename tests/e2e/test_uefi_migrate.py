@@ -15,8 +15,12 @@ source runs nothing and, with ``--undefine-source``, kept no NVRAM file.
 Finally the guest is destroyed and booted afresh on the destination from
 that file alone: the variable is still there, the RAM-only one is not.
 
-Two firmware choices: plain OVMF, migrated peer-to-peer; secure-boot OVMF
-(SMM on, the flash writable from SMM only), migrated tunnelled.
+Three cases: plain OVMF, migrated peer-to-peer; secure-boot OVMF (SMM on,
+the flash writable from SMM only), migrated tunnelled; plain OVMF with an
+NVRAM file the operator named on storage both hosts see, which the
+destination uses in place (same inode, nothing created) and which outlives
+the definitions. A last test breaks the migration after B's Prepare created
+its file: B removes that file, A runs on with its own.
 """
 
 from __future__ import annotations
@@ -45,15 +49,19 @@ FIRMWARE = {
 }
 
 
-def uefi_xml(name: str, features: str) -> str:
-    """A q35 UEFI guest with nothing but a serial console Ferry places."""
+def uefi_xml(name: str, features: str, nvram: Path | None = None) -> str:
+    """A q35 UEFI guest with nothing but a serial console Ferry places.
+
+    ``nvram``: an NVRAM file of the operator's (else Ferry's per-host default).
+    """
+    nvram_el = f"<nvram>{nvram}</nvram>" if nvram is not None else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
   <vcpu>1</vcpu>
   <os firmware='efi'>
     <type arch='x86_64' machine='q35'>hvm</type>
-    <firmware>{features}</firmware>
+    <firmware>{features}</firmware>{nvram_el}
   </os>
   <features><acpi/><apic/></features>
   <devices>
@@ -143,15 +151,23 @@ def holds_probe(path: Path) -> bool:
     return "FerryProbe".encode("utf-16-le") in data and VALUE.encode("utf-16-le") in data
 
 
-@pytest.mark.parametrize(("firmware", "mode"), [("plain", "p2p"), ("secure", "tunnelled")])
+@pytest.mark.parametrize(("firmware", "mode", "shared"), [
+    ("plain", "p2p", False),
+    ("secure", "tunnelled", False),
+    # An NVRAM file both hosts see (the test hosts share a file system): the same file.
+    ("plain", "p2p", True),
+])
 def test_uefi_guest_migrates_with_its_variables(
-    cluster: Cluster, tmp_path: Path, firmware: str, mode: str
+    cluster: Cluster, tmp_path: Path, firmware: str, mode: str, shared: bool
 ) -> None:
     a, b = cluster.a, cluster.b
     cluster.start()
-    name = f"uefi-{firmware}"
+    name = f"uefi-{firmware}" + ("-shared" if shared else "")
     xml = tmp_path / f"{name}.xml"
-    xml.write_text(uefi_xml(name, FIRMWARE[firmware]))
+    shared_file = tmp_path / f"{name}_VARS.fd" if shared else None
+    xml.write_text(uefi_xml(name, FIRMWARE[firmware], shared_file))
+    a_file = shared_file or nvram_file(a, name)
+    b_file = shared_file or nvram_file(b, name)
     a.ferryctl("define", str(xml), check=True)
     a.ferryctl("start", name, check=True)
     shell = UefiShell(a.serial_socket(name))
@@ -167,8 +183,9 @@ def test_uefi_guest_migrates_with_its_variables(
         assert "Unable" not in out, out
         shell.run("set -v FERRYMEM ram-survived")  # -v: volatile (RAM); plain set is NV
         assert "ram-survived" in shell.run("echo %FERRYMEM%")
-        assert holds_probe(nvram_file(a, name))  # the firmware wrote it to A's file
+        assert holds_probe(a_file)  # the firmware wrote it to A's file
         assert not nvram_file(b, name).exists()
+        inode = a_file.stat().st_ino
 
         args = ["migrate", name, b.uri, "--live", "--persistent", "--undefine-source"]
         if mode == "tunnelled":
@@ -179,8 +196,13 @@ def test_uefi_guest_migrates_with_its_variables(
         assert a.domain_state(name) is None and a.qemu_pids() == []
         # B's Prepare made the file from the template; qemu wrote the
         # migrated flash into it when B's CPUs started.
-        assert holds_probe(nvram_file(b, name))
-        assert not nvram_file(a, name).exists()  # undefined on A, with its NVRAM file
+        assert holds_probe(b_file)
+        if shared:
+            # Used in place, never replaced; the operator's file outlives A's definition.
+            assert b_file.stat().st_ino == inode and not nvram_file(b, name).exists()
+            assert "created the NVRAM file" not in b.agent_log("destination")
+        else:
+            assert not a_file.exists()  # undefined on A, with its NVRAM file
 
         shell.close()
         shell = UefiShell(b.serial_socket(name))
@@ -199,7 +221,7 @@ def test_uefi_guest_migrates_with_its_variables(
         assert "ram-survived" not in shell.run("echo %FERRYMEM%")
         b.ferryctl("destroy", name, check=True)
         b.ferryctl("undefine", name, check=True)
-        assert not nvram_file(b, name).exists()
+        assert b_file.exists() == shared  # Ferry's own file goes with the definition
     finally:
         shell.close()
 
