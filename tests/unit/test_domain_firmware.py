@@ -448,3 +448,23 @@ def test_a_loader_without_type_is_pflash_for_uefi_and_rom_otherwise() -> None:
     assert loader_type(flash.os) == "pflash" and needs_nvram(flash.os)
     assert "pflash1=pflash1-format" in _machine(_argv(flash))
     assert parse_domain(format_domain(flash)) == flash  # the type stays unstated
+
+
+@pytest.mark.parametrize(("run_state", "kept"), [("incoming", False), ("running", True),
+                                                 ("paused", True)])
+def test_cleanup_removes_the_nvram_file_of_an_incoming_that_never_ran(
+    fw_host: Any, run_state: str, kept: bool
+) -> None:
+    from ferry.host import Host
+    from ferry.statefile import DomainStatus
+
+    cfg, _, _ = fw_host
+    host = Host(cfg, "destination")
+    host.ensure_dirs()
+    path = default_nvram_path(cfg, "u")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"V")
+    host.save_status(DomainStatus(name="u", uuid=UUID, pid=1, run_state=run_state,
+                                  extra={"nvram_created": str(path)}))
+    host.cleanup("u")
+    assert path.exists() == kept and host.load_status("u") is None
