@@ -207,7 +207,9 @@ def firmware_files(
     resolved = resolve_firmware(domain, descs)
     out = FirmwareFiles(resolved)
     ro = resolved.os
-    assert ro.loader is not None and ro.loader.path is not None
+    if ro.loader is None or ro.loader.path is None:  # resolve_firmware names one for UEFI
+        raise QemuLaunchError(f"{where}: domain/os/loader: no firmware image to load",
+                              element="domain/os/loader")
     policy = StoragePolicy.for_domain(config, domain.name)
     installed = {os.path.realpath(p) for p in descriptor_paths(descs)}
     nvram = ro.nvram if needs_nvram(ro) else None

@@ -95,6 +95,14 @@ def test_firmware_efi_loader_nvram_and_features_round_trip() -> None:
             machine="pc"),
         dom("<loader type='rom'>/fw/bios.bin</loader>", firmware=None),
         dom(firmware="bios"),
+        # What libvirt 9.2 and later write after autoselection (virsh dumpxml).
+        dom("<firmware><feature enabled='yes' name='enrolled-keys'/>"
+            "<feature enabled='yes' name='secure-boot'/></firmware>"
+            "<loader readonly='yes' secure='yes' type='pflash' format='raw'>"
+            "/usr/share/OVMF/OVMF_CODE_4M.ms.fd</loader>"
+            "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.ms.fd' templateFormat='raw' "
+            "format='raw'>/var/lib/libvirt/qemu/nvram/u_VARS.fd</nvram>",
+            features="<acpi/><smm state='on'/>"),
     ):
         d = parse_domain(text)
         again = parse_domain(format_domain(d))
@@ -145,6 +153,9 @@ def test_unknown_firmware_values_are_unsupported() -> None:
     refused(dom(firmware="uboot"), XMLUnsupported)
     refused(dom("<firmware><feature enabled='yes' name='amd-sev'/></firmware>"), XMLUnsupported)
     refused(dom("<loader type='flash'>/fw/x</loader>", firmware=None), XMLUnsupported)
+    refused(dom("<loader type='rom'/>"), XMLUnsupported)
+    refused(dom("<nvram format='qcow2'/>"), XMLUnsupported)
+    refused(dom("<loader format='qcow2'/>"), XMLUnsupported)
 
 
 # -- ABI --------------------------------------------------------------------------------
@@ -468,3 +479,12 @@ def test_cleanup_removes_the_nvram_file_of_an_incoming_that_never_ran(
                                   extra={"nvram_created": str(path)}))
     host.cleanup("u")
     assert path.exists() == kept and host.load_status("u") is None
+
+
+def test_resolving_keeps_what_the_definition_states() -> None:
+    d = parse_domain(dom("<loader format='raw'/><nvram format='raw' templateFormat='raw'>"
+                         "/img/u_VARS.fd</nvram>"))
+    got = resolve_firmware(d, DEBIAN)
+    assert got.os.loader is not None and got.os.loader.format == "raw"
+    assert got.os.nvram == dataclasses.replace(
+        d.os.nvram, template="/usr/share/OVMF/OVMF_VARS_4M.ms.fd")

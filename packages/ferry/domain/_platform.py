@@ -147,6 +147,10 @@ def _firmware(ctx: Ctx, root: etree._Element, el: etree._Element, loc: Loc,
         raise fail(loc.child("nvram"), "<nvram> needs a pflash <loader> or firmware='efi'",
                    kind="conflict", hint="add <loader readonly='yes' type='pflash'>…</loader> "
                                          "or <os firmware='efi'>")
+    if kind == "efi" and loader is not None and loader.type == "rom":
+        raise fail(loc.child("loader"), "a rom loader with firmware='efi' is not supported "
+                   "(Ferry maps UEFI firmware as pflash)", cls=XMLUnsupported,
+                   hint="use type='pflash', or leave type out")
     if loader is not None and nvram is not None and loader.type == "rom":
         raise fail(loc.child("nvram"), "a loader of type 'rom' has no NVRAM", kind="conflict",
                    hint="use type='pflash', or remove <nvram>")
@@ -200,6 +204,7 @@ def _loader(ctx: Ctx, el: etree._Element, loc: Loc, kind: str | None) -> Loader 
     ltype = ctx.guard(enum, ld, "type", lloc, ("rom", "pflash"), what="loader type")
     readonly = ctx.guard(yes_no, ld, "readonly", lloc)
     secure = ctx.guard(yes_no, ld, "secure", lloc)
+    fmt = ctx.guard(enum, ld, "format", lloc, ("raw",), what="loader format")
     raw = text(ld).strip()
     path = ctx.guard(check_host_path, raw, lloc, "loader") if raw else None
     if ctx.count != mark:
@@ -211,7 +216,8 @@ def _loader(ctx: Ctx, el: etree._Element, loc: Loc, kind: str | None) -> Loader 
     if ltype == "rom" and secure:
         raise fail(lloc, "a loader of type 'rom' cannot be secure", kind="conflict",
                    hint="use type='pflash'")
-    return Loader(path=path, readonly=readonly, secure=secure, type=cast(Any, ltype))
+    return Loader(path=path, readonly=readonly, secure=secure, type=cast(Any, ltype),
+                  format=cast(Any, fmt))
 
 
 def _nvram(ctx: Ctx, el: etree._Element, loc: Loc) -> Nvram | None:
@@ -224,9 +230,12 @@ def _nvram(ctx: Ctx, el: etree._Element, loc: Loc) -> Nvram | None:
     path = ctx.guard(check_host_path, raw, nloc, "nvram") if raw else None
     tpl = get(nv, "template")
     template = ctx.guard(check_host_path, tpl, nloc, "nvram template") if tpl else None
+    fmt = ctx.guard(enum, nv, "format", nloc, ("raw",), what="nvram format")
+    tfmt = ctx.guard(enum, nv, "templateFormat", nloc, ("raw",), what="nvram templateFormat")
     if ctx.count != mark:
         raise Skip()
-    return Nvram(path=path, template=template)
+    return Nvram(path=path, template=template, format=cast(Any, fmt),
+                 template_format=cast(Any, tfmt))
 
 
 def _cmdline(ctx: Ctx, el: etree._Element, loc: Loc) -> str | None:

@@ -251,12 +251,12 @@ def resolve_firmware(domain: Domain, descriptors: Sequence[FirmwareDescriptor]) 
     loader = Loader(path=chosen.executable, readonly=True,
                     secure=True if smm_needed and "secure-boot" in chosen.features else
                     (ld.secure if ld is not None and ld.secure is not None else False),
-                    type="pflash")
+                    type="pflash", format=ld.format if ld is not None else None)
     features = domain.features
     if smm_needed and features.smm is None:
         features = dataclasses.replace(features, smm=True)
     return dataclasses.replace(domain, features=features, os=dataclasses.replace(
-        os_, loader=loader, nvram=Nvram(path=nv.path, template=chosen.nvram_template)))
+        os_, loader=loader, nvram=dataclasses.replace(nv, template=chosen.nvram_template)))
 
 
 def descriptor_paths(descriptors: Iterable[FirmwareDescriptor]) -> frozenset[str]:

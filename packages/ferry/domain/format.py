@@ -205,9 +205,11 @@ def _firmware(os_el: _Element, o: OS) -> None:
     if o.loader is not None:
         ld = o.loader
         _sub(os_el, "loader", ld.path, readonly=_yn(ld.readonly), secure=_yn(ld.secure),
-             type=ld.type)
+             type=ld.type, format=ld.format)
     if o.nvram is not None:
-        _sub(os_el, "nvram", o.nvram.path, template=o.nvram.template)
+        nv = o.nvram
+        _sub(os_el, "nvram", nv.path, template=nv.template, templateFormat=nv.template_format,
+             format=nv.format)
 
 
 def _misc_devices(devs: _Element, d: Domain) -> None:

@@ -92,6 +92,8 @@ class Loader:
     readonly: bool | None = None
     secure: bool | None = None
     type: Literal["rom", "pflash"] | None = None
+    #: ``format='raw'`` (libvirt 9.2 and later write it; raw is the only one Ferry maps).
+    format: Literal["raw"] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class Nvram:
 
     path: str | None = None
     template: str | None = None
+    #: ``format`` and ``templateFormat``: raw (as libvirt 9.2 and later write them).
+    format: Literal["raw"] | None = None
+    template_format: Literal["raw"] | None = None
 
 
 @dataclass(frozen=True)
