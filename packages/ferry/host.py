@@ -43,6 +43,7 @@ from ferry.domain import (
 )
 from ferry.domain.argv import live_sockets
 from ferry.errors import ConfigError, NoDomain, QemuLaunchError, QMPError, StateFileError
+from ferry.firmware_files import firmware_files, remove_default_nvram
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.netdev import detach_switch_ports, open_taps
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
@@ -162,6 +163,8 @@ class Host:
 
         An inactive domain's TPM state goes with it (libvirt's undefine); a
         running one keeps it until its qemu is gone (it is transient then).
+        Ferry's NVRAM file of the domain goes with it too, unless the domain
+        still runs here (it is then transient and still uses the file).
         """
         domain = None
         with contextlib.suppress(Exception):
@@ -174,6 +177,8 @@ class Host:
         if (paths is not None and domain is not None and self.load_status(name) is None
                 and not domain.tpms[0].persistent_state):
             remove_state(paths, name=name)
+        if self.load_status(name) is None:
+            remove_default_nvram(self.config, name)
         return True
 
     # -- live state -----------------------------------------------------------
@@ -277,9 +282,13 @@ class Host:
         """
         where = "prepare" if incoming else "start"
         with open_domain_files(domain, self.config, where=where) as files, \
+                firmware_files(domain, self.config, files, where=where) as fw, \
                 open_taps(domain, self.config) as taps:
-            return await self._start(domain, files, incoming=incoming, extra_status=extra_status,
-                                     taps=taps)
+            if incoming and fw.created:
+                # Removed again if this incoming qemu is discarded (cleanup).
+                extra_status = {**(extra_status or {}), "nvram_created": str(fw.nvram)}
+            return await self._start(fw.domain, files, incoming=incoming,
+                                     extra_status=extra_status, taps=taps)
 
     async def _start(
         self,
@@ -637,9 +646,15 @@ class Host:
 
     def cleanup(self, name: str) -> None:
         """Remove a stopped domain's status, live XML, pidfile, sockets and switch ports
-        (and its swtpm, and the TPM state of a transient domain)."""
+        (and its swtpm, and the TPM state of a transient domain).
+
+        An incoming domain that never ran here also loses the NVRAM file
+        its Prepare created (:mod:`ferry.firmware_files`).
+        """
         self._procs.pop(name, None)
-        status = self.load_status(name)
+        status = None
+        with contextlib.suppress(StateFileError):
+            status = self.load_status(name)
         if status is not None and status.extra.get("switch_ports"):
             removed = detach_switch_ports(self.config, status.extra["switch_ports"],
                                           status.uuid)  # fmt: skip
@@ -651,6 +666,11 @@ class Host:
                 self._swtpm_gone(live, status)
         except Exception as exc:  # cleanup goes on: the rest must still be removed
             log.warning("domain %s: cannot clean up its swtpm: %s", name, exc)
+        created = status.extra.get("nvram_created") if status is not None else None
+        if status is not None and status.run_state == "incoming" and isinstance(created, str):
+            with contextlib.suppress(FileNotFoundError):
+                Path(created).unlink()
+                log.info("removed the NVRAM file %s created for incoming %s", created, name)
         for path in (
             self.status_path(name),
             self.live_xml_path(name),

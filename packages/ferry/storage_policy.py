@@ -13,6 +13,7 @@ element                        path                                  handed over
 ``disk type='block'``          ``<source dev>``                      path
 ``os/kernel``, ``os/initrd``   the file                              fd
 ``serial|console|channel``     ``<source path>`` of a file or unix   path
+``os/nvram``                   the VM's NVRAM file (when named)      fd set
 ============================== ===================================== ===========
 
 A unix socket or chardev file may also be in the domain's own socket
@@ -22,8 +23,11 @@ chose for a run (``/var/lib/libvirt/qemu/channel/target/domain-…``, see
 :func:`ferry.domain.model.is_libvirt_channel_path`), which are not checked.
 Not checked either, and why: ``<emulator>`` (the host's ``[qemu] binary``
 runs, the element is not used); rng backends (the parser admits only
-/dev/urandom, /dev/random and /dev/hwrng); loader, NVRAM and every other
-path-bearing element (the parser refuses them).
+/dev/urandom, /dev/random and /dev/hwrng); every other path-bearing element
+(the parser refuses them). The UEFI loader and NVRAM template may also be
+installed firmware (named by a qemu firmware descriptor): they are checked
+and opened when qemu starts, by :mod:`ferry.firmware_files`, which also
+creates a missing NVRAM file from its template before opening it.
 
 A check alone would lose a race against a symlink swapped between the check
 and qemu's open, so :func:`open_domain_files` opens file disks, the kernel
@@ -72,7 +76,7 @@ __all__ = [
 #: The configuration setting named in refusals.
 SETTING = "[storage] allowed"
 
-PathKind = Literal["disk", "kernel", "initrd", "file", "socket", "directory"]
+PathKind = Literal["disk", "kernel", "initrd", "file", "socket", "directory", "nvram"]
 Resolver = Callable[[str], str]
 
 
@@ -99,6 +103,9 @@ def domain_paths(domain: Domain) -> list[DomainPath]:
         out.append(DomainPath("domain/os/kernel", domain.os.kernel, "kernel"))
     if domain.os.initrd:
         out.append(DomainPath("domain/os/initrd", domain.os.initrd, "initrd"))
+    if domain.os.nvram is not None and domain.os.nvram.path:
+        # Opened (and first created) by ferry.firmware_files; checked here from define on.
+        out.append(DomainPath("domain/os/nvram", domain.os.nvram.path, "nvram", writable=True))
     for d in domain.disks:
         if d.source is None:
             continue  # an empty cdrom
@@ -274,8 +281,8 @@ def _open_items(policy: StoragePolicy, items: list[DomainPath], where: str,
                 files: OpenedFiles) -> Iterator[tuple[DomainPath, int]]:  # fmt: skip
     for item in items:
         resolved = policy.check_path(item, where)
-        if item.kind in ("socket", "file", "directory") or item.block:
-            continue  # checked; handed over by path (module docstring)
+        if item.kind in ("socket", "file", "directory", "nvram") or item.block:
+            continue  # checked; handed over by path, or opened by ferry.firmware_files
         # One descriptor, in the one access mode qemu will use (see
         # ferry.domain.argv: no auto-read-only reopen for passed files).
         fd = _open_checked(policy, item, resolved, item.writable, where)

@@ -33,7 +33,7 @@ def problems(err: XMLError) -> list[dict[str, Any]]:
 FIVE = """<domain type='kvm'>
   <name>five</name>
   <memory unit='MiB'>0</memory>
-  <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type></os>
+  <os><type arch='x86_64' machine='q35'>hvm</type><loader stateless='yes'>/f</loader></os>
   <devices>
     <disk type='file'><source file='/img/a.qcow2'/><target dev='vda'/></disk>
     <disk type='file'><source file='/img/b.qcow2'/><target dev='vda'/></disk>
@@ -47,12 +47,12 @@ FIVE = """<domain type='kvm'>
 def test_five_problems_are_all_reported_with_line_path_and_hint() -> None:
     err = refused(FIVE)
     memory, firmware, second_disk, nic_model, shmem = lines_of(
-        FIVE, "<memory", "<os firmware", "<disk type='file'><source file='/img/b",
+        FIVE, "<memory", "<os><type", "<disk type='file'><source file='/img/b",
         "<model type='ne2k_pci'", "<shmem")
     got = [(p["kind"], p["line"], p["path"]) for p in problems(err)]
     assert got == [
         ("unsupported-element", shmem, "domain/devices/shmem"),
-        ("unsupported-attribute", firmware, "domain/os"),
+        ("unsupported-attribute", firmware, "domain/os/loader"),
         ("unsupported-value", nic_model, "domain/devices/interface/model"),
         ("invalid", memory, "domain/memory"),
         ("conflict", second_disk, "domain/devices/disk"),
@@ -66,7 +66,7 @@ def test_five_problems_are_all_reported_with_line_path_and_hint() -> None:
     assert codes["domain/memory"] == "xml-invalid"
     hints = {p["path"]: p["hint"] for p in problems(err)}
     assert "virtio" in hints["domain/devices/interface/model"]  # use one of: virtio, ...
-    assert "remove" in hints["domain/os"]
+    assert "remove" in hints["domain/os/loader"]
     # The message lists each problem on a line of its own, located the way a
     # single problem always was: FILE:LINE: PATH: MESSAGE.
     text = str(err)
@@ -82,15 +82,15 @@ def test_the_first_problem_found_sets_class_and_top_level_details() -> None:
     # The schema walk runs first: the unsupported element is found first, as
     # it was when only the first problem was reported.
     err = refused(FIVE, XMLUnsupported)
-    assert (err.details["element"], err.details["line"]) == ("domain/os", 4)
-    assert err.details["attribute"] == "firmware"
+    assert (err.details["element"], err.details["line"]) == ("domain/os/loader", 4)
+    assert err.details["attribute"] == "stateless"
     # A plain XMLError first makes the whole an XMLError (catchable as such).
     text = FIVE.replace("<name>five</name>", "<name>five</name> stray")
     err = refused(text)
     assert type(err) is XMLError and err.details["element"] == "domain"
     # And a name problem first keeps its class too.
     err = refused(FIVE.replace("<name>five</name>", "<name>a/b</name>").replace(
-        " firmware='efi'", "").replace("<shmem name='ivshmem'/>", ""), NameInvalid)
+        " stateless='yes'", "").replace("<shmem name='ivshmem'/>", ""), NameInvalid)
     assert err.details["element"] == "domain/name"
 
 
@@ -122,7 +122,7 @@ def test_groups_follow_the_kinds_and_each_is_sorted_by_line() -> None:
 
 
 def test_a_single_problem_keeps_its_one_line_message() -> None:
-    text = FIVE.replace(" firmware='efi'", "") \
+    text = FIVE.replace(" stateless='yes'", "") \
         .replace("<shmem name='ivshmem'/>", "") \
         .replace("<model type='ne2k_pci'/>", "").replace("/img/b.qcow2'/><target dev='vda'",
                                                            "/img/b.qcow2'/><target dev='vdb'")
@@ -313,10 +313,10 @@ VIRT_MANAGER = """<domain type="kvm">
 
 
 def test_a_virt_manager_guest_gets_every_problem_at_once() -> None:
-    err = refused(VIRT_MANAGER, XMLUnsupported)
+    # <os firmware='efi'> is accepted (UEFI); what is left is one address.
+    err = refused(VIRT_MANAGER, XMLError)
     got = [(p["line"], p["path"]) for p in problems(err)]
     assert got == [
-        (5, "domain/os"),
         # The root port tree is accepted; this excerpt has no bus 4 (root port 4).
         (15, "domain/devices/disk/address"),
     ]

@@ -1089,8 +1089,10 @@ def _peel_all(row: SurveyRow, xml: str, where: str, max_peel: int) -> None:
 def _argv_error(domain: Any) -> str | None:
     """Why Ferry cannot build the qemu command line of ``domain`` (as ``Host.start`` asks)."""
     from ferry.domain import RuntimePaths, to_qemu_argv
-    from ferry.domain.argv import GraphicsPorts, NicTap
+    from ferry.domain.argv import GraphicsPorts, NicTap, PassedFiles
+    from ferry.domain.firmware import needs_nvram, resolve_firmware
     from ferry.errors import FerryError
+    from ferry.firmware_files import load_descriptors
 
     # What Host.start passes: ports it reserved for autoport displays and
     # the tap devices it opened for bridge/network NICs (stand-in numbers:
@@ -1103,8 +1105,12 @@ def _argv_error(domain: Any) -> str | None:
         run = Path(tmp)
         paths = RuntimePaths(run_dir=run, qmp_socket=run / "qmp.sock", pidfile=run / "pid")
         try:
+            # The firmware Host.start would choose, and the images it would pass.
+            domain = resolve_firmware(domain, load_descriptors())
+            files = PassedFiles(firmware=("/dev/fdset/90", "/dev/fdset/91")[
+                :2 if needs_nvram(domain.os) else 1] if domain.os.loader else ())
             to_qemu_argv(domain, paths=paths, kvm_usable=lambda: True, graphics_ports=ports,
-                         nic_taps=taps)
+                         nic_taps=taps, files=files)
         except FerryError as exc:
             return str(exc)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, cast
 
 from lxml import etree
@@ -30,6 +31,8 @@ from ferry.domain.model import (
     CpuTopology,
     Features,
     HypervFeature,
+    Loader,
+    Nvram,
     Timer,
 )
 from ferry.errors import XMLUnsupported
@@ -84,7 +87,8 @@ def parse_os(ctx: Ctx, root: etree._Element, dloc: Loc) -> OS:
         bmloc = ctx.loc(bm, "domain/os/bootmenu")
         bootmenu = ctx.guard(yes_no, bm, "enable", bmloc)
         timeout = ctx.guard(int_attr, bm, "timeout", bmloc, hi=65535)
-    if ctx.count != mark:
+    firmware = ctx.guard(_firmware, ctx, root, el, loc, machine)
+    if ctx.count != mark or firmware is None:
         raise Skip()
     return OS(
         type="hvm",
@@ -96,7 +100,142 @@ def parse_os(ctx: Ctx, root: etree._Element, dloc: Loc) -> OS:
         boot_devs=tuple(boot_devs),
         bootmenu=bootmenu,
         bootmenu_timeout=timeout,
+        firmware=cast(Any, firmware.kind),
+        firmware_features=firmware.features,
+        loader=firmware.loader,
+        nvram=firmware.nvram,
     )
+
+
+@dataclass(frozen=True)
+class _Firmware:
+    kind: str | None
+    features: tuple[tuple[str, bool], ...]
+    loader: Loader | None
+    nvram: Nvram | None
+
+
+#: ``<firmware><feature name=…>`` names Ferry matches against the firmware descriptors.
+FIRMWARE_FEATURES = ("secure-boot", "enrolled-keys")
+
+
+def _firmware(ctx: Ctx, root: etree._Element, el: etree._Element, loc: Loc,
+              machine: str) -> _Firmware:
+    """``<os firmware>``, ``<firmware>``, ``<loader>`` and ``<nvram>``, as libvirt checks them.
+
+    A secure-boot loader needs ``<features><smm state='on'/>`` and a q35
+    machine (libvirt refuses it otherwise: without SMM the guest could
+    write the variable store behind the firmware's back).
+    """
+    mark = ctx.count
+    kind = ctx.guard(enum, el, "firmware", loc, ("efi", "bios"), what="firmware")
+    features = _firmware_features(ctx, el, loc, kind)
+    loader = ctx.guard(_loader, ctx, el, loc, kind)
+    nvram = ctx.guard(_nvram, ctx, el, loc)
+    if ctx.count != mark:
+        raise Skip()
+    smm_el = root.find("features/smm")
+    smm = None if smm_el is None else get(smm_el, "state")
+    q35 = machine == "q35" or machine.startswith("pc-q35")
+    feats = dict(features)
+    if kind == "bios" and (feats or (loader is not None and loader.type == "pflash")
+                           or nvram is not None):
+        raise fail(loc, "firmware='bios' has no secure boot, pflash loader or NVRAM",
+                   kind="conflict", hint="use firmware='efi', or remove <firmware>, "
+                                         "<loader type='pflash'> and <nvram>")
+    if nvram is not None and kind != "efi" and (loader is None or loader.type == "rom"):
+        raise fail(loc.child("nvram"), "<nvram> needs a pflash <loader> or firmware='efi'",
+                   kind="conflict", hint="add <loader readonly='yes' type='pflash'>…</loader> "
+                                         "or <os firmware='efi'>")
+    if kind == "efi" and loader is not None and loader.type == "rom":
+        raise fail(loc.child("loader"), "a rom loader with firmware='efi' is not supported "
+                   "(Ferry maps UEFI firmware as pflash)", cls=XMLUnsupported,
+                   hint="use type='pflash', or leave type out")
+    if loader is not None and nvram is not None and loader.type == "rom":
+        raise fail(loc.child("nvram"), "a loader of type 'rom' has no NVRAM", kind="conflict",
+                   hint="use type='pflash', or remove <nvram>")
+    if feats.get("enrolled-keys") and feats.get("secure-boot") is False:
+        raise fail(loc.child("firmware"), "firmware feature 'enrolled-keys' needs "
+                   "'secure-boot' (it is disabled)", kind="conflict",
+                   hint="enable secure-boot, or disable enrolled-keys")
+    secure = (loader is not None and loader.secure) or feats.get("secure-boot")
+    if secure and smm != "on" and ((loader is not None and loader.secure) or smm == "off"):
+        raise fail(loc.child("loader"), "secure boot needs system management mode (SMM): "
+                   "without it the guest could write the UEFI variables directly",
+                   kind="conflict", hint="add <features><smm state='on'/></features>")
+    if secure and not q35:
+        raise fail(loc, f"secure boot needs a q35 machine (not {machine!r})",
+                   cls=XMLUnsupported, hint="use machine='q35'")
+    return _Firmware(kind, features, loader, nvram)
+
+
+def _firmware_features(ctx: Ctx, el: etree._Element, loc: Loc,
+                       kind: str | None) -> tuple[tuple[str, bool], ...]:
+    fw = one(ctx, el, "firmware", loc)
+    if fw is None:
+        return ()
+    floc = ctx.loc(fw, "domain/os/firmware")
+    if kind != "efi":
+        ctx.report(floc, "<firmware> features need <os firmware='efi'>", kind="conflict",
+                   hint="add firmware='efi' to <os>, or remove <firmware>")
+    out: list[tuple[str, bool]] = []
+    for f in all_of(fw, "feature"):
+        feloc = ctx.loc(f, "domain/os/firmware/feature")
+        name = ctx.guard(enum, f, "name", feloc, FIRMWARE_FEATURES, what="firmware feature")
+        enabled = ctx.guard(yes_no, f, "enabled", feloc)
+        if name is None or enabled is None:
+            if get(f, "name") is None or get(f, "enabled") is None:
+                ctx.report(feloc, "<feature> needs name and enabled",
+                           hint="e.g. <feature enabled='yes' name='secure-boot'/>")
+            continue
+        if any(n == name for n, _ in out):
+            ctx.report(feloc, f"firmware feature {name!r} is listed twice", hint="list it once")
+            continue
+        out.append((name, enabled))
+    return tuple(out)
+
+
+def _loader(ctx: Ctx, el: etree._Element, loc: Loc, kind: str | None) -> Loader | None:
+    ld = one(ctx, el, "loader", loc)
+    if ld is None:
+        return None
+    lloc = ctx.loc(ld, "domain/os/loader")
+    mark = ctx.count
+    ltype = ctx.guard(enum, ld, "type", lloc, ("rom", "pflash"), what="loader type")
+    readonly = ctx.guard(yes_no, ld, "readonly", lloc)
+    secure = ctx.guard(yes_no, ld, "secure", lloc)
+    fmt = ctx.guard(enum, ld, "format", lloc, ("raw",), what="loader format")
+    raw = text(ld).strip()
+    path = ctx.guard(check_host_path, raw, lloc, "loader") if raw else None
+    if ctx.count != mark:
+        raise Skip()
+    if path is None and kind != "efi":
+        raise fail(lloc, "<loader> needs the firmware's path (or <os firmware='efi'> to "
+                         "choose one)", hint="add the path, e.g. "
+                                             "/usr/share/OVMF/OVMF_CODE_4M.fd, or firmware='efi'")
+    if ltype == "rom" and secure:
+        raise fail(lloc, "a loader of type 'rom' cannot be secure", kind="conflict",
+                   hint="use type='pflash'")
+    return Loader(path=path, readonly=readonly, secure=secure, type=cast(Any, ltype),
+                  format=cast(Any, fmt))
+
+
+def _nvram(ctx: Ctx, el: etree._Element, loc: Loc) -> Nvram | None:
+    nv = one(ctx, el, "nvram", loc)
+    if nv is None:
+        return None
+    nloc = ctx.loc(nv, "domain/os/nvram")
+    mark = ctx.count
+    raw = text(nv).strip()
+    path = ctx.guard(check_host_path, raw, nloc, "nvram") if raw else None
+    tpl = get(nv, "template")
+    template = ctx.guard(check_host_path, tpl, nloc, "nvram template") if tpl else None
+    fmt = ctx.guard(enum, nv, "format", nloc, ("raw",), what="nvram format")
+    tfmt = ctx.guard(enum, nv, "templateFormat", nloc, ("raw",), what="nvram templateFormat")
+    if ctx.count != mark:
+        raise Skip()
+    return Nvram(path=path, template=template, format=cast(Any, fmt),
+                 template_format=cast(Any, tfmt))
 
 
 def _cmdline(ctx: Ctx, el: etree._Element, loc: Loc) -> str | None:

@@ -18,7 +18,8 @@ May differ (host side, not guest visible):
 
 Must be equal (guest visible): virt type, UUID (always), memory and
 currentMemory, vCPU count and vCPUs online, os type/arch/machine/kernel/initrd/cmdline/boot
-order/boot menu, CPU mode/model/match/features/topology/migratable,
+order/boot menu, firmware (efi/bios, its features, loader type, read-only
+and secure; not the loader and NVRAM paths), CPU mode/model/match/features/topology/migratable,
 features (acpi, apic, pae, vmport, smm, kvm, hyperv), clock offset and timers,
 pm, and every device's presence, order, kind, model, bus, target, MAC, MTU
 and address (sound cards with their codecs, redirdevs, watchdogs, panic
@@ -36,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ferry.domain.model import (
+    OS,
     Address,
     CharDev,
     Controller,
@@ -201,6 +203,7 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("boot order", o.boot_devs, n.boot_devs)
     _same("boot menu", o.bootmenu, n.bootmenu)
     _same("boot menu timeout", o.bootmenu_timeout, n.bootmenu_timeout)
+    _firmware(o, n)
 
     _same("cpu definition", old.cpu is not None, new.cpu is not None)
     if old.cpu is not None and new.cpu is not None:
@@ -219,7 +222,12 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     _same("feature apic eoi", of.apic_eoi, nf.apic_eoi)
     _same("feature pae", of.pae, nf.pae)
     _same("feature vmport", of.vmport, nf.vmport)
-    _same("feature smm", of.smm, nf.smm)
+    smm = (of.smm, nf.smm)
+    if o.firmware == n.firmware == "efi" and None in smm:
+        # Unstated, SMM is the firmware autoselection's choice (a definition
+        # as written vs the one it resolved to at start).
+        smm = (of.smm if of.smm is not None else nf.smm,) * 2
+    _same("feature smm", *smm)
     _same("feature kvm", of.kvm, nf.kvm)
     _same("feature hyperv mode", of.hyperv_mode, nf.hyperv_mode)
     _same("feature hyperv", tuple(_hv(h) for h in of.hyperv), tuple(_hv(h) for h in nf.hyperv))
@@ -261,6 +269,26 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
     # host side: the banks are the state's, which moves).
     _each("tpms", old.tpms, new.tpms, lambda i, t: f"tpm {i}",
           lambda t: [("model", t.model), ("version", t.tpm_version)])
+
+
+def _firmware(o: OS, n: OS) -> None:
+    """The firmware the guest sees: kind, features, loader type, read-only, secure.
+
+    Paths are the host's (the image is in the migration stream, a pflash
+    like RAM; each host has its own NVRAM file). A loader attribute only one
+    side states is the host's choice on the other (firmware autoselection).
+    """
+    _same("os firmware", o.firmware, n.firmware)
+    _same("os firmware features", o.firmware_features, n.firmware_features)
+    _same("os loader", o.loader is not None or o.firmware == "efi",
+          n.loader is not None or n.firmware == "efi")
+    _same("os nvram", o.nvram is not None or o.firmware == "efi",
+          n.nvram is not None or n.firmware == "efi")
+    if o.loader is not None and n.loader is not None:
+        for field in ("type", "readonly", "secure"):
+            a, b = getattr(o.loader, field), getattr(n.loader, field)
+            if a is not None and b is not None:
+                _same(f"os loader {field}", a, b)
 
 
 def _hv(h: HypervFeature) -> str:

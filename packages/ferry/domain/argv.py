@@ -58,6 +58,10 @@ What the argv does with the model (where it does nothing, it says so):
   ``-smp CURRENT,maxcpus=N,…`` for ``<vcpu current>``. ``-object
   iothread,id=iothreadK`` for ``<iothreads>``; a virtio disk's
   ``<driver iothread=K>`` is its ``iothread=iothreadK``.
+* UEFI firmware (:mod:`ferry.domain._argv_firmware`): ``-blockdev`` nodes
+  ``pflash0``/``pflash1`` (code read-only, the NVRAM file read-write) and
+  ``-machine pflash0=…,pflash1=…``; a secure loader adds ``-global
+  driver=cfi.pflash01,property=secure,value=on``; a rom loader is ``-bios``.
 * ``-kernel/-initrd/-append``, ``-boot order=…,menu=…``, ``-no-reboot`` for
   ``on_reboot=destroy``. Other lifecycle actions are the agent's job.
 * Files the agent opened for qemu (:class:`PassedFiles`): ``-add-fd`` and
@@ -109,6 +113,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.domain._argv_firmware import firmware_argv
 from ferry.domain._argv_tpm import tpm_argv
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
 from ferry.domain._cpu import CpuExpansion, cpu_opts
@@ -189,6 +194,9 @@ class PassedFiles:
     disks: tuple[tuple[str, str], ...] = ()
     kernel: str | None = None
     initrd: str | None = None
+    #: The firmware images as qemu opens them: pflash code then variables
+    #: (``/dev/fdset/N``), or a rom (``/proc/self/fd/N``); see :mod:`ferry.firmware_files`.
+    firmware: tuple[str, ...] = ()
 
     def disk_file(self, target_dev: str) -> str | None:
         """The file name qemu opens for disk ``target_dev``, if it was passed."""
@@ -486,6 +494,8 @@ class _Builder:
         self.pci = _Pci(domain)
         #: ``bus=…,addr=…`` of the ich9 USB controllers placed as a group, by model.
         self.usb_where: dict[str, str] = {}
+        #: ``-machine pflash0=…,pflash1=…`` of the UEFI firmware (ferry.domain._argv_firmware).
+        self.firmware: list[tuple[str, object | None]] = []
 
     def add(self, *args: str) -> None:
         self.argv.extend(args)
@@ -508,6 +518,7 @@ class _Builder:
             ("vmport", d.features.vmport),
             ("smm", d.features.smm),
             ("memory-backend", _RAM_ID if _ram_backend(d) else None),
+            *self.firmware,
         ))
 
     def cpu(self) -> None:
@@ -1332,6 +1343,7 @@ def to_qemu_argv(
         raise _refuse(d, "domain/devices/filesystem", refusal)
     b = _Builder(d, paths, kvm, graphics_ports or {}, files, nic_taps, graphics_listen)
     b.add(_plain(qemu_binary, "qemu binary"))
+    firmware_args, b.firmware = firmware_argv(d, b.files.firmware)
     b.add("-name", _opts(f"guest={_esc(d.name)}", ("debug-threads", True)))
     if paused:
         b.add("-S")
@@ -1350,6 +1362,7 @@ def to_qemu_argv(
         b.add("-D", _plain(paths.log_file, "log file"))
     for fd, fdset, opaque in (files.fd_sets if files else ()):
         b.add("-add-fd", _opts(("fd", fd), ("set", fdset), ("opaque", opaque)))
+    b.add(*firmware_args)
     b.clock_and_pm()
     b.boot()
     b.graphics()

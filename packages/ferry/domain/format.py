@@ -17,6 +17,7 @@ from __future__ import annotations
 from lxml import etree
 
 from ferry.domain.model import (
+    OS,
     Address,
     CharDev,
     Controller,
@@ -201,6 +202,22 @@ def _features(root: _Element, f: Features) -> None:
         _sub(fel, "smm", state=_yn(f.smm, "on", "off"))
 
 
+def _firmware(os_el: _Element, o: OS) -> None:
+    """``<firmware>``, ``<loader>`` and ``<nvram>`` in libvirt's order."""
+    if o.firmware_features:
+        fw = _sub(os_el, "firmware")
+        for name, enabled in o.firmware_features:
+            _sub(fw, "feature", enabled=_yn(enabled), name=name)
+    if o.loader is not None:
+        ld = o.loader
+        _sub(os_el, "loader", ld.path, readonly=_yn(ld.readonly), secure=_yn(ld.secure),
+             type=ld.type, format=ld.format)
+    if o.nvram is not None:
+        nv = o.nvram
+        _sub(os_el, "nvram", nv.path, template=nv.template, templateFormat=nv.template_format,
+             format=nv.format)
+
+
 def _misc_devices(devs: _Element, d: Domain) -> None:
     """sound, redirdev, watchdog and panic (after rng; libvirt's order differs, harmlessly)."""
     for s in d.sounds:
@@ -323,8 +340,9 @@ def _format(domain: Domain, migratable: bool) -> str:
     if d.iothreads is not None:
         _sub(root, "iothreads", str(d.iothreads))
 
-    os_el = _sub(root, "os")
+    os_el = _sub(root, "os", firmware=d.os.firmware)
     _sub(os_el, "type", d.os.type, arch=d.os.arch, machine=d.os.machine)
+    _firmware(os_el, d.os)
     if d.os.kernel is not None:
         _sub(os_el, "kernel", d.os.kernel)
     if d.os.initrd is not None:

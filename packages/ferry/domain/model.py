@@ -43,7 +43,9 @@ __all__ = [
     "HypervFeature",
     "Input",
     "Interface",
+    "Loader",
     "Memballoon",
+    "Nvram",
     "Panic",
     "Redirdev",
     "Rng",
@@ -80,6 +82,40 @@ class Address:
 
 
 @dataclass(frozen=True)
+class Loader:
+    """``<os><loader>``: the firmware image.
+
+    ``type='pflash'`` maps it as flash (with ``readonly`` the code part of a
+    split UEFI firmware, whose variables live in the :class:`Nvram` file);
+    ``type='rom'`` loads it as the BIOS ROM. ``path`` None: chosen from the
+    host's firmware descriptors (``<os firmware='efi'>``).
+    """
+
+    path: str | None = None
+    readonly: bool | None = None
+    secure: bool | None = None
+    type: Literal["rom", "pflash"] | None = None
+    #: ``format='raw'`` (libvirt 9.2 and later write it; raw is the only one Ferry maps).
+    format: Literal["raw"] | None = None
+
+
+@dataclass(frozen=True)
+class Nvram:
+    """``<os><nvram>``: the VM's own UEFI variable store and its template.
+
+    ``path`` None: Ferry's per-VM default (``state_dir/nvram/NAME_VARS.fd``),
+    created from ``template`` when the VM first starts on a host;
+    ``template`` None: the one the firmware descriptor of the loader names.
+    """
+
+    path: str | None = None
+    template: str | None = None
+    #: ``format`` and ``templateFormat``: raw (as libvirt 9.2 and later write them).
+    format: Literal["raw"] | None = None
+    template_format: Literal["raw"] | None = None
+
+
+@dataclass(frozen=True)
 class OS:
     """``<os>``: firmware type, machine, direct kernel boot and boot order."""
 
@@ -93,6 +129,12 @@ class OS:
     boot_devs: tuple[str, ...] = ()
     bootmenu: bool | None = None
     bootmenu_timeout: int | None = None
+    #: ``<os firmware=…>``: efi or bios, chosen from the host's firmware descriptors.
+    firmware: Literal["efi", "bios"] | None = None
+    #: ``<firmware><feature enabled=… name=…/>``: (secure-boot|enrolled-keys, enabled).
+    firmware_features: tuple[tuple[str, bool], ...] = ()
+    loader: Loader | None = None
+    nvram: Nvram | None = None
 
     @property
     def is_q35(self) -> bool:
