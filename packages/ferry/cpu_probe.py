@@ -29,7 +29,7 @@ from ferry.domain._cpu import (
     missing_features,
     passthrough_differences,
 )
-from ferry.errors import CpuIncompatible, QemuError
+from ferry.errors import CpuIncompatible, CpuStartError, QemuError
 from ferry.protocol.cookie import CpuSection
 from ferry.qemu.qmp import QMP
 
@@ -183,6 +183,34 @@ async def check_guest_cpu(domain: Domain, section: CpuSection | None, qemu_binar
         return dataclasses.replace(
             domain, cpu=dataclasses.replace(cpu, expansion=expansion.props))
     return domain
+
+
+async def check_start_cpu(domain: Domain, qemu_binary: str) -> None:
+    """Start: refuse a named CPU model this host cannot run exactly (libvirt's ``check='partial'``).
+
+    qemu's ``enforce`` does the same where Ferry can pass it; a model with a
+    ``policy='force'`` feature cannot have it (a forced feature is on even if
+    the host lacks it), so the start would otherwise run a CPU with features
+    silently dropped, which no destination could then match.
+    ``check='none'`` (and a CPU without a model) skips it, as in libvirt.
+
+    Raises:
+        CpuStartError: naming the model and the features this host lacks.
+        QemuError: qemu could not describe this host's CPU.
+    """
+    cpu = domain.cpu
+    if cpu is None or cpu.mode != "custom" or cpu.model is None or cpu.check == "none":
+        return
+    host = await host_cpu(qemu_binary, _accel(domain))
+    missing, problem = missing_features(cpu, host)
+    if problem is not None:
+        raise CpuStartError(f"cannot start domain '{domain.name}': {problem}")
+    if missing:
+        raise CpuStartError(
+            f"cannot start domain '{domain.name}': this host's CPU ({host.accel}) lacks "
+            f"{len(missing)} feature(s) of CPU model {cpu.model!r}: {', '.join(missing)} "
+            "(choose a model this host runs, mode='host-model', or check='none' to let qemu "
+            "drop what is missing)", missing=missing)
 
 
 def _accel(domain: Domain) -> str:

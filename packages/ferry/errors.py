@@ -31,7 +31,8 @@ ferryctl or by the peer agent on another host (:func:`from_wire`).
      │    ├── NoDomain              "no-domain"
      │    ├── DomainExists          "domain-exists"
      │    ├── DomainState           "domain-state"      wrong run state for the op
-     │    └── SnapshotError         "snapshot"
+     │    ├── SnapshotError         "snapshot"
+     │    └── CpuStartError         "cpu-unsupported"   this host cannot run the named CPU model
      ├── JobError                   "job"
      │    ├── JobBusy               "job-busy"          another job holds the domain
      │    └── JobAborted            "job-aborted"
@@ -61,6 +62,7 @@ __all__ = [
     "CookieError",
     "CookieTooLarge",
     "CpuIncompatible",
+    "CpuStartError",
     "DeadlineUnreachable",
     "DomainError",
     "DomainExists",
@@ -368,6 +370,15 @@ class QemuError(FerryError):
     """Talking to or running qemu failed."""
 
     code = "qemu"
+
+
+class CpuStartError(DomainError):
+    """This host cannot run the domain's named CPU model exactly (start).
+
+    ``details``: ``missing``, the features this host lacks.
+    """
+
+    code = "cpu-unsupported"
 
 
 class QemuLaunchError(QemuError):

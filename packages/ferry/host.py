@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from ferry.config import AgentConfig
+from ferry.cpu_probe import check_start_cpu
 from ferry.domain import (
     Domain,
     Graphics,
@@ -281,6 +282,8 @@ class Host:
             PathNotAllowed: a path of the domain is outside ``[storage] allowed``.
         """
         where = "prepare" if incoming else "start"
+        if not incoming:  # Prepare checked the CPU already, against the source's
+            await check_start_cpu(domain, self.config.qemu.binary)
         with open_domain_files(domain, self.config, where=where) as files, \
                 firmware_files(domain, self.config, files, where=where) as fw, \
                 open_taps(domain, self.config) as taps:

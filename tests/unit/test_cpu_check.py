@@ -231,3 +231,22 @@ def test_prepare_needs_an_identical_cpu_for_host_passthrough(probed: str) -> Non
     assert diffs[1].startswith("features only here: ")
     with pytest.raises(CpuIncompatible, match="signature"):
         _check(d, None, probed)
+
+
+def test_start_refuses_a_named_model_this_host_cannot_run(probed: str) -> None:
+    """libvirt's check='partial' before a start, also for a model with a forced feature
+    (which cannot take qemu's enforce): the start names the missing features."""
+    from ferry.errors import CpuStartError
+
+    forced = _guest("<cpu mode='custom' match='exact'><model>Icelake-Server</model>"
+                    "<feature policy='force' name='x2apic'/></cpu>")  # fmt: skip
+    with pytest.raises(CpuStartError) as info:
+        asyncio.run(cpu_probe.check_start_cpu(forced, probed))
+    assert info.value.code == "cpu-unsupported"
+    assert info.value.details["missing"] == ["avx512f", "avx512vl", "pcid"]
+    assert "cannot start domain 'g'" in str(info.value) and "check='none'" in str(info.value)
+    # What may start: a model the host runs, check='none', host-model, no <cpu>.
+    for ok in ("<cpu><model>Nehalem</model><feature policy='force' name='x2apic'/></cpu>",
+               "<cpu check='none'><model>Icelake-Server</model></cpu>",
+               "<cpu mode='host-model'/>", ""):  # fmt: skip
+        asyncio.run(cpu_probe.check_start_cpu(_guest(ok), probed))
