@@ -13,11 +13,15 @@ May differ (host side, not guest visible):
   source and sndbuf; serial/console/channel host side (type, path, mode);
   graphics listen address, port, autoport, tlsPort, websocket; audio
   backends; rng backend; iothreads and a disk's iothread; memory backing
-  (source, access, hugepages); a redirdev's tcp peer; a watchdog's action.
+  (source, access, hugepages); a redirdev's tcp peer; a watchdog's action;
+  ``<numatune>`` and ``<cputune>`` (host placement and pinning) and a NUMA
+  cell's memAccess and discard.
 
 Must be equal (guest visible): virt type, UUID (always), memory and
 currentMemory, vCPU count and vCPUs online, os type/arch/machine/kernel/initrd/cmdline/boot
-order/boot menu, CPU mode/model/match/features/topology/migratable,
+order/boot menu, CPU mode/model/match/features/topology/migratable, the
+guest NUMA cells (count, and each one's vCPUs and memory: each cell's RAM
+is a block ``ram-nodeN`` of the migration stream),
 features (acpi, apic, pae, vmport, smm, kvm, hyperv), clock offset and timers,
 pm, and every device's presence, order, kind, model, bus, target, MAC, MTU
 and address (sound cards with their codecs, redirdevs, watchdogs, panic
@@ -43,6 +47,7 @@ from ferry.domain.model import (
     HypervFeature,
     Input,
     Interface,
+    NumaCell,
     Rng,
     Video,
 )
@@ -210,6 +215,7 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
         _same("cpu topology", oc.topology, nc.topology)
         _same("cpu features", tuple(f"{f.policy}:{f.name}" for f in oc.features),
               tuple(f"{f.policy}:{f.name}" for f in nc.features))
+        _numa_cells(oc.numa, nc.numa)
 
     of, nf = old.features, new.features
     _same("feature acpi", of.acpi, nf.acpi)
@@ -250,6 +256,17 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
           lambda w: [("model", w.model), ("address", w.address)])
     _each("panics", old.panics, new.panics, lambda i, p: f"panic {i}",
           lambda p: [("model", p.model), ("iobase", p.iobase)])
+
+
+def _numa_cells(old: Sequence[NumaCell], new: Sequence[NumaCell]) -> None:
+    if len(old) != len(new):
+        raise ABIError(
+            f"NUMA cell count differs: {len(old)} vs {len(new)}",
+            field="numa cells", old=str(len(old)), new=str(len(new)),
+        )
+    for a, b in zip(old, new, strict=True):
+        _same(f"NUMA cell {a.id} cpus", a.cpus or "none", b.cpus or "none")
+        _same(f"NUMA cell {a.id} memory", a.memory_kib, b.memory_kib, "KiB")
 
 
 def _hv(h: HypervFeature) -> str:
