@@ -279,6 +279,13 @@ def _memnode(ctx: Ctx, el: etree._Element, cells: tuple[NumaCell, ...] | None,
     if cellid in seen:
         raise fail(loc, f"cell {cellid} has two <memnode>", hint="keep one")
     seen.add(cellid)
+    if cells is not None and not cells:
+        raise fail(
+            loc,
+            "<memnode> needs guest NUMA cells (<cpu><numa>)",
+            kind="conflict",
+            hint="add <cpu><numa><cell …/></numa></cpu>, or remove the <memnode>",
+        )
     if cells is not None and cellid >= len(cells):
         raise fail(
             loc,

@@ -220,11 +220,6 @@ def _numa(ctx: Ctx, root: etree._Element, f: Fields) -> None:
         check_cells(ctx, root, cells, f.get("memory_kib"))
     el = _child(ctx, root, "numatune")
     f["numatune"] = None if el is None else ctx.guard(parse_numatune, ctx, el, cells)
-    if el is not None and f["numatune"] is not None and cells == () \
-            and f["numatune"].memnodes:
-        ctx.report(ctx.loc(el, "domain/numatune/memnode"),
-                   "<memnode> needs guest NUMA cells (<cpu><numa>)", kind="conflict",
-                   hint="add <cpu><numa><cell …/></numa></cpu>, or remove the <memnode>")
     el = _child(ctx, root, "cputune")
     iothreads = (f["iothreads"] or 0) if "iothreads" in f else None
     f["cputune"] = None if el is None else ctx.guard(parse_cputune, ctx, el, f.get("vcpus"),
