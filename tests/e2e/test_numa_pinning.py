@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,7 +35,9 @@ EMULATOR = "1"
 
 def _numa_xml(name: str, kernel: Path, virt_type: str, *, hugepages: bool) -> str:
     """The test guest with 2 vCPUs in 2 NUMA cells of 64 MiB, pinned, with a tcp serial."""
+    uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"ferry-test:{name}"))
     xml = guest_xml(name, kernel, virt_type=virt_type, mem_mib=128, prealloc=not hugepages,
+                    uuid=uuid,
                     extra_devices=f"""
     <serial type='tcp'><source mode='bind' host='127.0.0.1' service='{TELNET_PORT}'/>
       <protocol type='telnet'/><target port='1'/></serial>""")
@@ -93,7 +96,8 @@ def _telnet_greeting(host: HostEnv) -> bytes:
 
 
 def _migrate_pinned(cluster: Cluster, xml_text: str, tmp_path: Path, name: str,
-                    on_start: Callable[[int], None] = lambda pid: None) -> None:
+                    on_start: Callable[[int], None] = lambda pid: None,
+                    before_migrate: Callable[[], None] = lambda: None) -> None:
     """Define, start (``on_start(pid)`` checks more), check, migrate live, check on B."""
     a, b = cluster.a, cluster.b
     cluster.start()
@@ -113,6 +117,7 @@ def _migrate_pinned(cluster: Cluster, xml_text: str, tmp_path: Path, name: str,
                      "<cell id=\"1\" cpus=\"1\" memory=\"65536\" unit=\"KiB\"/>",
                      "<protocol type=\"telnet\"/>"):
             assert part in live, live
+        before_migrate()
         before = serial.wait_for(lambda r: r.counter >= 1, timeout=60)
         moved = a.ferryctl("migrate", name, b.uri, "--live", "--json", timeout=300)
         assert moved.returncode == 0, moved.stderr + cluster.logs()
@@ -131,8 +136,24 @@ def _migrate_pinned(cluster: Cluster, xml_text: str, tmp_path: Path, name: str,
 def test_numa_pinned_guest_migrates_with_its_pinning(
     cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
 ) -> None:
-    _migrate_pinned(cluster, _numa_xml("numa1", guest_kernel, virt_type, hugepages=False),
-                    tmp_path, "numa1")
+    xml = _numa_xml("numa1", guest_kernel, virt_type, hugepages=False)
+
+    def refused_where_cpus_lack() -> None:
+        # Pinning is the host's (not in the ABI check): a destination XML may
+        # pin elsewhere, but not to CPUs the destination does not have.
+        elsewhere = tmp_path / "elsewhere.xml"
+        elsewhere.write_text(xml.replace(f"<emulatorpin cpuset='{EMULATOR}'/>",
+                                          "<emulatorpin cpuset='7'/>"))
+        a, b = cluster.a, cluster.b
+        moved = a.ferryctl("migrate", "numa1", b.uri, "--live", "--xml", str(elsewhere),
+                           timeout=120)
+        assert moved.returncode != 0
+        assert "<emulatorpin> cpuset '7' names CPU(s) 7, which this host does not have " \
+            "online" in moved.stderr, moved.stderr
+        assert a.domain_state("numa1") == "running" and b.domain_state("numa1") is None
+        assert not b.qemu_pids()
+
+    _migrate_pinned(cluster, xml, tmp_path, "numa1", before_migrate=refused_where_cpus_lack)
 
 
 _NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
