@@ -42,7 +42,11 @@ What the argv does with the model (where it does nothing, it says so):
   uses the same id: ``memory-backend-memfd`` (``hugetlb=on,hugetlbsize=…``
   for huge pages, checked against the host's free huge pages first, so
   that a host without them is a clear error and not qemu's ENOMEM) or
-  ``memory-backend-ram``, with ``share=on`` for shared access.
+  ``memory-backend-ram``, with ``share=on`` for shared access. Guest NUMA
+  cells (``<cpu><numa>``) replace ``pc.ram`` with one backend per cell,
+  ``ram-nodeN``, and ``-numa node,nodeid=N,cpus=…,memdev=ram-nodeN``;
+  ``<numatune>`` adds ``host-nodes``/``policy`` to the backends, checked
+  against the host's NUMA nodes first (:mod:`ferry.domain._argv_numa`).
 * ``-cpu``: custom → the model (qemu64 when none); host-passthrough and
   host-model → ``host`` under KVM, ``max`` under TCG (TCG has no host CPU to
   pass through); features as ``NAME=on|off``; ``<apic eoi>`` and
@@ -75,13 +79,16 @@ What the argv does with the model (where it does nothing, it says so):
   ``ICH9-LPC.noreboot=off``; ``-action watchdog=…``), USB redirection
   (``usb-redir`` on a ``spicevmc`` or tcp socket chardev, which reconnects
   every second until its peer listens), balloon, rng,
+  a tcp serial or console (``-chardev socket,host,port``: ``server=on,wait=off``
+  in bind mode, ``reconnect=1`` in connect mode, ``telnet=on`` for telnet),
   an isa ``pvpanic``. A ``spicevmc`` channel is the spice agent
   (``-chardev spicevmc,name=vdagent``). A unix channel with one of
   libvirt's per-run paths gets its socket in ``RuntimePaths.run_dir``, like
   one without a path (:func:`live_sockets` writes the paths into the live
   XML, :func:`unplaced_sockets` takes them out for a migration). Not in
   the argv: ``<emulator>`` (the host chooses ``qemu_binary``), an
-  ``<audio>`` no sound card uses, ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
+  ``<audio>`` no sound card uses, ``<vcpu cpuset>`` and ``<cputune>`` (the
+  host pins qemu's threads after the start: :mod:`ferry.pinning`), vcpu placement,
   interface ``sndbuf`` (no tap devices), ps2 inputs and the IDE/SATA
   controllers built into the machine (q35's SATA at 00:1f.2, pc's IDE at
   00:01.1), pci-root/pcie-root.
