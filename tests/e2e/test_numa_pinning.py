@@ -8,7 +8,8 @@ the destination's vCPU threads have the affinity asked for (read from
 checksums report no bad page). The same with the cells in 2 MiB huge pages,
 which the test reserves (``vm.nr_hugepages``, restored afterwards). A
 telnet serial port listening on 127.0.0.1 answers on the destination (in its
-own network namespace) after the migration.
+own network namespace) after the migration. A destination XML that pins to
+CPUs the destination lacks is refused in Prepare.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from cluster import Cluster, HostEnv, guest_xml, wait_until
 pytestmark = pytest.mark.e2e
 
 TELNET_PORT = 4555
-# vCPU k → host CPU; the emulator threads → EMULATOR (the host has CPUs 0-1).
+# vCPU k → host CPU; the emulator threads → EMULATOR, I/O thread 1 → IOTHREAD
+# (the host has CPUs 0-1).
 VCPU_CPUS = {0: "1", 1: "0"}
 EMULATOR = "1"
+IOTHREAD = "0"
 
 
 def _numa_xml(name: str, kernel: Path, virt_type: str, *, hugepages: bool) -> str:
@@ -42,7 +45,9 @@ def _numa_xml(name: str, kernel: Path, virt_type: str, *, hugepages: bool) -> st
     <serial type='tcp'><source mode='bind' host='127.0.0.1' service='{TELNET_PORT}'/>
       <protocol type='telnet'/><target port='1'/></serial>""")
     pins = "".join(f"<vcpupin vcpu='{k}' cpuset='{c}'/>" for k, c in VCPU_CPUS.items())
-    tunes = (f"<vcpu>2</vcpu><cputune>{pins}<emulatorpin cpuset='{EMULATOR}'/></cputune>"
+    tunes = (f"<vcpu>2</vcpu><iothreads>1</iothreads><cputune>{pins}"
+             f"<emulatorpin cpuset='{EMULATOR}'/>"
+             f"<iothreadpin iothread='1' cpuset='{IOTHREAD}'/></cputune>"
              "<numatune><memory mode='strict' nodeset='0'/>"
              "<memnode cellid='1' mode='preferred' nodeset='0'/></numatune>")
     cells = ("<cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB'/>"
@@ -80,6 +85,9 @@ def _check_pinned(host: HostEnv) -> int:
     for k, tid in vcpus.items():
         assert _affinity(pid, tid) == VCPU_CPUS[k], (k, tid)
     assert _affinity(pid, pid) == EMULATOR
+    (io,) = (int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()
+             if (t / "comm").read_text().strip() == "IO iothread1")
+    assert _affinity(pid, io) == IOTHREAD
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     assert b"node,nodeid=1,cpus=1,memdev=ram-node1" in argv, argv
     return pid
