@@ -47,6 +47,7 @@ from ferry.errors import ConfigError, NoDomain, QemuLaunchError, QMPError, State
 from ferry.firmware_files import firmware_files, remove_default_nvram
 from ferry.lease import LeaseManager, LeaseOwner, LeaseRecord, busy_error
 from ferry.netdev import detach_switch_ports, open_taps
+from ferry.pinning import apply_pinning, check_host_cpus, host_online_cpus, pin_sets
 from ferry.qemu import QemuProcess, launch, read_start_time, reconnect
 from ferry.qemu.scope import scope_for
 from ferry.statefile import DomainStatus, atomic_write
@@ -313,6 +314,9 @@ class Host:
                     raise busy_error(disk, owner)
         # The ports are reserved (NAME.ports) until cleanup; the live XML
         # records them (dumpxml shows them, the migratable form leaves them out).
+        # Pinned CPUs this host lacks: refused before anything starts (in
+        # Prepare too: a destination may have fewer CPUs than the source).
+        check_host_cpus(domain, host_online_cpus())
         ports, displays = self._reserve_graphics(domain)
         # The live XML says where Ferry put the sockets (ferry.domain.argv.live_sockets).
         live_domain = live_sockets(_with_ports(domain, ports), paths)
@@ -377,6 +381,17 @@ class Host:
             raise
         except BaseException:
             await self._stop_swtpm(domain, tpm, incoming=incoming)
+            self._release_graphics(domain.name)
+            with contextlib.suppress(FileNotFoundError):
+                self.live_xml_path(domain.name).unlink()
+            raise
+        try:
+            # qemu is paused (-S): no vCPU has run before its thread is pinned.
+            if not pin_sets(domain).empty:
+                await apply_pinning(domain, proc.pid, proc.qmp)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await proc.kill()
             self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()

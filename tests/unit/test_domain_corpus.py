@@ -67,8 +67,9 @@ def test_group_a_round_trips(path: Path) -> None:
 
 
 # Group B files Ferry accepts since issue 14 (huge pages, watchdog, USB
-# redirection, an emulated TPM): they must round-trip like group A.
-ACCEPTED_B = {"hugepages-default.xml", "usb-redir.xml", "watchdog.xml", "tpm-emulator.xml"}
+# redirection, an emulated TPM, guest NUMA with numatune): they must round-trip like group A.
+ACCEPTED_B = {"hugepages-default.xml", "usb-redir.xml", "watchdog.xml", "tpm-emulator.xml",
+              "numatune-memnode-restrictive-mode.xml"}
 
 
 @needs_corpus
@@ -95,9 +96,8 @@ EXPECTED_B = {
     "launch-security-sev-direct.xml": "domain/os/shim",
     "net-vhostuser.xml": "domain/devices/interface/source",  # vhostuser
     "net-virtio-teaming.xml": "domain/devices/interface/teaming",
-    "numatune-memnode-restrictive-mode.xml": "domain/numatune",
     "sound-device.xml": "domain/devices/sound",
-    "vhost-user-fs-fd-memory.xml": "domain/cpu/numa",  # and memory source type 'file'
+    "vhost-user-fs-fd-memory.xml": "domain/devices/filesystem/binary",  # and memory source file
     "video-virtio-vga.xml": "domain/devices/video",
 }
 

@@ -400,9 +400,9 @@ def test_unsupported_devices_name_element_and_line(devices: str, element: str) -
 @pytest.mark.parametrize(
     ("extra", "element"),
     [
-        ("<numatune><memory nodeset='0'/></numatune>", "domain/numatune"),
+        ("<numatune><memory placement='auto'/></numatune>", "domain/numatune/memory"),
         ("<memtune/>", "domain/memtune"),
-        ("<cputune/>", "domain/cputune"),
+        ("<cputune><shares>1024</shares></cputune>", "domain/cputune/shares"),
         ("<seclabel type='none'/>", "domain/seclabel"),
         ("<launchSecurity type='sev'/>", "domain/launchSecurity"),
         ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'/>",
@@ -494,7 +494,11 @@ def test_chardevs() -> None:
     d = parse_domain(dom("<serial type='unix'/>"))
     assert d.serials[0].source_path is None and d.serials[0].source_mode == "bind"
     for bad, cls in (
-        ("<serial type='tcp'/>", XMLUnsupported),
+        ("<serial type='udp'/>", XMLUnsupported),
+        ("<serial type='tcp'/>", XMLError),
+        ("<serial type='tcp'><source host='127.0.0.1' service='4555'/>"
+         "<protocol type='telnets'/></serial>", XMLUnsupported),
+        ("<serial type='pty'><protocol type='raw'/></serial>", XMLError),
         ("<serial type='unix'><source mode='connect'/></serial>", XMLError),
         ("<serial type='file'/>", XMLError),
         ("<serial type='pty'><target type='pci-serial'/></serial>", XMLUnsupported),

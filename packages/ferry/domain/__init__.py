@@ -20,7 +20,10 @@ Modelled (parsed, formatted, compared, and used in the argv)
     (placement, cpuset, current); ``<iothreads>``; ``<os>`` type hvm with
     arch x86_64/i686 and machine pc/q35/pc-i440fx-*/pc-q35-*, kernel, initrd, cmdline, boot dev
     (hd/cdrom/network), bootmenu; ``<cpu>`` modes custom/host-model/
-    host-passthrough/maximum with model, features, topology, migratable;
+    host-passthrough/maximum with model, features, topology, migratable,
+    ``<numa>`` cells (id, cpus, memory, memAccess, discard); ``<numatune>``
+    (``<memory>`` and ``<memnode>``: strict/preferred/interleave/restrictive
+    with a nodeset); ``<cputune>`` vcpupin, emulatorpin, iothreadpin;
     ``<features>`` acpi, apic (eoi), pae, vmport, smm, ``<kvm>`` (hidden,
     hint-dedicated, poll-control, pv-ipi), ``<hyperv mode='custom|passthrough'>``
     (relaxed, vapic, spinlocks retries, vpindex, runtime, synic, stimer with
@@ -37,7 +40,8 @@ Modelled (parsed, formatted, compared, and used in the argv)
     ``<listen type='address'>``, keymap, sharePolicy, defaultMode, spice
     channel/image/jpeg/zlib/playback/streaming/clipboard/filetransfer/mouse);
     video (vga, cirrus, qxl, virtio, bochs, none; only with graphics); serial
-    and console (pty, file, unix bind/connect, null; isa-serial, virtio
+    and console (pty, file, unix bind/connect, null, tcp bind/connect with
+    protocol raw/telnet; isa-serial, virtio
     console); channel (pty/unix/file/null/spicevmc, virtio target name;
     a unix path under libvirt's channel directory, ``/var/lib/libvirt/qemu/
     channel/target/domain-…``, is kept but the socket goes into Ferry's run

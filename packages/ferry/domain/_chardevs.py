@@ -9,7 +9,7 @@ from typing import Any, cast
 from lxml import etree
 
 from ferry.domain._address import parse_address
-from ferry.domain._checks import Loc, check_host_path, fail
+from ferry.domain._checks import Loc, check_host_path, check_listen, fail
 from ferry.domain._context import Ctx, DeviceEnv, Skip
 from ferry.domain._values import enum, get, ident, int_attr, one, yes_no
 from ferry.domain.model import CharDev
@@ -43,6 +43,9 @@ class _Source:
     path: str | None = None
     mode: str | None = None
     append: bool | None = None
+    host: str | None = None
+    service: int | None = None
+    protocol: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def _chardev(ctx: Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
     path = f"domain/devices/{kind}"
     loc = ctx.loc(el, path)
     types = ("pty", "file", "unix", "null", "spicevmc") if kind == "channel" else \
-        ("pty", "file", "unix", "null")
+        ("pty", "file", "unix", "null", "tcp")
     ctype = enum(el, "type", loc, types, default="pty", what=f"{kind} type")
     mark = ctx.count
     source = ctx.guard(_source, ctx, el, loc, kind, ctype or "pty")
@@ -82,10 +85,17 @@ def _chardev(ctx: Ctx, el: etree._Element, kind: str, index: int) -> CharDev:
         type=cast(Any, ctype), target_type=target.type, source_path=source.path,
         source_mode=cast(Any, source.mode), append=source.append, target_port=target.port,
         target_name=target.name, target_model=target.model, address=address,
+        host=source.host, service=source.service, protocol=cast(Any, source.protocol),
     )
 
 
 def _source(ctx: Ctx, el: etree._Element, loc: Loc, kind: str, ctype: str) -> _Source:
+    proto = one(ctx, el, "protocol", loc)
+    if ctype == "tcp":
+        return _tcp_source(ctx, el, loc, kind, proto)
+    if proto is not None:
+        raise fail(ctx.loc(proto, f"{loc.element}/protocol"),
+                   f"<protocol> only applies to a tcp {kind}", hint="remove <protocol>")
     src = one(ctx, el, "source", loc)
     spath = mode = None
     append = None
@@ -103,6 +113,10 @@ def _source(ctx: Ctx, el: etree._Element, loc: Loc, kind: str, ctype: str) -> _S
         else:
             if raw is not None:
                 spath = check_host_path(raw, sloc, f"{kind} path", unix_socket=ctype == "unix")
+            for attr in ("host", "service"):
+                if get(src, attr) is not None:
+                    raise fail(sloc, f"{attr} only applies to a tcp {kind}",
+                               hint=f"remove {attr}")
             if ctype == "unix":
                 mode = enum(src, "mode", sloc, ("bind", "connect"), what="socket mode")
             elif get(src, "mode") is not None:
@@ -123,6 +137,36 @@ def _source(ctx: Ctx, el: etree._Element, loc: Loc, kind: str, ctype: str) -> _S
         raise fail(loc, f"a unix {kind} in connect mode needs <source path=…>",
                    hint="add path='/run/…' to <source>, or use mode='bind'")
     return _Source(spath, mode, append)
+
+
+def _tcp_source(ctx: Ctx, el: etree._Element, loc: Loc, kind: str,
+                proto: etree._Element | None) -> _Source:  # fmt: skip
+    """``<source mode host service/>`` and ``<protocol type/>`` of a tcp serial or console."""
+    src = one(ctx, el, "source", loc)
+    if src is None:
+        raise fail(loc, f"a tcp {kind} needs <source host=… service=…>",
+                   hint="add <source mode='bind' host='127.0.0.1' service='4555'/>")
+    sloc = ctx.loc(src, f"{loc.element}/source")
+    mark = ctx.count
+    mode = ctx.guard(enum, src, "mode", sloc, ("bind", "connect"), default="connect",
+                     what="socket mode")
+    for attr in ("path", "append"):
+        if get(src, attr) is not None:
+            ctx.report(sloc, f"{attr} does not apply to a tcp {kind}", hint=f"remove {attr}")
+    host = service = None
+    if get(src, "host") is None or get(src, "service") is None:
+        ctx.report(sloc, "<source> needs host and service",
+                   hint="add host='127.0.0.1' service='4555'")
+    else:
+        host = ctx.guard(check_listen, get(src, "host") or "", sloc)
+        service = ctx.guard(int_attr, src, "service", sloc, lo=1, hi=65535)
+    protocol: str | None = "raw"
+    if proto is not None:
+        protocol = ctx.guard(enum, proto, "type", ctx.loc(proto, f"{loc.element}/protocol"),
+                             ("raw", "telnet"), default="raw", what=f"{kind} protocol")
+    if ctx.count != mark:
+        raise Skip()
+    return _Source(mode=mode, host=host, service=service, protocol=protocol)
 
 
 def _serial_target(ctx: Ctx, tgt: etree._Element | None, tloc: Loc, index: int) -> _Target:

@@ -10,6 +10,7 @@ from lxml import etree
 
 from ferry.domain._checks import Loc, check_host_path, check_safe_text, fail
 from ferry.domain._context import Ctx, Skip
+from ferry.domain._numa import parse_cells
 from ferry.domain._values import (
     MAX_VCPUS,
     all_of,
@@ -282,12 +283,14 @@ def parse_cpu(ctx: Ctx, el: etree._Element, vcpus: int | None) -> Cpu:
     model_fallback = ctx.guard(_cpu_model, ctx, el, loc)
     features = _cpu_features(ctx, el)
     topology = ctx.guard(_cpu_topology, ctx, el, loc, vcpus)
-    if model_fallback is None or ctx.count != mark:
+    numa = ctx.guard(parse_cells, ctx, el, vcpus)
+    if model_fallback is None or numa is None or ctx.count != mark:
         raise Skip()
     model, fallback = model_fallback
     return Cpu(
         mode=cast(Any, mode), match=match, check=check, migratable=migratable,
         model=model, fallback=fallback, features=tuple(features), topology=topology,
+        numa=numa,
     )
 
 

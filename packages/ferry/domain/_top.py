@@ -24,6 +24,7 @@ from ferry.domain._checks import check_name, check_safe_text, fail, normalise_uu
 from ferry.domain._context import Ctx
 from ferry.domain._cross import cross_checks
 from ferry.domain._devices import Devices, parse_devices
+from ferry.domain._numa import check_cells, parse_cputune, parse_numatune
 from ferry.domain._platform import parse_clock, parse_cpu, parse_features, parse_os, parse_pm
 from ferry.domain._values import MAX_VCPUS, enum, get, int_attr, memory, one, text, uint
 from ferry.domain.model import PM, Clock, Domain, Features
@@ -210,6 +211,21 @@ def _cpu(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     f["cpu"] = parse_cpu(ctx, el, f.get("vcpus")) if el is not None else None
 
 
+def _numa(ctx: Ctx, root: etree._Element, f: Fields) -> None:
+    """``<numatune>`` and ``<cputune>``, and the NUMA cells' memory against ``<memory>``."""
+    cells = None
+    if "cpu" in f:  # None: no <cpu>, so no cells; missing: <cpu> had problems
+        cells = f["cpu"].numa if f["cpu"] is not None else ()
+    if cells is not None:
+        check_cells(ctx, root, cells, f.get("memory_kib"))
+    el = _child(ctx, root, "numatune")
+    f["numatune"] = None if el is None else ctx.guard(parse_numatune, ctx, el, cells)
+    el = _child(ctx, root, "cputune")
+    iothreads = (f["iothreads"] or 0) if "iothreads" in f else None
+    f["cputune"] = None if el is None else ctx.guard(parse_cputune, ctx, el, f.get("vcpus"),
+                                                     iothreads)
+
+
 def _features(ctx: Ctx, root: etree._Element, f: Fields) -> None:
     el = _child(ctx, root, "features")
     f["features"] = parse_features(ctx, el) if el is not None else Features()
@@ -279,7 +295,8 @@ def _iothread_refs(ctx: Ctx, devices: Devices, iothreads: int | None) -> None:
 #: The sections of the typed parse, in the order they run.
 SECTIONS: tuple[Section, ...] = (
     _virt_type, _name, _uuid, _title, _description, _metadata, _memory, _current_memory,
-    _memory_backing, _vcpu, _iothreads, _os, _cpu, _features, _clock, _pm, _lifecycle, _devices,
+    _memory_backing, _vcpu, _iothreads, _os, _cpu, _numa, _features, _clock, _pm, _lifecycle,
+    _devices,
 )
 
 

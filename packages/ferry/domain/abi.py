@@ -14,12 +14,16 @@ May differ (host side, not guest visible):
   graphics listen address, port, autoport, tlsPort, websocket; audio
   backends; rng backend; iothreads and a disk's iothread; memory backing
   (source, access, hugepages); a redirdev's tcp peer; a watchdog's action;
-  a TPM's persistent_state and active PCR banks.
+  a TPM's persistent_state and active PCR banks; ``<numatune>`` and
+  ``<cputune>`` (host placement and pinning) and a NUMA cell's memAccess
+  and discard.
 
 Must be equal (guest visible): virt type, UUID (always), memory and
 currentMemory, vCPU count and vCPUs online, os type/arch/machine/kernel/initrd/cmdline/boot
 order/boot menu, firmware (efi/bios, its features, loader type, read-only
 and secure; not the loader and NVRAM paths), CPU mode/model/match/features/topology/migratable,
+the guest NUMA cells (count, and each one's vCPUs and memory: each cell's RAM
+is a block ``ram-nodeN`` of the migration stream),
 features (acpi, apic, pae, vmport, smm, kvm, hyperv), clock offset and timers,
 pm, and every device's presence, order, kind, model, bus, target, MAC, MTU
 and address (sound cards with their codecs, redirdevs, watchdogs, panic
@@ -47,6 +51,7 @@ from ferry.domain.model import (
     HypervFeature,
     Input,
     Interface,
+    NumaCell,
     Rng,
     Video,
 )
@@ -215,6 +220,7 @@ def check_abi_stability(old: Domain, new: Domain, *, allow_rename: bool = False)
         _same("cpu topology", oc.topology, nc.topology)
         _same("cpu features", tuple(f"{f.policy}:{f.name}" for f in oc.features),
               tuple(f"{f.policy}:{f.name}" for f in nc.features))
+        _numa_cells(oc.numa, nc.numa)
 
     of, nf = old.features, new.features
     _same("feature acpi", of.acpi, nf.acpi)
@@ -289,6 +295,17 @@ def _firmware(o: OS, n: OS) -> None:
             a, b = getattr(o.loader, field), getattr(n.loader, field)
             if a is not None and b is not None:
                 _same(f"os loader {field}", a, b)
+
+
+def _numa_cells(old: Sequence[NumaCell], new: Sequence[NumaCell]) -> None:
+    if len(old) != len(new):
+        raise ABIError(
+            f"NUMA cell count differs: {len(old)} vs {len(new)}",
+            field="numa cells", old=str(len(old)), new=str(len(new)),
+        )
+    for a, b in zip(old, new, strict=True):
+        _same(f"NUMA cell {a.id} cpus", a.cpus or "none", b.cpus or "none")
+        _same(f"NUMA cell {a.id} memory", a.memory_kib, b.memory_kib, "KiB")
 
 
 def _hv(h: HypervFeature) -> str:

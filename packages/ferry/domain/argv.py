@@ -42,7 +42,11 @@ What the argv does with the model (where it does nothing, it says so):
   uses the same id: ``memory-backend-memfd`` (``hugetlb=on,hugetlbsize=…``
   for huge pages, checked against the host's free huge pages first, so
   that a host without them is a clear error and not qemu's ENOMEM) or
-  ``memory-backend-ram``, with ``share=on`` for shared access.
+  ``memory-backend-ram``, with ``share=on`` for shared access. Guest NUMA
+  cells (``<cpu><numa>``) replace ``pc.ram`` with one backend per cell,
+  ``ram-nodeN``, and ``-numa node,nodeid=N,cpus=…,memdev=ram-nodeN``;
+  ``<numatune>`` adds ``host-nodes``/``policy`` to the backends, checked
+  against the host's NUMA nodes first (:mod:`ferry.domain._argv_numa`).
 * ``-cpu``: custom → the model (qemu64 when none), with ``enforce`` for a
   named model unless ``check='none'`` (a host lacking a feature is an error
   naming it); a host-model guest that arrived by migration runs the
@@ -82,6 +86,8 @@ What the argv does with the model (where it does nothing, it says so):
   ``ICH9-LPC.noreboot=off``; ``-action watchdog=…``), USB redirection
   (``usb-redir`` on a ``spicevmc`` or tcp socket chardev, which reconnects
   every second until its peer listens), balloon, rng,
+  a tcp serial or console (``-chardev socket,host,port``: ``server=on,wait=off``
+  in bind mode, ``reconnect=1`` in connect mode, ``telnet=on`` for telnet),
   an isa ``pvpanic``, the TPM (``-tpmdev emulator`` on the socket of the
   swtpm the host started: :mod:`ferry.domain._argv_tpm`). A ``spicevmc`` channel is the spice agent
   (``-chardev spicevmc,name=vdagent``). A unix channel with one of
@@ -89,7 +95,8 @@ What the argv does with the model (where it does nothing, it says so):
   one without a path (:func:`live_sockets` writes the paths into the live
   XML, :func:`unplaced_sockets` takes them out for a migration). Not in
   the argv: ``<emulator>`` (the host chooses ``qemu_binary``), an
-  ``<audio>`` no sound card uses, ``vcpu cpuset`` / placement (host pinning is not done by Ferry),
+  ``<audio>`` no sound card uses, ``<vcpu cpuset>`` and ``<cputune>`` (the
+  host pins qemu's threads after the start: :mod:`ferry.pinning`), vcpu placement,
   interface ``sndbuf`` (no tap devices), ps2 inputs and the IDE/SATA
   controllers built into the machine (q35's SATA at 00:1f.2, pc's IDE at
   00:01.1), pci-root/pcie-root.
@@ -113,6 +120,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.domain import _argv_numa as numa
 from ferry.domain._argv_firmware import firmware_argv
 from ferry.domain._argv_tpm import tpm_argv
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
@@ -564,23 +572,47 @@ class _Builder:
 
     def memory(self) -> None:
         d = self.d
-        mib = d.memory_mib
+        numa.check_host_nodes(d, numa.host_numa_nodes())
+        blocks = numa.ram_blocks(d)
+        if blocks:  # guest NUMA: one backend per cell, no machine memory-backend
+            for block in blocks:
+                self.ram_backend(block)
+            self.add(*numa.numa_node_args(d))
+            self.add("-m", str(sum(b.size_mib for b in blocks)))
+            return
         if _ram_backend(d):
-            memfd = d.memory_source == "memfd" or d.hugepages
-            hugetlbsize = None
-            if d.hugepages:
-                page_kib = d.hugepage_kib or _default_hugepage_kib()
-                _check_hugepages(d, page_kib)
-                hugetlbsize = page_kib * 1024
-            self.add("-object", _opts(
-                "memory-backend-memfd" if memfd else "memory-backend-ram",
-                ("id", _RAM_ID), ("size", mib * 1024 * 1024),
-                ("hugetlb", True if d.hugepages else None), ("hugetlbsize", hugetlbsize),
-                ("share", True if d.memory_access == "shared" else None),
-                ("prealloc", True if d.preallocated else None),
-                ("prealloc-threads", d.prealloc_threads if d.preallocated else None),
-            ))
-        self.add("-m", str(mib))
+            nodes, policy = numa.whole_ram_placement(d)
+            self.ram_backend(numa.RamBlock(
+                _RAM_ID, d.memory_mib, share=True if d.memory_access == "shared" else None,
+                host_nodes=nodes, policy=policy))
+        self.add("-m", str(d.memory_mib))
+
+    def ram_backend(self, block: numa.RamBlock) -> None:
+        """One ``-object memory-backend-*`` of guest RAM (see the module docstring)."""
+        d = self.d
+        memfd = d.memory_source == "memfd" or d.hugepages
+        hugetlbsize = None
+        if d.hugepages:
+            page_kib = d.hugepage_kib or _default_hugepage_kib()
+            if block.id == _RAM_ID or block.id == "ram-node0":
+                _check_hugepages(d, page_kib)  # the whole guest's pages, once
+            if block.size_mib * 1024 % page_kib:
+                raise QemuLaunchError(
+                    f"<memoryBacking><hugepages>: guest RAM block {block.id} of "
+                    f"{block.size_mib} MiB is not a whole number of {page_kib} KiB pages",
+                    domain=d.name)
+            hugetlbsize = page_kib * 1024
+        self.add("-object", _opts(
+            "memory-backend-memfd" if memfd else "memory-backend-ram",
+            ("id", block.id), ("size", block.size_mib * 1024 * 1024),
+            ("hugetlb", True if d.hugepages else None), ("hugetlbsize", hugetlbsize),
+            ("share", block.share),
+            ("prealloc", True if d.preallocated else None),
+            ("prealloc-threads", d.prealloc_threads if d.preallocated else None),
+            # qemu's host-nodes takes one range: a nodeset with several is repeated.
+            *(("host-nodes", part) for part in (block.host_nodes or "").split(",") if part),
+            ("policy", block.policy),
+        ))
 
     def smp(self) -> None:
         d = self.d
@@ -860,6 +892,17 @@ class _Builder:
                                        ("append", c.append)))
         elif c.type == "spicevmc":
             self.add("-chardev", f"spicevmc,id={cid},name=vdagent")
+        elif c.type == "tcp":
+            # As a tcp redirdev: a connecting one retries every second, so
+            # neither a start nor a migration's destination fails while the
+            # peer is not (yet) listening; a listening one does not wait.
+            server = c.source_mode == "bind"
+            self.add("-chardev", _opts("socket", ("id", cid), ("host", c.host),
+                                       ("port", c.service),
+                                       ("server", True if server else None),
+                                       ("wait", False if server else None),
+                                       ("reconnect", None if server else 1),
+                                       ("telnet", True if c.protocol == "telnet" else None)))
         else:
             path = placed_socket(c, default_path)
             if path is None:  # pragma: no cover - every caller passes a default
@@ -1141,9 +1184,14 @@ class _Builder:
 
 
 def _ram_backend(d: Domain) -> bool:
-    """Whether guest RAM needs an explicit backend object (id ``pc.ram``)."""
+    """Whether guest RAM needs one explicit backend object (id ``pc.ram``).
+
+    Not with guest NUMA cells: each cell has its own (``ram-nodeN``).
+    """
+    if d.cpu is not None and d.cpu.numa:
+        return False
     return (d.preallocated or d.hugepages or d.memory_source == "memfd"
-            or d.memory_access == "shared")
+            or d.memory_access == "shared" or numa.whole_ram_placement(d) != (None, None))
 
 
 # Huge pages of the host: module level so that tests can replace them.

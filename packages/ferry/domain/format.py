@@ -148,6 +148,9 @@ def _chardev(parent: _Element, kind: str, c: CharDev) -> None:
         _sub(el, "source", mode=c.source_mode, path=c.source_path)
     elif c.type == "file":
         _sub(el, "source", path=c.source_path, append=_yn(c.append, "on", "off"))
+    elif c.type == "tcp":
+        _sub(el, "source", mode=c.source_mode, host=c.host, service=_num(c.service))
+        _sub(el, "protocol", type=c.protocol)
     if kind == "channel":
         _sub(el, "target", type=c.target_type, name=c.target_name)
     else:
@@ -155,6 +158,24 @@ def _chardev(parent: _Element, kind: str, c: CharDev) -> None:
         if c.target_model is not None:
             _sub(tgt, "model", name=c.target_model)
     _address(el, c.address)
+
+
+def _numa_tunes(root: _Element, d: Domain) -> None:
+    """``<cputune>`` and ``<numatune>`` (libvirt's place: after ``<iothreads>``)."""
+    if d.cputune is not None:
+        ct = _sub(root, "cputune")
+        for vcpu, cpuset in d.cputune.vcpupins:
+            _sub(ct, "vcpupin", vcpu=str(vcpu), cpuset=cpuset)
+        if d.cputune.emulatorpin is not None:
+            _sub(ct, "emulatorpin", cpuset=d.cputune.emulatorpin)
+        for iothread, cpuset in d.cputune.iothreadpins:
+            _sub(ct, "iothreadpin", iothread=str(iothread), cpuset=cpuset)
+    if d.numatune is not None:
+        nt = _sub(root, "numatune")
+        if d.numatune.mode is not None:
+            _sub(nt, "memory", mode=d.numatune.mode, nodeset=d.numatune.nodeset)
+        for mn in d.numatune.memnodes:
+            _sub(nt, "memnode", cellid=str(mn.cellid), mode=mn.mode, nodeset=mn.nodeset)
 
 
 def _memory_backing(root: _Element, d: Domain) -> None:
@@ -339,6 +360,7 @@ def _format(domain: Domain, migratable: bool) -> str:
          current=_num(d.vcpus_current))
     if d.iothreads is not None:
         _sub(root, "iothreads", str(d.iothreads))
+    _numa_tunes(root, d)
 
     os_el = _sub(root, "os", firmware=d.os.firmware)
     _sub(os_el, "type", d.os.type, arch=d.os.arch, machine=d.os.machine)
@@ -368,6 +390,12 @@ def _format(domain: Domain, migratable: bool) -> str:
                  threads=str(t.threads))
         for feat in c.features:
             _sub(cel, "feature", policy=feat.policy, name=feat.name)
+        if c.numa:
+            nel = _sub(cel, "numa")
+            for cell in c.numa:
+                _sub(nel, "cell", id=str(cell.id), cpus=cell.cpus or None,
+                     memory=str(cell.memory_kib), unit="KiB", memAccess=cell.mem_access,
+                     discard=_yn(cell.discard))
 
     clock = _sub(root, "clock", offset=d.clock.offset)
     for timer in d.clock.timers:

@@ -33,6 +33,7 @@ __all__ = [
     "Cpu",
     "CpuFeature",
     "CpuTopology",
+    "CpuTune",
     "Disk",
     "Domain",
     "Features",
@@ -45,6 +46,9 @@ __all__ = [
     "Interface",
     "Loader",
     "Memballoon",
+    "NumaCell",
+    "NumaMemNode",
+    "NumaTune",
     "Nvram",
     "Panic",
     "Redirdev",
@@ -175,6 +179,60 @@ class Cpu:
     #: Not from the XML: the concrete CPU (qemu ``base`` properties) a
     #: host-model guest arriving by migration runs (:mod:`ferry.domain._cpu`).
     expansion: tuple[tuple[str, bool | int | str], ...] | None = None
+    #: ``<numa><cell …/></numa>``: the guest NUMA nodes, by id (0, 1, …).
+    numa: tuple[NumaCell, ...] = ()
+
+
+@dataclass(frozen=True)
+class NumaCell:
+    """``<cpu><numa><cell id cpus memory memAccess discard/>``: one guest NUMA node.
+
+    ``cpus`` is the cpuset text as written, normalised (``0-1,4``; empty for
+    a node without CPUs); ``memory_kib`` is in KiB.
+    """
+
+    id: int
+    cpus: str
+    memory_kib: int
+    #: ``memAccess='shared|private'``: this node's RAM shared (vhost-user) or not.
+    mem_access: Literal["shared", "private"] | None = None
+    #: ``discard='yes|no'``: give the node's RAM back to the host when qemu exits.
+    discard: bool | None = None
+
+
+@dataclass(frozen=True)
+class NumaMemNode:
+    """``<numatune><memnode cellid mode nodeset/>``: host nodes for one guest node's RAM."""
+
+    cellid: int
+    mode: Literal["strict", "preferred", "interleave", "restrictive"]
+    nodeset: str
+
+
+@dataclass(frozen=True)
+class NumaTune:
+    """``<numatune>``: on which host NUMA nodes guest RAM is allocated.
+
+    ``mode``/``nodeset`` come from ``<memory>`` (None without it) and apply
+    to every guest node without its own ``<memnode>``.
+    """
+
+    mode: Literal["strict", "preferred", "interleave", "restrictive"] | None = None
+    nodeset: str | None = None
+    memnodes: tuple[NumaMemNode, ...] = ()
+
+
+@dataclass(frozen=True)
+class CpuTune:
+    """``<cputune>``: host CPUs for vCPU, emulator and I/O threads (normalised cpusets).
+
+    ``vcpupins`` and ``iothreadpins`` are (vcpu or iothread id, cpuset)
+    pairs in document order.
+    """
+
+    vcpupins: tuple[tuple[int, str], ...] = ()
+    emulatorpin: str | None = None
+    iothreadpins: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -382,7 +440,7 @@ class CharDev:
     qemu starts, which keeps host paths out of a definition that migrates.
     """
 
-    type: Literal["pty", "file", "unix", "null", "spicevmc"]
+    type: Literal["pty", "file", "unix", "null", "spicevmc", "tcp"]
     target_type: str
     source_path: str | None = None
     #: unix sockets: bind (qemu listens) or connect.
@@ -392,6 +450,11 @@ class CharDev:
     target_name: str | None = None
     target_model: str | None = None
     address: Address | None = None
+    #: tcp: ``<source host service>`` (mode is ``source_mode``) and
+    #: ``<protocol type='raw|telnet'>``.
+    host: str | None = None
+    service: int | None = None
+    protocol: Literal["raw", "telnet"] | None = None
 
 
 #: libvirt's own place for channel sockets (``channelTargetDir``): a path there
@@ -590,6 +653,10 @@ class Domain:
     hugepages: bool = False
     hugepage_kib: int | None = None
     cpu: Cpu | None = None
+    #: ``<numatune>``: host NUMA placement of guest RAM.
+    numatune: NumaTune | None = None
+    #: ``<cputune>``: host CPU pinning of qemu's threads.
+    cputune: CpuTune | None = None
     features: Features = field(default_factory=Features)
     clock: Clock = field(default_factory=Clock)
     pm: PM = field(default_factory=PM)
