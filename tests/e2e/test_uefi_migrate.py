@@ -49,12 +49,16 @@ FIRMWARE = {
 }
 
 
-def uefi_xml(name: str, features: str, nvram: Path | None = None) -> str:
-    """A q35 UEFI guest with nothing but a serial console Ferry places.
+TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+
+
+def uefi_xml(name: str, features: str, nvram: Path | None = None, tpm: bool = False) -> str:
+    """A q35 UEFI guest with nothing but a serial console Ferry places (and a TPM).
 
     ``nvram``: an NVRAM file of the operator's (else Ferry's per-host default).
     """
     nvram_el = f"<nvram>{nvram}</nvram>" if nvram is not None else ""
+    tpm_el = TPM if tpm else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -66,7 +70,7 @@ def uefi_xml(name: str, features: str, nvram: Path | None = None) -> str:
   <features><acpi/><apic/></features>
   <devices>
     <serial type='unix'><source mode='bind'/><target port='0'/></serial>
-    <memballoon model='none'/>
+    <memballoon model='none'/>{tpm_el}
   </devices>
 </domain>
 """
@@ -151,21 +155,28 @@ def holds_probe(path: Path) -> bool:
     return "FerryProbe".encode("utf-16-le") in data and VALUE.encode("utf-16-le") in data
 
 
-@pytest.mark.parametrize(("firmware", "mode", "shared"), [
-    ("plain", "p2p", False),
-    ("secure", "tunnelled", False),
+def tpm_permall(host: HostEnv, uuid: str) -> bytes:
+    """The TPM 2.0's permanent state (seeds, NV) as the host's swtpm keeps it."""
+    return (host.state_dir / "swtpm" / uuid / "tpm2" / "tpm2-00.permall").read_bytes()
+
+
+@pytest.mark.parametrize(("firmware", "mode", "shared", "tpm"), [
+    ("plain", "p2p", False, False),
+    ("secure", "tunnelled", False, False),
     # An NVRAM file both hosts see (the test hosts share a file system): the same file.
-    ("plain", "p2p", True),
+    ("plain", "p2p", True, False),
+    # What virt-manager makes for Windows 11: secure boot and a TPM 2.0 (crb).
+    ("secure", "p2p", False, True),
 ])
 def test_uefi_guest_migrates_with_its_variables(
-    cluster: Cluster, tmp_path: Path, firmware: str, mode: str, shared: bool
+    cluster: Cluster, tmp_path: Path, firmware: str, mode: str, shared: bool, tpm: bool
 ) -> None:
     a, b = cluster.a, cluster.b
     cluster.start()
-    name = f"uefi-{firmware}" + ("-shared" if shared else "")
+    name = f"uefi-{firmware}" + ("-shared" if shared else "") + ("-tpm" if tpm else "")
     xml = tmp_path / f"{name}.xml"
     shared_file = tmp_path / f"{name}_VARS.fd" if shared else None
-    xml.write_text(uefi_xml(name, FIRMWARE[firmware], shared_file))
+    xml.write_text(uefi_xml(name, FIRMWARE[firmware], shared_file, tpm=tpm))
     a_file = shared_file or nvram_file(a, name)
     b_file = shared_file or nvram_file(b, name)
     a.ferryctl("define", str(xml), check=True)
@@ -186,6 +197,10 @@ def test_uefi_guest_migrates_with_its_variables(
         assert holds_probe(a_file)  # the firmware wrote it to A's file
         assert not nvram_file(b, name).exists()
         inode = a_file.stat().st_ino
+        uuid = str(a.ctl_json("dominfo", name)["uuid"])
+        # The TPM's identity (its seeds, made when A first started it); the
+        # firmware measured the boot into it (volatile state, moved too).
+        tpm_before = tpm_permall(a, uuid) if tpm else b""
 
         args = ["migrate", name, b.uri, "--live", "--persistent", "--undefine-source"]
         if mode == "tunnelled":
@@ -197,6 +212,9 @@ def test_uefi_guest_migrates_with_its_variables(
         # B's Prepare made the file from the template; qemu wrote the
         # migrated flash into it when B's CPUs started.
         assert holds_probe(b_file)
+        if tpm:
+            # B's swtpm started empty; the stream brought A's TPM state.
+            assert tpm_permall(b, uuid) == tpm_before
         if shared:
             # Used in place, never replaced; the operator's file outlives A's definition.
             assert b_file.stat().st_ino == inode and not nvram_file(b, name).exists()
