@@ -187,6 +187,16 @@
         .set ATA_CTRL,          0x3f6
         .set ATA_WRITE_SECTORS, 0x30
         .set DISK_SPAN,         65536           /* sectors written cyclically */
+        .set SVC_IDE_PROBE,     4
+        .set SVC_DMA,           5
+        .set ATA_READ_DMA,      0xc8
+        .set ATA_WRITE_DMA,     0xca
+        .set DISK_MAGIC,        0x4B53445952524546      /* "FERRYDSK" */
+        .set DREGION_LBA,       65536           /* dwrite region: after DISK_SPAN */
+        .set DBLOCK_SECTORS,    128             /* 64 KiB per block = per DMA command */
+        .set DSIZE_MAX_MIB,     4096
+        .set DERR_NO_DRIVE,     0x10000
+        .set DERR_NO_CONTROLLER, 0x20000
         .endif
         .set LINEBUF_SIZE,      512
 
@@ -347,6 +357,10 @@ gp_entry:
         .ifdef FERRY_DISK
         cmpl $SVC_DISK, %eax
         je 7f
+        cmpl $SVC_DMA, %eax
+        je 5f
+        cmpl $SVC_IDE_PROBE, %eax
+        je 6f
         .endif
         cmpl $SVC_PIT, %eax
         jne 8f
@@ -362,6 +376,14 @@ gp_entry:
 7:      incq 8(%rsp)
         addq $8, %rsp
         call ata_write
+        iretq
+5:      incq 8(%rsp)
+        addq $8, %rsp
+        call ide_dma
+        iretq
+6:      incq 8(%rsp)
+        addq $8, %rsp
+        call ide_probe
         iretq
         .endif
 8:      pushq $13
@@ -425,6 +447,131 @@ ata_write:
         jnz 6b
         jmp 9f
 8:      movl $0x100, %eax
+        ret
+9:      movzbl %al, %eax
+        ret
+
+/* ide_probe (ring 0): find the first IDE controller (PCI class 0x0101) on
+ * bus 0 through configuration mechanism #1 (ports 0xcf8/0xcfc), enable its
+ * I/O decoding and bus mastering, set nIEN on the primary channel.  Returns
+ * eax = its bus-master (BMIDE) I/O base from BAR4, 0 if there is none.  One
+ * service call scans all 256 functions: 512 port accesses, a few ms here.
+ * Clobbers rax, rcx, rdx, rsi. */
+ide_probe:
+        movl $0x80000008, %ecx          /* bus 0, device 0, function 0, reg 8 */
+1:      movl %ecx, %eax
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax                   /* class, subclass, prog-if, revision */
+        shrl $16, %eax
+        cmpl $0x0101, %eax              /* mass storage, IDE */
+        je 2f
+        addl $0x100, %ecx               /* next function */
+        cmpl $0x80010008, %ecx
+        jb 1b
+        xorl %eax, %eax
+        ret
+2:      movl %ecx, %esi
+        andl $0xffffff00, %esi
+        leal 0x04(%rsi), %eax           /* command register */
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax
+        andl $0xffff, %eax              /* leave the status bits alone */
+        orl $0x05, %eax                 /* I/O space, bus master */
+        outl %eax, %dx
+        leal 0x20(%rsi), %eax           /* BAR4: bus-master registers */
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax
+        andl $0xfffc, %eax
+        movl %eax, %esi
+        movw $ATA_CTRL, %dx
+        movb $0x02, %al                 /* nIEN: completion is polled */
+        outb %al, %dx
+        movl %esi, %eax
+        ret
+
+/* ide_dma (ring 0): one bus-master DMA command on the primary master.
+ * edi = ATA command (READ DMA or WRITE DMA, LBA28), rsi = physical address
+ * of the PRD table, rdx = LBA, ecx = sector count (1..255; the PRD table
+ * must describe exactly that many bytes, else qemu keeps the engine
+ * active).  Returns eax = ATA status | bus-master status << 8, or
+ * DERR_NO_DRIVE if the drive did not take the command (status 0: no drive;
+ * the engine is not started then, so nothing waits forever).  Like
+ * ata_write, the waits have no time-out: qemu completes every request or,
+ * with werror/rerror=stop, pauses the VM inside the wait and re-issues the
+ * request on resume.  17 port accesses plus the polls per command.
+ * Clobbers rax, rcx, rdx, r8-r10. */
+ide_dma:
+        movq %rdx, %r8                  /* LBA */
+        movl %ecx, %r9d                 /* sectors */
+        movl %edi, %r10d                /* command */
+        movw $ATA_CMD, %dx
+1:      inb %dx, %al                    /* wait for not BSY */
+        testb $0x80, %al
+        jnz 1b
+        movw dbmide, %dx
+        xorl %eax, %eax
+        outb %al, %dx                   /* BM command: stop */
+        addw $4, %dx
+        movl %esi, %eax
+        outl %eax, %dx                  /* BM PRD table address */
+        subw $2, %dx
+        movb $0x06, %al
+        outb %al, %dx                   /* BM status: clear error, interrupt */
+        movl %r8d, %eax
+        shrl $24, %eax
+        andb $0x0f, %al
+        orb $0xe0, %al                  /* LBA mode, master */
+        movw $ATA_DRIVE, %dx
+        outb %al, %dx
+        movl %r9d, %eax
+        movw $ATA_COUNT, %dx
+        outb %al, %dx
+        movl %r8d, %eax
+        movw $ATA_LBA0, %dx
+        outb %al, %dx
+        shrl $8, %eax
+        incw %dx
+        outb %al, %dx
+        shrl $8, %eax
+        incw %dx
+        outb %al, %dx
+        movl %r10d, %eax
+        movw $ATA_CMD, %dx
+        outb %al, %dx
+        inb %dx, %al                    /* DRQ: the drive waits for the DMA */
+        testb $0x21, %al                /* ERR, DF: refused at once */
+        jnz 9f
+        testb $0x88, %al
+        jz 8f                           /* neither busy nor ready: no drive */
+        movb $0x01, %al                 /* BM command: start ... */
+        cmpb $ATA_READ_DMA, %r10b
+        jne 2f
+        movb $0x09, %al                 /* ... writing to memory */
+2:      movw dbmide, %dx
+        outb %al, %dx
+        addw $2, %dx
+3:      inb %dx, %al                    /* BM status: wait for "active" to clear */
+        testb $0x01, %al
+        jnz 3b
+        movzbl %al, %ecx
+        shll $8, %ecx
+        subw $2, %dx
+        xorl %eax, %eax
+        outb %al, %dx                   /* BM command: stop */
+        movw $ATA_CMD, %dx
+4:      inb %dx, %al
+        testb $0x80, %al
+        jnz 4b
+        movzbl %al, %eax
+        orl %ecx, %eax
+        ret
+8:      movl $DERR_NO_DRIVE, %eax
         ret
 9:      movzbl %al, %eax
         ret
@@ -553,6 +700,9 @@ user_main:
         call setup_memory
         call setup_zip
         call calibrate_tsc
+        .ifdef FERRY_DISK
+        call disk_setup
+        .endif
         call print_boot
         cmpq $0, npages
         je no_memory
@@ -594,6 +744,9 @@ main_loop:
         movl $PACED_VERIFY_PAGES, %r12d
         call verify_pages
 .Lreport:
+        .ifdef FERRY_DISK
+        call disk_work
+        .endif
         call rdtsc64
         cmpq next_report, %rax
         jb main_loop
@@ -712,6 +865,291 @@ disk_tick:
         xorl %eax, %eax
 3:      movq %rax, disk_lba
 9:      ret
+
+/* disk_reserve (from setup_memory): with dwrite > 0, take the DMA buffers,
+ * the PRD tables and the generation table from the RAM at rcx (the first
+ * free page after the kernel and the command line) and return rcx = the
+ * first page after them, where the test region then starts.  Layout, from
+ * rcx rounded up to 64 KiB (a PRD entry must not cross a 64 KiB boundary):
+ * write buffer (64 KiB), read buffer (64 KiB), PRD tables (4 KiB: write
+ * table at +0, read table at +16), generation table (8 bytes per block).
+ * Clamps dsize to 1 .. DSIZE_MAX_MIB (0 means the default, 16).  Preserves
+ * rax; clobbers rdx. */
+disk_reserve:
+        movq dsize_mib, %rdx
+        testq %rdx, %rdx
+        jnz 1f
+        movl $16, %edx
+1:      cmpq $DSIZE_MAX_MIB, %rdx
+        jbe 2f
+        movl $DSIZE_MAX_MIB, %edx
+2:      movq %rdx, dsize_mib
+        shlq $4, %rdx                   /* 16 blocks of 64 KiB per MiB */
+        movq %rdx, dnblocks
+        cmpq $0, dwrite_kib
+        je 9f
+        addq $0xffff, %rcx
+        andq $-0x10000, %rcx
+        movq %rcx, dwbuf
+        leaq 0x10000(%rcx), %rdx
+        movq %rdx, drbuf
+        leaq 0x20000(%rcx), %rdx
+        movq %rdx, dprd
+        leaq 0x21000(%rcx), %rdx
+        movq %rdx, dgen_tab
+        movq dnblocks, %rcx
+        leaq 4095(%rdx,%rcx,8), %rcx
+        andq $-4096, %rcx
+9:      ret
+
+/* disk_setup (ring 3, before the boot line): resolve the verify rate
+ * (default: dwrite), and with dwrite > 0 and a test region: find the IDE
+ * controller (service call), write the PRD tables, clear the generation
+ * table, derive the pacing periods (TSC ticks per 64 KiB block). */
+disk_setup:
+        cmpq $-1, dverify_kib
+        jne 1f
+        movq dwrite_kib, %rax
+        movq %rax, dverify_kib
+1:      cmpq $0, dwrite_kib
+        je 9f
+        cmpq $0, npages
+        je 9f
+        movl $SVC_IDE_PROBE, %eax
+        hlt                             /* -> #GP -> gp_entry -> ide_probe */
+        movq %rax, dbmide
+        testq %rax, %rax
+        jnz 2f
+        incq derrors
+        movq $DERR_NO_CONTROLLER, dlast_err
+        ret
+2:      movq dprd, %rdi
+        movq dwbuf, %rax
+        movl %eax, (%rdi)
+        movl $0x80000000, 4(%rdi)       /* 0 bytes = 64 KiB, end of table */
+        movq drbuf, %rax
+        movl %eax, 16(%rdi)
+        movl $0x80000000, 20(%rdi)
+        movq dgen_tab, %rdi
+        movq dnblocks, %rcx
+        xorl %eax, %eax
+        rep stosq
+        movq tsc_hz, %rax
+        shlq $6, %rax
+        xorl %edx, %edx
+        divq dwrite_kib
+        movq %rax, dwrite_ticks
+        movq dverify_kib, %rcx
+        testq %rcx, %rcx
+        jz 3f                           /* 0: verify whenever not writing */
+        movq tsc_hz, %rax
+        shlq $6, %rax
+        xorl %edx, %edx
+        divq %rcx
+        movq %rax, dverify_ticks
+3:      movq $1, dactive
+9:      ret
+
+/* disk_work (main loop): write the next block when the dwrite pacing says
+ * it is due, else verify the next written block when the dverify pacing
+ * says so (every time with dverify=0).  Far behind schedule (a paused VM,
+ * a slow disk), the schedule restarts from now instead of bursting. */
+disk_work:
+        cmpq $0, dactive
+        je 9f
+        call rdtsc64
+        movq next_dwrite, %rcx
+        cmpq %rcx, %rax
+        jb 2f
+        movq %rax, %rdx
+        subq %rcx, %rdx
+        cmpq catchup_ticks, %rdx
+        jbe 1f
+        movq %rax, %rcx
+1:      addq dwrite_ticks, %rcx
+        movq %rcx, next_dwrite
+        jmp disk_write_block
+2:      movq dverify_ticks, %rdx
+        testq %rdx, %rdx
+        jz disk_verify_block
+        movq next_dverify, %rcx
+        cmpq %rcx, %rax
+        jb 9f
+        movq %rax, %rsi
+        subq %rcx, %rsi
+        cmpq catchup_ticks, %rsi
+        jbe 3f
+        movq %rax, %rcx
+3:      addq %rdx, %rcx
+        movq %rcx, next_dverify
+        jmp disk_verify_block
+9:      ret
+
+/* disk_write_block: block dwcur gets generation ++dseq (WRITE DMA, one
+ * command of 128 sectors).  Its generation-table entry is 0 (unknown, not
+ * verified) while the command runs and if it fails. */
+disk_write_block:
+        pushq %rbx
+        pushq %r12
+        pushq %r13
+        movq dwcur, %rbx
+        incq dseq
+        movq dseq, %r13
+        movq %rbx, %r12
+        shlq $7, %r12
+        addq $DREGION_LBA, %r12         /* first LBA of the block */
+        movq dwbuf, %r10
+        xorl %r8d, %r8d
+1:      leaq (%r12,%r8), %rdi
+        movq %r13, %rsi
+        call disk_fill_sector
+        incq %r8
+        cmpq $DBLOCK_SECTORS, %r8
+        jb 1b
+        movq dgen_tab, %rax
+        movq $0, (%rax,%rbx,8)
+        movl $SVC_DMA, %eax
+        movl $ATA_WRITE_DMA, %edi
+        movq dprd, %rsi
+        movq %r12, %rdx
+        movl $DBLOCK_SECTORS, %ecx
+        hlt                             /* -> #GP -> gp_entry -> ide_dma */
+        call disk_status
+        jnz 2f
+        movq dgen_tab, %rax
+        movq %r13, (%rax,%rbx,8)
+        addq $64, dwritten_kib
+2:      incq %rbx
+        cmpq dnblocks, %rbx
+        jb 3f
+        xorl %ebx, %ebx
+3:      movq %rbx, dwcur
+        popq %r13
+        popq %r12
+        popq %rbx
+        ret
+
+/* disk_verify_block: read the next block that has a known generation (READ
+ * DMA) and check all its sectors; a block that fails counts once in dbad,
+ * dlast_bad_lba is its first bad sector.  dvcur wrapping completes a sweep. */
+disk_verify_block:
+        pushq %rbx
+        pushq %r12
+        pushq %r13
+        pushq %r14
+        movq dnblocks, %r14             /* look at most this many blocks */
+1:      movq dvcur, %rbx
+        leaq 1(%rbx), %rax
+        cmpq dnblocks, %rax
+        jb 2f
+        xorl %eax, %eax
+        incq dsweeps
+2:      movq %rax, dvcur
+        movq dgen_tab, %rax
+        movq (%rax,%rbx,8), %r13
+        testq %r13, %r13
+        jnz 3f
+        decq %r14
+        jnz 1b
+        jmp 9f                          /* nothing written yet */
+3:      movq %rbx, %r12
+        shlq $7, %r12
+        addq $DREGION_LBA, %r12
+        movl $SVC_DMA, %eax
+        movl $ATA_READ_DMA, %edi
+        movq dprd, %rsi
+        addq $16, %rsi
+        movq %r12, %rdx
+        movl $DBLOCK_SECTORS, %ecx
+        hlt                             /* -> #GP -> gp_entry -> ide_dma */
+        call disk_status
+        jnz 9f
+        addq $64, dverified_kib
+        movq drbuf, %r11
+        xorl %r8d, %r8d
+4:      leaq (%r12,%r8), %rdi
+        movq %r13, %rsi
+        call disk_check_sector
+        testl %eax, %eax
+        jnz 5f
+        addq $512, %r11
+        incq %r8
+        cmpq $DBLOCK_SECTORS, %r8
+        jb 4b
+        jmp 9f
+5:      incq dbad
+        movq %rdi, dlast_bad_lba
+9:      popq %r14
+        popq %r13
+        popq %r12
+        popq %rbx
+        ret
+
+/* disk_status: the result eax of a DMA service call.  ZF set if it
+ * succeeded; else count it (derrors, dlast_err), stop the workload if there
+ * is no drive, and clear ZF.  Clobbers rax. */
+disk_status:
+        testl $DERR_NO_DRIVE | 0x200 | 0x21, %eax  /* no drive, BM error, ERR, DF */
+        jz 9f
+        incq derrors
+        movq %rax, dlast_err
+        testl $DERR_NO_DRIVE, %eax
+        jz 1f
+        movq $0, dactive
+1:      testl %esp, %esp                /* clear ZF (rsp is never 0) */
+9:      ret
+
+/* disk_fill_sector: the 512 bytes of sector rdi at generation rsi, at r10
+ * (advanced by 512; rdi, rsi preserved).  Clobbers rax, rcx, rdx. */
+disk_fill_sector:
+        movq seed, %rdx
+        call mix
+        movq %rdi, (%r10)
+        movq %rsi, 8(%r10)
+        movabsq $DISK_MAGIC, %rcx
+        xorq seed, %rcx
+        movq %rcx, 16(%r10)
+        movq %rax, 24(%r10)
+        movabsq $K_STEP, %rdx
+        leaq (%rax,%rdx,4), %rax
+        addq $32, %r10
+        movl $60, %ecx
+1:      movq %rax, (%r10)
+        addq %rdx, %rax
+        addq $8, %r10
+        decl %ecx
+        jnz 1b
+        ret
+
+/* disk_check_sector: is the sector at r11 sector rdi at generation rsi?
+ * eax = 0 yes, 1 no (rdi, rsi, r11 preserved).  Clobbers rax, rcx, rdx, r10. */
+disk_check_sector:
+        cmpq %rdi, (%r11)
+        jne 8f
+        cmpq %rsi, 8(%r11)
+        jne 8f
+        movabsq $DISK_MAGIC, %rcx
+        xorq seed, %rcx
+        cmpq %rcx, 16(%r11)
+        jne 8f
+        movq seed, %rdx
+        call mix
+        cmpq %rax, 24(%r11)
+        jne 8f
+        movabsq $K_STEP, %rdx
+        leaq (%rax,%rdx,4), %rax
+        leaq 32(%r11), %r10
+        movl $60, %ecx
+1:      cmpq %rax, (%r10)
+        jne 8f
+        addq %rdx, %rax
+        addq $8, %r10
+        decl %ecx
+        jnz 1b
+        xorl %eax, %eax
+        ret
+8:      movl $1, %eax
+        ret
         .endif
 
 /* mix: rax = mix(pfn = rdi, gen = rsi, seed = rdx); clobbers rcx */
@@ -904,6 +1342,11 @@ report:
         movq $s_disklast, %rsi
         movq disk_last_err, %rax
         call put_kv
+        .irp f, dwritten_kib, dverified_kib, dbad, dlast_bad_lba, dsweeps, derrors, dlast_err
+        movq $s_\f, %rsi
+        movq \f, %rax
+        call put_kv
+        .endr
         .endif
         jmp line_flush
 
@@ -951,6 +1394,14 @@ print_boot:
         .ifdef FERRY_DISK
         movq $s_disk, %rsi
         movq disk_every, %rax
+        call put_kv
+        .irp f, dwrite_kib, dverify_kib, dsize_mib, dbmide
+        movq $s_\f, %rsi
+        movq \f, %rax
+        call put_kv
+        .endr
+        movq $s_dlba, %rsi
+        movq $DREGION_LBA, %rax
         call put_kv
         .endif
         jmp line_flush
@@ -1075,6 +1526,9 @@ setup_memory:
         movq %rdx, %rcx
 3:      addq $4095, %rcx
         andq $-4096, %rcx
+        .ifdef FERRY_DISK
+        call disk_reserve
+        .endif
         movq %rcx, region_start
         shrq $12, %rcx
         movq %rcx, first_pfn
@@ -1416,6 +1870,21 @@ s_disk:         .asciz " disk="
 s_diskw:        .asciz " disk_writes="
 s_diske:        .asciz " disk_errors="
 s_disklast:     .asciz " disk_last_err="
+k_dwrite:       .asciz "dwrite="
+k_dverify:      .asciz "dverify="
+k_dsize:        .asciz "dsize="
+s_dwrite_kib:   .asciz " dwrite="
+s_dverify_kib:  .asciz " dverify="
+s_dsize_mib:    .asciz " dsize="
+s_dbmide:       .asciz " dbmide="
+s_dlba:         .asciz " dlba="
+s_dwritten_kib: .asciz " dwritten_kib="
+s_dverified_kib: .asciz " dverified_kib="
+s_dbad:         .asciz " dbad="
+s_dlast_bad_lba: .asciz " dlast_bad_lba="
+s_dsweeps:      .asciz " dsweeps="
+s_derrors:      .asciz " derrors="
+s_dlast_err:    .asciz " dlast_err="
         .endif
 
         .balign 8
@@ -1428,6 +1897,9 @@ keytab:
         .quad k_zip, zip
         .ifdef FERRY_DISK
         .quad k_disk, disk_every
+        .quad k_dwrite, dwrite_kib
+        .quad k_dverify, dverify_kib
+        .quad k_dsize, dsize_mib
         .endif
         .quad 0, 0
 
@@ -1541,6 +2013,31 @@ disk_lba:       .quad 0
 disk_writes:    .quad 0
 disk_errors:    .quad 0
 disk_last_err:  .quad 0
+/* dwrite workload (see the header) */
+dwrite_kib:     .quad 0                 /* write rate, KiB/s; 0 = off */
+dverify_kib:    .quad -1                /* verify rate, KiB/s; -1 = dwrite; 0 = flat out */
+dsize_mib:      .quad 16
+dnblocks:       .quad 0
+dbmide:         .quad 0                 /* bus-master I/O base (BAR4) */
+dactive:        .quad 0
+dwbuf:          .quad 0
+drbuf:          .quad 0
+dprd:           .quad 0
+dgen_tab:       .quad 0                 /* generation last written, per block */
+dwrite_ticks:   .quad 0
+dverify_ticks:  .quad 0
+next_dwrite:    .quad 0
+next_dverify:   .quad 0
+dwcur:          .quad 0
+dvcur:          .quad 0
+dseq:           .quad 0
+dwritten_kib:   .quad 0
+dverified_kib:  .quad 0
+dbad:           .quad 0
+dlast_bad_lba:  .quad 0
+dsweeps:        .quad 0
+derrors:        .quad 0
+dlast_err:      .quad 0
         .balign 16
 disk_buf:       .fill 512, 1, 0
         .endif
