@@ -40,6 +40,18 @@ system and ``error_policy='stop'``.  Its reports carry ``disk_writes`` and
 ``disk_errors``; everything else is the same as the default image, which
 does not contain any of it.
 
+The disk variant also runs a *verified write workload* when given
+``dwrite=<KiB/s>`` (``cmdline(..., dwrite_kib_s=..., dsize_mib=...)``): it
+writes 64 KiB blocks of self-describing sectors (LBA, generation, seed,
+check word) by IDE bus-master DMA to a region of ``dsize`` MiB from LBA 65536
+(32 MiB) at that rate, remembers in its RAM the generation it last wrote to
+every block, and reads the blocks back continuously, counting every block
+that is not exactly what it last wrote in ``dbad`` (must stay 0, e.g. across
+a migration with the storage copied).  ``ide_disk_args()`` attaches an image
+as the IDE disk it uses, ``verify_disk_image()`` checks an image's region
+from the host (every block never written or valid), ``disk_rates_kib_s()``
+gives the write and read-back rates between two reports.
+
 Run ``python3 tools/guest/testguest.py --help`` for a small CLI (build, run).
 """
 
@@ -53,6 +65,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,9 +77,12 @@ from pathlib import Path
 from types import TracebackType
 
 __all__ = [
+    "DISK_BLOCK_SECTORS",
+    "DISK_REGION_LBA",
     "LINE_PREFIX",
     "SOURCE_DIR",
     "BootInfo",
+    "DiskImageCheck",
     "GdbStub",
     "GuestBuildError",
     "GuestError",
@@ -76,10 +92,15 @@ __all__ = [
     "build",
     "cmdline",
     "dirty_rate_mib_s",
+    "disk_rates_kib_s",
     "expected_static_sum",
+    "ide_disk_args",
     "page_words",
     "parse_line",
     "qemu_argv",
+    "sector_bytes",
+    "sector_words",
+    "verify_disk_image",
     "zip_body",
 ]
 
@@ -102,6 +123,12 @@ _MIX_C = 0x165667B19E3779F9
 _MIX_M1 = 0xBF58476D1CE4E5B9
 _MIX_M2 = 0x94D049BB133111EB
 _M64 = (1 << 64) - 1
+_DISK_MAGIC = 0x4B53445952524546  # "FERRYDSK"
+SECTOR_SIZE = 512
+DISK_REGION_LBA = 65536  # the dwrite region starts here (32 MiB)
+DISK_BLOCK_SECTORS = 128  # 64 KiB per block (one DMA command)
+DISK_BLOCK_SIZE = DISK_BLOCK_SECTORS * SECTOR_SIZE
+DSIZE_MAX_MIB = 4096
 
 
 class GuestError(RuntimeError):
@@ -217,26 +244,71 @@ def _check_image(data: bytes) -> None:
 
 
 def cmdline(
-    *, wss_mib: int, rate_mib_s: int = 0, report_ms: int = 200, seed: int = 1, zip: bool = False
+    *,
+    wss_mib: int,
+    rate_mib_s: int = 0,
+    report_ms: int = 200,
+    seed: int = 1,
+    zip: bool = False,
+    disk_every: int = 0,
+    dwrite_kib_s: int = 0,
+    dsize_mib: int = 16,
+    dverify_kib_s: int | None = None,
 ) -> str:
     """The ``-append`` string: working set (MiB), rewrite rate (MiB/s, 0 = as
     fast as possible), report period (ms), pattern seed and, with ``zip``,
     compressible pages (``zip=1``; left out when off so that the default
-    command line is the one the guest has always had)."""
+    command line is the one the guest has always had).
+
+    Disk variant only (the default image ignores them): ``disk_every``, a
+    sector write after every n-th report (``disk=``); ``dwrite_kib_s``, the
+    verified write workload's rate (``dwrite=``, 0 = off), ``dsize_mib`` its
+    region (``dsize=``, 1 .. 4096; the disk needs 32 + dsize MiB) and
+    ``dverify_kib_s`` the read-back rate (``dverify=``, None = the write
+    rate, 0 = whenever no write is due).  Each is left out at its default."""
     for name, value in (
         ("wss_mib", wss_mib),
         ("rate_mib_s", rate_mib_s),
         ("report_ms", report_ms),
         ("seed", seed),
+        ("disk_every", disk_every),
+        ("dwrite_kib_s", dwrite_kib_s),
+        ("dsize_mib", dsize_mib),
+        ("dverify_kib_s", 0 if dverify_kib_s is None else dverify_kib_s),
     ):
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, not {value!r}")
     if report_ms < 10:
         raise ValueError("report_ms must be at least 10")
     if not isinstance(zip, bool):
         raise ValueError(f"zip must be a bool, not {zip!r}")
+    if not 1 <= dsize_mib <= DSIZE_MAX_MIB:
+        raise ValueError(f"dsize_mib must be 1 .. {DSIZE_MAX_MIB}, not {dsize_mib}")
     tail = " zip=1" if zip else ""
+    if disk_every:
+        tail += f" disk={disk_every}"
+    if dwrite_kib_s:
+        tail += f" dwrite={dwrite_kib_s}"
+    if dsize_mib != 16:
+        tail += f" dsize={dsize_mib}"
+    if dverify_kib_s is not None:
+        tail += f" dverify={dverify_kib_s}"
     return f"wss={wss_mib} rate={rate_mib_s} report={report_ms} seed={seed}{tail}"
+
+
+def ide_disk_args(
+    image: str | os.PathLike[str], *, fmt: str = "raw", cache: str = "none", node: str = "d0"
+) -> list[str]:
+    """qemu arguments attaching ``image`` as the disk the disk variant uses:
+    the master on the primary IDE channel of the ``pc`` machine (its PIIX
+    IDE does the bus-master DMA).  ``cache=none`` (O_DIRECT) makes the guest's
+    reads come from the file, so a change made from the host is seen."""
+    return [
+        "-drive",
+        f"file={os.fspath(image)},format={fmt},if=none,id={node},cache={cache}",
+        "-device",
+        f"ide-hd,drive={node},bus=ide.0,unit=0",
+    ]
 
 
 def qemu_argv(
@@ -344,6 +416,14 @@ class Report:
     disk_writes: int = 0  # disk variant: sectors written successfully
     disk_errors: int = 0  # disk variant: writes that failed (ERR/DF or no drive)
     disk_last_err: int = 0  # disk variant: ATA status of the last failed write (256: no drive)
+    # disk variant, dwrite workload (all 0 when off):
+    dwritten_kib: int = 0  # KiB written by completed WRITE DMA commands
+    dverified_kib: int = 0  # KiB read back and checked
+    dbad: int = 0  # bad blocks found by the verify sweep (must stay 0)
+    dlast_bad_lba: int = 0  # first bad sector of the last bad block
+    dsweeps: int = 0  # wraps of the verify sweep over the region
+    derrors: int = 0  # failed DMA commands
+    dlast_err: int = 0  # ATA status | BMIDE status << 8; 65536 no drive, 131072 no controller
 
 
 @dataclass(frozen=True)
@@ -365,6 +445,11 @@ class BootInfo:
     host_time: float = 0.0
     disk_every: int = 0  # disk variant: a sector write every this many reports
     zip: bool = False  # zip mode: compressible pages (guests before it print no zip=)
+    dwrite_kib_s: int = 0  # disk variant: write rate of the dwrite workload (0: off)
+    dverify_kib_s: int = 0  # disk variant: read-back rate (0: whenever no write is due)
+    dsize_mib: int = 0  # disk variant: size of the dwrite region
+    dbmide: int = 0  # disk variant: bus-master I/O port found (0: no IDE controller)
+    dlba: int = 0  # disk variant: first LBA of the dwrite region
 
 
 _KV = re.compile(r"(\w+)=(\S+)")
@@ -402,6 +487,11 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 host_time=host_time,
                 disk_every=int(f.get("disk", "0")),
                 zip=int(f.get("zip", "0")) != 0,
+                dwrite_kib_s=int(f.get("dwrite", "0")),
+                dverify_kib_s=int(f.get("dverify", "0")),
+                dsize_mib=int(f.get("dsize", "0")),
+                dbmide=int(f.get("dbmide", "0")),
+                dlba=int(f.get("dlba", "0")),
             )
         if rest.startswith("counter="):
             return Report(
@@ -420,6 +510,13 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 disk_writes=int(f.get("disk_writes", "0")),
                 disk_errors=int(f.get("disk_errors", "0")),
                 disk_last_err=int(f.get("disk_last_err", "0")),
+                dwritten_kib=int(f.get("dwritten_kib", "0")),
+                dverified_kib=int(f.get("dverified_kib", "0")),
+                dbad=int(f.get("dbad", "0")),
+                dlast_bad_lba=int(f.get("dlast_bad_lba", "0")),
+                dsweeps=int(f.get("dsweeps", "0")),
+                derrors=int(f.get("derrors", "0")),
+                dlast_err=int(f.get("dlast_err", "0")),
             )
     except (KeyError, ValueError):
         return None  # truncated or garbled line
@@ -432,6 +529,144 @@ def dirty_rate_mib_s(first: Report, last: Report) -> float:
     if ms <= 0:
         raise ValueError("reports must be in order and at least 1 ms apart")
     return (last.generation - first.generation) * PAGE_SIZE / (1 << 20) / (ms / 1000.0)
+
+
+def disk_rates_kib_s(first: Report, last: Report) -> tuple[float, float]:
+    """Disk variant: (write, read-back) rates of the dwrite workload between
+    two reports, by the guest's clock (KiB/s)."""
+    ms = last.guest_ms - first.guest_ms
+    if ms <= 0:
+        raise ValueError("reports must be in order and at least 1 ms apart")
+    s = ms / 1000.0
+    return (
+        (last.dwritten_kib - first.dwritten_kib) / s,
+        (last.dverified_kib - first.dverified_kib) / s,
+    )
+
+
+# --------------------------------------------------------------------------
+# disk sector format (mirrors guest.S, disk variant)
+
+
+def sector_words(lba: int, generation: int, seed: int) -> list[int]:
+    """The 64 quadwords of sector ``lba`` written with ``generation``."""
+    c = _mix(lba, generation, seed)
+    return [lba, generation, _DISK_MAGIC ^ seed, c] + [
+        (c + i * _K_STEP) & _M64 for i in range(4, 64)
+    ]
+
+
+def sector_bytes(lba: int, generation: int, seed: int) -> bytes:
+    """``sector_words`` as the 512 bytes on the disk."""
+    return struct.pack("<64Q", *sector_words(lba, generation, seed))
+
+
+@dataclass(frozen=True)
+class DiskImageCheck:
+    """What ``verify_disk_image`` found in the dwrite region of an image."""
+
+    blocks: int  # blocks in the region
+    generations: dict[int, int]  # block -> generation, for every valid written block
+    unwritten: int  # blocks that are all zeros (never written)
+    bad: dict[int, str]  # block -> why it is not valid
+
+    @property
+    def ok(self) -> bool:
+        """No bad block."""
+        return not self.bad
+
+    @property
+    def written(self) -> int:
+        return len(self.generations)
+
+    @property
+    def max_generation(self) -> int:
+        """The newest generation on the disk (the number of writes the guest
+        had completed when it was written, if nothing is missing)."""
+        return max(self.generations.values(), default=0)
+
+
+def _check_block(data: bytes, first_lba: int, seed: int) -> tuple[int, str]:
+    """(generation, "") for a valid block, (0, "") for an all-zero one, else
+    (0, reason)."""
+    if not any(data):
+        return 0, ""
+    gen = struct.unpack_from("<Q", data, 8)[0]
+    if gen == 0:
+        return 0, f"sector {first_lba}: generation 0 (never written) in a non-zero block"
+    for i in range(DISK_BLOCK_SECTORS):
+        lba = first_lba + i
+        got = data[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]
+        if got != sector_bytes(lba, gen, seed):
+            head = struct.unpack_from("<4Q", got)
+            return 0, (
+                f"sector {lba}: expected lba={lba} gen={gen} (first sector of the block), "
+                f"found lba={head[0]} gen={head[1]} magic^seed={head[2]:#x} check={head[3]:#x} "
+                "or a corrupted body"
+            )
+    return gen, ""
+
+
+def verify_disk_image(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 1,
+    dsize_mib: int = 16,
+    fmt: str = "raw",
+    force_share: bool = False,
+) -> DiskImageCheck:
+    """Check the dwrite region of a disk image on its own: every 64 KiB block
+    must be all zeros (never written) or 128 valid sectors (LBA, magic, check
+    word, body) of one generation, and no two blocks may hold the same
+    generation (each write has a new one).  ``fmt`` other than ``raw`` is
+    read through ``qemu-img convert`` (``force_share``: ``-U``, to read an
+    image a running qemu has open).  Says nothing about *which* generation a
+    block should hold: that is what the guest's own sweep (``dbad``) checks."""
+    if not 1 <= dsize_mib <= DSIZE_MAX_MIB:
+        raise ValueError(f"dsize_mib must be 1 .. {DSIZE_MAX_MIB}, not {dsize_mib}")
+    nblocks = dsize_mib * 16
+    start = DISK_REGION_LBA * SECTOR_SIZE
+    with contextlib.ExitStack() as stack:
+        raw = Path(path)
+        if fmt != "raw":
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ferry-disk-")))
+            raw = tmp / "image.raw"
+            argv = [_qemu_img(), "convert", "-f", fmt, "-O", "raw"]
+            if force_share:
+                argv.append("-U")
+            proc = subprocess.run(
+                [*argv, os.fspath(path), str(raw)], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise GuestError(f"{' '.join(argv)} {path} failed: {proc.stderr.strip()}")
+        with raw.open("rb") as f:
+            f.seek(start)
+            region = f.read(nblocks * DISK_BLOCK_SIZE)
+    region = region.ljust(nblocks * DISK_BLOCK_SIZE, b"\0")  # past the end: never written
+    generations: dict[int, int] = {}
+    owner: dict[int, int] = {}
+    bad: dict[int, str] = {}
+    unwritten = 0
+    for b in range(nblocks):
+        data = region[b * DISK_BLOCK_SIZE : (b + 1) * DISK_BLOCK_SIZE]
+        gen, why = _check_block(data, DISK_REGION_LBA + b * DISK_BLOCK_SECTORS, seed)
+        if why:
+            bad[b] = why
+        elif gen == 0:
+            unwritten += 1
+        elif gen in owner:
+            bad[b] = f"generation {gen} also in block {owner[gen]} (each write has its own)"
+        else:
+            owner[gen] = b
+            generations[b] = gen
+    return DiskImageCheck(blocks=nblocks, generations=generations, unwritten=unwritten, bad=bad)
+
+
+def _qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise GuestError("qemu-img not found on PATH (Debian package 'qemu-utils')")
+    return path
 
 
 class SerialReader:
