@@ -36,7 +36,7 @@ def test_cmdline_disk_options() -> None:
     assert testguest.cmdline(wss_mib=4, dwrite_kib_s=1024).endswith(" dwrite=1024")
     for bad in ({"dwrite_kib_s": -1}, {"dsize_mib": 0}, {"dsize_mib": 4097}, {"disk_every": True}):
         with pytest.raises(ValueError):
-            testguest.cmdline(wss_mib=4, **bad)  # type: ignore[arg-type]
+            testguest.cmdline(wss_mib=4, **bad)
 
 
 BOOT = (
