@@ -356,3 +356,25 @@ def test_dbad_stays_0_across_plain_live_migration(lab: Lab) -> None:
     dst.qmp.cmd("stop")
     check = testguest.verify_disk_image(image, dsize_mib=DSIZE_MIB, fmt="qcow2", force_share=True)
     assert check.ok, check.bad
+
+
+def test_dwrite_without_a_drive_stops_and_says_so(lab: Lab) -> None:
+    """No disk on the IDE channel: the first command finds no drive, the
+    workload stops (it would only fail again) and the report says why."""
+    argv = testguest.qemu_argv(
+        lab.elf,
+        serial_socket=lab.dir / "nodrive.serial",
+        mem_mib=64,
+        append=_cmdline(1024),
+        accel=ACCEL,
+        qemu=str(QEMU),
+        extra=["-no-reboot"],
+    )
+    lab.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    serial = testguest.SerialReader(lab.dir / "nodrive.serial")
+    lab.serials.append(serial)
+    assert serial.wait_for_boot(timeout=60).dbmide != 0  # the controller is there
+    rep = serial.wait_for(lambda r: r.derrors > 0, timeout=30)
+    later = serial.wait_for(lambda r: r.counter >= rep.counter + 4, timeout=30)
+    assert later.derrors == 1 and later.dlast_err == 0x10000, later.raw
+    assert later.dwritten_kib == 0 and later.dbad == 0 and later.bad_pages == 0, later.raw

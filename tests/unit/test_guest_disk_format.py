@@ -170,3 +170,16 @@ def test_verify_disk_image_reads_qcow2(tmp_path: Path) -> None:
     assert check.ok and check.generations == {1: 3, 9: 4}
     with pytest.raises(testguest.GuestError, match="qemu-img"):
         testguest.verify_disk_image(tmp_path / "absent.qcow2", fmt="qcow2")
+
+
+def test_verify_disk_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img = _image(tmp_path / "cli.img", {0: _block(0, 1), 1: _block(1, 2)})
+    assert testguest._main(["verify-disk", str(img), "--dsize", "1"]) == 0
+    assert "16 blocks: 2 written (newest generation 2), 14 never written, 0 bad" in (
+        capsys.readouterr().out
+    )
+    with img.open("r+b") as f:
+        f.seek(REGION + BLOCK + 512 + 100)
+        f.write(b"\xff")
+    assert testguest._main(["verify-disk", str(img), "--dsize", "1"]) == 1
+    assert "block 1: sector 65665 (gen=2): byte 100 differs" in capsys.readouterr().out

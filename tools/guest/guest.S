@@ -52,9 +52,11 @@
  * command is one service call (5) that loads the PRD table address, writes
  * the ATA registers, starts the engine and polls the BMIDE status until the
  * transfer is done (nIEN set, interrupts stay off): about 20 port accesses
- * per 64 KiB.  Measured here (nested KVM, raw image on ext4, cache=none):
- * 20 MiB/s paced writes hold exactly; flat out about 30-50 MiB/s of writes
- * or 200 MiB/s of reads.  The buffers (2 x 64 KiB), the PRD tables and the
+ * per 64 KiB.  Measured here (nested KVM, 2 busy host CPUs, images on
+ * ext4, cache=none): paced 20 MiB/s of writes plus 20 MiB/s of read-back
+ * hold on raw and qcow2; flat out about 160-200 MiB/s of writes on raw and
+ * 15-90 MiB/s on a fresh qcow2 (allocation; varies with host load), about
+ * 160 MiB/s of read-back.  The buffers (2 x 64 KiB), the PRD tables and the
  * generation table (8 bytes per block) sit in RAM between the kernel and the
  * test region, which starts after them (first_pfn moves up).
  * Sector l of a block written with generation g holds 64 quadwords:

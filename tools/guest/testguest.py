@@ -597,13 +597,16 @@ def _check_block(data: bytes, first_lba: int, seed: int) -> tuple[int, str]:
     for i in range(DISK_BLOCK_SECTORS):
         lba = first_lba + i
         got = data[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]
-        if got != sector_bytes(lba, gen, seed):
+        want = sector_bytes(lba, gen, seed)
+        if got != want:
             head = struct.unpack_from("<4Q", got)
-            return 0, (
-                f"sector {lba}: expected lba={lba} gen={gen} (first sector of the block), "
-                f"found lba={head[0]} gen={head[1]} magic^seed={head[2]:#x} check={head[3]:#x} "
-                "or a corrupted body"
-            )
+            if head[:2] != (lba, gen):
+                return 0, (
+                    f"sector {lba}: expected lba={lba} gen={gen} (the block's first sector), "
+                    f"found lba={head[0]} gen={head[1]}"
+                )
+            at = next(i for i in range(SECTOR_SIZE) if got[i] != want[i])
+            return 0, f"sector {lba} (gen={gen}): byte {at} differs (corrupted)"
     return gen, ""
 
 
@@ -1048,9 +1051,38 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--zip", action="store_true", help="compressible pages (zip=1: constant page bodies)"
     )
+    r.add_argument(
+        "--disk",
+        type=Path,
+        help="disk image on the primary IDE master (boots the disk variant; needs "
+        "32 + dsize MiB for --dwrite)",
+    )
+    r.add_argument("--disk-format", default="raw")
+    r.add_argument("--dwrite", type=int, default=0, help="verified disk writes, KiB/s (0: off)")
+    r.add_argument("--dsize", type=int, default=16, help="dwrite region, MiB")
+    r.add_argument("--dverify", type=int, help="read-back rate, KiB/s (default: --dwrite)")
+    v = sub.add_parser(
+        "verify-disk", help="check the dwrite region of a disk image (exit 1 if a block is bad)"
+    )
+    v.add_argument("image", type=Path)
+    v.add_argument("--format", default="raw")
+    v.add_argument("--dsize", type=int, default=16)
+    v.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
 
-    elf = build(args.out_dir if args.cmd == "build" else None)
+    if args.cmd == "verify-disk":
+        check = verify_disk_image(
+            args.image, seed=args.seed, dsize_mib=args.dsize, fmt=args.format, force_share=True
+        )
+        print(
+            f"{check.blocks} blocks: {check.written} written (newest generation "
+            f"{check.max_generation}), {check.unwritten} never written, {len(check.bad)} bad"
+        )
+        for block, why in sorted(check.bad.items()):
+            print(f"  block {block}: {why}")
+        return 0 if check.ok else 1
+    variant = "disk" if args.cmd == "run" and args.disk is not None else "default"
+    elf = build(args.out_dir if args.cmd == "build" else None, variant=variant)
     if args.cmd == "build":
         print(elf)
         return 0
@@ -1067,8 +1099,14 @@ def _main(argv: list[str] | None = None) -> int:
                 report_ms=args.report,
                 seed=args.seed,
                 zip=args.zip,
+                dwrite_kib_s=args.dwrite,
+                dsize_mib=args.dsize,
+                dverify_kib_s=args.dverify,
             ),
-            extra=["-no-reboot"],
+            extra=[
+                "-no-reboot",
+                *(ide_disk_args(args.disk, fmt=args.disk_format) if args.disk else []),
+            ],
         )
         t0 = time.monotonic()
         with _running_qemu(qargv) as proc, SerialReader(sock) as serial:
@@ -1091,6 +1129,12 @@ def _main(argv: list[str] | None = None) -> int:
                     f"dirty rate {dirty_rate_mib_s(first, last):.0f} MiB/s "
                     f"(guest clock), first report {first.host_time - t0:.2f}s after start"
                 )
+                if args.dwrite:
+                    w, rb = disk_rates_kib_s(first, last)
+                    print(
+                        f"disk writes {w:.0f} KiB/s, read-back {rb:.0f} KiB/s, "
+                        f"dbad={last.dbad} derrors={last.derrors}"
+                    )
             if last is not None and last.sweeps >= 1:
                 want = expected_static_sum(boot)
                 verdict = "ok" if last.checksum == want else f"WRONG (expected {want:016x})"
