@@ -254,7 +254,8 @@ def test_dwrite_flat_out_rates(lab: Lab) -> None:
     _, verify, last = _rates(vm2, 3.0)
     print(f"\nflat out: writes {write:.0f} KiB/s, verify {verify:.0f} KiB/s")
     assert last.dbad == 0 and last.derrors == 0, last.raw
-    assert write >= RATE_KIB_S and verify >= RATE_KIB_S, (write, verify)
+    # issue 15 needs 20 MiB/s of writes; reads only need to keep a sweep going
+    assert write >= RATE_KIB_S and verify >= RATE_KIB_S / 2, (write, verify)
 
 
 def _host_offset(image: Path, fmt: str, guest_offset: int) -> int:
@@ -322,9 +323,11 @@ def test_sweep_catches_a_block_changed_behind_its_back(lab: Lab, fmt: str, how: 
 
 def test_dbad_stays_0_across_plain_live_migration(lab: Lab) -> None:
     """Two qemus on one host sharing the image (shared storage), migrated over
-    a unix socket while the guest writes 20 MiB/s."""
+    a unix socket while the guest writes 20 MiB/s.  The sweep reads 4 times
+    faster than the region is rewritten, so a write lost in the move would
+    most likely be read back before the guest overwrites it."""
     image = lab.image("qcow2")
-    append = _cmdline(RATE_KIB_S)
+    append = _cmdline(RATE_KIB_S, dverify=4 * RATE_KIB_S)
     src = lab.start(image, "qcow2", append, role="src")
     dst = lab.start(image, "qcow2", append, role="dst", incoming=True)
     src.serial.wait_for_boot(timeout=60)
@@ -334,11 +337,10 @@ def test_dbad_stays_0_across_plain_live_migration(lab: Lab) -> None:
     uri = f"unix:{lab.dir / 'migration.sock'}"
     dst.qmp.cmd("migrate-incoming", uri=uri)
     src.qmp.cmd("migrate", uri=uri)
-    deadline = time.monotonic() + 120
-    while (status := src.qmp.cmd("query-migrate").get("status")) not in ("completed", "failed"):
-        assert time.monotonic() < deadline, f"migration still {status}"
-        time.sleep(0.1)  # QMP has no blocking wait for this; poll the state
-    assert status == "completed"
+    # the destination reports once it runs, i.e. once the migration completed
+    first_dst = dst.wait_for(lambda r: True, timeout=120)
+    assert src.qmp.cmd("query-migrate").get("status") == "completed"
+    assert first_dst.dbad == 0, first_dst.raw
     last_src = src.serial.latest()
     assert last_src is not None and last_src.dbad == 0, last_src
 
@@ -350,8 +352,10 @@ def test_dbad_stays_0_across_plain_live_migration(lab: Lab) -> None:
     assert dst.serial.boot_count == 0, "the destination must not boot the guest again"
     assert after.dbad == 0 and after.derrors == 0, after.raw
     assert after.dwritten_kib > last_src.dwritten_kib, after.raw
-    write, _, last = _rates(dst, 2.0)
-    print(f"\nafter migration: writes {write:.0f} KiB/s, dbad={last.dbad}")
+    write, verify, last = _rates(dst, 2.0)
+    print(
+        f"\nafter migration: writes {write:.0f} KiB/s, verify {verify:.0f} KiB/s, dbad={last.dbad}"
+    )
     assert last.dbad == 0 and write >= 0.75 * RATE_KIB_S, last.raw
     dst.qmp.cmd("stop")
     check = testguest.verify_disk_image(image, dsize_mib=DSIZE_MIB, fmt="qcow2", force_share=True)
@@ -370,7 +374,11 @@ def test_dwrite_without_a_drive_stops_and_says_so(lab: Lab) -> None:
         qemu=str(QEMU),
         extra=["-no-reboot"],
     )
-    lab.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    lab.procs.append(
+        subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    )
     serial = testguest.SerialReader(lab.dir / "nodrive.serial")
     lab.serials.append(serial)
     assert serial.wait_for_boot(timeout=60).dbmide != 0  # the controller is there
