@@ -34,20 +34,42 @@ def test_cmdline_disk_options() -> None:
         == "wss=4 rate=0 report=200 seed=1 dwrite=20480 dsize=64 dverify=0"
     )
     assert testguest.cmdline(wss_mib=4, dwrite_kib_s=1024).endswith(" dwrite=1024")
-    for bad in ({"dwrite_kib_s": -1}, {"dsize_mib": 0}, {"dsize_mib": 4097}, {"disk_every": True}):
+    assert testguest.cmdline(wss_mib=4, dwrite_kib_s=1024, ddisks=2).endswith(" ddisks=2")
+    for bad in (
+        {"dwrite_kib_s": -1},
+        {"dsize_mib": 0},
+        {"dsize_mib": 4097},
+        {"disk_every": True},
+        {"ddisks": 3},
+    ):
         with pytest.raises(ValueError):
             testguest.cmdline(wss_mib=4, **bad)
+
+
+def test_ide_disk_args() -> None:
+    assert testguest.ide_disk_args("/i/a.img") == [
+        "-drive",
+        "file=/i/a.img,format=raw,if=none,id=ferry-d0,cache=none",
+        "-device",
+        "ide-hd,drive=ferry-d0,bus=ide.0,unit=0",
+    ]
+    second = testguest.ide_disk_args(Path("/i/b.qcow2"), fmt="qcow2", cache="writeback", disk=1)
+    assert second[1] == "file=/i/b.qcow2,format=qcow2,if=none,id=ferry-d1,cache=writeback"
+    assert second[3] == "ide-hd,drive=ferry-d1,bus=ide.1,unit=0"
+    with pytest.raises(ValueError):
+        testguest.ide_disk_args("/i/c.img", disk=2)
 
 
 BOOT = (
     "FERRY-GUEST boot mem_mib=64 wss=4 rate=0 report=500 seed=1 tsc_khz=2099967 tsc_src=pit "
     "tsc_err_ppm=193 first_pfn=306 pages=16046 wss_pages=1024 zip=0 disk=0 dwrite=20480 "
-    "dverify=20480 dsize=16 dbmide=49152 dlba=65536"
+    "dverify=5120 dsize=16 ddisks=2 dbmide=49152 dlba=65536"
 )
 REPORT = (
     "FERRY-GUEST counter=5 gen=1 dirtied_mib=0 verified=9 bad=0 sum=019333046a87b697 "
     "mem_mib=64 ms=5685 sweeps=46 last_bad=0 disk_writes=0 disk_errors=0 disk_last_err=0 "
-    "dwritten_kib=110528 dverified_kib=82304 dbad=2 dlast_bad_lba=65664 dsweeps=5 derrors=1 "
+    "dwritten_kib=110528 dverified_kib=82304 dbad=2 dlast_bad_lba=65664 dlast_bad_disk=1 "
+    "dsweeps=5 derrors=1 "
     "dlast_err=81"
 )
 
@@ -55,7 +77,8 @@ REPORT = (
 def test_parse_disk_fields() -> None:
     boot = testguest.parse_line(BOOT)
     assert isinstance(boot, BootInfo)
-    assert (boot.dwrite_kib_s, boot.dverify_kib_s, boot.dsize_mib) == (20480, 20480, 16)
+    assert (boot.dwrite_kib_s, boot.dverify_kib_s, boot.dsize_mib) == (20480, 5120, 16)
+    assert boot.ddisks == 2
     assert (boot.dbmide, boot.dlba) == (0xC000, testguest.DISK_REGION_LBA)
     rep = testguest.parse_line(REPORT)
     assert isinstance(rep, Report)
@@ -65,7 +88,7 @@ def test_parse_disk_fields() -> None:
         2,
         65664,
     )
-    assert (rep.dsweeps, rep.derrors, rep.dlast_err) == (5, 1, 81)
+    assert (rep.dlast_bad_disk, rep.dsweeps, rep.derrors, rep.dlast_err) == (1, 5, 1, 81)
     # lines without the fields (default image, older guests) read as zeros
     old = testguest.parse_line(REPORT.split(" disk_writes=")[0])
     assert isinstance(old, Report) and (old.dwritten_kib, old.dbad) == (0, 0)

@@ -45,12 +45,17 @@ The disk variant also runs a *verified write workload* when given
 writes 64 KiB blocks of self-describing sectors (LBA, generation, seed,
 check word) by IDE bus-master DMA to a region of ``dsize`` MiB from LBA 65536
 (32 MiB) at that rate, remembers in its RAM the generation it last wrote to
-every block, and reads the blocks back continuously, counting every block
-that is not exactly what it last wrote in ``dbad`` (must stay 0, e.g. across
-a migration with the storage copied).  ``ide_disk_args()`` attaches an image
+every block, and reads back every block just before overwriting it (so every
+generation written is read back once, as late as possible) and in a sweep
+paced by ``dverify``, counting every block that is not exactly what it last
+wrote in ``dbad`` (must stay 0, e.g. across a migration with the storage
+copied).  Once the writes have gone round the whole region after a
+migration (``dwritten_kib`` grew by ``dsize`` MiB per disk), everything
+written before it has been read back after it.  ``ide_disk_args()`` attaches an image
 as the IDE disk it uses, ``verify_disk_image()`` checks an image's region
 from the host (every block never written or valid), ``disk_rates_kib_s()``
-gives the write and read-back rates between two reports.
+gives the write and read-back rates between two reports.  With
+``ddisks=2`` it alternates between two disks (both IDE channels).
 
 Run ``python3 tools/guest/testguest.py --help`` for a small CLI (build, run).
 """
@@ -254,6 +259,7 @@ def cmdline(
     dwrite_kib_s: int = 0,
     dsize_mib: int = 16,
     dverify_kib_s: int | None = None,
+    ddisks: int = 1,
 ) -> str:
     """The ``-append`` string: working set (MiB), rewrite rate (MiB/s, 0 = as
     fast as possible), report period (ms), pattern seed and, with ``zip``,
@@ -264,8 +270,11 @@ def cmdline(
     sector write after every n-th report (``disk=``); ``dwrite_kib_s``, the
     verified write workload's rate (``dwrite=``, 0 = off), ``dsize_mib`` its
     region (``dsize=``, 1 .. 4096; the disk needs 32 + dsize MiB) and
-    ``dverify_kib_s`` the read-back rate (``dverify=``, None = the write
-    rate, 0 = whenever no write is due).  Each is left out at its default."""
+    ``dverify_kib_s`` the rate of the verify sweep (``dverify=``, None = a
+    quarter of the write rate, 0 = no sweep; every block is also read back
+    just before it is overwritten), all totals over ``ddisks`` disks
+    (``ddisks=``: 1, or 2 = the masters of both IDE channels, written
+    alternately; see ``ide_disk_args``).  Each is left out at its default."""
     for name, value in (
         ("wss_mib", wss_mib),
         ("rate_mib_s", rate_mib_s),
@@ -293,21 +302,29 @@ def cmdline(
         tail += f" dsize={dsize_mib}"
     if dverify_kib_s is not None:
         tail += f" dverify={dverify_kib_s}"
+    if ddisks not in (1, 2):
+        raise ValueError(f"ddisks must be 1 or 2, not {ddisks!r}")
+    if ddisks != 1:
+        tail += f" ddisks={ddisks}"
     return f"wss={wss_mib} rate={rate_mib_s} report={report_ms} seed={seed}{tail}"
 
 
 def ide_disk_args(
-    image: str | os.PathLike[str], *, fmt: str = "raw", cache: str = "none", node: str = "d0"
+    image: str | os.PathLike[str], *, fmt: str = "raw", cache: str = "none", disk: int = 0
 ) -> list[str]:
-    """qemu arguments attaching ``image`` as the disk the disk variant uses:
-    the master on the primary IDE channel of the ``pc`` machine (its PIIX
-    IDE does the bus-master DMA).  ``cache=none`` (O_DIRECT) makes the guest's
-    reads come from the file, so a change made from the host is seen."""
+    """qemu arguments attaching ``image`` as disk ``disk`` of the disk
+    variant: 0 is the master on the primary IDE channel of the ``pc``
+    machine (the one ``disk=`` and ``dwrite=`` use), 1 the master on the
+    secondary channel (``ddisks=2``); the machine's PIIX IDE does the
+    bus-master DMA.  ``cache=none`` (O_DIRECT) makes the guest's reads come
+    from the file, so a change made from the host is seen."""
+    if disk not in (0, 1):
+        raise ValueError(f"disk must be 0 or 1, not {disk!r}")
     return [
         "-drive",
-        f"file={os.fspath(image)},format={fmt},if=none,id={node},cache={cache}",
+        f"file={os.fspath(image)},format={fmt},if=none,id=ferry-d{disk},cache={cache}",
         "-device",
-        f"ide-hd,drive={node},bus=ide.0,unit=0",
+        f"ide-hd,drive=ferry-d{disk},bus=ide.{disk},unit=0",
     ]
 
 
@@ -418,9 +435,10 @@ class Report:
     disk_last_err: int = 0  # disk variant: ATA status of the last failed write (256: no drive)
     # disk variant, dwrite workload (all 0 when off):
     dwritten_kib: int = 0  # KiB written by completed WRITE DMA commands
-    dverified_kib: int = 0  # KiB read back and checked
+    dverified_kib: int = 0  # KiB read back and checked (before overwrites and by the sweep)
     dbad: int = 0  # bad blocks found by the verify sweep (must stay 0)
     dlast_bad_lba: int = 0  # first bad sector of the last bad block
+    dlast_bad_disk: int = 0  # and its disk (0 primary, 1 secondary master)
     dsweeps: int = 0  # wraps of the verify sweep over the region
     derrors: int = 0  # failed DMA commands
     dlast_err: int = 0  # ATA status | BMIDE status << 8; 65536 no drive, 131072 no controller
@@ -446,8 +464,9 @@ class BootInfo:
     disk_every: int = 0  # disk variant: a sector write every this many reports
     zip: bool = False  # zip mode: compressible pages (guests before it print no zip=)
     dwrite_kib_s: int = 0  # disk variant: write rate of the dwrite workload (0: off)
-    dverify_kib_s: int = 0  # disk variant: read-back rate (0: whenever no write is due)
+    dverify_kib_s: int = 0  # disk variant: verify sweep rate (0: no sweep)
     dsize_mib: int = 0  # disk variant: size of the dwrite region
+    ddisks: int = 0  # disk variant: disks the dwrite workload uses (1 or 2)
     dbmide: int = 0  # disk variant: bus-master I/O port found (0: no IDE controller)
     dlba: int = 0  # disk variant: first LBA of the dwrite region
 
@@ -490,6 +509,7 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 dwrite_kib_s=int(f.get("dwrite", "0")),
                 dverify_kib_s=int(f.get("dverify", "0")),
                 dsize_mib=int(f.get("dsize", "0")),
+                ddisks=int(f.get("ddisks", "0")),
                 dbmide=int(f.get("dbmide", "0")),
                 dlba=int(f.get("dlba", "0")),
             )
@@ -514,6 +534,7 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 dverified_kib=int(f.get("dverified_kib", "0")),
                 dbad=int(f.get("dbad", "0")),
                 dlast_bad_lba=int(f.get("dlast_bad_lba", "0")),
+                dlast_bad_disk=int(f.get("dlast_bad_disk", "0")),
                 dsweeps=int(f.get("dsweeps", "0")),
                 derrors=int(f.get("derrors", "0")),
                 dlast_err=int(f.get("dlast_err", "0")),
@@ -1060,7 +1081,9 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument("--disk-format", default="raw")
     r.add_argument("--dwrite", type=int, default=0, help="verified disk writes, KiB/s (0: off)")
     r.add_argument("--dsize", type=int, default=16, help="dwrite region, MiB")
-    r.add_argument("--dverify", type=int, help="read-back rate, KiB/s (default: --dwrite)")
+    r.add_argument(
+        "--dverify", type=int, help="verify sweep rate, KiB/s (default: --dwrite / 4; 0: none)"
+    )
     v = sub.add_parser(
         "verify-disk", help="check the dwrite region of a disk image (exit 1 if a block is bad)"
     )
