@@ -55,13 +55,13 @@
  * service call (5) that loads the PRD table address, writes the ATA
  * registers, starts the engine and polls the BMIDE status until the
  * transfer is done (nIEN set, interrupts stay off): about 20 port accesses
- * per 64 KiB.  Measured here (nested KVM, 2 busy host CPUs, images on
- * ext4, cache=none): paced 20 MiB/s of writes plus 20 MiB/s of read-back
- * hold on raw and qcow2, one or two disks (with the read-backs before the
- * writes: 40 MiB/s of reads); flat out about 40-200 MiB/s of
- * writes on raw and 15-90 MiB/s on a fresh qcow2 (allocation; both vary
- * with the host's load), 40-160 MiB/s of read-back.  The buffers (2 x 64
- * KiB), the PRD tables and the generation table (8 bytes per block and
+ * per 64 KiB.  Measured here (nested KVM, 2 host CPUs shared with other
+ * work, images on ext4, cache=none): dwrite=20480 holds exactly on raw and
+ * qcow2, one or two disks (with 25 MiB/s of read-back: 20 before the
+ * writes, 5 by the default sweep); flat out about 40-200 MiB/s of writes
+ * (each after its read-back) on raw and 15-90 MiB/s on a fresh qcow2
+ * (allocation), 40-210 MiB/s of sweep, all varying with the host's load.
+ * The buffers (2 x 64 KiB), the PRD tables and the generation table (8 bytes per block and
  * disk) sit in RAM between the kernel and the test region, which starts
  * after them (first_pfn moves up).
  * Sector l of a block written with generation g holds 64 quadwords:
@@ -93,8 +93,9 @@
  *     dwritten_kib=<n> dverified_kib=<n> dbad=<n> dlast_bad_lba=<n>
  *     dlast_bad_disk=<n> dsweeps=<n> derrors=<n> dlast_err=<n>
  * dwritten_kib/dverified_kib count completed writes/read-backs (64 per
- * block; read-backs before writes and by the sweep), dbad counts bad blocks found (cumulative; a block that stays bad
- * counts every sweep; must stay 0), dlast_bad_lba/dlast_bad_disk locate the
+ * block; read-backs before writes and by the sweep), dbad counts bad
+ * blocks found (cumulative; a block that stays bad counts every time it is
+ * read back; must stay 0), dlast_bad_lba/dlast_bad_disk locate the
  * first bad sector of the last bad block, dsweeps counts completed sweeps
  * over all slots, derrors counts failed commands and dlast_err is the last
  * one's status: ATA status | BMIDE status << 8, 65536 = no drive (the

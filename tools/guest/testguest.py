@@ -51,8 +51,8 @@ paced by ``dverify``, counting every block that is not exactly what it last
 wrote in ``dbad`` (must stay 0, e.g. across a migration with the storage
 copied).  Once the writes have gone round the whole region after a
 migration (``dwritten_kib`` grew by ``dsize`` MiB per disk), everything
-written before it has been read back after it.  ``ide_disk_args()`` attaches an image
-as the IDE disk it uses, ``verify_disk_image()`` checks an image's region
+written before it has been read back after it.  ``ide_disk_args()``
+attaches an image as the IDE disk it uses, ``verify_disk_image()`` checks an image's region
 from the host (every block never written or valid), ``disk_rates_kib_s()``
 gives the write and read-back rates between two reports.  With
 ``ddisks=2`` it alternates between two disks (both IDE channels).
