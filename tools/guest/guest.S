@@ -37,6 +37,72 @@
  * writes, writes that ended with ERR/DF set or found no drive, and the
  * status of the last failed one: 256 = no drive).
  *
+ * Verified disk writes (disk variant too; off unless dwrite > 0):
+ *     dwrite=<KiB/s>   write rate of the workload, 0 = off (default)
+ *     dsize=<MiB>      size of its region on each disk, 1 .. 4096 (default 16)
+ *     dverify=<KiB/s>  rate of the verify sweep, 0 = no sweep (default:
+ *                      dwrite / 4, at least 64); a huge value = flat out
+ *     ddisks=<1|2>     disks used (default 1): the master of the primary IDE
+ *                      channel, and with 2 also that of the secondary one
+ * Rates are totals over the disks.  The region starts at LBA 65536 (32 MiB,
+ * after the disk= sectors), so a disk needs 32 + dsize MiB.  It is cut into
+ * 64 KiB blocks (128 sectors); each block goes to the disk in one WRITE DMA
+ * command and comes back in one READ DMA command (LBA28, IDE bus-master
+ * DMA): at boot one service call (4) scans PCI bus 0 through ports
+ * 0xcf8/0xcfc for the first IDE controller (class 0x0101: the PIIX IDE of
+ * qemu's pc machine; q35 has none, AHCI is another class), enables bus
+ * mastering and takes the BMIDE ports from BAR4; each command is one
+ * service call (5) that loads the PRD table address, writes the ATA
+ * registers, starts the engine and polls the BMIDE status until the
+ * transfer is done (nIEN set, interrupts stay off): about 20 port accesses
+ * per 64 KiB.  Measured here (nested KVM, 2 host CPUs shared with other
+ * work, images on ext4, cache=none): dwrite=20480 holds exactly on raw and
+ * qcow2, one or two disks (with 25 MiB/s of read-back: 20 before the
+ * writes, 5 by the default sweep); flat out about 40-200 MiB/s of writes
+ * (each after its read-back) on raw and 15-90 MiB/s on a fresh qcow2
+ * (allocation), 40-210 MiB/s of sweep, all varying with the host's load.
+ * The buffers (2 x 64 KiB), the PRD tables and the generation table (8 bytes per block and
+ * disk) sit in RAM between the kernel and the test region, which starts
+ * after them (first_pfn moves up).
+ * Sector l of a block written with generation g holds 64 quadwords:
+ *     q[0] = l    q[1] = g    q[2] = DISK_MAGIC ^ seed    ("FERRYDSK")
+ *     q[3] = c = mix(l, g, seed)    q[i] = c + i * K_STEP   (i = 4 .. 63)
+ * g is a run-wide write sequence number (1, 2, ...: never 0, never reused),
+ * so a block holds one generation in all its sectors and no two blocks hold
+ * the same one.  Slot k (0 .. ddisks * blocks - 1) is block k / ddisks of
+ * disk k % ddisks; writes go to slot 0, 1, 2, ... cyclically at the dwrite
+ * pace (alternating disks), and the guest keeps the generation it last
+ * wrote to each slot in its RAM (0 while a write is in flight or after a
+ * failed one: not checked).  Read-backs (READ DMA) check every quadword of
+ * every sector of a block against that: any mismatch (corrupted, stale,
+ * missing, another block's data) makes the block bad.  There are two:
+ *   - before each write the block about to be overwritten is read back, so
+ *     every generation written is read back once, as late as possible: a
+ *     write lost at any time before the rewrite (in a migration, say) is
+ *     caught, and once the writes have gone round all slots after some
+ *     moment, everything written before it has been read back after it;
+ *   - the sweep, paced by dverify when no write is due, reads the slots
+ *     with a generation from the last one downwards (against the writes, so
+ *     it meets every block between two writes of it), to find a bad block
+ *     sooner.
+ * A paced schedule that falls more than 50 ms behind restarts from now (no
+ * bursts after a pause).  The boot line gains
+ *     dwrite=<KiB/s> dverify=<KiB/s> dsize=<MiB> ddisks=<n>
+ *     dbmide=<BMIDE port, 0 = none> dlba=65536
+ * and every report
+ *     dwritten_kib=<n> dverified_kib=<n> dbad=<n> dlast_bad_lba=<n>
+ *     dlast_bad_disk=<n> dsweeps=<n> derrors=<n> dlast_err=<n>
+ * dwritten_kib/dverified_kib count completed writes/read-backs (64 per
+ * block; read-backs before writes and by the sweep), dbad counts bad
+ * blocks found (cumulative; a block that stays bad counts every time it is
+ * read back; must stay 0), dlast_bad_lba/dlast_bad_disk locate the
+ * first bad sector of the last bad block, dsweeps counts completed sweeps
+ * over all slots, derrors counts failed commands and dlast_err is the last
+ * one's status: ATA status | BMIDE status << 8, 65536 = no drive (the
+ * workload stops), 131072 = no IDE controller.  A host can check an
+ * image's region on its own: every block is all zeros (never written) or
+ * 128 valid sectors of one generation (testguest.verify_disk_image).
+ *
  * Privilege split.  On the machine this was written for, /dev/kvm is
  * software-assisted: guest ring 0 (and real mode) runs at about 1.5 million
  * instructions per second while ring 3 runs natively; syscall and int $n
@@ -185,8 +251,20 @@
         .set ATA_DRIVE,         0x1f6
         .set ATA_CMD,           0x1f7           /* status on read */
         .set ATA_CTRL,          0x3f6
+        .set ATA2_DATA,         0x170           /* secondary channel (ddisks=2) */
+        .set ATA2_CTRL,         0x376
         .set ATA_WRITE_SECTORS, 0x30
         .set DISK_SPAN,         65536           /* sectors written cyclically */
+        .set SVC_IDE_PROBE,     4
+        .set SVC_DMA,           5
+        .set ATA_READ_DMA,      0xc8
+        .set ATA_WRITE_DMA,     0xca
+        .set DISK_MAGIC,        0x4B53445952524546      /* "FERRYDSK" */
+        .set DREGION_LBA,       65536           /* dwrite region: after DISK_SPAN */
+        .set DBLOCK_SECTORS,    128             /* 64 KiB per block = per DMA command */
+        .set DSIZE_MAX_MIB,     4096
+        .set DERR_NO_DRIVE,     0x10000
+        .set DERR_NO_CONTROLLER, 0x20000
         .endif
         .set LINEBUF_SIZE,      512
 
@@ -347,6 +425,10 @@ gp_entry:
         .ifdef FERRY_DISK
         cmpl $SVC_DISK, %eax
         je 7f
+        cmpl $SVC_DMA, %eax
+        je 5f
+        cmpl $SVC_IDE_PROBE, %eax
+        je 6f
         .endif
         cmpl $SVC_PIT, %eax
         jne 8f
@@ -362,6 +444,14 @@ gp_entry:
 7:      incq 8(%rsp)
         addq $8, %rsp
         call ata_write
+        iretq
+5:      incq 8(%rsp)
+        addq $8, %rsp
+        call ide_dma
+        iretq
+6:      incq 8(%rsp)
+        addq $8, %rsp
+        call ide_probe
         iretq
         .endif
 8:      pushq $13
@@ -425,6 +515,141 @@ ata_write:
         jnz 6b
         jmp 9f
 8:      movl $0x100, %eax
+        ret
+9:      movzbl %al, %eax
+        ret
+
+/* ide_probe (ring 0): find the first IDE controller (PCI class 0x0101) on
+ * bus 0 through configuration mechanism #1 (ports 0xcf8/0xcfc), enable its
+ * I/O decoding and bus mastering, set nIEN on both channels.  Returns
+ * eax = its bus-master (BMIDE) I/O base from BAR4, 0 if there is none.  One
+ * service call scans all 256 functions: 512 port accesses, a few ms here.
+ * Clobbers rax, rcx, rdx, rsi. */
+ide_probe:
+        movl $0x80000008, %ecx          /* bus 0, device 0, function 0, reg 8 */
+1:      movl %ecx, %eax
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax                   /* class, subclass, prog-if, revision */
+        shrl $16, %eax
+        cmpl $0x0101, %eax              /* mass storage, IDE */
+        je 2f
+        addl $0x100, %ecx               /* next function */
+        cmpl $0x80010008, %ecx
+        jb 1b
+        xorl %eax, %eax
+        ret
+2:      movl %ecx, %esi
+        andl $0xffffff00, %esi
+        leal 0x04(%rsi), %eax           /* command register */
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax
+        andl $0xffff, %eax              /* leave the status bits alone */
+        orl $0x05, %eax                 /* I/O space, bus master */
+        outl %eax, %dx
+        leal 0x20(%rsi), %eax           /* BAR4: bus-master registers */
+        movw $0xcf8, %dx
+        outl %eax, %dx
+        movw $0xcfc, %dx
+        inl %dx, %eax
+        andl $0xfffc, %eax
+        movl %eax, %esi
+        movw $ATA_CTRL, %dx
+        movb $0x02, %al                 /* nIEN: completion is polled */
+        outb %al, %dx
+        movw $ATA2_CTRL, %dx
+        outb %al, %dx
+        movl %esi, %eax
+        ret
+
+/* ide_dma (ring 0): one bus-master DMA command on the master drive of a
+ * channel.  r11 = channel (0 primary: ports 0x1f0-0x1f7, BMIDE + 0;
+ * 1 secondary: 0x170-0x177, BMIDE + 8), edi = ATA command (READ DMA or
+ * WRITE DMA, LBA28), rsi = physical address of the PRD table, rdx = LBA,
+ * ecx = sector count (1..255; the PRD table must describe exactly that many
+ * bytes, else qemu keeps the engine active).  Returns eax = ATA status |
+ * bus-master status << 8, or DERR_NO_DRIVE if the drive did not take the
+ * command (status 0: no drive; the engine is not started then, so nothing
+ * waits forever).  Like ata_write, the waits have no time-out: qemu
+ * completes every request or, with werror/rerror=stop, pauses the VM inside
+ * the wait and re-issues the request on resume.  17 port accesses plus the
+ * polls per command.  Clobbers rax, rcx, rdx, rsi, rdi, r8-r10. */
+ide_dma:
+        movq %rdx, %r8                  /* LBA */
+        movl %ecx, %r9d                 /* sectors */
+        movl %edi, %r10d                /* command */
+        movl %esi, %edi                 /* PRD table */
+        movl $ATA_DATA, %ecx            /* the channel's command block */
+        movzwl dbmide, %esi             /* and its bus-master registers */
+        testl %r11d, %r11d
+        jz 1f
+        movl $ATA2_DATA, %ecx
+        addl $8, %esi
+1:      leal 7(%rcx), %edx              /* status */
+2:      inb %dx, %al                    /* wait for not BSY */
+        testb $0x80, %al
+        jnz 2b
+        movl %esi, %edx
+        xorl %eax, %eax
+        outb %al, %dx                   /* BM command: stop */
+        leal 4(%rsi), %edx
+        movl %edi, %eax
+        outl %eax, %dx                  /* BM PRD table address */
+        leal 2(%rsi), %edx
+        movb $0x06, %al
+        outb %al, %dx                   /* BM status: clear error, interrupt */
+        movl %r8d, %eax
+        shrl $24, %eax
+        andb $0x0f, %al
+        orb $0xe0, %al                  /* LBA mode, master */
+        leal 6(%rcx), %edx
+        outb %al, %dx
+        movl %r9d, %eax
+        leal 2(%rcx), %edx
+        outb %al, %dx                   /* sector count */
+        movl %r8d, %eax
+        leal 3(%rcx), %edx
+        outb %al, %dx                   /* LBA 7:0 */
+        shrl $8, %eax
+        incl %edx
+        outb %al, %dx                   /* LBA 15:8 */
+        shrl $8, %eax
+        incl %edx
+        outb %al, %dx                   /* LBA 23:16 */
+        movl %r10d, %eax
+        leal 7(%rcx), %edx
+        outb %al, %dx                   /* command */
+        inb %dx, %al                    /* DRQ: the drive waits for the DMA */
+        testb $0x21, %al                /* ERR, DF: refused at once */
+        jnz 9f
+        testb $0x88, %al
+        jz 8f                           /* neither busy nor ready: no drive */
+        movb $0x01, %al                 /* BM command: start ... */
+        cmpb $ATA_READ_DMA, %r10b
+        jne 3f
+        movb $0x09, %al                 /* ... writing to memory */
+3:      movl %esi, %edx
+        outb %al, %dx
+        leal 2(%rsi), %edx
+4:      inb %dx, %al                    /* BM status: wait for "active" to clear */
+        testb $0x01, %al
+        jnz 4b
+        movzbl %al, %r9d
+        shll $8, %r9d
+        movl %esi, %edx
+        xorl %eax, %eax
+        outb %al, %dx                   /* BM command: stop */
+        leal 7(%rcx), %edx
+5:      inb %dx, %al
+        testb $0x80, %al
+        jnz 5b
+        movzbl %al, %eax
+        orl %r9d, %eax
+        ret
+8:      movl $DERR_NO_DRIVE, %eax
         ret
 9:      movzbl %al, %eax
         ret
@@ -553,6 +778,9 @@ user_main:
         call setup_memory
         call setup_zip
         call calibrate_tsc
+        .ifdef FERRY_DISK
+        call disk_setup
+        .endif
         call print_boot
         cmpq $0, npages
         je no_memory
@@ -594,6 +822,9 @@ main_loop:
         movl $PACED_VERIFY_PAGES, %r12d
         call verify_pages
 .Lreport:
+        .ifdef FERRY_DISK
+        call disk_work
+        .endif
         call rdtsc64
         cmpq next_report, %rax
         jb main_loop
@@ -712,6 +943,347 @@ disk_tick:
         xorl %eax, %eax
 3:      movq %rax, disk_lba
 9:      ret
+
+/* disk_reserve (from setup_memory): with dwrite > 0, take the DMA buffers,
+ * the PRD tables and the generation table from the RAM at rcx (the first
+ * free page after the kernel and the command line) and return rcx = the
+ * first page after them, where the test region then starts.  Layout, from
+ * rcx rounded up to 64 KiB (a PRD entry must not cross a 64 KiB boundary):
+ * write buffer (64 KiB), read buffer (64 KiB), PRD tables (4 KiB: write
+ * table at +0, read table at +16), then the
+ * generation table (8 bytes per block and disk).  Clamps dsize to
+ * 1 .. DSIZE_MAX_MIB (0 means the default, 16) and ddisks to 1 or 2.
+ * Preserves rax; clobbers rdx. */
+disk_reserve:
+        movq dsize_mib, %rdx
+        testq %rdx, %rdx
+        jnz 1f
+        movl $16, %edx
+1:      cmpq $DSIZE_MAX_MIB, %rdx
+        jbe 2f
+        movl $DSIZE_MAX_MIB, %edx
+2:      movq %rdx, dsize_mib
+        shlq $4, %rdx                   /* 16 blocks of 64 KiB per MiB */
+        movq %rdx, dnblocks
+        cmpq $2, ddisks                 /* 1 or 2 disks */
+        je 3f
+        movq $1, ddisks
+3:      cmpq $1, ddisks
+        je 4f
+        shlq $1, %rdx
+4:      movq %rdx, dnslots              /* (disk, block) pairs */
+        cmpq $0, dwrite_kib
+        je 9f
+        addq $0xffff, %rcx
+        andq $-0x10000, %rcx
+        movq %rcx, dwbuf
+        leaq 0x10000(%rcx), %rdx
+        movq %rdx, drbuf
+        leaq 0x20000(%rcx), %rdx
+        movq %rdx, dprd
+        leaq 0x21000(%rcx), %rdx
+        movq %rdx, dgen_tab
+        movq dnslots, %rcx
+        leaq 4095(%rdx,%rcx,8), %rcx
+        andq $-4096, %rcx
+9:      ret
+
+/* disk_setup (ring 3, before the boot line): resolve the sweep rate
+ * (default: dwrite / 4, at least 64 KiB/s), and with dwrite > 0 and a test region: find the IDE
+ * controller (service call), write the PRD tables, clear the generation
+ * table, derive the pacing periods (TSC ticks per 64 KiB block). */
+disk_setup:
+        cmpq $-1, dverify_kib
+        jne 1f
+        movq dwrite_kib, %rax           /* default sweep: a quarter of dwrite */
+        shrq $2, %rax
+        movl $64, %ecx
+        cmpq %rcx, %rax
+        cmovbq %rcx, %rax
+        movq %rax, dverify_kib
+1:      cmpq $0, dwrite_kib
+        je 9f
+        cmpq $0, npages
+        je 9f
+        movl $SVC_IDE_PROBE, %eax
+        hlt                             /* -> #GP -> gp_entry -> ide_probe */
+        movq %rax, dbmide
+        testq %rax, %rax
+        jnz 2f
+        incq derrors
+        movq $DERR_NO_CONTROLLER, dlast_err
+        ret
+2:      movq dprd, %rdi
+        movq dwbuf, %rax
+        movl %eax, (%rdi)
+        movl $0x80000000, 4(%rdi)       /* 0 bytes = 64 KiB, end of table */
+        movq drbuf, %rax
+        movl %eax, 16(%rdi)
+        movl $0x80000000, 20(%rdi)
+        movq dgen_tab, %rdi
+        movq dnslots, %rcx
+        leaq -1(%rcx), %rax
+        movq %rax, dvcur                /* the sweep runs downwards */
+        xorl %eax, %eax
+        rep stosq
+        movq tsc_hz, %rax
+        shlq $6, %rax
+        xorl %edx, %edx
+        divq dwrite_kib
+        movq %rax, dwrite_ticks
+        movq dverify_kib, %rcx
+        testq %rcx, %rcx
+        jz 3f                           /* 0: no sweep */
+        movq tsc_hz, %rax
+        shlq $6, %rax
+        xorl %edx, %edx
+        divq %rcx
+        movq %rax, dverify_ticks
+3:      movq $1, dactive
+9:      ret
+
+/* disk_work (main loop): write the next block when the dwrite pacing says
+ * it is due, else let the sweep read back the next written block when the
+ * dverify pacing says so (never with dverify=0).  A schedule that fell more
+ * than 50 ms behind (a paused VM, a slow disk) restarts from now instead of
+ * bursting (catchup_ticks, as for memory). */
+disk_work:
+        cmpq $0, dactive
+        je 9f
+        call rdtsc64
+        movq next_dwrite, %rcx
+        cmpq %rcx, %rax
+        jb 2f
+        movq %rax, %rdx
+        subq %rcx, %rdx
+        cmpq catchup_ticks, %rdx
+        jbe 1f
+        movq %rax, %rcx
+1:      addq dwrite_ticks, %rcx
+        movq %rcx, next_dwrite
+        jmp disk_write_block
+2:      cmpq $0, dverify_kib
+        je 9f                           /* no sweep */
+        movq dverify_ticks, %rdx
+        movq next_dverify, %rcx
+        cmpq %rcx, %rax
+        jb 9f
+        movq %rax, %rsi
+        subq %rcx, %rsi
+        cmpq catchup_ticks, %rsi
+        jbe 3f
+        movq %rax, %rcx
+3:      addq %rdx, %rcx
+        movq %rcx, next_dverify
+        jmp disk_verify_block
+9:      ret
+
+/* disk_slot: slot rbx (an index into the generation table) -> rax = disk
+ * (0 or 1), r12 = first LBA of the block.  With two disks the slots
+ * alternate between them.  Clobbers rcx. */
+disk_slot:
+        movq ddisks, %rcx
+        decq %rcx                       /* 0 or 1: the shift and the mask */
+        movq %rbx, %rax
+        andq %rcx, %rax
+        movq %rbx, %r12
+        shrq %cl, %r12
+        shlq $7, %r12
+        addq $DREGION_LBA, %r12
+        ret
+
+/* disk_write_block: slot dwcur gets generation ++dseq (WRITE DMA, one
+ * command of 128 sectors).  First the generation it holds is read back and
+ * checked (disk_verify_slot), so every generation written is read back
+ * once, as late as possible: a block that went stale or was lost at any
+ * time before its rewrite (a migration, say) is caught.  Its
+ * generation-table entry is 0 (unknown, not checked) while the write runs
+ * and if it fails. */
+disk_write_block:
+        pushq %rbx
+        pushq %r12
+        pushq %r13
+        pushq %r14
+        movq dwcur, %rbx
+        movq dgen_tab, %rax
+        movq (%rax,%rbx,8), %r13
+        testq %r13, %r13
+        jz 4f
+        call disk_verify_slot           /* read back what is overwritten */
+4:      incq dseq
+        movq dseq, %r13
+        call disk_slot
+        movq %rax, %r14                 /* disk */
+        movq dwbuf, %r10
+        xorl %r8d, %r8d
+1:      leaq (%r12,%r8), %rdi
+        movq %r13, %rsi
+        call disk_fill_sector
+        incq %r8
+        cmpq $DBLOCK_SECTORS, %r8
+        jb 1b
+        movq dgen_tab, %rax
+        movq $0, (%rax,%rbx,8)
+        movl $SVC_DMA, %eax
+        movl $ATA_WRITE_DMA, %edi
+        movq dprd, %rsi
+        movq %r12, %rdx
+        movl $DBLOCK_SECTORS, %ecx
+        movq %r14, %r11
+        hlt                             /* -> #GP -> gp_entry -> ide_dma */
+        call disk_status
+        jnz 2f
+        movq dgen_tab, %rax
+        movq %r13, (%rax,%rbx,8)
+        addq $64, dwritten_kib
+2:      incq %rbx
+        cmpq dnslots, %rbx
+        jb 3f
+        xorl %ebx, %ebx
+3:      movq %rbx, dwcur
+        popq %r14
+        popq %r13
+        popq %r12
+        popq %rbx
+        ret
+
+/* disk_verify_block: the sweep.  Read back the next slot that has a
+ * generation and check it (disk_verify_slot).  The sweep runs from the
+ * last slot down to slot 0 (dvcur wrapping completes a sweep), against the
+ * writes, which go upwards, so that it meets every block between two writes
+ * of it instead of trailing the writes at the same distance.  (Every
+ * generation is read back before it is overwritten anyway: see
+ * disk_write_block; the sweep finds a bad block sooner.) */
+disk_verify_block:
+        pushq %rbx
+        pushq %r13
+        pushq %r14
+        movq dnslots, %r14              /* look at most this many slots */
+1:      movq dvcur, %rbx                /* downwards: see disk_setup */
+        leaq -1(%rbx), %rax
+        testq %rbx, %rbx
+        jnz 2f
+        movq dnslots, %rax
+        decq %rax
+        incq dsweeps
+2:      movq %rax, dvcur
+        movq dgen_tab, %rax
+        movq (%rax,%rbx,8), %r13
+        testq %r13, %r13
+        jnz 3f
+        decq %r14
+        jnz 1b
+        jmp 9f                          /* nothing written yet */
+3:      call disk_verify_slot
+9:      popq %r14
+        popq %r13
+        popq %rbx
+        ret
+
+/* disk_verify_slot: read back slot rbx, which should hold generation r13
+ * (READ DMA), and check all its sectors; a block that fails counts once in
+ * dbad, dlast_bad_lba is its first bad sector and dlast_bad_disk its disk.
+ * rbx, r13 preserved. */
+disk_verify_slot:
+        pushq %r12
+        pushq %r15
+        call disk_slot
+        movq %rax, %r15                 /* disk */
+        movl $SVC_DMA, %eax
+        movl $ATA_READ_DMA, %edi
+        movq dprd, %rsi
+        addq $16, %rsi
+        movq %r12, %rdx
+        movl $DBLOCK_SECTORS, %ecx
+        movq %r15, %r11
+        hlt                             /* -> #GP -> gp_entry -> ide_dma */
+        call disk_status
+        jnz 9f
+        addq $64, dverified_kib
+        movq drbuf, %r11
+        xorl %r8d, %r8d
+4:      leaq (%r12,%r8), %rdi
+        movq %r13, %rsi
+        call disk_check_sector
+        testl %eax, %eax
+        jnz 5f
+        addq $512, %r11
+        incq %r8
+        cmpq $DBLOCK_SECTORS, %r8
+        jb 4b
+        jmp 9f
+5:      incq dbad
+        movq %rdi, dlast_bad_lba
+        movq %r15, dlast_bad_disk
+9:      popq %r15
+        popq %r12
+        ret
+
+/* disk_status: the result eax of a DMA service call.  ZF set if it
+ * succeeded; else count it (derrors, dlast_err), stop the workload if there
+ * is no drive, and clear ZF.  Clobbers rax. */
+disk_status:
+        testl $DERR_NO_DRIVE | 0x200 | 0x21, %eax  /* no drive, BM error, ERR, DF */
+        jz 9f
+        incq derrors
+        movq %rax, dlast_err
+        testl $DERR_NO_DRIVE, %eax
+        jz 1f
+        movq $0, dactive
+1:      testl %esp, %esp                /* clear ZF (rsp is never 0) */
+9:      ret
+
+/* disk_fill_sector: the 512 bytes of sector rdi at generation rsi, at r10
+ * (advanced by 512; rdi, rsi preserved).  Clobbers rax, rcx, rdx. */
+disk_fill_sector:
+        movq seed, %rdx
+        call mix
+        movq %rdi, (%r10)
+        movq %rsi, 8(%r10)
+        movabsq $DISK_MAGIC, %rcx
+        xorq seed, %rcx
+        movq %rcx, 16(%r10)
+        movq %rax, 24(%r10)
+        movabsq $K_STEP, %rdx
+        leaq (%rax,%rdx,4), %rax
+        addq $32, %r10
+        movl $60, %ecx
+1:      movq %rax, (%r10)
+        addq %rdx, %rax
+        addq $8, %r10
+        decl %ecx
+        jnz 1b
+        ret
+
+/* disk_check_sector: is the sector at r11 sector rdi at generation rsi?
+ * eax = 0 yes, 1 no (rdi, rsi, r11 preserved).  Clobbers rax, rcx, rdx, r10. */
+disk_check_sector:
+        cmpq %rdi, (%r11)
+        jne 8f
+        cmpq %rsi, 8(%r11)
+        jne 8f
+        movabsq $DISK_MAGIC, %rcx
+        xorq seed, %rcx
+        cmpq %rcx, 16(%r11)
+        jne 8f
+        movq seed, %rdx
+        call mix
+        cmpq %rax, 24(%r11)
+        jne 8f
+        movabsq $K_STEP, %rdx
+        leaq (%rax,%rdx,4), %rax
+        leaq 32(%r11), %r10
+        movl $60, %ecx
+1:      cmpq %rax, (%r10)
+        jne 8f
+        addq %rdx, %rax
+        addq $8, %r10
+        decl %ecx
+        jnz 1b
+        xorl %eax, %eax
+        ret
+8:      movl $1, %eax
+        ret
         .endif
 
 /* mix: rax = mix(pfn = rdi, gen = rsi, seed = rdx); clobbers rcx */
@@ -904,6 +1476,11 @@ report:
         movq $s_disklast, %rsi
         movq disk_last_err, %rax
         call put_kv
+        .irp f, dwritten_kib, dverified_kib, dbad, dlast_bad_lba, dlast_bad_disk, dsweeps, derrors, dlast_err
+        movq $s_\f, %rsi
+        movq \f, %rax
+        call put_kv
+        .endr
         .endif
         jmp line_flush
 
@@ -951,6 +1528,14 @@ print_boot:
         .ifdef FERRY_DISK
         movq $s_disk, %rsi
         movq disk_every, %rax
+        call put_kv
+        .irp f, dwrite_kib, dverify_kib, dsize_mib, ddisks, dbmide
+        movq $s_\f, %rsi
+        movq \f, %rax
+        call put_kv
+        .endr
+        movq $s_dlba, %rsi
+        movq $DREGION_LBA, %rax
         call put_kv
         .endif
         jmp line_flush
@@ -1075,6 +1660,9 @@ setup_memory:
         movq %rdx, %rcx
 3:      addq $4095, %rcx
         andq $-4096, %rcx
+        .ifdef FERRY_DISK
+        call disk_reserve
+        .endif
         movq %rcx, region_start
         shrq $12, %rcx
         movq %rcx, first_pfn
@@ -1416,6 +2004,24 @@ s_disk:         .asciz " disk="
 s_diskw:        .asciz " disk_writes="
 s_diske:        .asciz " disk_errors="
 s_disklast:     .asciz " disk_last_err="
+k_dwrite:       .asciz "dwrite="
+k_dverify:      .asciz "dverify="
+k_dsize:        .asciz "dsize="
+k_ddisks:       .asciz "ddisks="
+s_ddisks:       .asciz " ddisks="
+s_dlast_bad_disk: .asciz " dlast_bad_disk="
+s_dwrite_kib:   .asciz " dwrite="
+s_dverify_kib:  .asciz " dverify="
+s_dsize_mib:    .asciz " dsize="
+s_dbmide:       .asciz " dbmide="
+s_dlba:         .asciz " dlba="
+s_dwritten_kib: .asciz " dwritten_kib="
+s_dverified_kib: .asciz " dverified_kib="
+s_dbad:         .asciz " dbad="
+s_dlast_bad_lba: .asciz " dlast_bad_lba="
+s_dsweeps:      .asciz " dsweeps="
+s_derrors:      .asciz " derrors="
+s_dlast_err:    .asciz " dlast_err="
         .endif
 
         .balign 8
@@ -1428,6 +2034,10 @@ keytab:
         .quad k_zip, zip
         .ifdef FERRY_DISK
         .quad k_disk, disk_every
+        .quad k_dwrite, dwrite_kib
+        .quad k_dverify, dverify_kib
+        .quad k_dsize, dsize_mib
+        .quad k_ddisks, ddisks
         .endif
         .quad 0, 0
 
@@ -1541,6 +2151,34 @@ disk_lba:       .quad 0
 disk_writes:    .quad 0
 disk_errors:    .quad 0
 disk_last_err:  .quad 0
+/* dwrite workload (see the header) */
+dwrite_kib:     .quad 0                 /* write rate, KiB/s; 0 = off */
+dverify_kib:    .quad -1                /* sweep rate, KiB/s; -1 = dwrite / 4; 0 = off */
+dsize_mib:      .quad 16
+dnblocks:       .quad 0                 /* blocks per disk */
+ddisks:         .quad 1                 /* 1, or 2: primary and secondary master */
+dnslots:        .quad 0                 /* dnblocks * ddisks */
+dbmide:         .quad 0                 /* bus-master I/O base (BAR4) */
+dactive:        .quad 0
+dwbuf:          .quad 0
+drbuf:          .quad 0
+dprd:           .quad 0
+dgen_tab:       .quad 0                 /* generation last written, per block */
+dwrite_ticks:   .quad 0
+dverify_ticks:  .quad 0
+next_dwrite:    .quad 0
+next_dverify:   .quad 0
+dwcur:          .quad 0
+dvcur:          .quad 0
+dseq:           .quad 0
+dwritten_kib:   .quad 0
+dverified_kib:  .quad 0
+dbad:           .quad 0
+dlast_bad_lba:  .quad 0
+dlast_bad_disk: .quad 0
+dsweeps:        .quad 0
+derrors:        .quad 0
+dlast_err:      .quad 0
         .balign 16
 disk_buf:       .fill 512, 1, 0
         .endif

@@ -40,6 +40,23 @@ system and ``error_policy='stop'``.  Its reports carry ``disk_writes`` and
 ``disk_errors``; everything else is the same as the default image, which
 does not contain any of it.
 
+The disk variant also runs a *verified write workload* when given
+``dwrite=<KiB/s>`` (``cmdline(..., dwrite_kib_s=..., dsize_mib=...)``): it
+writes 64 KiB blocks of self-describing sectors (LBA, generation, seed,
+check word) by IDE bus-master DMA to a region of ``dsize`` MiB from LBA 65536
+(32 MiB) at that rate, remembers in its RAM the generation it last wrote to
+every block, and reads back every block just before overwriting it (so every
+generation written is read back once, as late as possible) and in a sweep
+paced by ``dverify``, counting every block that is not exactly what it last
+wrote in ``dbad`` (must stay 0, e.g. across a migration with the storage
+copied).  Once the writes have gone round the whole region after a
+migration (``dwritten_kib`` grew by ``dsize`` MiB per disk), everything
+written before it has been read back after it.  ``ide_disk_args()``
+attaches an image as the IDE disk it uses, ``verify_disk_image()`` checks an image's region
+from the host (every block never written or valid), ``disk_rates_kib_s()``
+gives the write and read-back rates between two reports.  With
+``ddisks=2`` it alternates between two disks (both IDE channels).
+
 Run ``python3 tools/guest/testguest.py --help`` for a small CLI (build, run).
 """
 
@@ -53,6 +70,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,9 +82,12 @@ from pathlib import Path
 from types import TracebackType
 
 __all__ = [
+    "DISK_BLOCK_SECTORS",
+    "DISK_REGION_LBA",
     "LINE_PREFIX",
     "SOURCE_DIR",
     "BootInfo",
+    "DiskImageCheck",
     "GdbStub",
     "GuestBuildError",
     "GuestError",
@@ -76,10 +97,15 @@ __all__ = [
     "build",
     "cmdline",
     "dirty_rate_mib_s",
+    "disk_rates_kib_s",
     "expected_static_sum",
+    "ide_disk_args",
     "page_words",
     "parse_line",
     "qemu_argv",
+    "sector_bytes",
+    "sector_words",
+    "verify_disk_image",
     "zip_body",
 ]
 
@@ -102,6 +128,12 @@ _MIX_C = 0x165667B19E3779F9
 _MIX_M1 = 0xBF58476D1CE4E5B9
 _MIX_M2 = 0x94D049BB133111EB
 _M64 = (1 << 64) - 1
+_DISK_MAGIC = 0x4B53445952524546  # "FERRYDSK"
+SECTOR_SIZE = 512
+DISK_REGION_LBA = 65536  # the dwrite region starts here (32 MiB)
+DISK_BLOCK_SECTORS = 128  # 64 KiB per block (one DMA command)
+DISK_BLOCK_SIZE = DISK_BLOCK_SECTORS * SECTOR_SIZE
+DSIZE_MAX_MIB = 4096
 
 
 class GuestError(RuntimeError):
@@ -217,26 +249,83 @@ def _check_image(data: bytes) -> None:
 
 
 def cmdline(
-    *, wss_mib: int, rate_mib_s: int = 0, report_ms: int = 200, seed: int = 1, zip: bool = False
+    *,
+    wss_mib: int,
+    rate_mib_s: int = 0,
+    report_ms: int = 200,
+    seed: int = 1,
+    zip: bool = False,
+    disk_every: int = 0,
+    dwrite_kib_s: int = 0,
+    dsize_mib: int = 16,
+    dverify_kib_s: int | None = None,
+    ddisks: int = 1,
 ) -> str:
     """The ``-append`` string: working set (MiB), rewrite rate (MiB/s, 0 = as
     fast as possible), report period (ms), pattern seed and, with ``zip``,
     compressible pages (``zip=1``; left out when off so that the default
-    command line is the one the guest has always had)."""
+    command line is the one the guest has always had).
+
+    Disk variant only (the default image ignores them): ``disk_every``, a
+    sector write after every n-th report (``disk=``); ``dwrite_kib_s``, the
+    verified write workload's rate (``dwrite=``, 0 = off), ``dsize_mib`` its
+    region (``dsize=``, 1 .. 4096; the disk needs 32 + dsize MiB) and
+    ``dverify_kib_s`` the rate of the verify sweep (``dverify=``, None = a
+    quarter of the write rate, 0 = no sweep; every block is also read back
+    just before it is overwritten), all totals over ``ddisks`` disks
+    (``ddisks=``: 1, or 2 = the masters of both IDE channels, written
+    alternately; see ``ide_disk_args``).  Each is left out at its default."""
     for name, value in (
         ("wss_mib", wss_mib),
         ("rate_mib_s", rate_mib_s),
         ("report_ms", report_ms),
         ("seed", seed),
+        ("disk_every", disk_every),
+        ("dwrite_kib_s", dwrite_kib_s),
+        ("dsize_mib", dsize_mib),
+        ("dverify_kib_s", 0 if dverify_kib_s is None else dverify_kib_s),
     ):
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, not {value!r}")
     if report_ms < 10:
         raise ValueError("report_ms must be at least 10")
     if not isinstance(zip, bool):
         raise ValueError(f"zip must be a bool, not {zip!r}")
+    if not 1 <= dsize_mib <= DSIZE_MAX_MIB:
+        raise ValueError(f"dsize_mib must be 1 .. {DSIZE_MAX_MIB}, not {dsize_mib}")
     tail = " zip=1" if zip else ""
+    if disk_every:
+        tail += f" disk={disk_every}"
+    if dwrite_kib_s:
+        tail += f" dwrite={dwrite_kib_s}"
+    if dsize_mib != 16:
+        tail += f" dsize={dsize_mib}"
+    if dverify_kib_s is not None:
+        tail += f" dverify={dverify_kib_s}"
+    if ddisks not in (1, 2):
+        raise ValueError(f"ddisks must be 1 or 2, not {ddisks!r}")
+    if ddisks != 1:
+        tail += f" ddisks={ddisks}"
     return f"wss={wss_mib} rate={rate_mib_s} report={report_ms} seed={seed}{tail}"
+
+
+def ide_disk_args(
+    image: str | os.PathLike[str], *, fmt: str = "raw", cache: str = "none", disk: int = 0
+) -> list[str]:
+    """qemu arguments attaching ``image`` as disk ``disk`` of the disk
+    variant: 0 is the master on the primary IDE channel of the ``pc``
+    machine (the one ``disk=`` and ``dwrite=`` use), 1 the master on the
+    secondary channel (``ddisks=2``); the machine's PIIX IDE does the
+    bus-master DMA.  ``cache=none`` (O_DIRECT) makes the guest's reads come
+    from the file, so a change made from the host is seen."""
+    if disk not in (0, 1):
+        raise ValueError(f"disk must be 0 or 1, not {disk!r}")
+    return [
+        "-drive",
+        f"file={os.fspath(image)},format={fmt},if=none,id=ferry-d{disk},cache={cache}",
+        "-device",
+        f"ide-hd,drive=ferry-d{disk},bus=ide.{disk},unit=0",
+    ]
 
 
 def qemu_argv(
@@ -344,6 +433,15 @@ class Report:
     disk_writes: int = 0  # disk variant: sectors written successfully
     disk_errors: int = 0  # disk variant: writes that failed (ERR/DF or no drive)
     disk_last_err: int = 0  # disk variant: ATA status of the last failed write (256: no drive)
+    # disk variant, dwrite workload (all 0 when off):
+    dwritten_kib: int = 0  # KiB written by completed WRITE DMA commands
+    dverified_kib: int = 0  # KiB read back and checked (before overwrites and by the sweep)
+    dbad: int = 0  # bad blocks found by the verify sweep (must stay 0)
+    dlast_bad_lba: int = 0  # first bad sector of the last bad block
+    dlast_bad_disk: int = 0  # and its disk (0 primary, 1 secondary master)
+    dsweeps: int = 0  # wraps of the verify sweep over the region
+    derrors: int = 0  # failed DMA commands
+    dlast_err: int = 0  # ATA status | BMIDE status << 8; 65536 no drive, 131072 no controller
 
 
 @dataclass(frozen=True)
@@ -365,6 +463,12 @@ class BootInfo:
     host_time: float = 0.0
     disk_every: int = 0  # disk variant: a sector write every this many reports
     zip: bool = False  # zip mode: compressible pages (guests before it print no zip=)
+    dwrite_kib_s: int = 0  # disk variant: write rate of the dwrite workload (0: off)
+    dverify_kib_s: int = 0  # disk variant: verify sweep rate (0: no sweep)
+    dsize_mib: int = 0  # disk variant: size of the dwrite region
+    ddisks: int = 0  # disk variant: disks the dwrite workload uses (1 or 2)
+    dbmide: int = 0  # disk variant: bus-master I/O port found (0: no IDE controller)
+    dlba: int = 0  # disk variant: first LBA of the dwrite region
 
 
 _KV = re.compile(r"(\w+)=(\S+)")
@@ -402,6 +506,12 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 host_time=host_time,
                 disk_every=int(f.get("disk", "0")),
                 zip=int(f.get("zip", "0")) != 0,
+                dwrite_kib_s=int(f.get("dwrite", "0")),
+                dverify_kib_s=int(f.get("dverify", "0")),
+                dsize_mib=int(f.get("dsize", "0")),
+                ddisks=int(f.get("ddisks", "0")),
+                dbmide=int(f.get("dbmide", "0")),
+                dlba=int(f.get("dlba", "0")),
             )
         if rest.startswith("counter="):
             return Report(
@@ -420,6 +530,14 @@ def parse_line(line: str, host_time: float = 0.0) -> Report | BootInfo | str | N
                 disk_writes=int(f.get("disk_writes", "0")),
                 disk_errors=int(f.get("disk_errors", "0")),
                 disk_last_err=int(f.get("disk_last_err", "0")),
+                dwritten_kib=int(f.get("dwritten_kib", "0")),
+                dverified_kib=int(f.get("dverified_kib", "0")),
+                dbad=int(f.get("dbad", "0")),
+                dlast_bad_lba=int(f.get("dlast_bad_lba", "0")),
+                dlast_bad_disk=int(f.get("dlast_bad_disk", "0")),
+                dsweeps=int(f.get("dsweeps", "0")),
+                derrors=int(f.get("derrors", "0")),
+                dlast_err=int(f.get("dlast_err", "0")),
             )
     except (KeyError, ValueError):
         return None  # truncated or garbled line
@@ -432,6 +550,147 @@ def dirty_rate_mib_s(first: Report, last: Report) -> float:
     if ms <= 0:
         raise ValueError("reports must be in order and at least 1 ms apart")
     return (last.generation - first.generation) * PAGE_SIZE / (1 << 20) / (ms / 1000.0)
+
+
+def disk_rates_kib_s(first: Report, last: Report) -> tuple[float, float]:
+    """Disk variant: (write, read-back) rates of the dwrite workload between
+    two reports, by the guest's clock (KiB/s)."""
+    ms = last.guest_ms - first.guest_ms
+    if ms <= 0:
+        raise ValueError("reports must be in order and at least 1 ms apart")
+    s = ms / 1000.0
+    return (
+        (last.dwritten_kib - first.dwritten_kib) / s,
+        (last.dverified_kib - first.dverified_kib) / s,
+    )
+
+
+# --------------------------------------------------------------------------
+# disk sector format (mirrors guest.S, disk variant)
+
+
+def sector_words(lba: int, generation: int, seed: int) -> list[int]:
+    """The 64 quadwords of sector ``lba`` written with ``generation``."""
+    c = _mix(lba, generation, seed)
+    return [lba, generation, _DISK_MAGIC ^ seed, c] + [
+        (c + i * _K_STEP) & _M64 for i in range(4, 64)
+    ]
+
+
+def sector_bytes(lba: int, generation: int, seed: int) -> bytes:
+    """``sector_words`` as the 512 bytes on the disk."""
+    return struct.pack("<64Q", *sector_words(lba, generation, seed))
+
+
+@dataclass(frozen=True)
+class DiskImageCheck:
+    """What ``verify_disk_image`` found in the dwrite region of an image."""
+
+    blocks: int  # blocks in the region
+    generations: dict[int, int]  # block -> generation, for every valid written block
+    unwritten: int  # blocks that are all zeros (never written)
+    bad: dict[int, str]  # block -> why it is not valid
+
+    @property
+    def ok(self) -> bool:
+        """No bad block."""
+        return not self.bad
+
+    @property
+    def written(self) -> int:
+        return len(self.generations)
+
+    @property
+    def max_generation(self) -> int:
+        """The newest generation on the disk (the number of writes the guest
+        had completed when it was written, if nothing is missing)."""
+        return max(self.generations.values(), default=0)
+
+
+def _check_block(data: bytes, first_lba: int, seed: int) -> tuple[int, str]:
+    """(generation, "") for a valid block, (0, "") for an all-zero one, else
+    (0, reason)."""
+    if not any(data):
+        return 0, ""
+    gen = struct.unpack_from("<Q", data, 8)[0]
+    if gen == 0:
+        return 0, f"sector {first_lba}: generation 0 (never written) in a non-zero block"
+    for i in range(DISK_BLOCK_SECTORS):
+        lba = first_lba + i
+        got = data[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]
+        want = sector_bytes(lba, gen, seed)
+        if got != want:
+            head = struct.unpack_from("<4Q", got)
+            if head[:2] != (lba, gen):
+                return 0, (
+                    f"sector {lba}: expected lba={lba} gen={gen} (the block's first sector), "
+                    f"found lba={head[0]} gen={head[1]}"
+                )
+            at = next(i for i in range(SECTOR_SIZE) if got[i] != want[i])
+            return 0, f"sector {lba} (gen={gen}): byte {at} differs (corrupted)"
+    return gen, ""
+
+
+def verify_disk_image(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 1,
+    dsize_mib: int = 16,
+    fmt: str = "raw",
+    force_share: bool = False,
+) -> DiskImageCheck:
+    """Check the dwrite region of a disk image on its own: every 64 KiB block
+    must be all zeros (never written) or 128 valid sectors (LBA, magic, check
+    word, body) of one generation, and no two blocks may hold the same
+    generation (each write has a new one).  ``fmt`` other than ``raw`` is
+    read through ``qemu-img convert`` (``force_share``: ``-U``, to read an
+    image a running qemu has open).  Says nothing about *which* generation a
+    block should hold: that is what the guest's own sweep (``dbad``) checks."""
+    if not 1 <= dsize_mib <= DSIZE_MAX_MIB:
+        raise ValueError(f"dsize_mib must be 1 .. {DSIZE_MAX_MIB}, not {dsize_mib}")
+    nblocks = dsize_mib * 16
+    start = DISK_REGION_LBA * SECTOR_SIZE
+    with contextlib.ExitStack() as stack:
+        raw = Path(path)
+        if fmt != "raw":
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ferry-disk-")))
+            raw = tmp / "image.raw"
+            argv = [_qemu_img(), "convert", "-f", fmt, "-O", "raw"]
+            if force_share:
+                argv.append("-U")
+            proc = subprocess.run(
+                [*argv, os.fspath(path), str(raw)], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise GuestError(f"{' '.join(argv)} {path} failed: {proc.stderr.strip()}")
+        with raw.open("rb") as f:
+            f.seek(start)
+            region = f.read(nblocks * DISK_BLOCK_SIZE)
+    region = region.ljust(nblocks * DISK_BLOCK_SIZE, b"\0")  # past the end: never written
+    generations: dict[int, int] = {}
+    owner: dict[int, int] = {}
+    bad: dict[int, str] = {}
+    unwritten = 0
+    for b in range(nblocks):
+        data = region[b * DISK_BLOCK_SIZE : (b + 1) * DISK_BLOCK_SIZE]
+        gen, why = _check_block(data, DISK_REGION_LBA + b * DISK_BLOCK_SECTORS, seed)
+        if why:
+            bad[b] = why
+        elif gen == 0:
+            unwritten += 1
+        elif gen in owner:
+            bad[b] = f"generation {gen} also in block {owner[gen]} (each write has its own)"
+        else:
+            owner[gen] = b
+            generations[b] = gen
+    return DiskImageCheck(blocks=nblocks, generations=generations, unwritten=unwritten, bad=bad)
+
+
+def _qemu_img() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise GuestError("qemu-img not found on PATH (Debian package 'qemu-utils')")
+    return path
 
 
 class SerialReader:
@@ -813,9 +1072,40 @@ def _main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--zip", action="store_true", help="compressible pages (zip=1: constant page bodies)"
     )
+    r.add_argument(
+        "--disk",
+        type=Path,
+        help="disk image on the primary IDE master (boots the disk variant; needs "
+        "32 + dsize MiB for --dwrite)",
+    )
+    r.add_argument("--disk-format", default="raw")
+    r.add_argument("--dwrite", type=int, default=0, help="verified disk writes, KiB/s (0: off)")
+    r.add_argument("--dsize", type=int, default=16, help="dwrite region, MiB")
+    r.add_argument(
+        "--dverify", type=int, help="verify sweep rate, KiB/s (default: --dwrite / 4; 0: none)"
+    )
+    v = sub.add_parser(
+        "verify-disk", help="check the dwrite region of a disk image (exit 1 if a block is bad)"
+    )
+    v.add_argument("image", type=Path)
+    v.add_argument("--format", default="raw")
+    v.add_argument("--dsize", type=int, default=16)
+    v.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
 
-    elf = build(args.out_dir if args.cmd == "build" else None)
+    if args.cmd == "verify-disk":
+        check = verify_disk_image(
+            args.image, seed=args.seed, dsize_mib=args.dsize, fmt=args.format, force_share=True
+        )
+        print(
+            f"{check.blocks} blocks: {check.written} written (newest generation "
+            f"{check.max_generation}), {check.unwritten} never written, {len(check.bad)} bad"
+        )
+        for block, why in sorted(check.bad.items()):
+            print(f"  block {block}: {why}")
+        return 0 if check.ok else 1
+    variant = "disk" if args.cmd == "run" and args.disk is not None else "default"
+    elf = build(args.out_dir if args.cmd == "build" else None, variant=variant)
     if args.cmd == "build":
         print(elf)
         return 0
@@ -832,8 +1122,14 @@ def _main(argv: list[str] | None = None) -> int:
                 report_ms=args.report,
                 seed=args.seed,
                 zip=args.zip,
+                dwrite_kib_s=args.dwrite,
+                dsize_mib=args.dsize,
+                dverify_kib_s=args.dverify,
             ),
-            extra=["-no-reboot"],
+            extra=[
+                "-no-reboot",
+                *(ide_disk_args(args.disk, fmt=args.disk_format) if args.disk else []),
+            ],
         )
         t0 = time.monotonic()
         with _running_qemu(qargv) as proc, SerialReader(sock) as serial:
@@ -856,6 +1152,12 @@ def _main(argv: list[str] | None = None) -> int:
                     f"dirty rate {dirty_rate_mib_s(first, last):.0f} MiB/s "
                     f"(guest clock), first report {first.host_time - t0:.2f}s after start"
                 )
+                if args.dwrite:
+                    w, rb = disk_rates_kib_s(first, last)
+                    print(
+                        f"disk writes {w:.0f} KiB/s, read-back {rb:.0f} KiB/s, "
+                        f"dbad={last.dbad} derrors={last.derrors}"
+                    )
             if last is not None and last.sweeps >= 1:
                 want = expected_static_sum(boot)
                 verdict = "ok" if last.checksum == want else f"WRONG (expected {want:016x})"
