@@ -23,20 +23,13 @@ pytestmark = pytest.mark.skipif(vc.available() is not None, reason=str(vc.availa
 DEFINE_FLOOR = vc.DEFINE_FLOOR
 
 #: Of those, the ones whose qemu command line Ferry builds (what start needs).
-ARGV_FLOOR = DEFINE_FLOOR
+#: Not virtiofs (Ferry starts no virtiofsd yet), nor hugepages-numa: its argv
+#: needs 1024 free 2 MiB huge pages on the host running the survey (the e2e
+#: start test reserves them).
+ARGV_FLOOR = tuple(n for n in DEFINE_FLOOR if n not in ("virtiofs", "hugepages-numa"))
 
 #: Refused today, and why (as the survey groups the causes).
-REFUSED_TODAY = {
-    "serial-tcp": "serial type tcp (source host/service, protocol)",
-    # UEFI itself is accepted (firmware='efi', <loader>/<nvram>, <smm>): the TPM is not yet.
-    "uefi": "tpm",
-    "uefi-tpm": "tpm",
-    "uefi-loader": "tpm",
-    "win11": "tpm",
-    "hugepages-numa": "cpu numa, numatune, cputune",
-    "numa-two-cells": "cpu numa",
-    "virtiofs": "filesystem (virtiofs)",
-}
+REFUSED_TODAY: dict[str, str] = {}
 
 #: Values Ferry may rewrite between input and formatted output, as
 #: (substring of the "path/@attr=value" item, why).  Empty: none may change.
