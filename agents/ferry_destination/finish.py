@@ -149,8 +149,11 @@ async def _wait_incoming(
         except QMPError as exc:
             # qemu exits when loading the stream fails (a device refused its
             # state, e.g. a TPM whose swtpm is gone): its log says why.
+            # The monitor closes a moment before the process is gone: wait
+            # for the exit itself (its pidfd), briefly, before asking why.
+            exited = await proc.wait_exit(timeout=5.0)
             why = _qemu_log_tail(dst, incoming.domain.name)
-            if not why or proc.alive():
+            if not why or not exited:
                 raise
             raise MigrationFailed(f"the incoming qemu exited: {why}") from exc
         if stats.status == "completed":
