@@ -18,6 +18,7 @@ from ferry.jobs.recovery import QemuView
 from ferry.journal import MessageID, log_event
 from ferry.qemu import SavedMigrationSettings, query_migrate
 from ferry_source.context import SourceContext
+from ferry_source.mirror import clear_stale_mirrors
 
 __all__ = ["fence_unknown", "observe_qemu", "resume_source", "stop_source"]
 
@@ -55,6 +56,8 @@ async def resume_source(
     if saved:
         with contextlib.suppress(FerryError, ValueError, KeyError):
             await SavedMigrationSettings.from_dict(saved).restore(proc.qmp)
+    # A storage copy's mirrors outlive an agent killed mid-copy: gone now.
+    await clear_stale_mirrors(proc)
     if leases_released:
         live = ctx.host.find(name)
         try:

@@ -27,6 +27,7 @@ from ferry.domain import Domain
 from ferry.domain.argv import qemu_disk_ids
 from ferry.errors import FerryError, JobAborted, MigrationFailed, MigrationRefused, MigrationStalled
 from ferry.flags import MigrationFlags, MigrationParams
+from ferry.netkill import destroy_connections
 from ferry.protocol.cookie import Nbd
 from ferry.qemu import QemuProcess
 from ferry.qemu.settings import MIB
@@ -44,7 +45,14 @@ from ferry.storage_copy import (
 from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
 
-__all__ = ["abort_mirrors", "copy_mode", "end_mirrors", "plan_storage", "start_mirrors"]
+__all__ = [
+    "abort_mirrors",
+    "clear_stale_mirrors",
+    "copy_mode",
+    "end_mirrors",
+    "plan_storage",
+    "start_mirrors",
+]
 
 log = logging.getLogger("ferry.source.migration")
 
@@ -126,6 +134,7 @@ async def start_mirrors(
     ids = qemu_disk_ids(out.domain)
     tls = ctx.config.tls
     async with ctx.jobs.nested(out.job):
+        await clear_stale_mirrors(proc)
         if tls is not None:
             await proc.qmp.execute("object-add", {
                 "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": "client",
@@ -143,6 +152,7 @@ async def start_mirrors(
             out.mirror_jobs.append(c.job)
     stall_s = ctx.config.migration.stall_timeout_s
     last_copied, last_move = -1, time.monotonic()
+    fault_hit = False
     while True:
         jobs = await proc.qmp.execute("query-block-jobs")
         progress = mirror_progress(copies, jobs if isinstance(jobs, list) else [])
@@ -158,7 +168,15 @@ async def start_mirrors(
         if progress.copied != last_copied:
             last_copied, last_move = progress.copied, now
             emit("storage", dict(snap))
+            if progress.copied and not fault_hit and not progress.ready:
+                fault_hit = True
+                # Tests: freeze (or lose a reply) while the disks are mirrored.
+                if ctx.faults.hit("src.mirror") == "drop-reply" and out.session:
+                    out.session.writer.transport.abort()
         elif now - last_move > stall_s:
+            # The NBD client's requests hang on a dead link: destroy its
+            # connection so that cancelling the mirrors does not wait on them.
+            await destroy_connections(nbd.host, nbd.port)
             raise MigrationStalled(f"no disk data moved for {stall_s:g} s: the link to "
                                    f"{out.peer} looks down; the migration was cancelled",
                                    peer=out.peer)  # fmt: skip
@@ -238,6 +256,48 @@ async def _remove(proc: QemuProcess, out: Outgoing) -> None:
         out.mirror_nodes.remove(node)
     with contextlib.suppress(FerryError):
         await proc.qmp.execute("object-del", {"id": TLS_OBJECT})
+
+
+async def clear_stale_mirrors(proc: QemuProcess, timeout: float = 30.0) -> list[str]:
+    """Cancel and remove what a storage copy left in ``proc`` (its agent died mid-copy).
+
+    The mirror jobs and NBD client nodes live in qemu, not in the agent: a
+    source agent restarted during a copy finds them still there. Called when
+    the source gets its VM back (and before a new copy): the jobs named
+    ``ferry-mirror-*`` are cancelled and dismissed, the ``ferry-nbd-*`` nodes
+    and the TLS object removed. Returns what was found. Never raises.
+    """
+    found: list[str] = []
+    with contextlib.suppress(FerryError):
+        jobs = await proc.qmp.execute("query-block-jobs")
+        stale = [str(j.get("device")) for j in jobs if isinstance(j, dict)
+                 and str(j.get("device", "")).startswith("ferry-mirror-")]  # fmt: skip
+        found += stale
+        for job in stale:
+            with contextlib.suppress(FerryError):
+                await proc.qmp.execute("block-job-cancel", {"device": job, "force": True})
+        deadline = time.monotonic() + timeout
+        while stale and time.monotonic() < deadline:
+            jobs = await proc.qmp.execute("query-block-jobs")
+            if all(j.get("status") in ("concluded", "null") for j in jobs
+                   if isinstance(j, dict) and j.get("device") in stale):  # fmt: skip
+                break
+            await asyncio.sleep(0.02)
+        for job in stale:
+            with contextlib.suppress(FerryError):
+                await proc.qmp.execute("job-dismiss", {"id": job})
+        nodes = await proc.qmp.execute("query-named-block-nodes", {"flat": True})
+        for node in {str(n.get("node-name")) for n in nodes if isinstance(n, dict)}:
+            if node.startswith("ferry-nbd-"):
+                found.append(node)
+                with contextlib.suppress(FerryError):
+                    await proc.qmp.execute("blockdev-del", {"node-name": node})
+        with contextlib.suppress(FerryError):
+            await proc.qmp.execute("object-del", {"id": TLS_OBJECT})
+    if found:
+        log.warning("removed what an interrupted storage copy left in qemu: %s",
+                    " ".join(found))
+    return found
 
 
 def copied_targets(copies: Sequence[DiskCopy]) -> frozenset[str]:

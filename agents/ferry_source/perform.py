@@ -24,11 +24,13 @@ from ferry.errors import (
     MigrationFailed,
     MigrationStalled,
     MigrationTimeout,
+    QMPError,
 )
 from ferry.flags import MigrationFlags
 from ferry.jobs import Job
 from ferry.jobs.recovery import MIGRATING
 from ferry.journal import MessageID, log_event
+from ferry.netkill import destroy_connections, tcp_endpoint
 from ferry.protocol.cookie import Cookie
 from ferry.qemu import (
     EventSubscription,
@@ -226,7 +228,16 @@ async def _follow(
                         f"migration aborted: the guest hit an I/O error ({io_error}) "
                         "and --abort-on-error was given"
                     )
-                stats = await query_migrate(proc.qmp)
+                try:
+                    stats = await query_migrate(proc.qmp, timeout=stall_s)
+                except QMPError as exc:
+                    if not exc.details.get("timeout"):
+                        raise
+                    # qemu writes the device state holding its big lock: a
+                    # link cut right then blocks that write, and its monitor,
+                    # for as long as TCP retries. Destroy the connection.
+                    await _unstick(out, uri, stall_s)
+                    continue
                 if stats.status == "pre-switchover" and not switchover_released:
                     # Once only: qemu leaves pre-switchover a moment after
                     # migrate-continue, so the next query may still show it,
@@ -239,6 +250,8 @@ async def _follow(
                         except BaseException:
                             await cancel_migration(proc)
                             raise
+                        # Tests: the disks are complete on B, the device state not yet sent.
+                        ctx.faults.hit("src.switchover")
                     if out.lease_handover:
                         await ctx.host.release_leases(out.name)
                         out.leases_released = True
@@ -347,6 +360,20 @@ async def _follow(
                 received = await _wait_events(events, out.abort, POLL_INTERVAL)
     finally:
         heartbeat.stop()
+
+
+async def _unstick(out: Outgoing, uri: str, stall_s: float) -> None:
+    """qemu's monitor has not answered for ``stall_s``: cut its stream to the destination."""
+    endpoint = tcp_endpoint(uri)
+    if endpoint is None:
+        log.warning("qemu's monitor has not answered for %g s (stream %s)", stall_s, uri)
+        return
+    killed = await destroy_connections(*endpoint)
+    log_event(log, MessageID.MIGRATION_PHASE,
+              f"qemu's monitor has not answered for {stall_s:g} s while it sends the device "
+              f"state: the link to {out.peer} looks down; destroyed {killed} connection(s) to "
+              f"{endpoint[0]}:{endpoint[1]} so that its write fails and the migration ends",
+              level=logging.WARNING)  # fmt: skip
 
 
 def _finite(value: float | None) -> float | None:

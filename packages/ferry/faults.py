@@ -24,6 +24,11 @@ point              agent                reached
                                         the source's qemu is stopped
 ``src.postcopy``   ferry-source         qemu runs in post-copy (the switch is
                                         recorded), before Finish is sent
+``src.mirror``     ferry-source         ``--copy-storage-*``: the disks' mirrors
+                                        have moved data, not all in sync yet
+``src.switchover`` ferry-source         ``--copy-storage-*``: qemu waits at
+                                        switchover, the mirrors ended in sync,
+                                        before the device state is sent
 =================  ===================  ============================================
 
 Actions:
@@ -55,7 +60,7 @@ log = logging.getLogger("ferry.faults")
 
 POINTS = frozenset(
     {"src.begin", "dst.prepare", "src.perform", "dst.finish.begin", "dst.finish", "src.confirm",
-     "src.postcopy"}
+     "src.postcopy", "src.mirror", "src.switchover"}
 )
 ACTIONS = frozenset({"stop", "drop-reply"})
 

@@ -50,7 +50,7 @@ from typing import Any
 from faults import Link, freeze_point_logged, kill_qemu, thaw, wait_frozen
 
 import testguest
-from cluster import VENV_BIN, Cluster, HostEnv, guest_xml, wait_until
+from cluster import LOCAL_STORAGE, VENV_BIN, Cluster, HostEnv, guest_xml, wait_until
 
 __all__ = [
     "CELLS",
@@ -184,12 +184,16 @@ class Cell:
     #: "p2p" (ferry-source drives the phases) or "client" (``ferryctl migrate
     #: --client-driven`` drives them: the client-driven column of issue 13).
     mode: str = "p2p"
+    #: The guest's disk is on A's local storage and moves with
+    #: ``--copy-storage-all`` (issue 15's rows).
+    storage: bool = False
 
     @property
     def id(self) -> str:
-        """The pytest id: ``[client-][leased-]FAULT-PHASE[-VARIANT]``."""
+        """The pytest id: ``[client-][leased-][storage-]FAULT-PHASE[-VARIANT]``."""
         tail = f"-{self.variant}" if self.variant else ""
-        head = ("client-" if self.client else "") + ("leased-" if self.leased else "")
+        head = ("client-" if self.client else "") + ("leased-" if self.leased else "") \
+            + ("storage-" if self.storage else "")
         return f"{head}{self.fault}-{self.phase}{tail}"
 
     @property
@@ -208,7 +212,7 @@ class Cell:
     @property
     def capped(self) -> bool:
         """The copy is slowed down so that the fault hits it while it runs."""
-        return self.phase == "perform" or self.point == "during-perform"
+        return self.phase == "perform" or self.point == "during-perform" or self.storage
 
     @property
     def point_host(self) -> str:
@@ -374,7 +378,33 @@ def _client_cells() -> list[Cell]:
     ]  # fmt: skip
 
 
-CELLS: tuple[Cell, ...] = tuple(_cells() + _client_cells())
+def _storage_cells() -> list[Cell]:
+    """Issue 15's rows: the disk mirrored to B's NBD export (``--copy-storage-all``),
+    broken while it is copied (``src.mirror``) and once it is complete at
+    switchover (``src.switchover``). Besides the safety rule: B keeps no image
+    unless it runs the VM, A's image is never changed."""
+
+    def cell(fault: str, phase: str, expect: tuple[str, ...], why: str, **kw: Any) -> Cell:
+        return Cell(fault=fault, phase=phase, point=f"src.{phase}", expect=expect, why=why,
+                    storage=True, **kw)  # fmt: skip
+
+    return [
+        cell("kill-source-agent", "mirror", ("A",),
+             "A's qemu keeps mirroring; the restarted agent asks B, resumes, and removes the "
+             "mirror jobs and NBD nodes the copy left in qemu"),
+        cell("kill-destination-agent", "mirror", ("A",),
+             "B's restarted agent discards the incoming qemu and deletes the images it made"),
+        cell("kill-source-qemu", "mirror", ("none",), "the only copy dies; B deletes its images"),
+        cell("kill-destination-qemu", "mirror", ("A",), "the mirror fails; A runs on"),
+        cell("cut-link", "mirror", ("A",), "the mirror stalls; A runs on, B's watchdog discards"),
+        cell("cut-link", "switchover", ("A",),
+             "the disks are complete on B but the device state cannot follow: A runs on"),
+        cell("kill-destination-qemu", "switchover", ("A",),
+             "B's qemu dies with complete disks: they are deleted, A runs on"),
+    ]  # fmt: skip
+
+
+CELLS: tuple[Cell, ...] = tuple(_cells() + _client_cells() + _storage_cells())
 
 #: Cells that show a bug in the agents (not in this harness): marked
 #: xfail(strict=True) by test_matrix.py until the agents are fixed.
@@ -450,6 +480,14 @@ LENIENT = os.environ.get("FERRY_FAULTS_LENIENT") == "1"
 
 NAME = "g1"
 UUID = "5f1e1d2c-0b7a-4c3e-9f60-000000000a10"
+#: A storage cell's disk, on A's local storage (LOCAL_STORAGE as the agents see it).
+STORAGE_IMAGE = "g1-local.img"
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else ""
 
 
 @dataclass
@@ -806,6 +844,8 @@ class CellRun:
         self.t0 = time.monotonic()
         self.link = Link(cluster, "b")
         self.disk: Path | None = None
+        #: A storage cell's image as A had it before the migration (sha256).
+        self.image_sha = ""
         self.guest: Guest | None = None
         self.killed: list[tuple[HostEnv, str]] = []
         #: A lost post-copy VM's halves were checked and destroyed.
@@ -841,6 +881,9 @@ class CellRun:
         if self.cell.point_host != "client":
             faulted = self.host(self.cell.point_host)
             faulted.write_config(**{"testing.faults": [f"{self.cell.point}={self.cell.action}"]})
+        if self.cell.storage:
+            for host in (self.cluster.a, self.cluster.b):
+                host.enable_local_storage()
         self.cluster.start()
 
     def boot(self) -> Guest:
@@ -849,6 +892,11 @@ class CellRun:
             self.disk = self.cluster.tmp / "leased-disk.img"
             with self.disk.open("wb") as f:
                 f.truncate(16 << 20)
+        if self.cell.storage:
+            # 16 MiB of random bytes on A's local storage: ~4 s of mirror at 4 MiB/s.
+            (self.cluster.a.local_dir / STORAGE_IMAGE).write_bytes(os.urandom(16 << 20))
+            self.image_sha = _sha(self.cluster.a.local_dir / STORAGE_IMAGE)
+            self.disk = LOCAL_STORAGE / STORAGE_IMAGE
         xml = _xml(
             self.kernel,
             self.virt_type,
@@ -866,6 +914,8 @@ class CellRun:
         extra = ["--bandwidth", str(PERFORM_BANDWIDTH_MIB_S)] if cell.capped else []
         if cell.postcopy:
             extra = list(POSTCOPY_ARGS)
+        if cell.storage:
+            extra.append("--copy-storage-all")
         self.stage("migrate")
         mig = Migrate.start(
             self.cluster,
@@ -1255,6 +1305,8 @@ class CellRun:
             raise CellFailure(
                 f"outcome {outcome!r}, expected one of {self.cell.expect}:\n{obs.describe()}"
             )
+        if self.cell.storage:
+            self.check_images(where)
         # Both hosts agree: the other host reports g1 shut off or not at all.
         for view in obs.hosts:
             if view.label.upper() != where and view.state not in (None, "shut off"):
@@ -1271,6 +1323,20 @@ class CellRun:
         else:
             self.check_leases(None)
         return where
+
+    def check_images(self, where: str) -> None:
+        """Issue 15: B keeps a copied image only when it runs the VM; A's is unchanged."""
+        a_img = self.cluster.a.local_dir / STORAGE_IMAGE
+        b_img = self.cluster.b.local_dir / STORAGE_IMAGE
+        if _sha(a_img) != self.image_sha:
+            raise CellFailure("A's disk image changed: the source's storage must be untouched")
+        if where == "B":
+            if not b_img.exists() or _sha(b_img) != self.image_sha:
+                raise CellFailure("B runs the VM but its image is not A's")
+        elif b_img.exists():
+            raise CellFailure(f"B kept a half-copied image ({b_img}) though it does not run "
+                              "the VM")  # fmt: skip
+        self.note(f"images: A's unchanged; B {'has the copy' if where == 'B' else 'has none'}")
 
     def check_leases(self, runner: str | None) -> None:
         """The lockspace holds the disk's lease for the running copy only."""
@@ -1313,13 +1379,23 @@ class CellRun:
             where = "A"
         src, dst = (a, b) if where == "A" else (b, a)
         self.guest.snapshot()
+        copy: tuple[str, ...] = ()
+        if self.cell.storage:
+            copy = ("--copy-storage-all",)
+            stale = dst.local_dir / STORAGE_IMAGE
+            if stale.exists():
+                # The image the VM left behind on the other host: its
+                # operator removes it (Ferry never copies over a file).
+                stale.unlink()
+                self.note(f"removed the stale image on {dst.label} before moving back")
         if self.cell.client:
             argv = client_argv(self.cluster, src, "migrate", NAME, dst.uri, "--live", "--json",
                                "--client-driven")  # fmt: skip
             result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                                     stdin=subprocess.DEVNULL)  # fmt: skip
         else:
-            result = src.ferryctl("migrate", NAME, dst.uri, "--live", "--json", timeout=120)
+            result = src.ferryctl("migrate", NAME, dst.uri, "--live", "--json", *copy,
+                                  timeout=120)  # fmt: skip
         if result.returncode != 0:
             raise CellFailure(
                 f"the next migration {src.label} → {dst.label} failed: {result.stderr.strip()}"

@@ -246,12 +246,13 @@ class MigrationStats:
         )
 
 
-async def query_migrate(qmp: QMP) -> MigrationStats:
+async def query_migrate(qmp: QMP, *, timeout: float | None = None) -> MigrationStats:
     """Run ``query-migrate`` and parse it.
 
-    :raises QMPError: the command failed or the reply is not an object.
+    :raises QMPError: the command failed, no reply within ``timeout`` (details
+        ``timeout=True``), or the reply is not an object.
     """
-    reply = await qmp.execute("query-migrate")
+    reply = await qmp.execute("query-migrate", timeout=timeout)
     if not isinstance(reply, dict):
         raise QMPError(f"query-migrate: unexpected reply {reply!r}")
     return MigrationStats.from_qmp(reply)

@@ -386,7 +386,7 @@ class QMP:
             ) from None
         except TimeoutError:
             raise QMPError(
-                f"QMP command {cmd!r}: no reply within {timeout:g}s", command=cmd
+                f"QMP command {cmd!r}: no reply within {timeout:g}s", command=cmd, timeout=True
             ) from None
         except _LibQMPError as exc:
             raise QMPError(f"QMP command {cmd!r}: {_describe(exc)}", command=cmd) from exc
