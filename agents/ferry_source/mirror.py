@@ -153,13 +153,21 @@ async def start_mirrors(
     stall_s = ctx.config.migration.stall_timeout_s
     last_copied, last_move = -1, time.monotonic()
     fault_hit = False
+    started, ram = time.monotonic(), out.domain.memory_kib * 1024
     while True:
         jobs = await proc.qmp.execute("query-block-jobs")
         progress = mirror_progress(copies, jobs if isinstance(jobs, list) else [])
         if progress.failed:
             raise MigrationFailed("storage copy failed: " + "; ".join(progress.failed))
+        elapsed = time.monotonic() - started
+        rate = progress.copied / elapsed if elapsed > 0 else 0.0
+        # The ETA: what is left of the disks, then the RAM, at the disks' rate
+        # so far (null until something moved: JSON has no Infinity).
+        left = progress.total - progress.copied + ram
         snap = {"status": "copying storage", "disk_copied": progress.copied,
-                "disk_total": progress.total,
+                "disk_total": progress.total, "disk_bytes_per_s": round(rate),
+                "eta_s": round(left / rate, 1) if rate > 0 else None,
+                "elapsed_s": round(elapsed, 3),
                 "disks": {t: {"copied": c, "total": n, "ready": r}
                           for t, c, n, r in progress.disks}}  # fmt: skip
         out.progress.clear()
@@ -181,6 +189,7 @@ async def start_mirrors(
                                    f"{out.peer} looks down; the migration was cancelled",
                                    peer=out.peer)  # fmt: skip
         if progress.ready:
+            out.disk_bytes = progress.total
             log.info("storage of %s in sync on %s: %d disk(s), %.1f MiB", out.name, out.peer,
                      len(copies), progress.total / MIB)
             return

@@ -72,6 +72,8 @@ class Outgoing:
     #: The mirror jobs and NBD client nodes made in qemu (removed on any end).
     mirror_jobs: list[str] = field(default_factory=list)
     mirror_nodes: list[str] = field(default_factory=list)
+    #: Bytes the disks' mirrors copied (shown with the memory's progress).
+    disk_bytes: int = 0
 
     def steer(self) -> Steering:
         """The migration's :class:`~ferry.steering.Steering`, made on first use."""

@@ -324,6 +324,9 @@ async def _follow(
                     snap["status"] = stats.status
                     snap["expected_downtime_ms"] = stats.expected_downtime_ms
                     snap["elapsed_s"] = round(elapsed, 3)
+                    if out.disk_bytes:
+                        # The disks are in sync (and kept so) while memory moves.
+                        snap["disk_copied"] = snap["disk_total"] = out.disk_bytes
                     snap["eta_s"] = _finite(steering.eta_s())
                     if steering.plan:
                         snap["plan"] = steering.plan

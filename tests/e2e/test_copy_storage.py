@@ -93,6 +93,12 @@ def test_copy_storage_all_moves_raw_and_qcow2_disks_with_the_vm(
         events = [json.loads(line) for line in moved.stdout.splitlines() if line.strip()]
         storage = [e for e in events if e.get("event") == "storage"]
         assert storage and storage[-1]["data"]["disk_total"] >= 96 * MIB, events[-3:]
+        assert all(d["ready"] for d in storage[-1]["data"]["disks"].values()), storage[-1]
+        # Progress (and jobinfo) show the disks beside the RAM, and an ETA.
+        assert any(e["data"].get("eta_s") for e in storage), storage
+        memory = [e for e in events if e.get("event") == "progress"]
+        assert all(e["data"].get("disk_total") == storage[-1]["data"]["disk_total"]
+                   for e in memory), memory[-1:]
         assert b.domain_state("cs1") == "running"
         assert a.domain_state("cs1") == "shut off" and not a.qemu_pids()
         # B's images are A's, byte for byte (raw) and by content (qcow2); A's untouched.
@@ -168,3 +174,30 @@ def test_what_cannot_be_copied_is_refused_and_b_keeps_nothing(
     assert r.returncode == 0, r.stderr + cluster.logs()
     wait_until(lambda: b.domain_state("cs3") == "running", 10, "cs3 running on B")
     b.ferryctl("destroy", "cs3", check=True)
+
+
+def test_client_driven_copy_storage(
+    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    """ferryctl drives the phases (issue 13) of a storage copy: the plan rides in the
+    cookies it carries; B's NBD server admits the source host's certificate, not the
+    operator's."""
+    a, b = cluster.a, cluster.b
+    for host in (a, b):
+        host.enable_local_storage()
+        host.write_config(**cluster.operator_config())
+    cluster.start()
+    _random_image(a.local_dir / "c.raw", 16)
+    before = _sha(a.local_dir / "c.raw")
+    xml = _guest(cluster, guest_kernel, virt_type, tmp_path, "cs4",
+                 _disk(str(LOCAL_STORAGE / "c.raw"), "raw", "vda"))  # fmt: skip
+    a.ferryctl("define", str(xml), check=True)
+    a.ferryctl("start", "cs4", check=True)
+    done = subprocess.run(cluster.client_argv("migrate", "cs4", b.uri, "--client-driven",
+                                              "--live", "--copy-storage-all"),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr + cluster.logs()
+    assert "storage: copied" in done.stdout, done.stdout
+    assert b.domain_state("cs4") == "running" and not a.qemu_pids()
+    assert _sha(b.local_dir / "c.raw") == before == _sha(a.local_dir / "c.raw")
+    b.ferryctl("destroy", "cs4", check=True)
