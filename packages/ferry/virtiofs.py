@@ -54,6 +54,8 @@ log = logging.getLogger("ferry.virtiofs")
 SEARCH = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 #: How long a signalled virtiofsd gets to exit.
 _STOP_WAIT = 5.0
+#: How long a virtiofsd whose qemu is gone gets to exit on its own before it is killed.
+_GRACE = 2.0
 
 
 def find_virtiofsd(configured: str | None, search: Iterable[str] = SEARCH) -> str | None:
@@ -241,7 +243,8 @@ def kill_recorded(records: object, *, name: str) -> int:
     """SIGKILL the virtiofsd a status file recorded, if still there; returns how many.
 
     For one whose qemu never connected (an agent died between the two
-    starts). Each is checked to be a virtiofsd on its directory after its
+    starts); one that exits within a short grace (its qemu just went) is
+    left to end on its own. Each is checked to be a virtiofsd on its directory after its
     pidfd is opened, so the signal goes to the process checked.
     """
     killed = 0
@@ -261,10 +264,13 @@ def kill_recorded(records: object, *, name: str) -> int:
         try:
             if not _is_virtiofsd_on(pid, source):
                 continue
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
+            # It is ending on its own when qemu just went (its connection closed).
+            if poller.poll(int(_GRACE * 1000)):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             poller.poll(int(_STOP_WAIT * 1000))
             killed += 1
             log.warning(
