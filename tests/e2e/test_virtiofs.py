@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 from pathlib import Path
 
@@ -149,3 +150,32 @@ def test_virtiofs_without_shared_memory_is_refused(
     assert "shared guest memory" in started.stderr, started.stderr
     assert "'hostshare'" in started.stderr and "access mode='shared'" in started.stderr
     assert a.qemu_pids() == [] and not _virtiofsd_pids(share)
+
+
+def test_virtiofsd_is_stopped_when_qemu_fails_to_start(
+    cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
+) -> None:
+    """A qemu that fails to start leaves no virtiofsd (nor its socket) behind."""
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    failing = tmp_path / "qemu-fails"
+    # The agent's probes run the real qemu; a guest's launch (-daemonize) fails.
+    failing.write_text("#!/bin/sh\ncase \" $* \" in *' -daemonize '*) "
+                       "echo 'test: qemu refuses to start' >&2; exit 1;; esac\n"
+                       f"exec {real} \"$@\"\n")
+    failing.chmod(0o755)
+    a = cluster.a
+    a.extra_config["qemu.binary"] = str(failing)
+    a.write_config()
+    cluster.start()
+    share = tmp_path / "share"
+    share.mkdir()
+    xml = tmp_path / "v3.xml"
+    xml.write_text(_xml("v3", guest_kernel, virt_type, share))
+    a.ferryctl("define", str(xml), check=True)
+    started = a.ferryctl("start", "v3", timeout=60)
+    assert started.returncode != 0, started.stdout + cluster.logs()
+    assert "virtiofsd pid" in a.agent_log("source"), cluster.logs()
+    assert a.qemu_pids() == [] and not _virtiofsd_pids(share)
+    assert a.domain_state("v3") == "shut off", started.stderr
+    assert not list((a.serial_socket("v3").parent / "virtiofs").glob("*.sock"))
