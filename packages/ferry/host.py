@@ -436,7 +436,7 @@ class Host:
             # qemu holds each virtiofsd's vhost-user connection: they end with it.
             status.extra["virtiofsd"] = [v.record() for v in vfs]
             for v in vfs:
-                v.close()
+                v.hand_over()
                 if proc.scope_unit is not None:
                     await attach_virtiofsd(proc.scope_unit, v.pid, name=domain.name)
         self.save_status(status)

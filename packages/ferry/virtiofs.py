@@ -12,7 +12,10 @@ One virtiofsd per filesystem, started by the host right before its qemu:
   for (qemu's connection queues until virtiofsd accepts it).
 * **Process**: an argv list (:func:`ferry.domain._filesystem.virtiofsd_argv`),
   in the foreground in a session of its own, stderr to
-  ``LOG_DIR/NAME-fsN-virtiofsd.log``, tracked by a pidfd.
+  ``LOG_DIR/NAME-fsN-virtiofsd.log``, tracked by a pidfd and reaped when
+  that says it exited (a plain child, not an asyncio one: it must survive
+  an agent restart). Its namespace sandbox puts it in mount and network
+  namespaces of its own.
 * **Lifecycle**: virtiofsd serves one vhost-user connection and exits when
   it closes, so it ends with its qemu however qemu ends (the e2e test checks
   it). When qemu fails to start, the host stops the virtiofsd it started
@@ -31,6 +34,7 @@ import os
 import select
 import signal
 import socket
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -80,9 +84,7 @@ def _fields(domain: Domain, pid: int, index: int) -> dict[str, str]:
 class Virtiofsd:
     """One virtiofsd this agent started, tracked by a pidfd."""
 
-    def __init__(
-        self, proc: asyncio.subprocess.Process, pidfd: int, sock: Path, source: str
-    ) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int, sock: Path, source: str) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.pidfd = pidfd
@@ -132,10 +134,28 @@ class Virtiofsd:
         self.close()
 
     def close(self) -> None:
-        """Stop tracking (virtiofsd keeps running, bound to its qemu's connection)."""
+        """Stop tracking now: reap virtiofsd if it has exited, close the pidfd."""
         if not self._closed:
             self._closed = True
+            self.proc.poll()
             os.close(self.pidfd)
+
+    def hand_over(self) -> None:
+        """qemu holds virtiofsd's connection now: let it run, reap it when it exits.
+
+        It is this agent's child (not asyncio's: asyncio would kill a child
+        still running when its transport is closed, e.g. when the agent
+        stops, and the guest's filesystem must outlive an agent restart).
+        """
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+
+        def reap() -> None:
+            loop.remove_reader(self.pidfd)
+            self.close()
+
+        loop.add_reader(self.pidfd, reap)
 
     def record(self) -> dict[str, object]:
         """What the status file keeps, for :func:`kill_recorded`."""
@@ -184,10 +204,10 @@ async def start_virtiofsd(
                 argv = virtiofsd_argv(binary, domain, i, listener.fileno())
                 log_file = log_dir / f"{domain.name}-fs{i}-virtiofsd.log"
                 with log_file.open("ab") as err:
-                    proc = await asyncio.create_subprocess_exec(
-                        *argv,
-                        stdin=asyncio.subprocess.DEVNULL,
-                        stdout=asyncio.subprocess.DEVNULL,
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
                         stderr=err,
                         pass_fds=[listener.fileno()],
                         start_new_session=True,

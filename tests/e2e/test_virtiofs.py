@@ -7,8 +7,9 @@ with one virtiofsd on that directory, connected to qemu's vhost-user-fs-pci
 device; ``ferryctl migrate`` is refused by the source in Begin naming the
 filesystem, and the guest runs on; destroy leaves no virtiofsd. virtiofsd
 ends with its qemu by itself (its vhost-user connection closes): checked by
-killing qemu under the agent. A start without shared memory is refused with
-libvirt's reason, and no virtiofsd is left.
+killing qemu under the agent; it outlives an agent restart. A start
+without shared memory is refused with libvirt's reason, and no virtiofsd
+is left.
 """
 
 from __future__ import annotations
@@ -112,6 +113,12 @@ def test_virtiofs_starts_refuses_migration_and_leaves_nothing(
         assert a.domain_state("v1") == "running"
         serial.wait_for(lambda r: r.counter > before.counter + 2, timeout=60)
         assert _top(share) == vfsd
+
+        # An agent restart leaves virtiofsd serving its guest (it is no asyncio child).
+        a.stop_agent("source")
+        a.start_agent("source")
+        assert a.domain_state("v1") == "running" and _top(share) == vfsd
+        serial.wait_for(lambda r: r.counter > before.counter + 4, timeout=60)
 
         a.ferryctl("destroy", "v1", check=True)
         wait_until(lambda: not _virtiofsd_pids(share), timeout=15, what="virtiofsd gone")
