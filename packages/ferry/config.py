@@ -252,6 +252,8 @@ class QemuConfig:
     #: Threads that preallocate guest RAM when the domain XML names none
     #: (``<allocation threads=.../>``); 0 = one per host CPU, at most 4.
     prealloc_threads: int = 0
+    #: The virtiofsd of virtiofs ``<filesystem>``s; "" = search :data:`ferry.virtiofs.SEARCH`.
+    virtiofsd: str = ""
 
 
 @dataclass(frozen=True)
@@ -604,7 +606,10 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         cgroup=cgroup,
         scope_properties=scope_properties,
         prealloc_threads=prealloc_threads,
+        virtiofsd=qemu_s.get("virtiofsd", str, ""),
     )
+    if qemu.virtiofsd and not qemu.virtiofsd.startswith("/"):
+        raise ConfigError("[qemu] virtiofsd must be an absolute path (/usr/lib/qemu/virtiofsd)")
     qemu_s.finish()
 
     rules: list[ACLRule] = []

@@ -62,6 +62,8 @@ from ferry.swtpm import (
     state_to_remove,
     swtpm_paths,
 )
+from ferry.virtiofs import Virtiofsd, find_virtiofsd, kill_recorded, start_virtiofsd
+from ferry.virtiofs import attach_to_scope as attach_virtiofsd
 
 __all__ = ["AgentName", "Host", "LiveDomain"]
 
@@ -353,9 +355,12 @@ class Host:
         )
         self.save_live_definition(live_domain)
         tpm = None
+        vfs: list[Virtiofsd] = []
         try:
-            # swtpm first: qemu connects to its socket while it starts.
+            # swtpm and virtiofsd first: qemu connects to their sockets while it starts.
             tpm = await self._start_swtpm(domain, incoming=incoming)
+            vfs = await start_virtiofsd(domain, paths.run_dir, self.paths.log_dir,
+                                        find_virtiofsd(self.config.qemu.virtiofsd or None))
             proc = await launch(
                 argv,
                 pidfile=paths.pidfile,
@@ -367,6 +372,8 @@ class Host:
             )
         except QemuLaunchError as exc:
             await self._stop_swtpm(domain, tpm, incoming=incoming)
+            for v in vfs:
+                await v.stop()
             self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
@@ -381,6 +388,8 @@ class Host:
             raise
         except BaseException:
             await self._stop_swtpm(domain, tpm, incoming=incoming)
+            for v in vfs:
+                await v.stop()
             self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
@@ -392,6 +401,8 @@ class Host:
         except BaseException:
             with contextlib.suppress(Exception):
                 await proc.kill()
+            for v in vfs:
+                await v.stop()
             self._release_graphics(domain.name)
             with contextlib.suppress(FileNotFoundError):
                 self.live_xml_path(domain.name).unlink()
@@ -421,6 +432,13 @@ class Host:
             tpm.close()
             if proc.scope_unit is not None:
                 await attach_to_scope(proc.scope_unit, tpm.pid, name=domain.name)
+        if vfs:
+            # qemu holds each virtiofsd's vhost-user connection: they end with it.
+            status.extra["virtiofsd"] = [v.record() for v in vfs]
+            for v in vfs:
+                v.hand_over()
+                if proc.scope_unit is not None:
+                    await attach_virtiofsd(proc.scope_unit, v.pid, name=domain.name)
         self.save_status(status)
         self._procs[domain.name] = proc
         return proc
@@ -664,7 +682,8 @@ class Host:
 
     def cleanup(self, name: str) -> None:
         """Remove a stopped domain's status, live XML, pidfile, sockets and switch ports
-        (and its swtpm, and the TPM state of a transient domain).
+        (and its swtpm, and the TPM state of a transient domain, and any
+        virtiofsd still there).
 
         An incoming domain that never ran here also loses the NVRAM file
         its Prepare created (:mod:`ferry.firmware_files`).
@@ -684,6 +703,8 @@ class Host:
                 self._swtpm_gone(live, status)
         except Exception as exc:  # cleanup goes on: the rest must still be removed
             log.warning("domain %s: cannot clean up its swtpm: %s", name, exc)
+        if status is not None and status.extra.get("virtiofsd"):
+            kill_recorded(status.extra["virtiofsd"], name=name)
         created = status.extra.get("nvram_created") if status is not None else None
         if status is not None and status.run_state == "incoming" and isinstance(created, str):
             with contextlib.suppress(FileNotFoundError):

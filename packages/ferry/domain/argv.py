@@ -125,6 +125,7 @@ from ferry.domain._argv_firmware import firmware_argv
 from ferry.domain._argv_tpm import tpm_argv
 from ferry.domain._checks import UNIX_PATH_MAX, Loc, fail
 from ferry.domain._cpu import CpuExpansion, cpu_opts
+from ferry.domain._filesystem import filesystem_argv
 from ferry.domain._filesystem import start_refusal as fs_start_refusal
 from ferry.domain._hostdev import hostdev_device
 from ferry.domain._nics import network_table
@@ -1428,6 +1429,7 @@ def to_qemu_argv(
     b.balloon_rng()
     b.panics()
     b.hostdevs()
+    b.add(*filesystem_argv(d, paths.run_dir, b.pci.place))
     b.add(*tpm_argv(d, paths.run_dir))
     if incoming:
         b.add("-incoming", "defer")
