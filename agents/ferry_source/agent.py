@@ -23,6 +23,7 @@ from ferry.acl import check_access
 from ferry.config import AgentConfig
 from ferry.daemon import admit_local, open_admin_socket
 from ferry.domain import Domain, format_domain, parse_domain
+from ferry.domain._filesystem import start_refusal as fs_start_refusal
 from ferry.errors import (
     DomainExists,
     DomainState,
@@ -31,6 +32,7 @@ from ferry.errors import (
     NoDomain,
     QMPError,
     SnapshotError,
+    XMLUnsupported,
 )
 from ferry.faults import Faults, parse_faults
 from ferry.fences import FenceBook
@@ -252,6 +254,12 @@ class SourceAgent:
         domain = parse_domain(args["xml"], where="define", networks=host_networks(self.config))
         self.check(ctx, "define", domain)
         check_domain(domain, self.config, where="define")
+        # A virtiofs share without shared guest RAM can never start: say so now
+        # (not in the parser: a definition saved before must still load).
+        why = fs_start_refusal(domain)
+        if why is not None:
+            raise XMLUnsupported(f"define: {why}", where="define",
+                                 element="domain/devices/filesystem")
         existing = self.host.load_definition(domain.name)
         if existing is not None and existing.uuid != domain.uuid:
             raise DomainExists(

@@ -23,10 +23,9 @@ pytestmark = pytest.mark.skipif(vc.available() is not None, reason=str(vc.availa
 DEFINE_FLOOR = vc.DEFINE_FLOOR
 
 #: Of those, the ones whose qemu command line Ferry builds (what start needs).
-#: Not virtiofs (Ferry starts no virtiofsd yet), nor hugepages-numa: its argv
-#: needs 1024 free 2 MiB huge pages on the host running the survey (the e2e
-#: start test reserves them).
-ARGV_FLOOR = tuple(n for n in DEFINE_FLOOR if n not in ("virtiofs", "hugepages-numa"))
+#: Not hugepages-numa: its argv needs 1024 free 2 MiB huge pages on the host
+#: running the survey (the e2e start test reserves them).
+ARGV_FLOOR = tuple(n for n in DEFINE_FLOOR if n != "hugepages-numa")
 
 #: Refused today, and why (as the survey groups the causes).
 REFUSED_TODAY: dict[str, str] = {}
