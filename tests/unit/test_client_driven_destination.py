@@ -129,7 +129,7 @@ class FakeJobs:
 class NoQMP:
     """An incoming qemu that is not in post-copy (query-migrate fails: not held)."""
 
-    async def execute(self, cmd: str, args: Any = None) -> Any:
+    async def execute(self, cmd: str, args: Any = None, *, timeout: float | None = None) -> Any:
         raise QMPError(f"{cmd}: no qemu in this test")
 
 
