@@ -56,6 +56,7 @@ from pathlib import Path
 from ferry.domain._argv_tpm import swtpm_run_dir, tpm_socket
 from ferry.domain.model import Domain, Tpm
 from ferry.errors import QemuLaunchError
+from ferry.pidfd import PidfdProcess
 
 __all__ = [
     "Swtpm",
@@ -294,69 +295,25 @@ def kill_stale(paths: SwtpmPaths, *, name: str) -> bool:
             paths.pidfile.unlink()
 
 
-class Swtpm:
+class Swtpm(PidfdProcess):
     """A swtpm this agent started, tracked by a pidfd until qemu owns it."""
 
     def __init__(
         self, pid: int, pidfd: int, paths: SwtpmPaths, *, created: bool, name: str
     ) -> None:
-        self.pid = pid
-        self.pidfd = pidfd
+        super().__init__(pid, pidfd)
         self.paths = paths
         #: The state directory did not exist before this start.
         self.created = created
         self.name = name
-        self._closed = False
 
-    def alive(self) -> bool:
-        """True until swtpm has exited (or :meth:`close` was called)."""
-        if self._closed:
-            return False
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
-
-    async def wait_exit(self, timeout: float) -> bool:
-        """Wait until swtpm has exited; False when ``timeout`` expires first."""
-        if not self.alive():
-            return True
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(self.pidfd, on_exit)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            return False
-        finally:
-            loop.remove_reader(self.pidfd)
-        return True
-
-    async def stop(self) -> None:
-        """SIGTERM (swtpm saves its state), then SIGKILL; wait for the exit, then close."""
-        if self.alive():
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self.pidfd, sig)
-                if await self.wait_exit(_STOP_WAIT):
-                    break
+    def on_stopped(self) -> None:
+        """swtpm saved its state on SIGTERM; its pidfile and control socket go."""
         with contextlib.suppress(OSError):
             if _read_pid(self.paths.pidfile) == self.pid:
                 self.paths.pidfile.unlink()
         with contextlib.suppress(OSError):
             self.paths.ctrl_socket.unlink()
-        self.close()
-
-    def close(self) -> None:
-        """Stop tracking (swtpm keeps running, bound to its qemu's connection)."""
-        if not self._closed:
-            self._closed = True
-            os.close(self.pidfd)
 
 
 async def _run(argv: list[str], timeout: float, what: str, domain: Domain) -> str:

@@ -41,6 +41,7 @@ from pathlib import Path
 from ferry.domain._filesystem import virtiofs_socket, virtiofsd_argv
 from ferry.domain.model import Domain
 from ferry.errors import QemuLaunchError
+from ferry.pidfd import PidfdProcess
 from ferry.swtpm import attach_to_scope_argv
 
 __all__ = [
@@ -81,64 +82,25 @@ def _fields(domain: Domain, pid: int, index: int) -> dict[str, str]:
     }
 
 
-class Virtiofsd:
+class Virtiofsd(PidfdProcess):
     """One virtiofsd this agent started, tracked by a pidfd."""
 
     def __init__(self, proc: subprocess.Popen[bytes], pidfd: int, sock: Path, source: str) -> None:
+        super().__init__(proc.pid, pidfd)
         self.proc = proc
-        self.pid = proc.pid
-        self.pidfd = pidfd
         self.socket = sock
         self.source = source
-        self._closed = False
 
-    def alive(self) -> bool:
-        """True until virtiofsd has exited (or :meth:`close` was called)."""
-        if self._closed:
-            return False
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        return not poller.poll(0)
-
-    async def wait_exit(self, timeout: float) -> bool:
-        """Wait until virtiofsd has exited; False when ``timeout`` expires first."""
-        if not self.alive():
-            return True
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(self.pidfd, on_exit)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            return False
-        finally:
-            loop.remove_reader(self.pidfd)
-        return True
-
-    async def stop(self) -> None:
-        """SIGTERM, then SIGKILL; wait for the exit, remove the socket, close."""
-        if self.alive():
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self.pidfd, sig)
-                if await self.wait_exit(_STOP_WAIT):
-                    break
+    def on_stopped(self) -> None:
+        """Its listening socket goes."""
         with contextlib.suppress(OSError):
             self.socket.unlink()
-        self.close()
 
     def close(self) -> None:
         """Stop tracking now: reap virtiofsd if it has exited, close the pidfd."""
         if not self._closed:
-            self._closed = True
             self.proc.poll()
-            os.close(self.pidfd)
+        super().close()
 
     def hand_over(self) -> None:
         """qemu holds virtiofsd's connection now: let it run, reap it when it exits.
