@@ -14,10 +14,18 @@ import os
 import select
 import signal
 
-__all__ = ["PidfdProcess"]
+__all__ = ["PidfdProcess", "wait_pidfd_blocking"]
 
 #: How long :meth:`PidfdProcess.stop` waits after each signal.
 STOP_WAIT_S = 5.0
+
+
+def wait_pidfd_blocking(pidfd: int, timeout: float) -> bool:
+    """Block up to ``timeout`` s for ``pidfd``'s process to exit (clean-up paths that
+    are not async); True if it did."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 class PidfdProcess:

@@ -46,7 +46,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import shutil
 import signal
 import tempfile
@@ -56,7 +55,7 @@ from pathlib import Path
 from ferry.domain._argv_tpm import swtpm_run_dir, tpm_socket
 from ferry.domain.model import Domain, Tpm
 from ferry.errors import QemuLaunchError
-from ferry.pidfd import PidfdProcess
+from ferry.pidfd import PidfdProcess, wait_pidfd_blocking
 
 __all__ = [
     "Swtpm",
@@ -256,12 +255,6 @@ def _is_our_swtpm(pid: int, paths: SwtpmPaths) -> bool:
     )
 
 
-def _wait_pidfd_blocking(pidfd: int, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
-
-
 def kill_stale(paths: SwtpmPaths, *, name: str) -> bool:
     """SIGKILL the swtpm the pidfile names, if it is this domain's, and wait for it.
 
@@ -281,7 +274,7 @@ def kill_stale(paths: SwtpmPaths, *, name: str) -> bool:
             return False
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        _wait_pidfd_blocking(pidfd, _STOP_WAIT)
+        wait_pidfd_blocking(pidfd, _STOP_WAIT)
         log.warning(
             "domain %s: killed stale swtpm pid %d",
             name,

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 from ferry.domain._filesystem import virtiofs_socket, virtiofsd_argv
 from ferry.domain.model import Domain
 from ferry.errors import QemuLaunchError
-from ferry.pidfd import PidfdProcess
+from ferry.pidfd import PidfdProcess, wait_pidfd_blocking
 from ferry.swtpm import attach_to_scope_argv
 
 __all__ = [
@@ -246,14 +245,12 @@ def kill_recorded(records: object, *, name: str) -> int:
         try:
             if not _is_virtiofsd_on(pid, source):
                 continue
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)
             # It is ending on its own when qemu just went (its connection closed).
-            if poller.poll(int(_GRACE * 1000)):
+            if wait_pidfd_blocking(pidfd, _GRACE):
                 continue
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            poller.poll(int(_STOP_WAIT * 1000))
+            wait_pidfd_blocking(pidfd, _STOP_WAIT)
             killed += 1
             log.warning(
                 "domain %s: killed virtiofsd pid %d (%s) left after its qemu",
