@@ -52,10 +52,7 @@ def _local(cluster: Cluster) -> tuple[HostEnv, HostEnv]:
 
 def _as_seen_by(host: HostEnv, argv: list[str]) -> None:
     """Run ``argv`` with ``host``'s local storage where its agents see it (backing paths)."""
-    subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    'mount --bind "$0" "$1" || exit 1; shift; exec "$@"',
-                    str(host.local_dir), str(LOCAL_STORAGE), *argv],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(host.local_view(argv), check=True, capture_output=True)
 
 
 def _guest(cluster: Cluster, kernel: Path, virt_type: str, tmp_path: Path, name: str,

@@ -40,10 +40,7 @@ def disk_kernel() -> Path:
 
 def _as_seen_by(host: HostEnv, argv: list[str]) -> None:
     """Run ``argv`` with ``host``'s local storage where its agents see it (backing paths)."""
-    subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    'mount --bind "$0" "$1" || exit 1; shift; exec "$@"',
-                    str(host.local_dir), str(LOCAL_STORAGE), *argv],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(host.local_view(argv), check=True, capture_output=True)
 
 
 def _ide(name: str, fmt: str, dev: str) -> str:
@@ -56,11 +53,8 @@ def _same_content(a: HostEnv, b: HostEnv, name: str, fmt: str) -> None:
     """A's image and B's hold the same guest-visible bytes (backing files
     included: both hosts' bases are the same bytes, so A's view of B's image is
     exact)."""
-    subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    'mount --bind "$0" "$1" || exit 1; shift; exec "$@"',
-                    str(a.local_dir), str(LOCAL_STORAGE), "qemu-img", "compare", "-U",
-                    "-f", fmt, "-F", fmt, str(LOCAL_STORAGE / name), str(b.local_dir / name)],
-                   check=True, capture_output=True, text=True)  # fmt: skip
+    _as_seen_by(a, ["qemu-img", "compare", "-U", "-f", fmt, "-F", fmt,
+                    str(LOCAL_STORAGE / name), str(b.local_dir / name)])
 
 
 @pytest.mark.parametrize(("fmt", "disks", "mode"), [

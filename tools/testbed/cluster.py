@@ -95,6 +95,13 @@ class HostEnv:
         LOCAL_STORAGE.mkdir(exist_ok=True)
         return self.local_dir
 
+    def local_view(self, argv: list[str]) -> list[str]:
+        """``argv`` run in a private mount namespace where :data:`LOCAL_STORAGE` is
+        this host's :attr:`local_dir` (what its agents see; backing paths resolve)."""
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                'mount --bind "$0" "$1" || exit 1; shift; exec "$@"',
+                str(self.local_dir), str(LOCAL_STORAGE), *argv]  # fmt: skip
+
     @property
     def run_dir(self) -> Path:
         """This host's run directory (sockets, status files)."""
@@ -190,9 +197,7 @@ class HostEnv:
         argv = [binary, "--config", str(self.config_path), "--debug"]
         if self.local_storage:
             # Both agents of the host bind the same directory: one host's view.
-            argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                    'mount --bind "$0" "$1" || exit 1; shift; exec "$@"',
-                    str(self.local_dir), str(LOCAL_STORAGE), *argv]  # fmt: skip
+            argv = self.local_view(argv)
         proc = subprocess.Popen(
             self.ns.exec_argv(argv),
             stdin=subprocess.DEVNULL,
