@@ -16,12 +16,12 @@ restart (:mod:`ferry_destination.recovery`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import Iterable, Sequence
 
+from ferry.command import run_command
 from ferry.domain import Domain
 from ferry.domain.argv import qemu_disk_ids
 from ferry.errors import CookieError, FerryError, MigrationRefused
@@ -82,16 +82,14 @@ def check_plan(domain: Domain, storage: StorageCopy) -> list[DiskCopy]:
 
 
 async def _run(argv: Sequence[str]) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT)
+        done = await run_command(argv, QEMU_IMG_TIMEOUT)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise MigrationRefused(f"{argv[0]} did not finish in {QEMU_IMG_TIMEOUT:g} s") from None
-    if proc.returncode != 0:
-        raise MigrationRefused(f"{' '.join(argv[:2])}: {err.decode(errors='replace').strip()}")
+    except OSError as exc:
+        raise MigrationRefused(f"cannot run {argv[0]}: {exc}") from None
+    if done.returncode != 0:
+        raise MigrationRefused(f"{' '.join(argv[:2])}: {done.stderr.strip()}")
 
 
 async def create_images(dst: DestinationContext, domain: Domain, copies: Sequence[DiskCopy]

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from ferry.command import run_command
 from ferry.domain import Domain
 from ferry.domain.argv import qemu_disk_ids
 from ferry.errors import FerryError, JobAborted, MigrationFailed, MigrationRefused, MigrationStalled
@@ -73,22 +74,18 @@ def copy_mode(flags: MigrationFlags) -> CopyMode | None:
 
 async def _image_info(path: str) -> ImageInfo:
     # -U: the running qemu holds the image's locks; reading the header is safe.
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "info", "-U", "--output=json", path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT)
+        done = await run_command(["qemu-img", "info", "-U", "--output=json", path],
+                                 QEMU_IMG_TIMEOUT)  # fmt: skip
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise MigrationRefused(f"qemu-img info {path}: no answer in {QEMU_IMG_TIMEOUT:g} s") \
             from None
-    if proc.returncode != 0:
-        raise MigrationRefused(f"cannot read disk image {path}: "
-                               f"{err.decode(errors='replace').strip()}")  # fmt: skip
+    except OSError as exc:
+        raise MigrationRefused(f"cannot run qemu-img: {exc}") from None
+    if done.returncode != 0:
+        raise MigrationRefused(f"cannot read disk image {path}: {done.stderr.strip()}")
     try:
-        return image_info_from_json(json.loads(out))
+        return image_info_from_json(json.loads(done.stdout))
     except ValueError as exc:
         raise MigrationRefused(f"qemu-img info {path}: {exc}") from None
 

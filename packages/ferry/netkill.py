@@ -13,8 +13,9 @@ source runs on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+
+from ferry.command import run_command
 
 __all__ = ["destroy_connections", "tcp_endpoint"]
 
@@ -45,13 +46,11 @@ async def destroy_connections(host: str, port: int) -> int:
     """
     argv = ["ss", "-K", "-t", "-n", "-H", "dst", host, "dport", "=", str(port)]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), _TIMEOUT)
+        done = await run_command(argv, _TIMEOUT)
     except (OSError, TimeoutError) as exc:
         log.warning("cannot destroy the connections to %s:%d: %s", host, port, exc)
         return 0
-    killed = len([line for line in out.decode(errors="replace").splitlines() if line.strip()])
-    if proc.returncode != 0 or (not killed and err.strip()):
-        log.warning("ss -K for %s:%d: %s", host, port, err.decode(errors="replace").strip())
+    killed = len([line for line in done.stdout.splitlines() if line.strip()])
+    if done.returncode != 0 or (not killed and done.stderr.strip()):
+        log.warning("ss -K for %s:%d: %s", host, port, done.stderr.strip())
     return killed
