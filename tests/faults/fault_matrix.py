@@ -537,6 +537,12 @@ def _json_of(host: HostEnv, *args: str, agent: str = "source") -> tuple[Any, str
 def observe_host(host: HostEnv) -> HostView:
     """Everything the safety rule looks at on one host."""
     problems: list[str] = []
+    # The fence file is read before dominfo: the agent writes the fence and then
+    # reports it, so a fence seen here is in the dominfo reason read after it
+    # (read the other way round, a fence written in between looked unreported).
+    fence = None
+    with contextlib.suppress(OSError, ValueError):
+        fence = json.loads((host.state_dir / "fences" / f"{UUID}.json").read_text())
     listing, list_err = _json_of(host, "list", "--all")
     domains: dict[str, str] = {}
     if list_err:
@@ -558,9 +564,6 @@ def observe_host(host: HostEnv) -> HostView:
     jobs = sorted(p.name for p in (host.run_dir / "jobs").glob("*.job"))
     if jobs:
         problems.append(f"{host.label}: job records left: {jobs}")
-    fence = None
-    with contextlib.suppress(OSError, ValueError):
-        fence = json.loads((host.state_dir / "fences" / f"{UUID}.json").read_text())
     agent_state: dict[str, Any] = {}
     for agent in ("source", "destination"):
         if agent not in host.procs:
