@@ -44,6 +44,7 @@ __all__ = [
     "record_created",
     "remove_images",
     "start_nbd",
+    "start_nbd_unix",
     "stop_nbd",
 ]
 
@@ -166,27 +167,57 @@ def forget_created(dst: DestinationContext, name: str) -> None:
 
 async def start_nbd(
     dst: DestinationContext, proc: QemuProcess, domain: Domain, copies: Sequence[DiskCopy], *,
-    client: str, address: str, port: int, advertised: str,
+    client: str, address: str, port: int, advertised: str, tls: bool = True,
 ) -> Nbd:
-    """Export ``copies`` from ``proc``'s NBD server for ``client`` (a certificate CN) only.
+    """Export ``copies`` over TCP from ``proc``'s NBD server for ``client`` (a certificate CN) only.
+
+    Without ``tls`` (both hosts' ``[tls] allow_plaintext_nbd``) nothing but
+    the migration network keeps others off the exports: the operators chose that.
 
     Raises:
         QMPError: qemu refused (port taken, certificate unreadable, ...).
     """
-    await proc.qmp.execute("object-add", {
-        "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": "server",
-        "dir": str(dst.host.qemu_tls_dir()), "verify-peer": True})  # fmt: skip
-    await proc.qmp.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_OBJECT,
-                                          "identity": f"CN={client}"})  # fmt: skip
-    args = nbd_server_start_args(address, port, TLS_OBJECT)
-    args["tls-authz"] = AUTHZ_OBJECT
-    await proc.qmp.execute("nbd-server-start", args)
+    creds = None
+    if tls:
+        await proc.qmp.execute("object-add", {
+            "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": "server",
+            "dir": str(dst.host.qemu_tls_dir()), "verify-peer": True})  # fmt: skip
+        await proc.qmp.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_OBJECT,
+                                              "identity": f"CN={client}"})  # fmt: skip
+        creds = TLS_OBJECT
+    args = nbd_server_start_args((address, port), creds)
+    if tls:
+        args["tls-authz"] = AUTHZ_OBJECT
+    await _export(proc, domain, copies, args)
+    log.info("exporting %d disk(s) on %s:%d for %s%s", len(copies), address, port, client,
+             "" if tls else " (plaintext: both hosts allow it)")  # fmt: skip
+    if tls:
+        return Nbd(host=advertised, port=port, tls_hostname=advertised)
+    return Nbd(host=advertised, port=port, tls=False)
+
+
+async def start_nbd_unix(
+    proc: QemuProcess, domain: Domain, copies: Sequence[DiskCopy], path: str, first_channel: int
+) -> Nbd:
+    """Export ``copies`` on a unix socket only this agent reaches (``--tunnelled``).
+
+    The socket sits in the agent's private tunnel directory; the disks'
+    tunnel channels (authenticated by the migration's token, encrypted
+    unless both hosts allow a plaintext tunnel) are its only clients, so
+    qemu's TLS would only encrypt twice.
+    """
+    await _export(proc, domain, copies, nbd_server_start_args(path, None))
+    log.info("exporting %d disk(s) through the tunnel", len(copies))
+    return Nbd(transport="tunnel", tls=False, first_channel=first_channel)
+
+
+async def _export(proc: QemuProcess, domain: Domain, copies: Sequence[DiskCopy],
+                  server_args: dict[str, object]) -> None:  # fmt: skip
+    await proc.qmp.execute("nbd-server-start", server_args)
     ids = qemu_disk_ids(domain)
     for c in copies:
         node = f"{ids[c.target]}-format"
         await proc.qmp.execute("block-export-add", block_export_add_args(c, node))
-    log.info("exporting %d disk(s) on %s:%d for %s", len(copies), address, port, client)
-    return Nbd(host=advertised, port=port, tls_hostname=advertised)
 
 
 async def stop_nbd(proc: QemuProcess) -> None:

@@ -52,6 +52,7 @@ from ferry_destination.nbd_export import (
     record_created,
     remove_images,
     start_nbd,
+    start_nbd_unix,
 )
 from ferry_destination.tunnel import IncomingTunnel, issue_token, redeemer_for
 
@@ -152,8 +153,13 @@ async def prepare(
                         if client is None:
                             raise MigrationRefused("prepare: no source host certificate name "
                                                    "to admit to the disks' NBD server")
-                        nbd = await _export_disks(dst, proc, domain, copies, client, params,
-                                                  reached)  # fmt: skip
+                        if tunnel is not None:
+                            nbd = await _export_disks_tunnelled(proc, domain, copies, tunnel)
+                        else:
+                            plaintext = bool(cookie.storage is not None
+                                             and cookie.storage.plaintext_ok)
+                            nbd = await _export_disks(dst, proc, domain, copies, client,
+                                                      params, reached, plaintext)  # fmt: skip
                         record_created(dst, domain.name, created)
                     except BaseException:
                         await dst.host.kill(domain.name)
@@ -251,11 +257,29 @@ async def _run_hook(dst: DestinationContext, domain: Domain) -> Domain:
     return replaced
 
 
+async def _export_disks_tunnelled(
+    proc: QemuProcess, domain: Domain, copies: list[DiskCopy], tunnel: IncomingTunnel
+) -> Nbd:
+    """--tunnelled: the NBD server on a unix socket beside the tunnel's; disk ``i`` is
+    the tunnel's channel ``tunnel.channels + i``."""
+    path = tunnel.path.with_name(tunnel.path.stem + "-nbd.sock")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    tunnel.carry_disks(path, len(copies))
+    return await start_nbd_unix(proc, domain, copies, str(path), tunnel.channels)
+
+
 async def _export_disks(
     dst: DestinationContext, proc: QemuProcess, domain: Domain, copies: list[DiskCopy],
-    client: str, params: MigrationParams, reached: str | None,
+    client: str, params: MigrationParams, reached: str | None, source_plaintext_ok: bool,
 ) -> Nbd:
-    """Start the incoming qemu's NBD server for the copied disks (--disks-port, --disks-uri)."""
+    """Start the incoming qemu's NBD server for the copied disks (--disks-port, --disks-uri).
+
+    TLS unless both hosts' configs allow plaintext NBD (the source says so
+    in its plan; this host's ``[tls] allow_plaintext_nbd``).
+    """
+    tls_config = dst.config.tls
+    plaintext = source_plaintext_ok and tls_config is not None and tls_config.allow_plaintext_nbd
     address = dst.config.destination.migration_address
     port: int | None = params.disks_port
     if params.disks_uri:
@@ -264,7 +288,7 @@ async def _export_disks(
         port = _pick_port(dst, address)
     advertised = _advertised(address, reached)
     return await start_nbd(dst, proc, domain, copies, client=client, address=address, port=port,
-                           advertised=advertised)  # fmt: skip
+                           advertised=advertised, tls=not plaintext)  # fmt: skip
 
 
 def _pick_port(dst: DestinationContext, address: str) -> int:

@@ -55,10 +55,26 @@ class IncomingTunnel:
     def __init__(self, name: str, path: Path, channels: int) -> None:
         self.name = name
         self.path = path
+        #: The migration stream's channels (main, then multifd): 0 .. channels-1.
         self.channels = channels
+        #: ``--copy-storage-*``: where the incoming qemu's NBD server listens,
+        #: and how many disks; disk ``i`` comes as channel ``channels + i``.
+        self.disk_path: Path | None = None
+        self.disk_channels = 0
         self.set = ChannelSet(name)
         self._cond = threading.Condition()
         self._next = 0
+        self._disks_connected = 0
+
+    @property
+    def total_channels(self) -> int:
+        """Every channel the token admits: the migration stream's, then the disks'."""
+        return self.channels + self.disk_channels
+
+    def carry_disks(self, path: Path, disks: int) -> None:
+        """Also carry ``disks`` NBD connections to the server listening on ``path``."""
+        self.disk_path = path
+        self.disk_channels = disks
 
     @property
     def uri(self) -> str:
@@ -69,7 +85,7 @@ class IncomingTunnel:
     def connected(self) -> int:
         """How many data channels have been connected to the incoming qemu."""
         with self._cond:
-            return self._next
+            return self._next + self._disks_connected
 
     def make_room(self) -> None:
         """Make the socket's private directory and remove a stale socket, before qemu listens."""
@@ -82,7 +98,11 @@ class IncomingTunnel:
 
         qemu 7.2 takes its first connection for the main stream, so a
         multifd channel that overtook the main one on the network waits.
+        A disk channel goes to the NBD server at once: the disks are
+        mirrored before the migration stream opens, in any order.
         """
+        if index >= self.channels:
+            return self._connect_disk(index)
         with self._cond:
             ready = self._cond.wait_for(
                 lambda: self._next == index or self.set.stopping.is_set(), timeout
@@ -94,18 +114,32 @@ class IncomingTunnel:
                     f"tunnel channel {index} of '{self.name}' waited {timeout:.0f}s "
                     f"for channel {self._next}"
                 )
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(str(self.path))
-            except OSError as exc:
-                sock.close()
-                raise TunnelError(
-                    f"cannot reach the incoming qemu of '{self.name}' at {self.path}: "
-                    f"{exc.strerror or exc}"
-                ) from None
+            sock = self._connect(self.path)
             self._next += 1
             self._cond.notify_all()
             return sock
+
+    def _connect_disk(self, index: int) -> socket.socket:
+        if self.disk_path is None or index >= self.total_channels:
+            raise TunnelError(f"tunnel channel {index} of '{self.name}' has no disk to carry")
+        if self.set.stopping.is_set():
+            raise TunnelError(f"tunnel of '{self.name}' is closing")
+        sock = self._connect(self.disk_path)
+        with self._cond:
+            self._disks_connected += 1
+        return sock
+
+    def _connect(self, path: Path) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            sock.close()
+            raise TunnelError(
+                f"cannot reach the incoming qemu of '{self.name}' at {path}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        return sock
 
     def stop(self) -> None:
         """Stop every channel and wake channels waiting for their turn."""
@@ -116,8 +150,10 @@ class IncomingTunnel:
     async def close(self, *, drain: bool) -> None:
         """Let the channels end by themselves (``drain``) or stop them; wait for the threads."""
         await self.set.wind_down(drain=drain, stop=self.stop, timeout=DRAIN_TIMEOUT)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self.disk_path):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 def redeemer_for(subject: Subject, source_host: str) -> str | None:
@@ -143,7 +179,7 @@ def issue_token(dst: DestinationContext, tunnel: IncomingTunnel, redeemer: str |
     """
     tls = dst.config.tls
     return dst.tokens.issue(
-        tunnel.name, tunnel.channels, dst.config.destination.incoming_timeout_s, tunnel,
+        tunnel.name, tunnel.total_channels, dst.config.destination.incoming_timeout_s, tunnel,
         allow_plaintext=tls is not None and tls.allow_plaintext_tunnel, redeemer=redeemer,
     )  # fmt: skip
 

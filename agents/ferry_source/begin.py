@@ -90,7 +90,9 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
         if mode is not None:
             # Mandatory: a destination that cannot copy storage must refuse,
             # not start the VM on images it does not have.
-            plan = StorageCopy(mode=mode, disks=tuple(c.to_wire() for c in out.storage))
+            tls = ctx.config.tls
+            plan = StorageCopy(mode=mode, disks=tuple(c.to_wire() for c in out.storage),
+                               plaintext_ok=tls is not None and tls.allow_plaintext_nbd)
             cookie = cookie.with_section(StorageCopy.SECTION, plan.to_wire(), mandatory=True)
         # What the destination must check its CPU against (host-model: the
         # CPU this qemu runs). Mandatory: a destination that ignored it

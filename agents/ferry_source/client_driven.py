@@ -415,8 +415,7 @@ class ClientDriven:
 
     async def _end(self, out: Outgoing, link: ClientLink) -> None:
         """Release everything the migration held on this host."""
-        if out.tunnel is not None:
-            await out.tunnel.close(drain=False)
+        await out.close_tunnels()
         self.ctx.progress.pop(out.name, None)
         if self.driver.outgoing.get(out.name) is out:
             self.driver.outgoing.pop(out.name, None)

@@ -36,6 +36,7 @@ from ferry.storage_copy import (
     CopyMode,
     DiskCopy,
     ImageInfo,
+    NbdAddress,
     copy_plan,
     image_info_from_json,
     mirror_args,
@@ -129,16 +130,16 @@ async def start_mirrors(
     assert out.job is not None
     copies = out.storage
     ids = qemu_disk_ids(out.domain)
-    tls = ctx.config.tls
+    server, use_tls = _nbd_server(ctx, out, nbd)
     async with ctx.jobs.nested(out.job):
         await clear_stale_mirrors(proc)
-        if tls is not None:
+        if use_tls:
             await proc.qmp.execute("object-add", {
                 "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": "client",
                 "dir": str(ctx.host.qemu_tls_dir()), "verify-peer": True})  # fmt: skip
         for c in copies:
-            node_args = nbd_client_args(c, nbd.host, nbd.port, TLS_OBJECT if tls else None)
-            if tls is not None:
+            node_args = nbd_client_args(c, server, TLS_OBJECT if use_tls else None)
+            if use_tls:
                 node_args["tls-hostname"] = nbd.tls_hostname
             await proc.qmp.execute("blockdev-add", node_args)
             out.mirror_nodes.append(c.client_node)
@@ -180,8 +181,12 @@ async def start_mirrors(
                     out.session.writer.transport.abort()
         elif now - last_move > stall_s:
             # The NBD client's requests hang on a dead link: destroy its
-            # connection so that cancelling the mirrors does not wait on them.
-            await destroy_connections(nbd.host, nbd.port)
+            # connection (or stop the tunnel carrying it) so that cancelling
+            # the mirrors does not wait on them.
+            if out.disk_tunnel is not None:
+                await out.disk_tunnel.close(drain=False)
+            elif nbd.host is not None and nbd.port is not None:
+                await destroy_connections(nbd.host, nbd.port)
             raise MigrationStalled(f"no disk data moved for {stall_s:g} s: the link to "
                                    f"{out.peer} looks down; the migration was cancelled",
                                    peer=out.peer)  # fmt: skip
@@ -196,6 +201,38 @@ async def start_mirrors(
             raise out.failure
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(out.abort.wait(), POLL_INTERVAL)
+
+
+def _nbd_server(ctx: SourceContext, out: Outgoing, nbd: Nbd) -> tuple[NbdAddress, bool]:
+    """Where qemu's NBD clients connect, and whether with TLS.
+
+    Raises:
+        MigrationFailed: the destination's answer does not fit this migration
+            (a tunnel it does not have, plaintext this host does not allow).
+    """
+    tls = ctx.config.tls
+    if nbd.transport == "tunnel":
+        if out.tunnel is None or nbd.first_channel is None:
+            raise MigrationFailed(f"{out.peer} exports the disks through a tunnel, but this "
+                                  "migration is not tunnelled")  # fmt: skip
+        path = out.tunnel.path.with_name(out.tunnel.path.stem + "-nbd.sock")
+        out.disk_tunnel = out.tunnel.sibling(path, nbd.first_channel, len(out.storage))
+        out.disk_tunnel.listen()
+        return str(path), False
+    if out.tunnel is not None:
+        raise MigrationFailed(f"{out.peer} exports the disks over TCP, outside the tunnel "
+                              "--tunnelled asked for")  # fmt: skip
+    assert nbd.host is not None and nbd.port is not None
+    if not nbd.tls and not (tls is not None and tls.allow_plaintext_nbd):
+        raise MigrationFailed(f"{out.peer} offers the disks over NBD without TLS, which this "
+                              "host's config does not allow ([tls] allow_plaintext_nbd)")
+    return (nbd.host, nbd.port), nbd.tls and tls is not None
+
+
+async def _close_disk_tunnel(out: Outgoing, *, drain: bool) -> None:
+    if out.disk_tunnel is not None:
+        await out.disk_tunnel.close(drain=drain)
+        out.disk_tunnel = None
 
 
 async def end_mirrors(proc: QemuProcess, out: Outgoing, timeout: float = 60.0) -> None:
@@ -228,12 +265,18 @@ async def end_mirrors(proc: QemuProcess, out: Outgoing, timeout: float = 60.0) -
                                   + ", ".join(sorted(pending)))  # fmt: skip
         await asyncio.sleep(0.01)
     await _remove(proc, out)
+    # The NBD clients are gone: their tunnel channels end by themselves.
+    await _close_disk_tunnel(out, drain=True)
 
 
 async def abort_mirrors(proc: QemuProcess, out: Outgoing) -> None:
     """Cancel every mirror and remove its NBD client node (a failed migration). Never raises."""
     if not out.mirror_jobs and not out.mirror_nodes:
+        await _close_disk_tunnel(out, drain=False)
         return
+    # Stopped first: a mirror cancelled while its requests hang on a dead
+    # tunnel would wait for them.
+    await _close_disk_tunnel(out, drain=False)
     for job in out.mirror_jobs:
         with contextlib.suppress(FerryError):
             await proc.qmp.execute("block-job-cancel", {"device": job, "force": True})

@@ -44,6 +44,9 @@ class Outgoing:
     lease_handover: bool = False
     leases_released: bool = False
     tunnel: SourceTunnel | None = None
+    #: --tunnelled --copy-storage-*: where qemu's NBD clients connect (the
+    #: disks' channels of the same tunnel).
+    disk_tunnel: SourceTunnel | None = None
     session: Session | None = None
     dest_name: str = ""
     #: True once qemu was told to migrate (the destination may hold the state).
@@ -107,3 +110,9 @@ class Outgoing:
         """The destination agent, as a ``ferry://`` URI."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"ferry://{host}:{self.port}"
+
+    async def close_tunnels(self) -> None:
+        """Stop the tunnel of the stream and of the disks, if any (an ending migration)."""
+        for tunnel in (self.disk_tunnel, self.tunnel):
+            if tunnel is not None:
+                await tunnel.close(drain=False)

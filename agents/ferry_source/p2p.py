@@ -164,8 +164,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
                               peer=dest_host, peer_uri=out.peer_uri, undefine=undefine)
         return summary(out, stats, dest_host, started)
     finally:
-        if out.tunnel is not None:
-            await out.tunnel.close(drain=False)
+        await out.close_tunnels()
         ctx.progress.pop(out.name, None)
         if out.session is not None:
             await close_session(out.session)

@@ -92,7 +92,7 @@ async def perform(
             await start_mirrors(ctx, out, proc, nbd, emit)
         return await _follow(ctx, out, job, proc, uri, saved, emit)
     except BaseException:
-        if out.mirror_jobs or out.mirror_nodes:
+        if out.mirror_jobs or out.mirror_nodes or out.disk_tunnel is not None:
             # The guest keeps running on its own disks; the destination
             # deletes the images it made when it hears the migration failed.
             with contextlib.suppress(FerryError):
@@ -367,6 +367,15 @@ async def _follow(
 
 async def _unstick(out: Outgoing, uri: str, stall_s: float) -> None:
     """qemu's monitor has not answered for ``stall_s``: cut its stream to the destination."""
+    if out.tunnel is not None:
+        # The stream goes through our tunnel: stopping it fails qemu's write.
+        await out.tunnel.close(drain=False)
+        log_event(log, MessageID.MIGRATION_PHASE,
+                  f"qemu's monitor has not answered for {stall_s:g} s while it sends the "
+                  f"device state: the link to {out.peer} looks down; stopped the tunnel so "
+                  "that its write fails and the migration ends",
+                  level=logging.WARNING)  # fmt: skip
+        return
     endpoint = tcp_endpoint(uri)
     if endpoint is None:
         log.warning("qemu's monitor has not answered for %g s (stream %s)", stall_s, uri)

@@ -45,6 +45,7 @@ class SourceTunnel:
         channels: int,
         mode: str,
         on_error: Callable[[FerryError], None] | None = None,
+        first_index: int = 0,
     ) -> None:
         self.name = name
         self.path = socket_path
@@ -53,10 +54,21 @@ class SourceTunnel:
         self._port = port
         self._token = token
         self._channels = channels
+        self._first = first_index
+        self._on_error = on_error
         self.mode = mode
         self.set = ChannelSet(name, on_error)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
+
+    def sibling(self, socket_path: Path, first_index: int, channels: int) -> SourceTunnel:
+        """Another socket whose connections become channels ``first_index`` .. of the
+        same token (``--copy-storage-*``: qemu's NBD client connects there, one
+        connection per disk)."""
+        return SourceTunnel(name=self.name, socket_path=socket_path, endpoint=self._endpoint,
+                            host=self._host, port=self._port, token=self._token,
+                            channels=channels, mode=self.mode, on_error=self._on_error,
+                            first_index=first_index)  # fmt: skip
 
     @property
     def uri(self) -> str:
@@ -85,7 +97,7 @@ class SourceTunnel:
     async def _accept(self) -> None:
         assert self._listener is not None
         loop = asyncio.get_running_loop()
-        for index in range(self._channels):
+        for index in range(self._first, self._first + self._channels):
             conn, _ = await loop.sock_accept(self._listener)
             conn.setblocking(True)
             self.set.spawn(index, partial(self._carry, index, conn))

@@ -226,6 +226,9 @@ class TLSConfig:
     cert: Path
     key: Path
     allow_plaintext_tunnel: bool = False
+    #: The disks' NBD stream (``--copy-storage-*`` without ``--tunnelled``)
+    #: may go without TLS when both hosts set this.
+    allow_plaintext_nbd: bool = False
 
 
 @dataclass(frozen=True)
@@ -571,6 +574,7 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
             cert=files["cert"],  # type: ignore[arg-type]
             key=files["key"],  # type: ignore[arg-type]
             allow_plaintext_tunnel=bool(tls_s.get("allow_plaintext_tunnel", bool, False)),
+            allow_plaintext_nbd=bool(tls_s.get("allow_plaintext_nbd", bool, False)),
         )
         tls_s.finish()
     else:

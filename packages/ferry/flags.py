@@ -357,9 +357,10 @@ def _check_storage_copy(f: MigrationFlags, params: MigrationParams, problems: li
     if M.OFFLINE in f:
         problems.append(f"{_flag(M.OFFLINE)} cannot copy storage: it moves only the definition")
     if M.TUNNELLED in f:
-        problems.append(f"{_flag(M.TUNNELLED)} cannot copy storage yet: the disks go over "
-                        "their own TLS connection to the destination's NBD server (drop "
-                        "--tunnelled; the memory stream can still use TLS)")
+        for name in ("disks_port", "disks_uri"):
+            if getattr(params, name) is not None:
+                problems.append(f"{_param(name)} cannot be combined with {_flag(M.TUNNELLED)}: "
+                                "the disks travel through the tunnel, not to a port of their own")
     if M.POSTCOPY in f:
         problems.append(f"{_flag(M.POSTCOPY)} cannot be combined with copying storage yet: "
                         "the disk mirrors must end in sync before the destination runs")

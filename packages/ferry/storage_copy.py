@@ -37,6 +37,7 @@ __all__ = [
     "DiskCopy",
     "ImageInfo",
     "MirrorProgress",
+    "NbdAddress",
     "block_export_add_args",
     "copy_plan",
     "create_image_argv",
@@ -249,9 +250,18 @@ def create_image_argv(copy: DiskCopy, qemu_img: str = "qemu-img") -> list[str]:
     return [*argv, copy.path, str(copy.virtual_size)]
 
 
-def nbd_server_start_args(host: str, port: int, tls_creds: str | None) -> dict[str, Any]:
-    """``nbd-server-start`` on the destination: TCP on ``host:port``, TLS when given."""
-    args: dict[str, Any] = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+#: Where an NBD server listens: (host, port) over TCP, or a unix socket path
+#: (``--tunnelled``: the destination agent connects the tunnel's disk channels there).
+NbdAddress = tuple[str, int] | str
+
+
+def nbd_server_start_args(listen: NbdAddress, tls_creds: str | None) -> dict[str, Any]:
+    """``nbd-server-start`` on the destination: TCP or a unix socket, TLS when given."""
+    if isinstance(listen, str):
+        addr: dict[str, Any] = {"type": "unix", "data": {"path": listen}}
+    else:
+        addr = {"type": "inet", "data": {"host": listen[0], "port": str(listen[1])}}
+    args: dict[str, Any] = {"addr": addr}
     if tls_creds is not None:
         args["tls-creds"] = tls_creds
     return args
@@ -263,13 +273,14 @@ def block_export_add_args(copy: DiskCopy, node: str) -> dict[str, Any]:
             "writable": True}  # fmt: skip
 
 
-def nbd_client_args(
-    copy: DiskCopy, host: str, port: int, tls_creds: str | None
-) -> dict[str, Any]:
+def nbd_client_args(copy: DiskCopy, server: NbdAddress, tls_creds: str | None) -> dict[str, Any]:
     """``blockdev-add`` on the source: an NBD client node of the destination's export."""
+    if isinstance(server, str):
+        where: dict[str, Any] = {"type": "unix", "path": server}
+    else:
+        where = {"type": "inet", "host": server[0], "port": str(server[1])}
     args: dict[str, Any] = {
-        "driver": "nbd", "node-name": copy.client_node, "export": copy.export,
-        "server": {"type": "inet", "host": host, "port": str(port)},
+        "driver": "nbd", "node-name": copy.client_node, "export": copy.export, "server": where,
     }  # fmt: skip
     if tls_creds is not None:
         args["tls-creds"] = tls_creds

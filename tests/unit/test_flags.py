@@ -324,6 +324,7 @@ def test_storage_copy_rules_name_the_options() -> None:
     disk, inc = F.LIVE | F.NON_SHARED_DISK, F.LIVE | F.NON_SHARED_INC
     assert validate(disk, MigrationParams(migrate_disks=["vda"], disks_port=49400)) == disk
     assert validate(inc | F.NON_SHARED_SYNCHRONOUS_WRITES, NO_PARAMS)
+    assert validate(disk | F.TUNNELLED | F.PEER2PEER, NO_PARAMS)
     cases = [
         (disk | F.NON_SHARED_INC, NO_PARAMS, "cannot be combined: copy whole images"),
         (F.LIVE, MigrationParams(migrate_disks=["vda"]),
@@ -332,7 +333,10 @@ def test_storage_copy_rules_name_the_options() -> None:
          "--copy-storage-synchronous-writes (NON_SHARED_SYNCHRONOUS_WRITES) requires"),
         (disk, MigrationParams(disks_port=1, disks_uri="tcp://h:2"), "the URI names the port"),
         (F.NON_SHARED_DISK | F.OFFLINE | F.PERSIST_DEST, NO_PARAMS, "cannot copy storage"),
-        (disk | F.TUNNELLED | F.PEER2PEER, NO_PARAMS, "cannot copy storage yet"),
+        (disk | F.TUNNELLED | F.PEER2PEER, MigrationParams(disks_port=49400),
+         "--disks-port (disks_port) cannot be combined with --tunnelled"),
+        (disk | F.TUNNELLED | F.PEER2PEER, MigrationParams(disks_uri="tcp://h:2"),
+         "the disks travel through the tunnel"),
         (disk | F.POSTCOPY, NO_PARAMS, "cannot be combined with copying storage yet"),
     ]
     for flags, params, words in cases:

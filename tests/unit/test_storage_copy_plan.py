@@ -114,15 +114,20 @@ def test_wire_round_trip_and_every_bad_field_refused() -> None:
 
 def test_qmp_arguments() -> None:
     c = DiskCopy("vda", "/img/root.qcow2", "qcow2", 1 << 30)
-    assert nbd_server_start_args("10.0.0.2", 49300, "tls0") == {
+    assert nbd_server_start_args(("10.0.0.2", 49300), "tls0") == {
         "addr": {"type": "inet", "data": {"host": "10.0.0.2", "port": "49300"}},
         "tls-creds": "tls0"}
-    assert "tls-creds" not in nbd_server_start_args("10.0.0.2", 1, None)
+    assert "tls-creds" not in nbd_server_start_args(("10.0.0.2", 1), None)
+    assert nbd_server_start_args("/run/t/nbd.sock", None) == {
+        "addr": {"type": "unix", "data": {"path": "/run/t/nbd.sock"}}}
     assert block_export_add_args(c, "drive-vda") == {
         "type": "nbd", "id": "ferry-vda", "node-name": "drive-vda", "name": "ferry-vda",
         "writable": True}
-    client = nbd_client_args(c, "10.0.0.2", 49300, "tls0")
+    client = nbd_client_args(c, ("10.0.0.2", 49300), "tls0")
     assert client["export"] == "ferry-vda" and client["node-name"] == "ferry-nbd-vda"
+    assert client["server"] == {"type": "inet", "host": "10.0.0.2", "port": "49300"}
+    unix = nbd_client_args(c, "/run/t/nbd.sock", None)
+    assert unix["server"] == {"type": "unix", "path": "/run/t/nbd.sock"} and "tls-creds" not in unix
     m = mirror_args(c, "drive-vda", synchronous_writes=True, speed=1 << 20)
     assert m["sync"] == "full" and m["copy-mode"] == "write-blocking" and m["speed"] == 1 << 20
     assert m["target"] == "ferry-nbd-vda" and m["auto-dismiss"] is False

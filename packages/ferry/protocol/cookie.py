@@ -251,17 +251,22 @@ class StorageCopy:
     SPECS: ClassVar[Mapping[str, FieldSpec]] = {
         "mode": FieldSpec(str, required=True, choices=frozenset({"all", "inc"})),
         "disks": FieldSpec(list, required=True, min_len=1, max_len=64, items=FieldSpec(dict)),
+        #: The source's config allows the NBD stream without TLS
+        #: (``[tls] allow_plaintext_nbd``); plaintext only if the destination's does too.
+        "plaintext_ok": FieldSpec(bool, default=False),
     }
 
     mode: str
     disks: tuple[Mapping[str, Any], ...]
+    plaintext_ok: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disks", tuple(self.disks))
 
     def to_wire(self) -> dict[str, Any]:
         """Return the section map."""
-        return {"mode": self.mode, "disks": [dict(d) for d in self.disks]}
+        return {"mode": self.mode, "disks": [dict(d) for d in self.disks],
+                "plaintext_ok": self.plaintext_ok}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> StorageCopy:
@@ -271,28 +276,59 @@ class StorageCopy:
 
 @dataclass(frozen=True)
 class Nbd:
-    """Prepare → Perform: where the destination's NBD server takes the disks' mirrors."""
+    """Prepare → Perform: where the destination's NBD server takes the disks' mirrors.
+
+    ``transport`` "tcp": the source's qemu connects to ``host:port``, with
+    TLS checking ``tls_hostname`` unless ``tls`` is false (both hosts'
+    ``[tls] allow_plaintext_nbd``). "tunnel" (``--tunnelled``): each disk's
+    NBD connection is one more channel of the migration's tunnel, so there
+    is no address here and qemu's own TLS is off (the tunnel encrypts).
+    """
 
     SECTION: ClassVar[str] = "nbd"
     SPECS: ClassVar[Mapping[str, FieldSpec]] = {
-        "host": FieldSpec(str, required=True, min_len=1, max_len=255),
-        "port": FieldSpec(int, required=True, ge=1, le=65535),
-        #: The server's certificate name the source checks (TLS is always on).
-        "tls_hostname": FieldSpec(str, required=True, min_len=1, max_len=255),
+        "transport": FieldSpec(str, default="tcp", choices=frozenset({"tcp", "tunnel"})),
+        "host": FieldSpec(str, nullable=True, min_len=1, max_len=255),
+        "port": FieldSpec(int, nullable=True, ge=1, le=65535),
+        #: The server's certificate name the source checks.
+        "tls_hostname": FieldSpec(str, nullable=True, min_len=1, max_len=255),
+        "tls": FieldSpec(bool, default=True),
+        #: "tunnel": the first tunnel channel index of the disks (channel
+        #: ``first_channel + i`` carries disk ``i`` of the plan).
+        "first_channel": FieldSpec(int, nullable=True, ge=1, le=255),
     }
 
-    host: str
-    port: int
-    tls_hostname: str
+    host: str | None = None
+    port: int | None = None
+    tls_hostname: str | None = None
+    transport: str = "tcp"
+    tls: bool = True
+    first_channel: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.transport == "tcp" and (self.host is None or self.port is None
+                                        or (self.tls and self.tls_hostname is None)):
+            raise CookieError("cookie section 'nbd': a tcp transport needs host, port and "
+                              "(with TLS) tls_hostname", section=self.SECTION)
+        if self.transport == "tunnel" and self.first_channel is None:
+            raise CookieError("cookie section 'nbd': a tunnel transport needs first_channel",
+                              section=self.SECTION)
 
     def to_wire(self) -> dict[str, Any]:
         """Return the section map."""
-        return {"host": self.host, "port": self.port, "tls_hostname": self.tls_hostname}
+        data: dict[str, Any] = {"transport": self.transport, "tls": self.tls}
+        for key in ("host", "port", "tls_hostname", "first_channel"):
+            value = getattr(self, key)
+            if value is not None:
+                data[key] = value
+        return data
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> Nbd:
         """Build from a section map; raises :class:`~ferry.errors.CookieError`."""
         return cls(**_check(cls.SECTION, cls.SPECS, data))
+
+
 _PROP_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
