@@ -289,11 +289,7 @@ class ClientDriven:
             return {"name": out.name, "migration_id": out.migration_id, "result": "cancelled",
                     "source": what}  # fmt: skip
         job.record(result="completed")
-        if out.tunnel is not None:
-            await out.tunnel.close(drain=True)
-            sent, _ = out.tunnel.bytes()
-            link.stats.update(tunnel_bytes=sent, tunnel_channels=len(out.tunnel.set.opened),
-                              tunnel_mode=out.tunnel.mode)  # fmt: skip
+        link.stats.update(await out.end_tunnel(drain=True))
         host = dest_host or out.peer
         await stop_source(self.ctx, out.name, out.domain.uuid, migration_id=out.migration_id,
                           peer=host, peer_uri=out.peer_uri,

@@ -218,6 +218,7 @@ def _nbd_server(ctx: SourceContext, out: Outgoing, nbd: Nbd) -> tuple[NbdAddress
         path = out.tunnel.path.with_name(out.tunnel.path.stem + "-nbd.sock")
         out.disk_tunnel = out.tunnel.sibling(path, nbd.first_channel, len(out.storage))
         out.disk_tunnel.listen()
+        out.disk_transport = "tunnel"
         return str(path), False
     if out.tunnel is not None:
         raise MigrationFailed(f"{out.peer} exports the disks over TCP, outside the tunnel "
@@ -226,12 +227,15 @@ def _nbd_server(ctx: SourceContext, out: Outgoing, nbd: Nbd) -> tuple[NbdAddress
     if not nbd.tls and not (tls is not None and tls.allow_plaintext_nbd):
         raise MigrationFailed(f"{out.peer} offers the disks over NBD without TLS, which this "
                               "host's config does not allow ([tls] allow_plaintext_nbd)")
-    return (nbd.host, nbd.port), nbd.tls and tls is not None
+    use_tls = nbd.tls and tls is not None
+    out.disk_transport = "nbd-tls" if use_tls else "nbd-plain"
+    return (nbd.host, nbd.port), use_tls
 
 
 async def _close_disk_tunnel(out: Outgoing, *, drain: bool) -> None:
     if out.disk_tunnel is not None:
         await out.disk_tunnel.close(drain=drain)
+        out.disk_tunnel_bytes += out.disk_tunnel.bytes()[0]
         out.disk_tunnel = None
 
 

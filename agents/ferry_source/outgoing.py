@@ -47,6 +47,10 @@ class Outgoing:
     #: --tunnelled --copy-storage-*: where qemu's NBD clients connect (the
     #: disks' channels of the same tunnel).
     disk_tunnel: SourceTunnel | None = None
+    #: What the disks' channels carried (kept when their tunnel closes).
+    disk_tunnel_bytes: int = 0
+    #: How the disks travel: "nbd-tls", "nbd-plain" or "tunnel".
+    disk_transport: str = ""
     session: Session | None = None
     dest_name: str = ""
     #: True once qemu was told to migrate (the destination may hold the state).
@@ -116,3 +120,20 @@ class Outgoing:
         for tunnel in (self.disk_tunnel, self.tunnel):
             if tunnel is not None:
                 await tunnel.close(drain=False)
+
+    async def end_tunnel(self, *, drain: bool) -> dict[str, Any]:
+        """Close the stream's tunnel (``drain``: let it finish first); its figures for the
+        result: bytes sent (the disks' channels included), channels, mode. Empty
+        when the migration is not tunnelled."""
+        if self.tunnel is None:
+            return {}
+        await self.tunnel.close(drain=drain)
+        sent, _ = self.tunnel.bytes()
+        figures: dict[str, Any] = {
+            "tunnel_bytes": sent + self.disk_tunnel_bytes,
+            "tunnel_channels": len(self.tunnel.set.opened),
+            "tunnel_mode": self.tunnel.mode,
+        }
+        if self.disk_tunnel_bytes:
+            figures["tunnel_disk_bytes"] = self.disk_tunnel_bytes
+        return figures

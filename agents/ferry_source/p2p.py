@@ -127,11 +127,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
         result, finish_error, dest_host, settled = await _finish(
             ctx, out, session, cancelled, emit
         )
-        if out.tunnel is not None:
-            await out.tunnel.close(drain=finish_error is None)
-            sent, _ = out.tunnel.bytes()
-            stats.update(tunnel_bytes=sent, tunnel_channels=len(out.tunnel.set.opened),
-                         tunnel_mode=out.tunnel.mode)  # fmt: skip
+        stats.update(await out.end_tunnel(drain=finish_error is None))
 
         # -- Confirm -------------------------------------------------------
         enter_phase(out, emit, "confirm")

@@ -149,11 +149,7 @@ async def complete_postcopy(
             "--postcopy --postcopy-resume' once the link is back",
             migration_id=out.migration_id, peer=out.peer,
         )  # fmt: skip
-    if out.tunnel is not None:
-        await out.tunnel.close(drain=True)
-        sent, _ = out.tunnel.bytes()
-        stats.update(tunnel_bytes=sent, tunnel_channels=len(out.tunnel.set.opened),
-                     tunnel_mode=out.tunnel.mode)  # fmt: skip
+    stats.update(await out.end_tunnel(drain=True))
     final = await _final_stats(out)
     stats.update(final)
     if out.job is not None:

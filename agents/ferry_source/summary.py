@@ -20,6 +20,9 @@ def summary(
     """Log the migration's summary to the journal; the migrate op's result."""
     total_s = time.monotonic() - started
     figures = {**stats, "wall_time_ms": int(total_s * 1000), "result": "completed"}
+    if out.storage:
+        # What the disks' mirrors covered, and how they travelled.
+        figures.update(disk_bytes=out.disk_bytes, disk_transport=out.disk_transport)
     log_event(log, MessageID.MIGRATION_COMPLETED,
               f"{out.name} migrated to {dest_host} as {out.dest_name} in {total_s:.2f}s",
               phase="confirm")  # fmt: skip

@@ -42,10 +42,13 @@ def _random_image(path: Path, mib: int) -> None:
             f.write(os.urandom(MIB))
 
 
-def _local(cluster: Cluster) -> tuple[HostEnv, HostEnv]:
+def _local(cluster: Cluster, *plaintext: HostEnv) -> tuple[HostEnv, HostEnv]:
+    """Both hosts with local storage; those in ``plaintext`` allow NBD without TLS."""
     a, b = cluster.a, cluster.b
     for host in (a, b):
         host.enable_local_storage()
+    for host in plaintext:
+        host.write_config(**{"tls.allow_plaintext_nbd": True})
     cluster.start()
     return a, b
 
@@ -70,7 +73,8 @@ def _disk(path: str, fmt: str, dev: str) -> str:
 def test_copy_storage_all_moves_raw_and_qcow2_disks_with_the_vm(
     cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
 ) -> None:
-    a, b = _local(cluster)
+    # A would go without TLS, B would not: the disks go with TLS.
+    a, b = _local(cluster, cluster.a)
     _random_image(a.local_dir / "data.raw", 48)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2",
                     str(a.local_dir / "data.raw"), str(a.local_dir / "data.qcow2")],
@@ -91,6 +95,9 @@ def test_copy_storage_all_moves_raw_and_qcow2_disks_with_the_vm(
         storage = [e for e in events if e.get("event") == "storage"]
         assert storage and storage[-1]["data"]["disk_total"] >= 96 * MIB, events[-3:]
         assert all(d["ready"] for d in storage[-1]["data"]["disks"].values()), storage[-1]
+        result = next(e["data"] for e in events if e["event"] == "result")
+        assert result["stats"]["disk_transport"] == "nbd-tls", result
+        assert result["stats"]["disk_bytes"] == storage[-1]["data"]["disk_total"], result
         # Progress (and jobinfo) show the disks beside the RAM, and an ETA.
         assert any(e["data"].get("eta_s") for e in storage), storage
         memory = [e for e in events if e.get("event") == "progress"]
@@ -116,7 +123,8 @@ def test_copy_storage_all_moves_raw_and_qcow2_disks_with_the_vm(
 def test_copy_storage_inc_copies_only_the_top_layer(
     cluster: Cluster, guest_kernel: Path, virt_type: str, tmp_path: Path
 ) -> None:
-    a, b = _local(cluster)
+    # Both hosts allow plaintext NBD: the top layer goes without TLS.
+    a, b = _local(cluster, cluster.a, cluster.b)
     _random_image(a.local_dir / "base.raw", 32)
     (b.local_dir / "base.raw").write_bytes((a.local_dir / "base.raw").read_bytes())
     top = str(LOCAL_STORAGE / "top.qcow2")
@@ -127,8 +135,11 @@ def test_copy_storage_inc_copies_only_the_top_layer(
     xml = _guest(cluster, guest_kernel, virt_type, tmp_path, "cs2", _disk(top, "qcow2", "vda"))
     a.ferryctl("define", str(xml), check=True)
     a.ferryctl("start", "cs2", check=True)
-    moved = a.ferryctl("migrate", "cs2", b.uri, "--live", "--copy-storage-inc", timeout=300)
+    moved = a.ferryctl("migrate", "cs2", b.uri, "--live", "--copy-storage-inc", "--json",
+                       timeout=300)  # fmt: skip
     assert moved.returncode == 0, moved.stderr + cluster.logs()
+    result = [json.loads(line) for line in moved.stdout.splitlines() if line.strip()][-1]
+    assert result["data"]["stats"]["disk_transport"] == "nbd-plain", result
     assert b.domain_state("cs2") == "running" and not a.qemu_pids()
     info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json",
                                       str(b.local_dir / "top.qcow2")], check=True,
