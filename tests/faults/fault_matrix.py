@@ -378,6 +378,10 @@ def _client_cells() -> list[Cell]:
     ]  # fmt: skip
 
 
+#: The variant of a cell whose migration is ``--tunnelled``.
+TUNNELLED = "tunnelled"
+
+
 def _storage_cells() -> list[Cell]:
     """Issue 15's rows: the disk mirrored to B's NBD export (``--copy-storage-all``),
     broken while it is copied (``src.mirror``) and once it is complete at
@@ -401,6 +405,14 @@ def _storage_cells() -> list[Cell]:
              "the disks are complete on B but the device state cannot follow: A runs on"),
         cell("kill-destination-qemu", "switchover", ("A",),
              "B's qemu dies with complete disks: they are deleted, A runs on"),
+        # The disks through the migration's tunnel (--tunnelled): their
+        # channels die with B's agent; a stuck stream is unstuck by A.
+        cell("kill-destination-agent", "mirror", ("A",),
+             "the disks' tunnel channels die with B's agent: the mirror fails, A runs on, "
+             "B's restarted agent deletes the images", variant=TUNNELLED),
+        cell("cut-link", "switchover", ("A",),
+             "qemu's device state hangs in the tunnel: A stops the tunnel, runs on",
+             variant=TUNNELLED),
     ]  # fmt: skip
 
 
@@ -919,6 +931,8 @@ class CellRun:
             extra = list(POSTCOPY_ARGS)
         if cell.storage:
             extra.append("--copy-storage-all")
+        if cell.variant == TUNNELLED:
+            extra.append("--tunnelled")
         self.stage("migrate")
         mig = Migrate.start(
             self.cluster,
