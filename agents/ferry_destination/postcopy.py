@@ -28,6 +28,7 @@ from ferry.qemu import QemuProcess, query_migrate
 from ferry.rpc import RequestContext
 from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming
+from ferry_destination.nbd_export import forget_created, stop_nbd
 from ferry_destination.tunnel import IncomingTunnel, issue_token, redeemer_for
 
 __all__ = ["finish_held", "hold", "postcopy_recover", "postcopy_state"]
@@ -61,6 +62,15 @@ async def hold(dst: DestinationContext, incoming: Incoming, reason: str) -> None
     incoming.held = True
     if incoming.watchdog is not None and incoming.watchdog is not asyncio.current_task():
         incoming.watchdog.cancel()
+    if incoming.created_images:
+        # The source ended its mirrors at the switch: the copied images are
+        # this VM's disks from now on (its CPUs may already have written
+        # them), never a failed copy's leftovers; and nothing may write to
+        # them over NBD any more.
+        with contextlib.suppress(FerryError):
+            await stop_nbd(incoming.proc)
+        forget_created(dst, name)
+        incoming.created_images = []
     dst.outcomes.record(incoming.migration_id, POSTCOPY, domain=name,
                         uuid=incoming.domain.uuid, reason=reason,
                         source_host=incoming.source_host)  # fmt: skip
@@ -103,6 +113,9 @@ async def finish_held(
         await dst.host.acquire_leases(live.domain, proc)
         if flags & MigrationFlags.PERSIST_DEST:
             dst.host.save_definition(live.domain)
+        # A storage copy's NBD server, if hold() could not stop it.
+        with contextlib.suppress(FerryError):
+            await stop_nbd(proc)
         if not flags & MigrationFlags.PAUSED:
             await proc.qmp.execute("cont")
         dst.outcomes.record(record.migration_id, RUNNING, domain=name, uuid=uuid,

@@ -361,9 +361,6 @@ def _check_storage_copy(f: MigrationFlags, params: MigrationParams, problems: li
             if getattr(params, name) is not None:
                 problems.append(f"{_param(name)} cannot be combined with {_flag(M.TUNNELLED)}: "
                                 "the disks travel through the tunnel, not to a port of their own")
-    if M.POSTCOPY in f:
-        problems.append(f"{_flag(M.POSTCOPY)} cannot be combined with copying storage yet: "
-                        "the disk mirrors must end in sync before the destination runs")
 
 
 def compression_methods(f: MigrationFlags, params: MigrationParams) -> list[str]:

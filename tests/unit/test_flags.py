@@ -325,6 +325,7 @@ def test_storage_copy_rules_name_the_options() -> None:
     assert validate(disk, MigrationParams(migrate_disks=["vda"], disks_port=49400)) == disk
     assert validate(inc | F.NON_SHARED_SYNCHRONOUS_WRITES, NO_PARAMS)
     assert validate(disk | F.TUNNELLED | F.PEER2PEER, NO_PARAMS)
+    assert validate(disk | F.POSTCOPY, NO_PARAMS)
     cases = [
         (disk | F.NON_SHARED_INC, NO_PARAMS, "cannot be combined: copy whole images"),
         (F.LIVE, MigrationParams(migrate_disks=["vda"]),
@@ -337,7 +338,6 @@ def test_storage_copy_rules_name_the_options() -> None:
          "--disks-port (disks_port) cannot be combined with --tunnelled"),
         (disk | F.TUNNELLED | F.PEER2PEER, MigrationParams(disks_uri="tcp://h:2"),
          "the disks travel through the tunnel"),
-        (disk | F.POSTCOPY, NO_PARAMS, "cannot be combined with copying storage yet"),
     ]
     for flags, params, words in cases:
         with pytest.raises(FlagError, match=re.escape(words)):
