@@ -17,6 +17,7 @@ from ferry.faults import Faults
 from ferry.fences import FenceBook
 from ferry.host import Host
 from ferry.jobs import JobManager
+from ferry.offline import PendingBook
 from ferry.outcomes import OutcomeBook
 from ferry.tunnel import TokenBook
 
@@ -41,6 +42,8 @@ class DestinationContext:
     #: Refreshes the agent's STATUS= line after a change.
     notify_status: Callable[[], None]
     incoming: dict[str, Incoming] = field(default_factory=dict)
+    #: Offline migrations between their Prepare and Finish (nothing on disk).
+    offline: PendingBook = field(default_factory=PendingBook)
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -38,6 +38,10 @@ async def finish(
     dst: DestinationContext, ctx: RequestContext, args: dict[str, Any]
 ) -> dict[str, Any]:
     """Finish phase: start the CPUs (or give up), answering only once the outcome is recorded."""
+    if MigrationFlags(args["flags"]) & MigrationFlags.OFFLINE:
+        from ferry_destination.offline import finish_offline  # it imports prepare
+
+        return await finish_offline(dst, ctx, args)
     name = args["name"]
     incoming = dst.incoming.get(name)
     wanted = args.get("migration_id")

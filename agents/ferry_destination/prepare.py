@@ -101,6 +101,10 @@ async def prepare(
                 f"domain XML has uuid {domain.uuid} but the cookie has {identity.uuid}"
             )
         _check_free(dst, domain)
+        if flags & MigrationFlags.OFFLINE:
+            from ferry_destination.offline import prepare_offline  # it imports this module
+
+            return await prepare_offline(dst, domain, identity)
         domain = await _run_hook(dst, domain)
         # Before any job or qemu: can this host run the guest's CPU exactly?
         try:

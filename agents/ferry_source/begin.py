@@ -34,6 +34,10 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
     Raises:
         MigrationRefused, DomainState, ABIError, JobBusy: the migration is refused.
     """
+    if out.flags & MigrationFlags.OFFLINE:
+        from ferry_source.offline import begin_offline  # it imports this module
+
+        return await begin_offline(ctx, out, emit)
     domain, flags, params = out.domain, out.flags, out.params
     out.phases.advance("begin")
     emit("phase", {"phase": "begin", "migration_id": out.migration_id})

@@ -39,6 +39,7 @@ from ferry.protocol.cookie import Cookie
 from ferry.rpc import Handler, RequestContext, Session
 from ferry_source.begin import begin
 from ferry_source.confirm import resume_source, stop_source
+from ferry_source.offline import client_confirm
 from ferry_source.outgoing import Outgoing
 from ferry_source.p2p import enter_phase, open_tunnel, subject_of
 from ferry_source.perform import perform
@@ -246,7 +247,8 @@ class ClientDriven:
             raise PhaseError(f"migration {out.migration_id} of '{out.name}' is still in "
                              "Perform", stage=str(link.stage))  # fmt: skip
         cancelled, unknown = bool(args["cancelled"]), bool(args["unknown"])
-        if link.stage is ClientStage.BEGUN and not cancelled:
+        offline = bool(out.flags & MigrationFlags.OFFLINE)  # no Perform: Begin → Confirm
+        if link.stage is ClientStage.BEGUN and not cancelled and not offline:
             raise PhaseError(f"migration {out.migration_id} of '{out.name}' never ran "
                              "Perform: only a cancelled Confirm may follow Begin")  # fmt: skip
         if link.stage is ClientStage.PERFORMED and link.perform_error is not None:
@@ -270,6 +272,9 @@ class ClientDriven:
     ) -> dict[str, Any]:  # fmt: skip
         job = out.job
         assert job is not None
+        if out.flags & MigrationFlags.OFFLINE:
+            return client_confirm(self.ctx, out, req.emit, cancelled=cancelled, unknown=unknown,
+                                  dest_host=dest_host or out.peer, started=link.started)
         enter_phase(out, req.emit, "confirm")
         if unknown and link.stage is not ClientStage.BEGUN:
             settled = await settle(self.ctx, subject_of(out), job=job, emit=req.emit,

@@ -31,6 +31,7 @@ from ferry_source.begin import JOB_TIMEOUT
 from ferry_source.checks import parse_dest_uri
 from ferry_source.client_driven import ClientDriven
 from ferry_source.context import SourceContext
+from ferry_source.offline import migrate_offline
 from ferry_source.outgoing import Outgoing
 from ferry_source.p2p import migrate_p2p
 from ferry_source.peer import peer_request
@@ -76,8 +77,6 @@ class MigrationDriver:
             JobBusy: the domain is migrating already (naming that migration).
         """
         live = self.resolve(ctx, op, args["name"])
-        if flags & MigrationFlags.OFFLINE:
-            raise MigrationRefused("offline migration is not supported yet (--offline)")
         config = self.ctx.config
         if params.tunnel_plaintext and not (
             config.tls is not None and config.tls.allow_plaintext_tunnel
@@ -86,9 +85,10 @@ class MigrationDriver:
                 "--tunnel-plaintext refused: this host's config does not allow plaintext "
                 "tunnel data ([tls] allow_plaintext_tunnel = true)"
             )
-        if live.status is None:
+        if live.status is None and not flags & MigrationFlags.OFFLINE:
             raise DomainState(
-                f"domain '{live.domain.name}' is not running; only a running domain migrates live"
+                f"domain '{live.domain.name}' is not running; only a running domain migrates live "
+                "(--offline --persistent moves its definition)"
             )
         host, port = parse_dest_uri(args["dest_uri"])
         busy = self.outgoing.get(live.domain.name)
@@ -127,6 +127,8 @@ class MigrationDriver:
             try:
                 if resuming:
                     return await resume_postcopy(self.ctx, out, ctx)
+                if flags & MigrationFlags.OFFLINE:
+                    return await migrate_offline(self.ctx, out, ctx)
                 return await migrate_p2p(self.ctx, out, ctx)
             except FerryError as exc:
                 self.log_end(out, exc)

@@ -22,6 +22,7 @@ from ferry.statefile import JobRecord
 from ferry_source.checks import parse_dest_uri
 from ferry_source.confirm import observe_qemu, resume_source, stop_source
 from ferry_source.context import SourceContext
+from ferry_source.offline import recover_offline
 from ferry_source.peer import ask_outcome
 from ferry_source.perform import cancel_migration
 from ferry_source.postcopy import PostcopyEnd, wait_postcopy_end
@@ -79,14 +80,18 @@ class OutgoingRecovery:
         with LogContext(domain=name, uuid=job.uuid, migration_id=record.migration_id or "",
                         phase=record.phase or ""):  # fmt: skip
             try:
-                view = await observe_qemu(self.ctx, name)
-                decision = decide_outgoing(record.phase, view, result=data.get("result"),
-                                           postcopy=bool(data.get("postcopy")))  # fmt: skip
-                what = f"{decision.action.value} — {decision.reason}"
-                log_event(log, MessageID.MIGRATION_PHASE,
-                          f"recovering the outgoing migration of {name} (phase "
-                          f"{record.phase}): {what}")  # fmt: skip
-                await self._act(job, record, decision.action)
+                if data.get("offline"):
+                    # Nothing changed here: nothing to settle, the job just ends.
+                    recover_offline(job, record)
+                else:
+                    view = await observe_qemu(self.ctx, name)
+                    decision = decide_outgoing(record.phase, view, result=data.get("result"),
+                                               postcopy=bool(data.get("postcopy")))  # fmt: skip
+                    what = f"{decision.action.value} — {decision.reason}"
+                    log_event(log, MessageID.MIGRATION_PHASE,
+                              f"recovering the outgoing migration of {name} (phase "
+                              f"{record.phase}): {what}")  # fmt: skip
+                    await self._act(job, record, decision.action)
             except asyncio.CancelledError:
                 # Stopping: leave the record for the next start.
                 raise

@@ -214,7 +214,8 @@ class Driver:
         try:
             perform_error: FerryError | None = None
             try:
-                await self._perform(prepared)
+                if not self.flags & MigrationFlags.OFFLINE:  # offline: no Perform
+                    await self._perform(prepared)
             except FerryError as exc:
                 perform_error = exc
                 if isinstance(exc, ProtocolError) and self.source.closed:

@@ -517,8 +517,11 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--paused", action="store_true", help="leave the VM paused on the destination")
     p.add_argument(
-        "--offline", action="store_true", help="migrate the definition only (not yet supported)"
-    )
+        "--offline", action="store_true",
+        help="move only the persistent definition (needs --persistent; not with --live or "
+        "storage copy): the destination runs its migrate hook and defines it inactive; the "
+        "domain stays as it is here (running or not) unless --undefine-source",
+    )  # fmt: skip
     p.add_argument(
         "--auto-converge", action="store_true", help="throttle the guest's CPUs until it converges"
     )

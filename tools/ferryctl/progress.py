@@ -109,6 +109,12 @@ class Display:
     def finish(self, result: dict[str, Any]) -> None:
         """Print the outcome."""
         stats = result.get("stats", {})
+        if result.get("offline"):
+            print(f"Offline migration completed: {result.get('dest_name')} is defined (inactive) "
+                  f"on {result.get('dest_host')}; {result.get('name')} is "
+                  f"{result.get('source_state')} here, its definition "
+                  f"{result.get('source_definition')}", flush=True)  # fmt: skip
+            return
         print(
             f"Migration completed: {result.get('name')} now runs on {result.get('dest_host')} "
             f"(total {stats.get('total_time_ms', '-')} ms, "
