@@ -203,6 +203,7 @@ class DestinationAgent:
             "incoming": [{"name": name, "migration_id": inc.migration_id,
                           "phase": inc.phases.current} for name, inc in self.incoming.items()],
             "tokens": len(self.tokens),
+            "offline": self.ctx.offline.describe(),
             "outcomes": [vars(o) for o in self.ctx.outcomes.all()],
         }  # fmt: skip
 

@@ -100,11 +100,11 @@ async def prepare(
             raise MigrationRefused(
                 f"domain XML has uuid {domain.uuid} but the cookie has {identity.uuid}"
             )
-        _check_free(dst, domain)
         if flags & MigrationFlags.OFFLINE:
             from ferry_destination.offline import prepare_offline  # it imports this module
 
             return await prepare_offline(dst, domain, identity)
+        _check_free(dst, domain)
         domain = await _run_hook(dst, domain)
         # Before any job or qemu: can this host run the guest's CPU exactly?
         try:

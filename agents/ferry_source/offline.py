@@ -33,7 +33,6 @@ from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
 from ferry_source.p2p import enter_phase
 from ferry_source.peer import close_session, connect_peer, request
-from ferry_source.summary import summary
 
 __all__ = ["begin_offline", "confirm_offline", "migrate_offline", "recover_offline"]
 
@@ -124,11 +123,19 @@ def confirm_offline(
         log_event(log, MessageID.MIGRATION_PHASE,
                   f"{out.name}: the source definition was removed (--undefine-source); "
                   f"{dest_host} has it", phase="confirm")  # fmt: skip
-    running = ctx.host.load_status(out.name) is not None
-    result = summary(out, {"offline": 1}, dest_host, started)
-    result.update(offline=True, source_definition=source,
-                  source_state="running" if running else "shut off")  # fmt: skip
-    return result
+    state = "running" if ctx.host.load_status(out.name) is not None else "shut off"
+    total_s = time.monotonic() - started
+    log_event(log, MessageID.MIGRATION_COMPLETED,
+              f"the definition of {out.name} migrated offline to {dest_host} as "
+              f"{out.dest_name or out.name} in {total_s:.2f}s; here it is {state}, its "
+              f"definition {source}", phase="confirm")  # fmt: skip
+    figures = {"wall_time_ms": int(total_s * 1000), "result": "completed", "offline": 1}
+    log_event(log, MessageID.MIGRATION_SUMMARY,
+              "summary: " + ", ".join(f"{k}={v}" for k, v in sorted(figures.items())),
+              phase="confirm", **{f"summary_{k}": v for k, v in figures.items()})  # fmt: skip
+    return {"name": out.name, "dest_name": out.dest_name or out.name, "dest_host": dest_host,
+            "migration_id": out.migration_id, "stats": figures, "offline": True,
+            "source_definition": source, "source_state": state}  # fmt: skip
 
 
 def _confirm_phase(out: Outgoing, emit: Emit) -> None:
