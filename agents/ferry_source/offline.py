@@ -129,7 +129,8 @@ def confirm_offline(
               f"the definition of {out.name} migrated offline to {dest_host} as "
               f"{out.dest_name or out.name} in {total_s:.2f}s; here it is {state}, its "
               f"definition {source}", phase="confirm")  # fmt: skip
-    figures = {"wall_time_ms": int(total_s * 1000), "result": "completed", "offline": 1}
+    figures: dict[str, Any] = {"wall_time_ms": int(total_s * 1000), "result": "completed",
+                               "offline": 1}  # fmt: skip
     log_event(log, MessageID.MIGRATION_SUMMARY,
               "summary: " + ", ".join(f"{k}={v}" for k, v in sorted(figures.items())),
               phase="confirm", **{f"summary_{k}": v for k, v in figures.items()})  # fmt: skip
