@@ -10,14 +10,22 @@ check intact, a stopped one stays defined and stopped), until
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from test_client_driven import run_mig
 from test_migration import boot_guest, events, refused
 
 from cluster import Cluster, HostEnv, guest_xml
+from ferry.journal import MessageID
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+pytest_plugins = ("journald_fixture",)
+if TYPE_CHECKING:
+    from journald_fixture import PrivateJournal  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.e2e
 
@@ -140,6 +148,13 @@ def test_offline_migration_moves_the_definition(
         refused(offline(a, "g3", b), "domain-exists", "another uuid", OTHER_UUID)
         assert listed(b)["g3"]["uuid"] == OTHER_UUID
         assert HOOK_NOTE not in inactive_xml(b, "g3")
+        # B's hook says no: B defines nothing.
+        hook = tmp_path / "migrate-hook"
+        hook.write_text("#!/bin/sh\ncat >/dev/null\necho 'no definitions on sundays' >&2\nexit 1\n")
+        define(a, tmp_path, guest_xml("g4", guest_kernel, virt_type=virt_type), "g4")
+        refused(offline(a, "g4", b), "hook-refused", "no definitions on sundays")
+        assert "g4" not in listed(b) and listed(a)["g4"]["state"] == "shut off"
+        hook.write_text(HOOK)
         refused(offline(a, "g1", b, "--copy-storage-all"), "flags-invalid",
                 "cannot copy storage")  # fmt: skip
         missing = a.ferryctl("migrate", "g3", b.uri, "--offline", timeout=60)
@@ -181,3 +196,41 @@ def test_client_driven_offline_migration(
     assert f"{HOOK_NOTE} for g1" in inactive_xml(b, "g1")
     nothing_pending(b)
     assert not list((a.run_dir / "jobs").glob("*.job"))
+
+
+def test_offline_migration_in_the_journal(
+    request: pytest.FixtureRequest, journald: PrivateJournal, guest_kernel: Path,
+    virt_type: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Both hosts journal the offline migration under its FERRY_MIGRATION_ID."""
+    env = ({"FERRY_JOURNAL_NAMESPACE": journald.namespace} if journald.namespace
+           else {"FERRY_JOURNAL_SOCKET": str(journald.socket)})  # fmt: skip
+    cluster = Cluster(agent_env=env)
+    try:
+        cluster.start()
+        a, b = cluster.a, cluster.b
+        define(a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type), "g1")
+        result = offline(a, "g1", b)
+        assert result.returncode == 0, result.stderr + cluster.logs()
+        mig = str(events(result)[-1]["data"]["migration_id"])  # type: ignore[index]
+        wanted = {(host, MessageID.MIGRATION_STARTED) for host in ("a", "b")} | {
+            (host, MessageID.MIGRATION_COMPLETED) for host in ("a", "b")}
+        deadline = time.monotonic() + 20
+        while True:
+            journald.sync()
+            entries = list(journald.query_json(f"FERRY_MIGRATION_ID={mig}"))
+            seen = {(e.get("FERRY_HOST"), e.get("MESSAGE_ID")) for e in entries}
+            if wanted <= seen:
+                break
+            assert time.monotonic() < deadline, f"journal never showed both hosts: {entries}"
+            time.sleep(0.1)
+        assert all(e.get("FERRY_DOMAIN") == "g1" for e in entries), entries
+        b_phases = {e.get("FERRY_PHASE") for e in entries if e.get("FERRY_HOST") == "b"}
+        assert {"prepare", "finish"} <= b_phases, b_phases
+        a_phases = {e.get("FERRY_PHASE") for e in entries if e.get("FERRY_HOST") == "a"}
+        assert {"begin", "prepare", "finish", "confirm"} <= a_phases, a_phases
+    finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(cluster.logs())
+        cluster.close()
