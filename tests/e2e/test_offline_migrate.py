@@ -187,6 +187,20 @@ def test_client_driven_offline_migration(
 ) -> None:
     a, b = hosts.a, hosts.b
     define(a, tmp_path, guest_xml("g1", guest_kernel, virt_type=virt_type), "g1")
+    uuid = listed(a)["g1"]["uuid"]
+    # Renamed on the way (--dname): B defines g9; A keeps g1.
+    result = run_mig(hosts, "--offline", "--persistent", "--dname", "g9", "--json", timeout=60)
+    assert result.returncode == 0, result.stderr + hosts.logs()
+    assert_offline_result(result, "shut off", "kept")
+    assert listed(b)["g9"]["uuid"] == uuid and "g1" not in listed(b)
+    assert f"{HOOK_NOTE} for g9" in inactive_xml(b, "g9")
+    # B has that UUID as g9 now: g1 is refused there, and A's Begin is cancelled.
+    refused(run_mig(hosts, "--offline", "--persistent", "--undefine-source", timeout=60),
+            "domain-exists", f"uuid {uuid} is defined there as 'g9'")  # fmt: skip
+    assert listed(a)["g1"]["state"] == "shut off" and "g1" not in listed(b)
+    nothing_pending(b)
+    assert not list((a.run_dir / "jobs").glob("*.job"))
+    b.ferryctl("undefine", "g9", check=True)
     result = run_mig(hosts, "--offline", "--persistent", "--undefine-source", "--json",
                      timeout=60)  # fmt: skip
     assert result.returncode == 0, result.stderr + hosts.logs()
