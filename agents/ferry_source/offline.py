@@ -56,7 +56,7 @@ async def begin_offline(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[
     fence = ctx.fences.get(domain.uuid)
     definition = ctx.host.load_definition(domain.name)
     snapshots = [s["name"] for s in ctx.snapshots(domain.name)]
-    source_refusal(domain.name, persistent=definition is not None, snapshots=snapshots,
+    source_refusal(domain.name, definition, snapshots=snapshots,
                    fenced=fence.describe() if fence is not None else None)  # fmt: skip
     assert definition is not None
     xml_domain = definition

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.allowed import is_allowed, refusal
+from ferry.domain import Domain
 from ferry.errors import DomainExists, MigrationRefused
 
 __all__ = [
@@ -42,34 +44,35 @@ PENDING_LIMIT = 64
 
 
 def source_refusal(
-    name: str, *, persistent: bool, snapshots: Sequence[str], fenced: str | None = None
+    name: str, definition: Domain | None, *, snapshots: Sequence[str], fenced: str | None = None
 ) -> None:
     """Begin's refusals of an offline migration (the flag rules are checked before).
 
-    Only what concerns the definition matters: a running qemu's migration
-    blockers, its cache modes or an I/O error do not, since nothing of the
-    running VM moves (libvirt skips those checks with ``VIR_MIGRATE_OFFLINE``).
+    ``definition`` is the domain's persistent definition (None: transient).
+    The remote rules are :func:`ferry.allowed.is_allowed`'s with
+    ``memory=False``: nothing of the running VM moves, so qemu's migration
+    blockers (host devices, virtiofs) do not apply, nor do cache modes or an
+    I/O error (libvirt skips those checks with ``VIR_MIGRATE_OFFLINE``);
+    snapshot metadata, which would stay behind, does.
 
     Raises:
-        MigrationRefused: a transient domain (no definition to move), snapshot
-            metadata (it would not follow), or a fence (``fenced`` says which)
-            from an earlier migration that is not settled.
+        MigrationRefused: an unsettled fence (``fenced`` says which), a
+            transient domain (no definition to move), snapshots.
     """
     if fenced:
         raise MigrationRefused(
             f"cannot migrate domain '{name}' offline: {fenced}; settle it first "
             f"(ferryctl migrate-recover {name})", name=name,
         )  # fmt: skip
-    if not persistent:
+    if definition is None:
         raise MigrationRefused(
             f"cannot migrate domain '{name}' offline: it is transient (it has no persistent "
             "definition to move); define it first, or migrate it live", name=name,
         )  # fmt: skip
-    if snapshots:
-        raise MigrationRefused(
-            f"cannot migrate domain '{name}' with {len(snapshots)} snapshot(s): their metadata "
-            "would not follow the definition", snapshots=list(snapshots),
-        )  # fmt: skip
+    problems = is_allowed(definition, True, snapshots=snapshots, memory=False)
+    if problems:
+        raise MigrationRefused(refusal(name, "migrate", problems),
+                               problems=[p.message for p in problems])  # fmt: skip
 
 
 def define_decision(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ferry.allowed import is_allowed
+from ferry.domain import Domain, parse_domain
 from ferry.errors import DomainExists, FlagError, MigrationRefused
 from ferry.flags import MigrationFlags as M
 from ferry.flags import MigrationParams, validate
@@ -49,21 +51,38 @@ def test_offline_refuses_what_moves_data(extra: M, needle: str) -> None:
 # -- Begin: the source's refusals ----------------------------------------------
 
 
+def definition(devices: str = "") -> Domain:
+    return parse_domain(f"""<domain type='kvm'><name>g1</name><uuid>{UUID}</uuid>
+  <memory unit='KiB'>65536</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>{devices}</devices>
+</domain>""", where="t.xml")
+
+
+HOSTDEV = """<hostdev mode='subsystem' type='pci' managed='yes'>
+  <source><address domain='0x0000' bus='0x06' slot='0x12' function='0x2'/></source></hostdev>"""
+
+
 def test_source_refuses_a_transient_domain() -> None:
     with pytest.raises(MigrationRefused, match="transient") as info:
-        source_refusal("g1", persistent=False, snapshots=[])
+        source_refusal("g1", None, snapshots=[])
     assert "'g1'" in info.value.message
 
 
 def test_source_refuses_snapshots_and_fences_first() -> None:
-    with pytest.raises(MigrationRefused, match="2 snapshot"):
-        source_refusal("g1", persistent=True, snapshots=["s1", "s2"])
+    with pytest.raises(MigrationRefused, match=r"cannot migrate domain 'g1': it has 2 snapshot"):
+        source_refusal("g1", definition(), snapshots=["s1", "s2"])
     with pytest.raises(MigrationRefused, match="migrate-recover g1"):
-        source_refusal("g1", persistent=False, snapshots=["s1"], fenced="outcome unknown")
+        source_refusal("g1", None, snapshots=["s1"], fenced="outcome unknown")
 
 
-def test_source_allows_a_persistent_domain() -> None:
-    source_refusal("g1", persistent=True, snapshots=[])
+def test_source_allows_a_persistent_domain_even_with_a_host_device() -> None:
+    source_refusal("g1", definition(), snapshots=[])
+    # Nothing of the running VM moves: qemu's migration blockers do not apply
+    # (a live migration of this domain is refused; see test_domain_hostdev).
+    with_hostdev = definition(HOSTDEV)
+    assert is_allowed(with_hostdev, True), "the live rule must refuse it"
+    source_refusal("g1", with_hostdev, snapshots=[])
 
 
 # -- Prepare/Finish: may the destination define it? ------------------------------
