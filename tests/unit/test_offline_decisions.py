@@ -174,3 +174,18 @@ def test_pending_expires_and_is_bounded() -> None:
     book.add(_pending("g3", mid="cc", created=11.0), now=11.0)
     assert book.take("g1", "aa", now=11.0) is None
     assert [p["name"] for p in book.describe()] == ["g2", "g3"]
+
+
+# -- ferryctl's text result ------------------------------------------------------
+
+
+def test_ferryctl_says_what_an_offline_migration_did(capsys: pytest.CaptureFixture[str]) -> None:
+    from ferryctl.progress import Display
+
+    Display().finish({"name": "g1", "dest_name": "g9", "dest_host": "b", "offline": True,
+                      "source_state": "running", "source_definition": "undefined",
+                      "stats": {"result": "completed", "offline": 1}})  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("Offline migration completed: g9 is defined (inactive) on b;")
+    assert "g1 is running here, its definition undefined" in out
+    assert "now runs on" not in out
