@@ -118,11 +118,15 @@ def confirm_offline(
     source = "kept"
     if action is ConfirmAction.UNDEFINE:
         # We hold the domain's job: no start or define can slip in between.
-        ctx.host.delete_definition(out.name)
+        # Only the definition file goes: unlike an undefine, the domain's TPM
+        # state and NVRAM stay, since an offline migration did not move them
+        # (they are all that is left of them).
+        ctx.host.definition_path(out.name).unlink(missing_ok=True)
         source = "undefined"
         log_event(log, MessageID.MIGRATION_PHASE,
                   f"{out.name}: the source definition was removed (--undefine-source); "
-                  f"{dest_host} has it", phase="confirm")  # fmt: skip
+                  f"{dest_host} has it (any TPM state or NVRAM file stays here)",
+                  phase="confirm")  # fmt: skip
     state = "running" if ctx.host.load_status(out.name) is not None else "shut off"
     total_s = time.monotonic() - started
     log_event(log, MessageID.MIGRATION_COMPLETED,
