@@ -61,8 +61,8 @@ def source_refusal(
     """
     if fenced:
         raise MigrationRefused(
-            f"cannot migrate domain '{name}' offline: {fenced}; settle it first "
-            f"(ferryctl migrate-recover {name})", name=name,
+            f"cannot migrate domain '{name}' offline: {fenced} (see 'ferryctl dominfo {name}'; "
+            f"'ferryctl migrate-recover {name}' settles an unknown outcome)", name=name,
         )  # fmt: skip
     if definition is None:
         raise MigrationRefused(
