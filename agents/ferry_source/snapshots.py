@@ -1,0 +1,155 @@
+"""ferry-source's snapshot ops (virsh's snapshot-* verbs) over :mod:`ferry.snapshots`.
+
+Every change of a domain's tree runs under the domain's MODIFY job, so two
+requests cannot interleave their read-modify-write of the folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ferry.errors import SnapshotError
+from ferry.jobs import JobType
+from ferry.journal import LogContext
+from ferry.rpc import RequestContext
+from ferry.snapshots import Snapshot, SnapshotStore, format_snapshot_xml, parse_snapshot_xml
+
+if TYPE_CHECKING:
+    from ferry_source.agent import Handler, SourceAgent
+
+__all__ = ["SnapshotOps"]
+
+log = logging.getLogger("ferry.source.snapshots")
+
+JOB_TIMEOUT = 30.0
+
+
+class SnapshotOps:
+    """The snapshot_* handlers of one source agent."""
+
+    def __init__(self, agent: SourceAgent) -> None:
+        self.agent = agent
+        self.store = SnapshotStore(agent.config.paths.snapshots_dir)
+
+    def handlers(self) -> dict[str, Handler]:
+        """The ops this module serves."""
+        return {
+            "snapshot_create": self.op_create,
+            "snapshot_list": self.op_list,
+            "snapshot_delete": self.op_delete,
+            "snapshot_current": self.op_current,
+            "snapshot_dumpxml": self.op_dumpxml,
+        }
+
+    def summaries(self, name: str) -> list[dict[str, Any]]:
+        """The domain's snapshots (parents first), for info, Begin and undefine."""
+        return self.store.load(name).summaries()
+
+    async def op_create(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Take a snapshot (metadata), or ``redefine`` one from its XML."""
+        live = self.agent.resolve(ctx, "snapshot_create", args["name"])
+        dom = live.domain
+        async with self.agent.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY,
+                                            timeout=JOB_TIMEOUT):  # fmt: skip
+            tree = self.store.load(dom.name)
+            if args["redefine"]:
+                if not args["xml"]:
+                    raise SnapshotError("--redefine needs the snapshot's XML")
+                snap = parse_snapshot_xml(args["xml"], where="--redefine XML")
+                if snap.domain_uuid and snap.domain_uuid != dom.uuid:
+                    raise SnapshotError(f"snapshot '{snap.name}' belongs to the domain with "
+                                        f"uuid {snap.domain_uuid}, not '{dom.name}' "
+                                        f"({dom.uuid})")  # fmt: skip
+                if snap.kind != "metadata":
+                    raise SnapshotError(f"cannot redefine snapshot '{snap.name}': only "
+                                        "metadata-only snapshots can be redefined "
+                                        f"(it says kind '{snap.kind}')")  # fmt: skip
+                if not snap.domain_uuid:
+                    snap = Snapshot(**{**snap.__dict__, "domain_uuid": dom.uuid})
+                tree.redefine(snap, current=args["current"])
+                verb = "redefined"
+            else:
+                if args["current"]:
+                    raise SnapshotError("--current only goes with --redefine")
+                if args["xml"]:
+                    given = parse_snapshot_xml(args["xml"], where="snapshot XML")
+                    args["snapshot"] = given.name
+                    args["description"] = args["description"] or given.description
+                if not args["snapshot"]:
+                    args["snapshot"] = str(int(time.time()))
+                state, _ = await self.agent.state_of(live)
+                snap = tree.create(Snapshot(
+                    name=args["snapshot"], description=args["description"],
+                    created=int(time.time()), state=_snapshot_state(state),
+                    domain_uuid=dom.uuid,
+                ))  # fmt: skip
+                verb = "created"
+            self.store.save(dom.name, tree, changed=[snap.name])
+        with LogContext(domain=dom.name, uuid=dom.uuid):
+            log.info("snapshot %s of %s %s (parent %s)", snap.name, dom.name, verb,
+                     snap.parent or "-")
+        return {"name": dom.name, "snapshot": snap.name, "parent": snap.parent,
+                "current": tree.current == snap.name, "redefined": verb == "redefined"}
+
+    async def op_list(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """The domain's snapshots, parents first, with the current one and the tree drawing."""
+        live = self.agent.resolve(ctx, "snapshot_list", args["name"])
+        tree = self.store.load(live.domain.name)
+        return {"snapshots": tree.summaries(), "current": tree.current,
+                "tree": tree.tree_lines()}  # fmt: skip
+
+    async def op_current(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """The current snapshot; with ``snapshot``, make that one current."""
+        live = self.agent.resolve(ctx, "snapshot_current", args["name"])
+        dom = live.domain
+        if args["snapshot"] is None:
+            tree = self.store.load(dom.name)
+            if tree.current is None:
+                raise SnapshotError(f"domain '{dom.name}' has no current snapshot")
+            snap = tree.get(tree.current)
+            return {"name": dom.name, "snapshot": snap.name,
+                    "xml": format_snapshot_xml(snap, current=True)}  # fmt: skip
+        async with self.agent.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY,
+                                            timeout=JOB_TIMEOUT):  # fmt: skip
+            tree = self.store.load(dom.name)
+            snap = tree.get(args["snapshot"])
+            tree.current = snap.name
+            self.store.save(dom.name, tree)
+        return {"name": dom.name, "snapshot": snap.name,
+                "xml": format_snapshot_xml(snap, current=True)}  # fmt: skip
+
+    async def op_dumpxml(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """One snapshot's XML."""
+        live = self.agent.resolve(ctx, "snapshot_dumpxml", args["name"])
+        tree = self.store.load(live.domain.name)
+        snap = tree.get(args["snapshot"])
+        return {"name": live.domain.name, "snapshot": snap.name,
+                "xml": format_snapshot_xml(snap, current=tree.current == snap.name)}
+
+    async def op_delete(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Delete a snapshot (its children move up), or with ``children`` its subtree."""
+        live = self.agent.resolve(ctx, "snapshot_delete", args["name"])
+        dom = live.domain
+        async with self.agent.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY,
+                                            timeout=JOB_TIMEOUT):  # fmt: skip
+            tree = self.store.load(dom.name)
+            try:
+                tree.get(args["snapshot"])
+            except SnapshotError:
+                raise SnapshotError(f"domain '{dom.name}' has no snapshot named "
+                                    f"'{args['snapshot']}'") from None  # fmt: skip
+            parents = {s.name: s.parent for s in tree.snapshots.values()}
+            gone = tree.delete(args["snapshot"], children=args["children"],
+                               children_only=args["children_only"])  # fmt: skip
+            moved = [n for n, s in tree.snapshots.items() if s.parent != parents[n]]
+            self.store.save(dom.name, tree, changed=moved, removed=gone)
+        return {"name": dom.name, "snapshot": args["snapshot"], "deleted": gone,
+                "current": tree.current}
+
+
+def _snapshot_state(state: str) -> str:
+    """A domain state name (dominfo's) as a snapshot state."""
+    return {"running": "running", "paused": "paused", "crashed": "crashed",
+            "pmsuspended": "pmsuspended"}.get(state, "shutoff")  # fmt: skip
