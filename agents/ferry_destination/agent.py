@@ -45,6 +45,7 @@ from ferry_destination.postcopy import postcopy_recover
 from ferry_destination.prepare import prepare
 from ferry_destination.probe import link_probe
 from ferry_destination.recovery import recover_incoming
+from ferry_destination.snapshot_move import migration_snapshots
 from ferry_destination.tunnel import IncomingTunnel, PeerListener
 
 __all__ = ["DestinationAgent"]
@@ -83,6 +84,7 @@ class DestinationAgent:
             "prepare": functools.partial(prepare, self.ctx),
             "finish": functools.partial(finish, self.ctx),
             "migration_outcome": functools.partial(migration_outcome, self.ctx),
+            "migration_snapshots": functools.partial(migration_snapshots, self.ctx),
             "migration_progress": functools.partial(migration_progress, self.ctx),
             "postcopy_recover": functools.partial(postcopy_recover, self.ctx),
             "adopt_incoming": functools.partial(adopt_incoming, self.ctx),

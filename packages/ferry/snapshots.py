@@ -414,6 +414,8 @@ class TreeAssembler:
         self.next_seq = 0
         self.bytes = 0
         self.done = False
+        #: Set by whoever wrote the assembled tree to disk.
+        self.committed = False
 
     def add(self, frame: dict[str, Any]) -> None:
         """Take the next frame.
@@ -515,6 +517,20 @@ class SnapshotStore:
     def save_all(self, domain: str, tree: SnapshotTree) -> None:
         """Write a whole tree into a folder that must hold none yet."""
         self.save(domain, tree, changed=[s.name for s in tree.ordered()])
+
+    def replace_all(self, domain: str, tree: SnapshotTree) -> None:
+        """Make ``tree`` the domain's whole metadata: written aside, then renamed in.
+
+        What was there before (an older copy left by a migration away that
+        kept its source definition) is replaced, never merged.
+        """
+        tree.check()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        aside = self.root / f".{domain}.incoming"
+        shutil.rmtree(aside, ignore_errors=True)
+        SnapshotStore(aside.parent).save_all(aside.name, tree)
+        self.remove_all(domain)
+        aside.rename(self.folder(domain))
 
     def remove_all(self, domain: str) -> None:
         """Forget every snapshot of ``domain``."""
