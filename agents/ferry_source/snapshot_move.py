@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from ferry.errors import MigrationRefused, SnapshotError
+from ferry.flags import MigrationFlags
 from ferry.journal import MessageID, log_event
 from ferry.rpc import Session
 from ferry.snapshots import SnapshotStore, to_frames
@@ -39,6 +40,15 @@ def snapshot_frames(ctx: SourceContext, out: Outgoing) -> list[dict[str, Any]]:
     tree = SnapshotStore(ctx.config.paths.snapshots_dir).load(out.name)
     if not len(tree):
         return []
+    stateful = sorted(s.name for s in tree.snapshots.values() if s.kind != "metadata")
+    if stateful and out.flags & (MigrationFlags.NON_SHARED_DISK | MigrationFlags.NON_SHARED_INC):
+        # Their state is inside the images; qemu's mirror copies only the
+        # current layer's data, never the snapshots an image holds.
+        raise MigrationRefused(
+            f"cannot migrate domain '{out.name}' with a storage copy: its snapshot(s) "
+            f"{', '.join(stateful)} keep their state in the disk images, which the copy "
+            "does not carry (migrate over shared storage, or delete them first)"
+        )
     try:
         return to_frames(tree, ctx.config.max_frame)
     except SnapshotError as exc:

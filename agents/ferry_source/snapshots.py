@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ferry.errors import SnapshotError
+from ferry.host import LiveDomain
 from ferry.jobs import JobType
 from ferry.journal import LogContext
 from ferry.rpc import RequestContext
-from ferry.snapshots import Snapshot, SnapshotStore, format_snapshot_xml, parse_snapshot_xml
+from ferry.snapshots import (
+    Snapshot,
+    SnapshotStore,
+    check_snapshot_name,
+    format_snapshot_xml,
+    internal_plan,
+    parse_snapshot_xml,
+)
+from ferry_source.snapshot_qemu import delete_offline, run_job
 
 if TYPE_CHECKING:
     from ferry_source.agent import Handler, SourceAgent
@@ -41,6 +51,7 @@ class SnapshotOps:
             "snapshot_delete": self.op_delete,
             "snapshot_current": self.op_current,
             "snapshot_dumpxml": self.op_dumpxml,
+            "snapshot_revert": self.op_revert,
         }
 
     def summaries(self, name: str) -> list[dict[str, Any]]:
@@ -79,12 +90,18 @@ class SnapshotOps:
                     args["description"] = args["description"] or given.description
                 if not args["snapshot"]:
                     args["snapshot"] = str(int(time.time()))
+                check_snapshot_name(args["snapshot"])
+                if args["snapshot"] in tree.snapshots:
+                    raise SnapshotError(f"snapshot '{args['snapshot']}' already exists for "
+                                        f"domain '{dom.name}'")  # fmt: skip
+                if args["disk_only"]:
+                    raise SnapshotError("--disk-only (external snapshots) is not supported yet")
                 state, _ = await self.agent.state_of(live)
-                snap = tree.create(Snapshot(
-                    name=args["snapshot"], description=args["description"],
-                    created=int(time.time()), state=_snapshot_state(state),
-                    domain_uuid=dom.uuid,
-                ))  # fmt: skip
+                snap = Snapshot(name=args["snapshot"], description=args["description"],
+                                created=int(time.time()), state=_snapshot_state(state),
+                                domain_uuid=dom.uuid)  # fmt: skip
+                snap = await self._take_internal(live, snap)
+                snap = tree.create(snap)
                 verb = "created"
             self.store.save(dom.name, tree, changed=[snap.name])
         with LogContext(domain=dom.name, uuid=dom.uuid):
@@ -92,6 +109,80 @@ class SnapshotOps:
                      snap.parent or "-")
         return {"name": dom.name, "snapshot": snap.name, "parent": snap.parent,
                 "current": tree.current == snap.name, "redefined": verb == "redefined"}
+
+    async def _take_internal(self, live: LiveDomain, snap: Snapshot) -> Snapshot:
+        """An internal snapshot with memory of a running domain with qcow2 disks.
+
+        A domain without writable disks gets a metadata-only snapshot (there
+        is nowhere to keep its state).
+        """
+        dom = live.domain
+        plan = internal_plan(dom)
+        if plan is None:
+            return snap
+        if live.status is None:
+            raise SnapshotError(f"cannot take an internal snapshot of inactive domain "
+                                f"'{dom.name}' yet: start it first")  # fmt: skip
+        vmstate, nodes = plan
+        proc = await self.agent.host.process(dom.name)
+        await run_job(proc, "snapshot-save",
+                      {"tag": snap.name, "vmstate": vmstate, "devices": list(nodes)})
+        return replace(snap, kind="internal", memory="internal", vmstate_disk=vmstate)
+
+    async def op_revert(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
+        """Put the running domain's memory and disks back as they were at the snapshot."""
+        live = self.agent.resolve(ctx, "snapshot_revert", args["name"])
+        dom = live.domain
+        if args["running"] and args["paused"]:
+            raise SnapshotError("--running and --paused exclude each other")
+        async with self.agent.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY,
+                                            timeout=JOB_TIMEOUT):  # fmt: skip
+            tree = self.store.load(dom.name)
+            snap = tree.get(args["snapshot"])
+            if snap.kind != "internal":
+                raise SnapshotError(f"cannot revert '{dom.name}' to snapshot '{snap.name}': "
+                                    f"it is {snap.kind} only and holds no state")  # fmt: skip
+            live = self.agent.host.find(dom.name)
+            if live.status is None:
+                raise SnapshotError(f"cannot revert inactive domain '{dom.name}' yet: "
+                                    "start it first")  # fmt: skip
+            plan = internal_plan(live.domain)
+            assert plan is not None  # the snapshot's vmstate disk is a qcow2 disk
+            proc = await self.agent.host.process(dom.name)
+            await run_job(proc, "snapshot-load", {"tag": snap.name,
+                                                  "vmstate": snap.vmstate_disk or plan[0],
+                                                  "devices": list(plan[1])})  # fmt: skip
+            paused = args["paused"] or (snap.state == "paused" and not args["running"])
+            run = await proc.qmp.query_status()
+            if paused and run.running:
+                await proc.qmp.execute("stop")
+            elif not paused and not run.running:
+                await proc.qmp.execute("cont")
+            status = self.agent.host.load_status(dom.name)
+            if status is not None:
+                status.run_state = "paused" if paused else "running"
+                self.agent.host.save_status(status)
+            tree.current = snap.name
+            self.store.save(dom.name, tree)
+        with LogContext(domain=dom.name, uuid=dom.uuid):
+            log.info("%s reverted to snapshot %s", dom.name, snap.name)
+        return {"name": dom.name, "snapshot": snap.name,
+                "state": "paused" if paused else "running"}
+
+    async def _delete_state(self, live: LiveDomain, snaps: list[Snapshot]) -> None:
+        """Remove the internal snapshots' data from the images (before their metadata)."""
+        dom = live.domain
+        for snap in snaps:
+            if snap.kind != "internal":
+                continue
+            if live.status is None:
+                await delete_offline(dom, snap.name)
+                continue
+            plan = internal_plan(dom)
+            if plan is None:
+                continue
+            proc = await self.agent.host.process(dom.name)
+            await run_job(proc, "snapshot-delete", {"tag": snap.name, "devices": list(plan[1])})
 
     async def op_list(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         """The domain's snapshots, parents first, with the current one and the tree drawing."""
@@ -141,6 +232,11 @@ class SnapshotOps:
                 raise SnapshotError(f"domain '{dom.name}' has no snapshot named "
                                     f"'{args['snapshot']}'") from None  # fmt: skip
             parents = {s.name: s.parent for s in tree.snapshots.values()}
+            doomed = [args["snapshot"]] if not args["children_only"] else []
+            if args["children"] or args["children_only"]:
+                doomed += [s.name for s in tree.descendants(args["snapshot"])]
+            await self._delete_state(self.agent.host.find(dom.name),
+                                     [tree.get(n) for n in reversed(doomed)])
             gone = tree.delete(args["snapshot"], children=args["children"],
                                children_only=args["children_only"])  # fmt: skip
             moved = [n for n, s in tree.snapshots.items() if s.parent != parents[n]]

@@ -27,11 +27,14 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxml import etree
 
 from ferry.errors import SnapshotError
+
+if TYPE_CHECKING:
+    from ferry.domain import Domain
 from ferry.statefile import atomic_write
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "TreeAssembler",
     "check_snapshot_name",
     "format_snapshot_xml",
+    "internal_plan",
     "parse_snapshot_xml",
     "to_frames",
 ]
@@ -357,6 +361,39 @@ class SnapshotTree:
                 lines.append("")
             walk(root, "", True, True)
         return lines
+
+
+def internal_plan(domain: Domain) -> tuple[str, tuple[str, ...]] | None:
+    """Where an internal snapshot with memory goes: (vmstate node, every disk node).
+
+    None when the domain has no writable disk (nothing holds a VM state:
+    the snapshot is metadata only).  Node names are the qcow2 format nodes
+    :mod:`ferry.domain.argv` gives each disk.
+
+    Raises:
+        SnapshotError: naming every writable disk that is not qcow2 or is shared.
+    """
+    from ferry.domain.argv import _disk_id
+
+    disks = [d for d in domain.disks
+             if d.source is not None and d.device == "disk" and not d.readonly]  # fmt: skip
+    if not disks:
+        return None
+    problems = []
+    for d in disks:
+        if (d.format or "raw") != "qcow2":
+            problems.append(f"disk {d.target_dev} is {d.format or 'raw'}")
+        elif d.shareable:
+            problems.append(f"disk {d.target_dev} is shareable")
+    if problems:
+        raise SnapshotError(
+            f"cannot take an internal snapshot of '{domain.name}': " + "; ".join(problems)
+            + " (internal snapshots need private qcow2 disks; --disk-only takes an "
+            "external one)",
+            problems=problems,
+        )
+    nodes = tuple(f"{_disk_id(domain, d)}-format" for d in disks)
+    return nodes[0], nodes
 
 
 # -- the wire form of a migration -----------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from ferry.errors import MigrationRefused
+from ferry.flags import MigrationFlags
 from ferry.snapshots import Snapshot, SnapshotStore, SnapshotTree
 from ferry_source.snapshot_move import check_peer, snapshot_frames
 
@@ -18,8 +19,8 @@ def _session(features: set[str] | None) -> Any:
     return SimpleNamespace(conn=SimpleNamespace(negotiated=negotiated))
 
 
-def _out(name: str = "vm") -> Any:
-    return SimpleNamespace(name=name, peer="hostb")
+def _out(name: str = "vm", flags: int = 0) -> Any:
+    return SimpleNamespace(name=name, peer="hostb", flags=MigrationFlags(flags))
 
 
 FRAMES = [{"seq": 0, "snapshots": ["<a/>", "<b/>"], "last": True, "current": None}]
@@ -57,3 +58,14 @@ def test_the_features_this_build_speaks_include_snapshots() -> None:
     from ferry.rpc import FEATURES
 
     assert "snapshots" in FEATURES
+
+
+def test_internal_snapshots_refuse_a_storage_copy(tmp_path: Path) -> None:
+    tree = SnapshotTree()
+    tree.create(Snapshot("meta"))
+    tree.create(Snapshot("mem", kind="internal", memory="internal", vmstate_disk="vda-format"))
+    SnapshotStore(tmp_path).save_all("vm", tree)
+    ctx = _ctx(tmp_path, 1 << 20)
+    assert len(snapshot_frames(ctx, _out())[0]["snapshots"]) == 2
+    with pytest.raises(MigrationRefused, match=r"storage copy: its snapshot.* mem keep"):
+        snapshot_frames(ctx, _out(flags=int(MigrationFlags.NON_SHARED_DISK)))

@@ -181,3 +181,32 @@ def test_store_reads_the_old_metadata_only_files(tmp_path: Path) -> None:
     tree = SnapshotStore(tmp_path).load("vm")
     assert tree.get("old").created == 12 and tree.get("old").domain_uuid == UUID
     assert tree.current is None
+
+
+def _domain(disks: str) -> object:
+    from ferry.domain import parse_domain
+
+    return parse_domain(
+        "<domain type='kvm'><name>vm</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+        f"<devices>{disks}</devices></domain>"
+    )
+
+
+def _disk(fmt: str, dev: str, extra: str = "") -> str:
+    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+            f"<source file='/tmp/{dev}.img'/><target dev='{dev}' bus='virtio'/>{extra}</disk>")
+
+
+def test_internal_plan_names_the_qcow2_nodes_and_refuses_the_rest() -> None:
+    from ferry.snapshots import internal_plan
+
+    assert internal_plan(_domain("")) is None  # type: ignore[arg-type]
+    plan = internal_plan(_domain(_disk("qcow2", "vda") + _disk("qcow2", "vdb")))  # type: ignore[arg-type]
+    assert plan is not None and plan[0] == plan[1][0] and len(plan[1]) == 2
+    assert all(n.endswith("-format") for n in plan[1])
+    with pytest.raises(SnapshotError, match=r"disk vdb is raw.*--disk-only"):
+        internal_plan(_domain(_disk("qcow2", "vda") + _disk("raw", "vdb")))  # type: ignore[arg-type]
+    # A read-only disk holds no state: not part of the snapshot.
+    ro = internal_plan(_domain(_disk("qcow2", "vda") + _disk("raw", "vdb", "<readonly/>")))  # type: ignore[arg-type]
+    assert ro is not None and len(ro[1]) == 1

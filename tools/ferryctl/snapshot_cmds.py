@@ -1,8 +1,8 @@
 """ferryctl's snapshot verbs, with virsh's names and flags.
 
 snapshot-create-as, snapshot-create (--redefine from an XML file),
-snapshot-list [--tree|--parent|--current], snapshot-current, snapshot-dumpxml,
-snapshot-delete [--children|--children-only].
+snapshot-list [--tree|--parent|--current], snapshot-current, snapshot-revert,
+snapshot-dumpxml, snapshot-delete [--children|--children-only].
 """
 
 from __future__ import annotations
@@ -114,6 +114,18 @@ async def _current(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+async def _revert(args: argparse.Namespace, session: Session) -> int:
+    result = await session.request("snapshot_revert", {
+        "name": args.name, "snapshot": args.snapshot, "running": args.running,
+        "paused": args.paused,
+    })  # fmt: skip
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"Domain '{args.name}' reverted to snapshot {args.snapshot} ({result['state']})")
+    return 0
+
+
 async def _dumpxml(args: argparse.Namespace, session: Session) -> int:
     result = await session.request(
         "snapshot_dumpxml", {"name": args.name, "snapshot": args.snapshot}
@@ -143,11 +155,16 @@ def add_snapshot_verbs(verb: Verb) -> None:
     """Register the snapshot verbs with ferryctl's ``verb`` helper."""
     p = verb("snapshot-create-as", _create,
              "take a snapshot of a domain named SNAPSHOT; it becomes the current snapshot "
-             "and a child of the previous current one (today: metadata only)")  # fmt: skip
+             "and a child of the previous current one.  A running domain whose writable "
+             "disks are qcow2 gets an internal snapshot with its memory (qemu's "
+             "snapshot-save: the guest pauses while its RAM is written into the first "
+             "disk); a domain without writable disks gets a metadata-only one")  # fmt: skip
     p.add_argument("name", help="the domain")
     p.add_argument("snapshot", nargs="?", default=None,
                    help="the snapshot's name (default: the time in seconds)")  # fmt: skip
     p.add_argument("--description", default="", help="free text kept with the snapshot")
+    p.add_argument("--disk-only", action="store_true",
+                   help="an external snapshot of the disks only (not supported yet)")
     p = verb("snapshot-create", _create,
              "create a snapshot from an XML file; with --redefine, put back the metadata of "
              "a snapshot (its parent must exist already), as virsh snapshot-create "
@@ -174,6 +191,15 @@ def add_snapshot_verbs(verb: Verb) -> None:
     p.add_argument("snapshot", nargs="?", default=None, help="the snapshot to make current")
     p.add_argument("--name", dest="name_only", action="store_true",
                    help="print only the current snapshot's name")  # fmt: skip
+    p = verb("snapshot-revert", _revert,
+             "put a running domain's memory and disks back as they were at an internal "
+             "snapshot; it runs (or stays paused) as it was then, unless --running or "
+             "--paused; the snapshot becomes current")  # fmt: skip
+    p.add_argument("name", help="the domain")
+    p.add_argument("snapshot")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--running", action="store_true", help="run after the revert")
+    mode.add_argument("--paused", action="store_true", help="stay paused after the revert")
     p = verb("snapshot-dumpxml", _dumpxml, "print a snapshot's XML")
     p.add_argument("name", help="the domain")
     p.add_argument("snapshot")

@@ -1,0 +1,95 @@
+"""Internal snapshots in qemu: the ``snapshot-save``/``-load``/``-delete`` jobs (qemu ≥ 6.0).
+
+Each is a job with an ID we choose; qemu keeps it (manual dismiss) until
+we read its end from ``query-jobs``, so its error is never lost.  An
+inactive domain's internal snapshots are deleted with ``qemu-img snapshot
+-d`` on its images (they are not open then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from ferry.domain import Domain
+from ferry.errors import QMPError, SnapshotError
+from ferry.qemu import QemuProcess
+
+__all__ = ["JOB_TIMEOUT_S", "delete_offline", "run_job"]
+
+log = logging.getLogger("ferry.source.snapshots")
+
+#: A snapshot job of a small guest takes well under a second; a big one
+#: writes its whole RAM into the image.
+JOB_TIMEOUT_S = 600.0
+
+
+async def run_job(proc: QemuProcess, cmd: str, args: dict[str, Any], *,
+                  timeout: float = JOB_TIMEOUT_S) -> None:  # fmt: skip
+    """Run one snapshot job to its end.
+
+    Raises:
+        SnapshotError: qemu refused the command, the job ended with an error,
+            or it did not end within ``timeout`` (then it is cancelled).
+    """
+    job_id = f"ferry-{cmd}-{uuid.uuid4().hex[:8]}"
+    try:
+        await proc.qmp.execute(cmd, {"job-id": job_id, **args})
+    except QMPError as exc:
+        raise SnapshotError(f"qemu refused {cmd}: {exc}") from None
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            jobs = await proc.qmp.execute("query-jobs")
+        except QMPError as exc:
+            raise SnapshotError(f"{cmd}: lost qemu while its job ran: {exc}") from None
+        mine = next((j for j in jobs if j.get("id") == job_id), None)
+        if mine is None:
+            raise SnapshotError(f"{cmd}: qemu no longer knows its job {job_id}")
+        if mine.get("status") == "concluded":
+            with contextlib.suppress(QMPError):
+                await proc.qmp.execute("job-dismiss", {"id": job_id})
+            if mine.get("error"):
+                raise SnapshotError(f"{cmd} failed: {mine['error']}")
+            return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(QMPError):
+                await proc.qmp.execute("job-cancel", {"id": job_id})
+            raise SnapshotError(f"{cmd} did not end within {timeout:.0f}s (cancelled)")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+async def delete_offline(domain: Domain, tag: str, qemu_img: str = "qemu-img") -> None:
+    """Delete internal snapshot ``tag`` from the inactive domain's qcow2 images.
+
+    An image that does not hold the tag is skipped (a snapshot taken before
+    the disk was added).
+
+    Raises:
+        SnapshotError: qemu-img failed for another reason.
+    """
+    for d in domain.disks:
+        if d.source is None or d.device != "disk" or d.readonly or d.format != "qcow2":
+            continue
+        listed = await _qemu_img(qemu_img, "snapshot", "-l", "-U", d.source)
+        if not any(line.split()[1:2] == [tag] for line in listed.splitlines()[2:]):
+            continue
+        await _qemu_img(qemu_img, "snapshot", "-d", tag, d.source)
+
+
+async def _qemu_img(binary: str, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        binary, *args, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise SnapshotError(f"qemu-img {' '.join(args)}: "
+                            f"{err.decode(errors='replace').strip()}")  # fmt: skip
+    return out.decode(errors="replace")
