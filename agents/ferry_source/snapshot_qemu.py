@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -19,7 +20,7 @@ from ferry.domain import Domain
 from ferry.errors import QMPError, SnapshotError
 from ferry.qemu import QemuProcess
 
-__all__ = ["JOB_TIMEOUT_S", "delete_offline", "run_job"]
+__all__ = ["JOB_TIMEOUT_S", "active_nodes", "delete_offline", "live_nodes", "qemu_img", "run_job"]
 
 log = logging.getLogger("ferry.source.snapshots")
 
@@ -65,7 +66,39 @@ async def run_job(proc: QemuProcess, cmd: str, args: dict[str, Any], *,
         delay = min(delay * 2, 0.1)
 
 
-async def delete_offline(domain: Domain, tag: str, qemu_img: str = "qemu-img") -> None:
+async def active_nodes(proc: QemuProcess) -> dict[str, str]:
+    """Device id → the node its guest device reads now (the top of its chain).
+
+    qemu names the device by its id (``ide0-0-0``) or, for virtio, by the
+    path of its backend (``/machine/peripheral/virtio-disk0/virtio-backend``).
+    """
+    out: dict[str, str] = {}
+    try:
+        blocks = await proc.qmp.execute("query-block")
+    except QMPError as exc:
+        raise SnapshotError(f"cannot list qemu's disks: {exc}") from None
+    for block in blocks:
+        node = (block.get("inserted") or {}).get("node-name")
+        match = re.match(r"(?:/machine/peripheral/)?([^/]+)", block.get("qdev") or "")
+        if node and match:
+            out[match.group(1)] = node
+    return out
+
+
+async def live_nodes(proc: QemuProcess, ids: tuple[str, ...]) -> list[str]:
+    """The nodes the disks with qemu ids ``ids`` read now, in order.
+
+    Raises:
+        SnapshotError: qemu shows no image on one of them.
+    """
+    active = await active_nodes(proc)
+    missing = [i for i in ids if i not in active]
+    if missing:
+        raise SnapshotError(f"qemu shows no image on disk(s) {', '.join(missing)}")
+    return [active[i] for i in ids]
+
+
+async def delete_offline(domain: Domain, tag: str, binary: str = "qemu-img") -> None:
     """Delete internal snapshot ``tag`` from the inactive domain's qcow2 images.
 
     An image that does not hold the tag is skipped (a snapshot taken before
@@ -77,13 +110,18 @@ async def delete_offline(domain: Domain, tag: str, qemu_img: str = "qemu-img") -
     for d in domain.disks:
         if d.source is None or d.device != "disk" or d.readonly or d.format != "qcow2":
             continue
-        listed = await _qemu_img(qemu_img, "snapshot", "-l", "-U", d.source)
+        listed = await qemu_img(binary, "snapshot", "-l", "-U", d.source)
         if not any(line.split()[1:2] == [tag] for line in listed.splitlines()[2:]):
             continue
-        await _qemu_img(qemu_img, "snapshot", "-d", tag, d.source)
+        await qemu_img(binary, "snapshot", "-d", tag, d.source)
 
 
-async def _qemu_img(binary: str, *args: str) -> str:
+async def qemu_img(binary: str, *args: str) -> str:
+    """Run qemu-img from an argv list; its stdout.
+
+    Raises:
+        SnapshotError: it failed (with its message).
+    """
     proc = await asyncio.create_subprocess_exec(
         binary, *args, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

@@ -24,7 +24,8 @@ from ferry.snapshots import (
     internal_plan,
     parse_snapshot_xml,
 )
-from ferry_source.snapshot_qemu import delete_offline, run_job
+from ferry_source.snapshot_external import take_external
+from ferry_source.snapshot_qemu import delete_offline, live_nodes, run_job
 
 if TYPE_CHECKING:
     from ferry_source.agent import Handler, SourceAgent
@@ -94,13 +95,14 @@ class SnapshotOps:
                 if args["snapshot"] in tree.snapshots:
                     raise SnapshotError(f"snapshot '{args['snapshot']}' already exists for "
                                         f"domain '{dom.name}'")  # fmt: skip
-                if args["disk_only"]:
-                    raise SnapshotError("--disk-only (external snapshots) is not supported yet")
                 state, _ = await self.agent.state_of(live)
                 snap = Snapshot(name=args["snapshot"], description=args["description"],
                                 created=int(time.time()), state=_snapshot_state(state),
                                 domain_uuid=dom.uuid)  # fmt: skip
-                snap = await self._take_internal(live, snap)
+                if args["disk_only"]:
+                    snap = await take_external(self.agent, live, snap)
+                else:
+                    snap = await self._take_internal(live, snap)
                 snap = tree.create(snap)
                 verb = "created"
             self.store.save(dom.name, tree, changed=[snap.name])
@@ -123,10 +125,11 @@ class SnapshotOps:
         if live.status is None:
             raise SnapshotError(f"cannot take an internal snapshot of inactive domain "
                                 f"'{dom.name}' yet: start it first")  # fmt: skip
-        vmstate, nodes = plan
+        vmstate, ids = plan
         proc = await self.agent.host.process(dom.name)
+        nodes = await live_nodes(proc, ids)
         await run_job(proc, "snapshot-save",
-                      {"tag": snap.name, "vmstate": vmstate, "devices": list(nodes)})
+                      {"tag": snap.name, "vmstate": nodes[0], "devices": nodes})
         return replace(snap, kind="internal", memory="internal", vmstate_disk=vmstate)
 
     async def op_revert(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +144,8 @@ class SnapshotOps:
             snap = tree.get(args["snapshot"])
             if snap.kind != "internal":
                 raise SnapshotError(f"cannot revert '{dom.name}' to snapshot '{snap.name}': "
-                                    f"it is {snap.kind} only and holds no state")  # fmt: skip
+                                    f"it is a {snap.kind} snapshot; only internal ones "
+                                    "can be reverted to")  # fmt: skip
             live = self.agent.host.find(dom.name)
             if live.status is None:
                 raise SnapshotError(f"cannot revert inactive domain '{dom.name}' yet: "
@@ -149,9 +153,12 @@ class SnapshotOps:
             plan = internal_plan(live.domain)
             assert plan is not None  # the snapshot's vmstate disk is a qcow2 disk
             proc = await self.agent.host.process(dom.name)
+            ids = plan[1]
+            vmstate = snap.vmstate_disk if snap.vmstate_disk in ids else plan[0]
+            nodes = await live_nodes(proc, ids)
             await run_job(proc, "snapshot-load", {"tag": snap.name,
-                                                  "vmstate": snap.vmstate_disk or plan[0],
-                                                  "devices": list(plan[1])})  # fmt: skip
+                                                  "vmstate": nodes[ids.index(vmstate)],
+                                                  "devices": nodes})  # fmt: skip
             paused = args["paused"] or (snap.state == "paused" and not args["running"])
             run = await proc.qmp.query_status()
             if paused and run.running:
@@ -182,7 +189,8 @@ class SnapshotOps:
             if plan is None:
                 continue
             proc = await self.agent.host.process(dom.name)
-            await run_job(proc, "snapshot-delete", {"tag": snap.name, "devices": list(plan[1])})
+            await run_job(proc, "snapshot-delete",
+                          {"tag": snap.name, "devices": await live_nodes(proc, plan[1])})
 
     async def op_list(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
         """The domain's snapshots, parents first, with the current one and the tree drawing."""

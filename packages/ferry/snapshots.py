@@ -47,10 +47,13 @@ __all__ = [
     "SnapshotTree",
     "TreeAssembler",
     "check_snapshot_name",
+    "external_plan",
     "format_snapshot_xml",
     "internal_plan",
+    "overlay_disks_xml",
     "parse_snapshot_xml",
     "to_frames",
+    "with_overlays",
 ]
 
 #: Domain states a snapshot records (libvirt's virDomainSnapshotState names).
@@ -364,11 +367,12 @@ class SnapshotTree:
 
 
 def internal_plan(domain: Domain) -> tuple[str, tuple[str, ...]] | None:
-    """Where an internal snapshot with memory goes: (vmstate node, every disk node).
+    """Where an internal snapshot with memory goes: (vmstate disk, every disk), as
+    the qemu device ids :mod:`ferry.domain.argv` gives the disks.
 
     None when the domain has no writable disk (nothing holds a VM state:
-    the snapshot is metadata only).  Node names are the qcow2 format nodes
-    :mod:`ferry.domain.argv` gives each disk.
+    the snapshot is metadata only).  The caller finds the node each device
+    reads now (an external snapshot moves it to an overlay's node).
 
     Raises:
         SnapshotError: naming every writable disk that is not qcow2 or is shared.
@@ -392,8 +396,58 @@ def internal_plan(domain: Domain) -> tuple[str, tuple[str, ...]] | None:
             "external one)",
             problems=problems,
         )
-    nodes = tuple(f"{_disk_id(domain, d)}-format" for d in disks)
-    return nodes[0], nodes
+    ids = tuple(_disk_id(domain, d) for d in disks)
+    return ids[0], ids
+
+
+def external_plan(domain: Domain, snap: str) -> list[tuple[str, str, str]]:
+    """Where a disk-only external snapshot puts each writable disk's overlay.
+
+    Returns ``(target dev, current image, overlay path)`` per writable disk;
+    the overlay is libvirt's default name: the image's path with its suffix
+    replaced by ``.SNAP`` (``/i/vda.qcow2`` → ``/i/vda.s1``).
+
+    Raises:
+        SnapshotError: no writable disk, or one that cannot take an overlay
+            (a block device, a shareable disk), all named at once.
+    """
+    check_snapshot_name(snap)
+    disks = [d for d in domain.disks
+             if d.source is not None and d.device == "disk" and not d.readonly]  # fmt: skip
+    if not disks:
+        raise SnapshotError(f"cannot take a disk-only snapshot of '{domain.name}': it has no "
+                            "writable disk")  # fmt: skip
+    problems = [f"disk {d.target_dev} is a "
+                + ("block device" if d.type == "block" else "shareable disk")
+                for d in disks if d.type == "block" or d.shareable]  # fmt: skip
+    if problems:
+        raise SnapshotError(f"cannot take a disk-only snapshot of '{domain.name}': "
+                            + "; ".join(problems), problems=problems)  # fmt: skip
+    out = []
+    for d in disks:
+        assert d.source is not None
+        path = Path(d.source)
+        base = path.with_suffix("") if path.suffix else path
+        out.append((d.target_dev, d.source, f"{base}.{snap}"))
+    return out
+
+
+def with_overlays(domain: Domain, overlays: dict[str, str]) -> Domain:
+    """``domain`` with each disk named in ``overlays`` (target dev → path) on its
+    qcow2 overlay (whose header names the old image as its backing file)."""
+    disks = tuple(replace(d, source=overlays[d.target_dev], format="qcow2")
+                  if d.target_dev in overlays else d for d in domain.disks)  # fmt: skip
+    return replace(domain, disks=disks)
+
+
+def overlay_disks_xml(plan: list[tuple[str, str, str]]) -> str:
+    """The snapshot's ``<disks>`` element for an external snapshot."""
+    root = etree.Element("disks")
+    for target, _, overlay in plan:
+        disk = etree.SubElement(root, "disk", name=target, snapshot="external", type="file")
+        etree.SubElement(disk, "driver", type="qcow2")
+        etree.SubElement(disk, "source", file=overlay)
+    return etree.tostring(root, encoding="unicode")
 
 
 # -- the wire form of a migration -----------------------------------------------

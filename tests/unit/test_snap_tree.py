@@ -204,9 +204,31 @@ def test_internal_plan_names_the_qcow2_nodes_and_refuses_the_rest() -> None:
     assert internal_plan(_domain("")) is None  # type: ignore[arg-type]
     plan = internal_plan(_domain(_disk("qcow2", "vda") + _disk("qcow2", "vdb")))  # type: ignore[arg-type]
     assert plan is not None and plan[0] == plan[1][0] and len(plan[1]) == 2
-    assert all(n.endswith("-format") for n in plan[1])
+    assert plan[1][0] != plan[1][1]
     with pytest.raises(SnapshotError, match=r"disk vdb is raw.*--disk-only"):
         internal_plan(_domain(_disk("qcow2", "vda") + _disk("raw", "vdb")))  # type: ignore[arg-type]
     # A read-only disk holds no state: not part of the snapshot.
     ro = internal_plan(_domain(_disk("qcow2", "vda") + _disk("raw", "vdb", "<readonly/>")))  # type: ignore[arg-type]
     assert ro is not None and len(ro[1]) == 1
+
+
+def test_external_plan_names_overlays_like_libvirt_and_refuses_block_devices() -> None:
+    from ferry.snapshots import external_plan, overlay_disks_xml, with_overlays
+
+    dom = _domain(_disk("qcow2", "vda") + _disk("raw", "vdb", "<readonly/>"))
+    plan = external_plan(dom, "s1")  # type: ignore[arg-type]
+    assert plan == [("vda", "/tmp/vda.img", "/tmp/vda.s1")]
+    moved = with_overlays(dom, {"vda": "/tmp/vda.s1"})  # type: ignore[arg-type]
+    assert [(d.source, d.format) for d in moved.disks] == [
+        ("/tmp/vda.s1", "qcow2"), ("/tmp/vdb.img", "raw")]  # fmt: skip
+    disks = overlay_disks_xml(plan)
+    snap = parse_snapshot_xml(format_snapshot_xml(Snapshot("s1", disks=disks, kind="external")))
+    assert snap.disks == disks and snap.kind == "external"
+    with pytest.raises(SnapshotError, match="no writable disk"):
+        external_plan(_domain(""), "s1")  # type: ignore[arg-type]
+    block = ("<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+             "<source dev='/dev/sdz'/><target dev='vdc' bus='virtio'/></disk>")  # fmt: skip
+    with pytest.raises(SnapshotError, match="disk vdc is a block device"):
+        external_plan(_domain(_disk("qcow2", "vda") + block), "s1")  # type: ignore[arg-type]
+    with pytest.raises(SnapshotError, match="invalid snapshot name"):
+        external_plan(dom, "../x")  # type: ignore[arg-type]

@@ -164,7 +164,10 @@ def add_snapshot_verbs(verb: Verb) -> None:
                    help="the snapshot's name (default: the time in seconds)")  # fmt: skip
     p.add_argument("--description", default="", help="free text kept with the snapshot")
     p.add_argument("--disk-only", action="store_true",
-                   help="an external snapshot of the disks only (not supported yet)")
+                   help="an external snapshot of the disks only: each writable disk goes on "
+                   "a new qcow2 overlay next to its image (IMAGE-without-suffix.SNAPSHOT), "
+                   "which the domain's definition then names; the old image becomes its "
+                   "backing file")
     p = verb("snapshot-create", _create,
              "create a snapshot from an XML file; with --redefine, put back the metadata of "
              "a snapshot (its parent must exist already), as virsh snapshot-create "
