@@ -29,6 +29,8 @@ __all__ = ["FEATURE", "check_peer", "drop_source_snapshots", "send_snapshots",
 log = logging.getLogger("ferry.source.migration")
 
 FEATURE = "snapshots"
+#: The largest snapshot frame sent (a fraction of the default 1 MiB frame).
+FRAME_CAP = 256 << 10
 
 
 def snapshot_frames(ctx: SourceContext, out: Outgoing) -> list[dict[str, Any]]:
@@ -50,7 +52,9 @@ def snapshot_frames(ctx: SourceContext, out: Outgoing) -> list[dict[str, Any]]:
             "does not carry (migrate over shared storage, or delete them first)"
         )
     try:
-        return to_frames(tree, ctx.config.max_frame)
+        # Each host sets its own [limits] max_frame and the hello does not
+        # say it: frames no bigger than FRAME_CAP fit any usual destination.
+        return to_frames(tree, min(ctx.config.max_frame, FRAME_CAP))
     except SnapshotError as exc:
         raise MigrationRefused(f"cannot migrate domain '{out.name}' with its snapshots: "
                                f"{exc}") from None  # fmt: skip

@@ -1,9 +1,9 @@
 """Internal snapshots in qemu: the ``snapshot-save``/``-load``/``-delete`` jobs (qemu ≥ 6.0).
 
 Each is a job with an ID we choose; qemu keeps it (manual dismiss) until
-we read its end from ``query-jobs``, so its error is never lost.  An
-inactive domain's internal snapshots are deleted with ``qemu-img snapshot
--d`` on its images (they are not open then).
+we read its end from ``query-jobs``, so its error is never lost.  A shut-off
+domain's images are not open: its internal snapshots (disks only) are
+made, applied and deleted with ``qemu-img snapshot -c/-a/-d``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from ferry.domain import Domain
 from ferry.errors import QMPError, SnapshotError
 from ferry.qemu import QemuProcess
 
-__all__ = ["JOB_TIMEOUT_S", "active_nodes", "delete_offline", "live_nodes", "qemu_img", "run_job"]
+__all__ = ["JOB_TIMEOUT_S", "active_nodes", "apply_offline", "create_offline", "delete_offline",
+           "live_nodes", "qemu_img", "run_job"]  # fmt: skip
 
 log = logging.getLogger("ferry.source.snapshots")
 
@@ -98,6 +99,52 @@ async def live_nodes(proc: QemuProcess, ids: tuple[str, ...]) -> list[str]:
     return [active[i] for i in ids]
 
 
+def _offline_images(domain: Domain) -> list[str]:
+    return [d.source for d in domain.disks
+            if d.source is not None and d.device == "disk" and not d.readonly
+            and d.format == "qcow2"]  # fmt: skip
+
+
+async def _has_tag(binary: str, image: str, tag: str) -> bool:
+    listed = await qemu_img(binary, "snapshot", "-l", "-U", image)
+    return any(line.split()[1:2] == [tag] for line in listed.splitlines()[2:])
+
+
+async def create_offline(domain: Domain, tag: str, binary: str = "qemu-img") -> None:
+    """Take internal snapshot ``tag`` in every qcow2 image of the inactive domain.
+
+    All or none: a failure deletes the tags already made.
+
+    Raises:
+        SnapshotError: qemu-img failed (an image in use, a tag that exists).
+    """
+    done: list[str] = []
+    try:
+        for image in _offline_images(domain):
+            await qemu_img(binary, "snapshot", "-c", tag, image)
+            done.append(image)
+    except BaseException:
+        for image in done:
+            with contextlib.suppress(SnapshotError):
+                await qemu_img(binary, "snapshot", "-d", tag, image)
+        raise
+
+
+async def apply_offline(domain: Domain, tag: str, binary: str = "qemu-img") -> None:
+    """Revert the inactive domain's qcow2 images to internal snapshot ``tag``.
+
+    Raises:
+        SnapshotError: an image lacks the tag (checked on all before any
+            changes) or qemu-img failed.
+    """
+    images = _offline_images(domain)
+    missing = [i for i in images if not await _has_tag(binary, i, tag)]
+    if missing:
+        raise SnapshotError(f"image(s) {', '.join(missing)} hold no snapshot '{tag}'")
+    for image in images:
+        await qemu_img(binary, "snapshot", "-a", tag, image)
+
+
 async def delete_offline(domain: Domain, tag: str, binary: str = "qemu-img") -> None:
     """Delete internal snapshot ``tag`` from the inactive domain's qcow2 images.
 
@@ -107,13 +154,9 @@ async def delete_offline(domain: Domain, tag: str, binary: str = "qemu-img") -> 
     Raises:
         SnapshotError: qemu-img failed for another reason.
     """
-    for d in domain.disks:
-        if d.source is None or d.device != "disk" or d.readonly or d.format != "qcow2":
-            continue
-        listed = await qemu_img(binary, "snapshot", "-l", "-U", d.source)
-        if not any(line.split()[1:2] == [tag] for line in listed.splitlines()[2:]):
-            continue
-        await qemu_img(binary, "snapshot", "-d", tag, d.source)
+    for image in _offline_images(domain):
+        if await _has_tag(binary, image, tag):
+            await qemu_img(binary, "snapshot", "-d", tag, image)
 
 
 async def qemu_img(binary: str, *args: str) -> str:

@@ -19,13 +19,20 @@ from ferry.rpc import RequestContext
 from ferry.snapshots import (
     Snapshot,
     SnapshotStore,
+    SnapshotTree,
     check_snapshot_name,
     format_snapshot_xml,
     internal_plan,
     parse_snapshot_xml,
 )
 from ferry_source.snapshot_external import take_external
-from ferry_source.snapshot_qemu import delete_offline, live_nodes, run_job
+from ferry_source.snapshot_qemu import (
+    apply_offline,
+    create_offline,
+    delete_offline,
+    live_nodes,
+    run_job,
+)
 
 if TYPE_CHECKING:
     from ferry_source.agent import Handler, SourceAgent
@@ -113,7 +120,8 @@ class SnapshotOps:
                 "current": tree.current == snap.name, "redefined": verb == "redefined"}
 
     async def _take_internal(self, live: LiveDomain, snap: Snapshot) -> Snapshot:
-        """An internal snapshot with memory of a running domain with qcow2 disks.
+        """An internal snapshot of a domain with qcow2 disks: with its memory when it
+        runs (qemu's snapshot-save), of its disks only when it is shut off (qemu-img).
 
         A domain without writable disks gets a metadata-only snapshot (there
         is nowhere to keep its state).
@@ -123,8 +131,8 @@ class SnapshotOps:
         if plan is None:
             return snap
         if live.status is None:
-            raise SnapshotError(f"cannot take an internal snapshot of inactive domain "
-                                f"'{dom.name}' yet: start it first")  # fmt: skip
+            await create_offline(dom, snap.name)
+            return replace(snap, kind="internal", memory="no", state="shutoff")
         vmstate, ids = plan
         proc = await self.agent.host.process(dom.name)
         nodes = await live_nodes(proc, ids)
@@ -147,9 +155,11 @@ class SnapshotOps:
                                     f"it is a {snap.kind} snapshot; only internal ones "
                                     "can be reverted to")  # fmt: skip
             live = self.agent.host.find(dom.name)
+            if snap.memory == "no":
+                return await self._revert_offline(live, tree, snap, args)
             if live.status is None:
-                raise SnapshotError(f"cannot revert inactive domain '{dom.name}' yet: "
-                                    "start it first")  # fmt: skip
+                raise SnapshotError(f"cannot revert inactive domain '{dom.name}' to snapshot "
+                                    f"'{snap.name}' (it holds memory): start it first")
             plan = internal_plan(live.domain)
             assert plan is not None  # the snapshot's vmstate disk is a qcow2 disk
             proc = await self.agent.host.process(dom.name)
@@ -175,6 +185,24 @@ class SnapshotOps:
             log.info("%s reverted to snapshot %s", dom.name, snap.name)
         return {"name": dom.name, "snapshot": snap.name,
                 "state": "paused" if paused else "running"}
+
+    async def _revert_offline(self, live: LiveDomain, tree: SnapshotTree, snap: Snapshot,
+                              args: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        """Revert a shut-off domain's images to a disk-only internal snapshot."""
+        dom = live.domain
+        if live.status is not None:
+            raise SnapshotError(f"cannot revert running domain '{dom.name}' to snapshot "
+                                f"'{snap.name}': it holds no memory; shut the domain down "
+                                "first")  # fmt: skip
+        if args["running"] or args["paused"]:
+            raise SnapshotError("--running/--paused: snapshot "
+                                f"'{snap.name}' holds no memory to run from")
+        await apply_offline(dom, snap.name)
+        tree.current = snap.name
+        self.store.save(dom.name, tree)
+        with LogContext(domain=dom.name, uuid=dom.uuid):
+            log.info("%s reverted to snapshot %s (disks)", dom.name, snap.name)
+        return {"name": dom.name, "snapshot": snap.name, "state": "shut off"}
 
     async def _delete_state(self, live: LiveDomain, snaps: list[Snapshot]) -> None:
         """Remove the internal snapshots' data from the images (before their metadata)."""

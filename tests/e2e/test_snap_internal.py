@@ -5,7 +5,9 @@ runs on; snapshot-revert puts its RAM back, which the guest shows: its next
 reports count on from the value it had at the snapshot (a counter only a
 reboot resets, and the guest did not reboot), with no bad page.  The
 snapshot lives in the image (qemu-img sees its tag) until snapshot-delete
-removes it.  A raw disk is refused with the reason.
+removes it.  A raw disk is refused with the reason.  Shut off, an
+internal snapshot holds the disks only (qemu-img), and reverting to it
+takes back a write made to the image since.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ def _disk(path: Path, fmt: str) -> str:
 def _tags(image: Path) -> str:
     return subprocess.run(["qemu-img", "snapshot", "-l", "-U", str(image)], check=True,
                           capture_output=True, text=True).stdout  # fmt: skip
+
+
+def _qemu_io(image: Path, command: str) -> None:
+    done = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(image)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "failed" not in done.stdout + done.stderr, (
+        command, done.stdout, done.stderr)
 
 
 def test_internal_snapshot_revert_takes_the_memory_back(
@@ -88,6 +97,20 @@ def test_internal_snapshot_revert_takes_the_memory_back(
         assert json.loads(a.ferryctl("snapshot-list", "sr", "--json",
                                      check=True).stdout)["snapshots"] == []  # fmt: skip
         a.ferryctl("destroy", "sr", check=True)
+        a.ferryctl("destroy", "si", check=True)
+        # Shut off: a disk-only internal snapshot (qemu-img), reverted after a write.
+        off = a.ctl_json("snapshot-create-as", "si", "off1")
+        assert off["current"] is True and "off1" in _tags(image)
+        listed = a.ctl_json("snapshot-list", "si")["snapshots"]
+        assert [(s["name"], s["kind"], s["state"]) for s in listed] == [
+            ("off1", "internal", "shutoff")]  # fmt: skip
+        _qemu_io(image, "write -P 0xab 0 64k")
+        _qemu_io(image, "read -P 0xab 0 64k")
+        assert a.ctl_json("snapshot-revert", "si", "off1")["state"] == "shut off"
+        _qemu_io(image, "read -P 0 0 64k")  # the write is gone
+        a.ferryctl("start", "si", check=True)
+        running = a.ferryctl("snapshot-revert", "si", "off1")
+        assert running.returncode == 1 and "shut the domain down" in running.stderr
         a.ferryctl("destroy", "si", check=True)
     finally:
         serial.close()
