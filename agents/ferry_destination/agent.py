@@ -14,6 +14,7 @@ so nothing is left half-done on this host.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import socket
@@ -64,6 +65,9 @@ class DestinationAgent:
             config.paths.locks_dir, config.paths.jobs_dir, agent="ferry-destination"
         )
         self.hello = make_hello(config.host.uuid, config.host.name, "destination")
+        if config.testing.without_features:
+            self.hello = dataclasses.replace(self.hello, features=self.hello.features
+                                             - frozenset(config.testing.without_features))
         self.tokens: TokenBook[IncomingTunnel] = TokenBook()
         self._endpoint: Any = None
         self._endpoint_lock = threading.Lock()

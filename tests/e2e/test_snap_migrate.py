@@ -1,8 +1,9 @@
 """Snapshot metadata moves with a migration (issue 16, feature ``snapshots``).
 
 A running guest with a three-level tree (s1 ← s2 ← s3, and s2b beside s2;
-current s2, s3 put back with ``snapshot-create --redefine``) first migrates
-to a destination whose Finish fails: B keeps no metadata, A keeps its tree.
+current s2, s3 put back with ``snapshot-create --redefine``) is refused by
+a destination without the feature, then migrates to a destination whose
+Finish fails: B keeps no metadata, A keeps its tree.
 Then it migrates with ``--persistent --undefine-source``: B lists the same
 tree and current snapshot, every snapshot's XML is the same, the guest's
 memory went on, and A has no metadata left.
@@ -56,6 +57,15 @@ def test_snapshot_tree_moves_with_the_domain(
         assert current == "s2"
         xmls = {s["name"]: a.ferryctl("snapshot-dumpxml", "g1", str(s["name"]),
                                       check=True).stdout for s in snaps}  # fmt: skip
+
+        # A destination without the 'snapshots' feature: refused, as before it existed.
+        b.stop_agent("destination")
+        b.write_config(**{"testing.without_features": ["snapshots"]})
+        b.start_agent("destination")
+        old = a.ferryctl("migrate", "g1", b.uri, "--live", "--persistent", timeout=120)
+        assert old.returncode == 1 and "migration-refused" in old.stderr, old.stderr
+        assert "with 4 snapshot(s)" in old.stderr and "'snapshots' feature" in old.stderr
+        assert b.domain_state("g1") is None and a.domain_state("g1") == "running"
 
         # A Finish that fails after the metadata arrived: none of it stays on B.
         b.stop_agent("destination")
