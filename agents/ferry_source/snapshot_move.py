@@ -24,7 +24,7 @@ from ferry_source.outgoing import Outgoing
 from ferry_source.peer import request
 
 __all__ = ["FEATURE", "check_peer", "drop_source_snapshots", "send_snapshots",
-           "snapshot_frames"]  # fmt: skip
+           "snapshot_frames", "speaks"]  # fmt: skip
 
 log = logging.getLogger("ferry.source.migration")
 
@@ -34,14 +34,13 @@ FRAME_CAP = 256 << 10
 
 
 def snapshot_frames(ctx: SourceContext, out: Outgoing) -> list[dict[str, Any]]:
-    """The domain's hierarchy as bounded frames ([] when it has no snapshots).
+    """The domain's hierarchy as bounded frames (one empty frame when it has none:
+    the destination then drops metadata it kept from an earlier visit).
 
     Raises:
         MigrationRefused: the hierarchy exceeds a frame or the migration's bounds.
     """
     tree = SnapshotStore(ctx.config.paths.snapshots_dir).load(out.name)
-    if not len(tree):
-        return []
     stateful = sorted(s.name for s in tree.snapshots.values() if s.kind != "metadata")
     if stateful and out.flags & (MigrationFlags.NON_SHARED_DISK | MigrationFlags.NON_SHARED_INC):
         # Their state is inside the images; qemu's mirror copies only the
@@ -66,12 +65,9 @@ def check_peer(session: Session, out: Outgoing, frames: list[dict[str, Any]]) ->
     Raises:
         MigrationRefused: the domain has snapshots and the peer lacks the feature.
     """
-    if not frames:
-        return
-    negotiated = session.conn.negotiated
-    if negotiated is not None and FEATURE in negotiated.features:
-        return
     count = sum(len(f["snapshots"]) for f in frames)
+    if not count or speaks(session):
+        return
     raise MigrationRefused(
         f"cannot migrate domain '{out.name}' with {count} snapshot(s): the destination "
         f"{out.peer} does not speak the '{FEATURE}' feature",
@@ -82,18 +78,30 @@ def check_peer(session: Session, out: Outgoing, frames: list[dict[str, Any]]) ->
 async def send_snapshots(
     ctx: SourceContext, out: Outgoing, session: Session, frames: list[dict[str, Any]]
 ) -> None:
-    """Send every frame, in order, each answered before the next (after Prepare)."""
+    """Send every frame, in order, each answered before the next (after Prepare).
+
+    Nothing goes to a peer without the feature (:func:`check_peer` let it
+    through only for a domain without snapshots).
+    """
+    if not speaks(session):
+        return
     timeout = ctx.config.migration.reply_timeout_s
     for frame in frames:
         await request(session, "migration_snapshots",
                       {"migration_id": out.migration_id, **frame},
                       timeout=timeout, peer=out.peer)  # fmt: skip
-    if frames:
-        count = sum(len(f["snapshots"]) for f in frames)
+    count = sum(len(f["snapshots"]) for f in frames)
+    if count:
         log_event(log, MessageID.MIGRATION_PHASE,
                   f"{out.name}: {count} snapshot(s) sent to {out.peer} in {len(frames)} "
                   f"frame(s) (current {frames[-1]['current'] or '-'})",
                   phase="prepare")  # fmt: skip
+
+
+def speaks(session: Session) -> bool:
+    """True if the peer of ``session`` negotiated the ``snapshots`` feature."""
+    negotiated = session.conn.negotiated
+    return negotiated is not None and FEATURE in negotiated.features
 
 
 def drop_source_snapshots(ctx: SourceContext, name: str, *, undefine: bool) -> None:

@@ -613,9 +613,13 @@ class SnapshotStore:
         """Make ``tree`` the domain's whole metadata: written aside, then renamed in.
 
         What was there before (an older copy left by a migration away that
-        kept its source definition) is replaced, never merged.
+        kept its source definition) is replaced, never merged; an empty
+        tree leaves no folder.
         """
         tree.check()
+        if not len(tree):
+            self.remove_all(domain)
+            return
         self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
         aside = self.root / f".{domain}.incoming"
         shutil.rmtree(aside, ignore_errors=True)

@@ -35,7 +35,7 @@ def test_a_peer_without_the_feature_gets_the_old_refusal() -> None:
 
 def test_a_peer_with_the_feature_or_no_snapshots_passes() -> None:
     check_peer(_session({"snapshots"}), _out(), FRAMES)
-    check_peer(_session(set()), _out(), [])
+    check_peer(_session(set()), _out(), [{"seq": 0, "snapshots": [], "last": True}])
 
 
 def _ctx(tmp_path: Path, max_frame: int) -> Any:
@@ -44,7 +44,8 @@ def _ctx(tmp_path: Path, max_frame: int) -> Any:
 
 
 def test_frames_come_from_the_store_and_over_the_bounds_is_refused(tmp_path: Path) -> None:
-    assert snapshot_frames(_ctx(tmp_path, 1 << 20), _out()) == []
+    assert snapshot_frames(_ctx(tmp_path, 1 << 20), _out()) == [
+        {"seq": 0, "snapshots": [], "last": True, "current": None}]  # fmt: skip
     tree = SnapshotTree()
     tree.create(Snapshot("s1", description="z" * 9000))
     SnapshotStore(tmp_path).save_all("vm", tree)

@@ -232,3 +232,18 @@ def test_external_plan_names_overlays_like_libvirt_and_refuses_block_devices() -
         external_plan(_domain(_disk("qcow2", "vda") + block), "s1")  # type: ignore[arg-type]
     with pytest.raises(SnapshotError, match="invalid snapshot name"):
         external_plan(dom, "../x")  # type: ignore[arg-type]
+
+
+def test_replace_all_swaps_the_whole_tree_and_an_empty_one_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    store = SnapshotStore(tmp_path)
+    store.save_all("vm", three_levels())
+    fresh = SnapshotTree()
+    fresh.create(Snapshot("only", created=9))
+    store.replace_all("vm", fresh)
+    again = store.load("vm")
+    assert list(again.snapshots) == ["only"] and again.current == "only"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm"]
+    store.replace_all("vm", SnapshotTree())
+    assert not (tmp_path / "vm").exists()
