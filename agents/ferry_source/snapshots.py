@@ -271,8 +271,9 @@ class SnapshotOps:
             doomed = [args["snapshot"]] if not args["children_only"] else []
             if args["children"] or args["children_only"]:
                 doomed += [s.name for s in tree.descendants(args["snapshot"])]
-            await self._delete_state(self.agent.host.find(dom.name),
-                                     [tree.get(n) for n in reversed(doomed)])
+            if not args["metadata"]:
+                await self._delete_state(self.agent.host.find(dom.name),
+                                         [tree.get(n) for n in reversed(doomed)])
             gone = tree.delete(args["snapshot"], children=args["children"],
                                children_only=args["children_only"])  # fmt: skip
             moved = [n for n, s in tree.snapshots.items() if s.parent != parents[n]]

@@ -91,6 +91,11 @@ def test_snapshot_tree_moves_with_the_domain(
         for name, text in xmls.items():
             assert b.ferryctl("snapshot-dumpxml", "g1", name, check=True).stdout == text
         assert b.ferryctl("snapshot-current", "g1", "--name", check=True).stdout.strip() == "s2"
+        info = b.ctl_json("snapshot-info", "g1", "--current")
+        assert (info["name"], info["parent"], info["children"], info["current"]) == (
+            "s2", "s1", 1, True)  # fmt: skip
+        assert b.ctl_json("snapshot-info", "g1", "s1")["descendants"] == 3
+        assert b.ferryctl("snapshot-parent", "g1", "s3", check=True).stdout.strip() == "s2"
         # The source's metadata went with its definition.
         assert a.domain_state("g1") is None
         assert not (a.state_dir / "snapshots" / "g1").exists()

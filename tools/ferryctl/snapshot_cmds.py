@@ -2,7 +2,8 @@
 
 snapshot-create-as, snapshot-create (--redefine from an XML file),
 snapshot-list [--tree|--parent|--current], snapshot-current, snapshot-revert,
-snapshot-dumpxml, snapshot-delete [--children|--children-only].
+snapshot-dumpxml, snapshot-info, snapshot-parent,
+snapshot-delete [--children|--children-only] [--metadata].
 """
 
 from __future__ import annotations
@@ -137,10 +138,63 @@ async def _dumpxml(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
+async def _pick(args: argparse.Namespace, session: Session) -> tuple[dict[str, Any],
+                                                                   list[dict[str, Any]]]:
+    """The snapshot ``args`` names (or the current one) and every snapshot."""
+    result = await session.request("snapshot_list", {"name": args.name})
+    snaps: list[dict[str, Any]] = result.get("snapshots", [])
+    wanted = args.snapshot if args.snapshot and not args.current else result.get("current")
+    if wanted is None:
+        raise FerryError(f"domain '{args.name}' has no current snapshot")
+    for snap in snaps:
+        if snap["name"] == wanted:
+            return snap, snaps
+    raise FerryError(f"domain '{args.name}' has no snapshot named '{wanted}'")
+
+
+def _descendants(name: str, snaps: list[dict[str, Any]]) -> int:
+    kids = [s["name"] for s in snaps if s.get("parent") == name]
+    return len(kids) + sum(_descendants(k, snaps) for k in kids)
+
+
+async def _info(args: argparse.Namespace, session: Session) -> int:
+    snap, snaps = await _pick(args, session)
+    info = {
+        "name": snap["name"], "domain": args.name, "current": bool(snap.get("current")),
+        "state": snap.get("state"), "kind": snap.get("kind"), "parent": snap.get("parent"),
+        "children": sum(1 for s in snaps if s.get("parent") == snap["name"]),
+        "descendants": _descendants(snap["name"], snaps),
+        "location": {"internal": "internal", "external": "external"}.get(
+            str(snap.get("kind")), "metadata only"),
+    }  # fmt: skip
+    if args.json:
+        _print_json(info)
+        return 0
+    for label, key in (("Name", "name"), ("Domain", "domain"), ("Current", "current"),
+                       ("State", "state"), ("Location", "location"), ("Parent", "parent"),
+                       ("Children", "children"), ("Descendants", "descendants")):  # fmt: skip
+        value = info[key]
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        print(f"{label + ':':<16}{'-' if value is None else value}")
+    return 0
+
+
+async def _parent(args: argparse.Namespace, session: Session) -> int:
+    snap, _ = await _pick(args, session)
+    if snap.get("parent") is None:
+        raise FerryError(f"snapshot '{snap['name']}' has no parent")
+    if args.json:
+        _print_json({"snapshot": snap["name"], "parent": snap["parent"]})
+    else:
+        print(snap["parent"])
+    return 0
+
+
 async def _delete(args: argparse.Namespace, session: Session) -> int:
     result = await session.request("snapshot_delete", {
         "name": args.name, "snapshot": args.snapshot, "children": args.children,
-        "children_only": args.children_only,
+        "children_only": args.children_only, "metadata": args.metadata,
     })  # fmt: skip
     if args.json:
         _print_json(result)
@@ -215,3 +269,15 @@ def add_snapshot_verbs(verb: Verb) -> None:
     group.add_argument("--children", action="store_true", help="also delete its descendants")
     group.add_argument("--children-only", action="store_true",
                        help="delete only its descendants")  # fmt: skip
+    p.add_argument("--metadata", action="store_true",
+                   help="forget the metadata only: an internal snapshot's state stays in the "
+                   "images")  # fmt: skip
+    p = verb("snapshot-info", _info,
+             "show a snapshot: its state, kind, parent, children and whether it is current")
+    p.add_argument("name", help="the domain")
+    p.add_argument("snapshot", nargs="?", default=None, help="default: the current snapshot")
+    p.add_argument("--current", action="store_true", help="the current snapshot")
+    p = verb("snapshot-parent", _parent, "print the name of a snapshot's parent")
+    p.add_argument("name", help="the domain")
+    p.add_argument("snapshot", nargs="?", default=None, help="default: the current snapshot")
+    p.add_argument("--current", action="store_true", help="the current snapshot")

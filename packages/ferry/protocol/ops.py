@@ -86,6 +86,7 @@ _REGISTRY: dict[str, OpSpec] = {
         snapshot=_SNAPSHOT,
         children=FieldSpec(bool, default=False),
         children_only=FieldSpec(bool, default=False),
+        metadata=FieldSpec(bool, default=False),
     ),
     "snapshot_current": _spec(
         "the current snapshot; with snapshot, make it current",
