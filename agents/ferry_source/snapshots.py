@@ -86,7 +86,7 @@ class SnapshotOps:
                                         "metadata-only snapshots can be redefined "
                                         f"(it says kind '{snap.kind}')")  # fmt: skip
                 if not snap.domain_uuid:
-                    snap = Snapshot(**{**snap.__dict__, "domain_uuid": dom.uuid})
+                    snap = replace(snap, domain_uuid=dom.uuid)
                 tree.redefine(snap, current=args["current"])
                 verb = "redefined"
             else:
