@@ -5,7 +5,7 @@ every report.  After ``snapshot-create-as --disk-only`` its writes land in
 the overlay the agent created (backed by the old image, which stops
 changing), the live and persistent definitions name the overlay, and the
 domain starts again from it.  An overlay path that exists already is
-refused and changes nothing.
+refused and changes nothing.  Shut off, the overlay is made without qemu.
 """
 
 from __future__ import annotations
@@ -79,5 +79,15 @@ def test_disk_only_snapshot_moves_the_writes_to_an_overlay(
                                 timeout=60)  # fmt: skip
         assert again.disk_errors == 0 and _sha(base) == frozen
         a.ferryctl("destroy", "ext", check=True)
+        # Shut off: the overlay is made and the definition moves, no qemu involved.
+        a.ferryctl("snapshot-create-as", "ext", "d3", "--disk-only", check=True)
+        top = json.loads(subprocess.run(
+            ["qemu-img", "info", "--output=json", str(tmp_path / "ext.d3")],
+            check=True, capture_output=True, text=True).stdout)  # fmt: skip
+        assert top["backing-filename"] == str(overlay), top
+        inactive = a.ferryctl("dumpxml", "ext", "--inactive", check=True).stdout
+        assert f'file="{tmp_path / "ext.d3"}"' in inactive, inactive
+        tree = a.ferryctl("snapshot-list", "ext", "--tree", check=True).stdout.split()
+        assert tree == ["d1", "|", "+-", "d3"], tree
     finally:
         serial.close()
