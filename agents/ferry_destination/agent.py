@@ -14,6 +14,7 @@ so nothing is left half-done on this host.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import socket
@@ -45,6 +46,7 @@ from ferry_destination.postcopy import postcopy_recover
 from ferry_destination.prepare import prepare
 from ferry_destination.probe import link_probe
 from ferry_destination.recovery import recover_incoming
+from ferry_destination.snapshot_move import migration_snapshots
 from ferry_destination.tunnel import IncomingTunnel, PeerListener
 
 __all__ = ["DestinationAgent"]
@@ -63,6 +65,9 @@ class DestinationAgent:
             config.paths.locks_dir, config.paths.jobs_dir, agent="ferry-destination"
         )
         self.hello = make_hello(config.host.uuid, config.host.name, "destination")
+        if config.testing.without_features:
+            self.hello = dataclasses.replace(self.hello, features=self.hello.features
+                                             - frozenset(config.testing.without_features))
         self.tokens: TokenBook[IncomingTunnel] = TokenBook()
         self._endpoint: Any = None
         self._endpoint_lock = threading.Lock()
@@ -83,6 +88,7 @@ class DestinationAgent:
             "prepare": functools.partial(prepare, self.ctx),
             "finish": functools.partial(finish, self.ctx),
             "migration_outcome": functools.partial(migration_outcome, self.ctx),
+            "migration_snapshots": functools.partial(migration_snapshots, self.ctx),
             "migration_progress": functools.partial(migration_progress, self.ctx),
             "postcopy_recover": functools.partial(postcopy_recover, self.ctx),
             "adopt_incoming": functools.partial(adopt_incoming, self.ctx),

@@ -28,6 +28,7 @@ from ferry_destination.context import DestinationContext
 from ferry_destination.incoming import Incoming, discard, end_tunnel
 from ferry_destination.nbd_export import forget_created, stop_nbd
 from ferry_destination.postcopy import finish_held, hold, postcopy_state
+from ferry_destination.snapshot_move import commit_snapshots, uncommit_snapshots
 
 __all__ = ["finish"]
 
@@ -91,6 +92,7 @@ async def finish(
                     if params.dest_name:
                         persist = persist.renamed(params.dest_name)
                 dst.host.save_definition(persist)
+            commit_snapshots(dst, incoming)
             await _start_cpus(dst, incoming, flags)
         except BaseException as exc:
             if await postcopy_state(incoming.proc) is not None:
@@ -102,6 +104,7 @@ async def finish(
             log_event(log, MessageID.MIGRATION_FAILED,
                       f"finish failed for {name}: {exc}; killing the incoming qemu",
                       level=logging.ERROR)  # fmt: skip
+            uncommit_snapshots(dst, incoming)
             await discard(dst, incoming, f"finish failed: {exc}")
             if isinstance(exc, FerryError):
                 raise MigrationFailed(f"destination could not finish: {exc}") from exc

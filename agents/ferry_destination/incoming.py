@@ -33,6 +33,7 @@ from ferry.journal import MessageID, log_event
 from ferry.outcomes import FAILED
 from ferry.protocol.phases import DestinationPhases
 from ferry.qemu import QemuProcess
+from ferry.snapshots import TreeAssembler
 from ferry_destination.context import DestinationContext
 from ferry_destination.nbd_export import remove_images
 from ferry_destination.tunnel import IncomingTunnel
@@ -125,6 +126,8 @@ class Incoming:
     answer: dict[str, Any] | None = None
     #: Images this host created for a storage copy (deleted if the migration fails).
     created_images: list[str] = field(default_factory=list)
+    #: The snapshot hierarchy the source sent (feature ``snapshots``), until Finish.
+    snapshots: TreeAssembler | None = None
 
     @property
     def client_driven(self) -> bool:

@@ -16,8 +16,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lxml import etree
-
 from ferry import sdnotify
 from ferry.acl import check_access
 from ferry.config import AgentConfig
@@ -42,12 +40,12 @@ from ferry.journal import MessageID, log_event, merge_entries, read_journal
 from ferry.netdev import host_networks
 from ferry.qemu import DISCONNECTED, QemuProcess
 from ferry.rpc import RequestContext, Server, make_hello
-from ferry.statefile import atomic_write
 from ferry.storage_policy import check_domain
 from ferry_source.context import SourceContext
 from ferry_source.migration import MigrationDriver
 from ferry_source.preflight import migrate_check
 from ferry_source.recovery import OutgoingRecovery
+from ferry_source.snapshots import SnapshotOps
 
 __all__ = ["SourceAgent"]
 
@@ -77,6 +75,7 @@ class SourceAgent:
         self.progress = self.ctx.progress
         self.migration = MigrationDriver(self.ctx, self.resolve)
         self.recovery = OutgoingRecovery(self.ctx)
+        self.snapshot_ops = SnapshotOps(self)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -93,15 +92,13 @@ class SourceAgent:
             "list": self.op_list,
             "info": self.op_info,
             "dumpxml": self.op_dumpxml,
-            "snapshot_create": self.op_snapshot_create,
-            "snapshot_list": self.op_snapshot_list,
-            "snapshot_delete": self.op_snapshot_delete,
             "job_info": self.op_job_info,
             "journal_query": self.op_journal_query,
             "agent_state": self.op_agent_state,
             "migrate_check": functools.partial(migrate_check, self.ctx),
         }
         table.update(self.migration.handlers())
+        table.update(self.snapshot_ops.handlers())
         return table
 
     def check(self, ctx: RequestContext, op: str, domain: Domain | LiveDomain) -> None:
@@ -477,69 +474,10 @@ class SourceAgent:
             dom = persistent
         return {"xml": format_domain(dom)}
 
-    # -- snapshots (metadata only) ----------------------------------------------
+    # -- snapshots (ferry_source.snapshots) --------------------------------------
 
     def _snapshots(self, name: str) -> list[dict[str, Any]]:
-        folder = self.config.paths.snapshots_dir / name
-        out = []
-        for path in sorted(folder.glob("*.xml")) if folder.is_dir() else []:
-            try:
-                root = etree.fromstring(
-                    path.read_bytes(),
-                    etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False),
-                )
-            except etree.XMLSyntaxError:
-                continue
-            out.append(
-                {
-                    "name": root.findtext("name") or path.stem,
-                    "description": root.findtext("description") or "",
-                    "created": float(root.findtext("creationTime") or 0),
-                }
-            )
-        return sorted(out, key=lambda s: s["created"])
-
-    @staticmethod
-    def _check_snapshot_name(snap: str) -> None:
-        if not snap or "/" in snap or snap.startswith(".") or "\0" in snap or len(snap) > 200:
-            raise SnapshotError(f"invalid snapshot name {snap!r}")
-
-    async def op_snapshot_create(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
-        """Record snapshot metadata (no disk or memory state is taken)."""
-        live = self.resolve(ctx, "snapshot_create", args["name"])
-        snap = args["snapshot"]
-        self._check_snapshot_name(snap)
-        folder = self.config.paths.snapshots_dir / live.domain.name
-        path = folder / f"{snap}.xml"
-        if path.exists():
-            raise SnapshotError(f"snapshot '{snap}' already exists for domain '{live.domain.name}'")
-        root = etree.Element("domainsnapshot")
-        etree.SubElement(root, "name").text = snap
-        etree.SubElement(root, "description").text = args["description"]
-        etree.SubElement(root, "creationTime").text = str(int(time.time()))
-        etree.SubElement(root, "domain").set("uuid", live.domain.uuid)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
-        atomic_write(path, etree.tostring(root, pretty_print=True))
-        return {"name": live.domain.name, "snapshot": snap}
-
-    async def op_snapshot_list(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
-        """List snapshot metadata."""
-        live = self.resolve(ctx, "snapshot_list", args["name"])
-        return {"snapshots": self._snapshots(live.domain.name)}
-
-    async def op_snapshot_delete(self, ctx: RequestContext, args: dict[str, Any]) -> dict[str, Any]:
-        """Delete snapshot metadata."""
-        live = self.resolve(ctx, "snapshot_delete", args["name"])
-        snap = args["snapshot"]
-        self._check_snapshot_name(snap)
-        path = self.config.paths.snapshots_dir / live.domain.name / f"{snap}.xml"
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            raise SnapshotError(
-                f"domain '{live.domain.name}' has no snapshot named '{snap}'"
-            ) from None
-        return {"name": live.domain.name, "snapshot": snap}
+        return self.snapshot_ops.summaries(name)
 
     # -- jobs ------------------------------------------------------------------
 

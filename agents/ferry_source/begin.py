@@ -52,7 +52,7 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
             name=domain.name,
         )
     status = ctx.host.load_status(domain.name)
-    snapshots = [s["name"] for s in ctx.snapshots(domain.name)]
+    snapshots = [] if out.carry_snapshots else [s["name"] for s in ctx.snapshots(domain.name)]
     # --copy-storage-*: which disks, read from their images (refused here,
     # before the destination creates anything, when one cannot be copied).
     out.storage = await plan_storage(domain, flags, params)

@@ -19,6 +19,7 @@ from ferry.journal import MessageID, log_event
 from ferry.qemu import SavedMigrationSettings, query_migrate
 from ferry_source.context import SourceContext
 from ferry_source.mirror import clear_stale_mirrors
+from ferry_source.snapshot_move import drop_source_snapshots
 
 __all__ = ["fence_unknown", "observe_qemu", "resume_source", "stop_source"]
 
@@ -104,6 +105,7 @@ async def stop_source(
     await ctx.host.kill(name)
     if undefine:
         ctx.host.delete_definition(name)
+    drop_source_snapshots(ctx, name, undefine=undefine)
 
 
 def fence_unknown(

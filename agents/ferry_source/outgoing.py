@@ -53,6 +53,9 @@ class Outgoing:
     disk_transport: str = ""
     session: Session | None = None
     dest_name: str = ""
+    #: p2p: the snapshot metadata may move (ferry_source.snapshot_move), so
+    #: Begin does not refuse a domain that has some.
+    carry_snapshots: bool = False
     #: True once qemu was told to migrate (the destination may hold the state).
     migrate_sent: bool = False
     #: Why the destination ended its side, when it did so on its own.

@@ -37,6 +37,7 @@ from ferry_source.peer import ask_outcome, close_session, connect_peer, request
 from ferry_source.perform import perform
 from ferry_source.postcopy_finish import finish_postcopy
 from ferry_source.settle import Subject, settle
+from ferry_source.snapshot_move import check_peer, send_snapshots, snapshot_frames
 from ferry_source.summary import summary
 from ferry_source.tunnel import SourceTunnel
 
@@ -69,6 +70,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
     """
     emit = req.emit
     started = time.monotonic()
+    out.carry_snapshots = True
     cookie, xml = await begin(ctx, out, emit)
     job = out.job
     assert job is not None and out.proc is not None
@@ -79,8 +81,12 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             req.session.writer.transport.abort()
         if out.params.deadline_s is not None:
             await _preflight(ctx, out, emit)
+        # Cut before Prepare: a hierarchy over the bounds is refused before
+        # the destination starts anything.
+        frames = snapshot_frames(ctx, out)
         # -- Prepare (peer) ------------------------------------------------
         out.session = session = await connect_peer(ctx.config, out.host, out.port)
+        check_peer(session, out, frames)
         enter_phase(out, emit, "prepare")
         reply_timeout = ctx.config.migration.reply_timeout_s
         prep = await request(session, "prepare", {
@@ -98,12 +104,18 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
             out.tunnel = open_tunnel(ctx, out, prep)
             uri = out.tunnel.uri
 
-        # -- Perform -------------------------------------------------------
-        enter_phase(out, emit, "perform")
+        # -- snapshot metadata (peer), then Perform ---------------------------
         perform_error: FerryError | None = None
         stats: dict[str, Any] = {}
         try:
-            stats = await perform(ctx, out, uri, dest_cookie, emit)
+            await send_snapshots(ctx, out, session, frames)
+        except FerryError as exc:
+            # Nothing moved yet: Finish(cancelled) below discards B's side.
+            perform_error = exc
+        enter_phase(out, emit, "perform")
+        try:
+            if perform_error is None:
+                stats = await perform(ctx, out, uri, dest_cookie, emit)
         except FerryError as exc:
             perform_error = exc
         except Exception as exc:

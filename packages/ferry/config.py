@@ -396,6 +396,8 @@ class TestingConfig:
     fail_cpu_start: bool = False
     #: ``POINT=ACTION`` strings; see :mod:`ferry.faults`.
     faults: tuple[str, ...] = ()
+    #: Features the destination's hello leaves out: an older peer, for tests.
+    without_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -682,7 +684,8 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
 
     parse_faults(faults)  # refuse a typo at start, not when the point is reached
     testing = TestingConfig(
-        fail_cpu_start=bool(testing_s.get("fail_cpu_start", bool, False)), faults=faults
+        fail_cpu_start=bool(testing_s.get("fail_cpu_start", bool, False)), faults=faults,
+        without_features=_str_tuple(testing_s, "without_features", ()),
     )
     testing_s.finish()
 

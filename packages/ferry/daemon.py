@@ -88,7 +88,8 @@ def admit_local(config: AgentConfig) -> Callable[[Subject], None]:
 
 #: Peer ops whose handlers run check_access on the parsed domain themselves.
 DOMAIN_CHECKED_PEER_OPS = frozenset(
-    {"prepare", "finish", "migration_outcome", "migration_progress", "postcopy_recover"}
+    {"prepare", "finish", "migration_outcome", "migration_progress", "postcopy_recover",
+     "migration_snapshots"}
 )
 
 

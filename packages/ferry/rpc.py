@@ -62,7 +62,8 @@ log = logging.getLogger("ferry.rpc")
 
 # Features this build speaks; peers use the intersection.
 FEATURES: frozenset[str] = frozenset(
-    {"migration-v3", "cookie-v1", "tunnel", "tunnel-plain", "parallel-tunnel", "journal"}
+    {"migration-v3", "cookie-v1", "tunnel", "tunnel-plain", "parallel-tunnel", "journal",
+     "snapshots"}
 )
 READ_CHUNK = 256 * 1024
 

@@ -116,7 +116,7 @@ def test_client_driven_refusals_leave_the_guest_where_it_was(
     changed.write_text(xml.replace("<vcpu>1</vcpu>", "<vcpu>2</vcpu>").replace(
         "<vcpu placement='static'>1</vcpu>", "<vcpu placement='static'>2</vcpu>"))  # fmt: skip
     refused(run_mig(client_hosts, "--live", "--xml", str(changed)), "abi-unstable", "vcpu")
-    a.ferryctl("snapshot-create", "g1", "s1", check=True)
+    a.ferryctl("snapshot-create-as", "g1", "s1", check=True)
     refused(run_mig(client_hosts, "--live"), "migration-refused", "1 snapshot")
     a.ferryctl("snapshot-delete", "g1", "s1", check=True)
     # What this mode cannot do is refused by name, before anything starts.

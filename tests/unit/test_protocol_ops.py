@@ -127,7 +127,8 @@ def test_message_example_from_the_design() -> None:
         (
             "snapshot_create",
             {"name": "vm", "snapshot": "s1"},
-            {"name": "vm", "snapshot": "s1", "description": ""},
+            {"name": "vm", "snapshot": "s1", "description": "", "xml": None,
+             "redefine": False, "current": False, "disk_only": False},
         ),
         (
             "migrate",

@@ -149,19 +149,6 @@ async def _dumpxml(args: argparse.Namespace, session: Session) -> int:
     return 0
 
 
-async def _snapshot_list(args: argparse.Namespace, session: Session) -> int:
-    result = await session.request("snapshot_list", {"name": args.name})
-    snaps = result.get("snapshots", [])
-    if args.json:
-        _print_json(snaps)
-        return 0
-    print(f" {'Name':<30} Creation Time")
-    print("-" * 60)
-    for snap in snaps:
-        print(f" {snap['name']:<30} {snap.get('created', '')}")
-    return 0
-
-
 async def _jobinfo(args: argparse.Namespace, session: Session) -> int:
     result = await session.request("job_info", {"name": args.name})
     if args.json:
@@ -763,31 +750,9 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--inactive", action="store_true", help="the persistent definition, not the live one"
     )
-    p = verb(
-        "snapshot-create",
-        _simple(
-            "snapshot_create",
-            "name",
-            "snapshot",
-            "description",
-            message="Domain snapshot {snapshot} created",
-        ),
-        "record snapshot metadata",
-    )
-    p.add_argument("name")
-    p.add_argument("snapshot")
-    p.add_argument("--description", default="")
-    p = verb("snapshot-list", _snapshot_list, "list a domain's snapshots")
-    p.add_argument("name")
-    p = verb(
-        "snapshot-delete",
-        _simple(
-            "snapshot_delete", "name", "snapshot", message="Domain snapshot {snapshot} deleted"
-        ),
-        "delete snapshot metadata",
-    )
-    p.add_argument("name")
-    p.add_argument("snapshot")
+    from .snapshot_cmds import add_snapshot_verbs
+
+    add_snapshot_verbs(verb)
     p = verb("jobinfo", _jobinfo, "show the domain's running job and its progress")
     p.add_argument("name")
     p = verb(
