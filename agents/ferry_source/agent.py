@@ -48,6 +48,7 @@ from ferry_source.context import SourceContext
 from ferry_source.migration import MigrationDriver
 from ferry_source.preflight import migrate_check
 from ferry_source.recovery import OutgoingRecovery
+from ferry_source.save import SaveDriver
 
 __all__ = ["SourceAgent"]
 
@@ -77,6 +78,7 @@ class SourceAgent:
         self.progress = self.ctx.progress
         self.migration = MigrationDriver(self.ctx, self.resolve)
         self.recovery = OutgoingRecovery(self.ctx)
+        self.saves = SaveDriver(self)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class SourceAgent:
             "migrate_check": functools.partial(migrate_check, self.ctx),
         }
         table.update(self.migration.handlers())
+        table.update(self.saves.handlers())
         return table
 
     def check(self, ctx: RequestContext, op: str, domain: Domain | LiveDomain) -> None:
@@ -306,6 +309,10 @@ class SourceAgent:
         """Start a defined domain."""
         live = self.resolve(ctx, "start", args["name"])
         dom = live.domain
+        if live.status is None and self.saves.has_managed(dom.name):
+            # libvirt's rule: a managed save image is resumed, not booted over.
+            self._check_fence(dom, "start", force=args["force"])
+            return await self.saves.start_managed(ctx, dom, paused=args["paused"])
         async with self.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY, timeout=JOB_TIMEOUT):
             if self.host.load_status(dom.name) is not None:
                 raise DomainState(f"domain '{dom.name}' is already running", name=dom.name)
