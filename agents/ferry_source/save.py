@@ -303,14 +303,15 @@ class SaveDriver:
         The guest is paused first when ``pause`` (and resumed if this fails).
         On failure the image stays marked partial.
         """
-        run = await proc.qmp.query_status()
-        stopped_here = False
-        if pause and run.running:
-            await proc.qmp.execute("stop")
-            stopped_here = True
+        # Opened before the guest pauses: a refused path changes nothing.
         fd = self._open(path, write=True, where=op)
         child: asyncio.subprocess.Process | None = None
+        stopped_here = False
         try:
+            run = await proc.qmp.query_status()
+            if pause and run.running:
+                await proc.qmp.execute("stop")
+                stopped_here = True
             write_header(fd, header)
             await set_params(proc.qmp, {"max-bandwidth": MAX_BANDWIDTH})
             if argv is None:
