@@ -126,6 +126,8 @@ class SourceAgent:
         # that goes on in the background while we serve.
         await self.recovery.adopt_all()
         found = await self.host.reconnect_all()
+        # A save or dump a killed agent left: cancelled, the guest resumed.
+        await self.saves.recover_all()
         for name in found:
             self.watch(name)
         self.recovery.start()

@@ -50,7 +50,7 @@ from ferry.errors import (
     SaveImageError,
     SaveRefused,
 )
-from ferry.jobs import AsyncJob, JobType
+from ferry.jobs import AsyncJob, Job, JobType
 from ferry.journal import MessageID, log_event
 from ferry.netdev import host_networks
 from ferry.qemu import QemuProcess
@@ -197,6 +197,53 @@ class SaveDriver:
             "dump": self.op_dump,
         }
 
+    # -- recovery ----------------------------------------------------------------
+
+    async def recover_all(self) -> None:
+        """Settle the SAVE and DUMP jobs a killed ferry-source left.
+
+        libvirt's rule (qemuProcessRecoverJob): the migration to the file is
+        cancelled if still running, and a guest the job paused runs again.
+        The image stays marked partial: nobody saw qemu and the compressor
+        finish, so restore refuses it.
+        """
+        for found in self.jobs.recorded():
+            if found.job.async_job not in (AsyncJob.SAVE, AsyncJob.DUMP):
+                continue
+            try:
+                job = await self.jobs.adopt(found.uuid, found.name, found.job, timeout=5.0)
+            except FerryError as exc:
+                log.error("cannot adopt the %s job of %s: %s", found.job.async_job,
+                          found.name, exc)  # fmt: skip
+                continue
+            try:
+                await self._settle(found.name, job.data)
+            except (FerryError, OSError) as exc:
+                log.error("settling the interrupted %s of %s: %s", found.job.async_job,
+                          found.name, exc)  # fmt: skip
+            finally:
+                await self.jobs.end_async(job)
+
+    async def _settle(self, name: str, data: dict[str, Any]) -> None:
+        if self.host.load_status(name) is None:
+            return  # qemu is gone: nothing to resume
+        proc = await self.host.process(name)
+        stats = await query_migrate(proc.qmp, timeout=10.0)
+        if stats.status in ("active", "setup", "device", "pre-switchover"):
+            await proc.qmp.execute("migrate_cancel")
+            while not (await query_migrate(proc.qmp, timeout=10.0)).finished:
+                await asyncio.sleep(POLL_S)
+        if data.get("resume") and not (await proc.qmp.query_status()).running:
+            await proc.qmp.execute("cont")
+            status = self.host.load_status(name)
+            if status is not None:
+                status.run_state = "running"
+                self.host.save_status(status)
+        resumed = "; the guest runs again" if data.get("resume") else ""
+        log_event(log, MessageID.DOMAIN_STARTED,
+                  f"domain {name}: an interrupted save/dump to {data.get('path')} was settled "
+                  f"(the image stays partial){resumed}", domain=name, job="save")  # fmt: skip
+
     # -- paths -------------------------------------------------------------------
 
     @property
@@ -282,8 +329,8 @@ class SaveDriver:
                 header.was_running = True
             elif paused:
                 header.was_running = False
-            size = await self._to_file(proc, dom, path, header, argv, op=op,
-                                       pause=True, bypass_cache=bypass_cache)  # fmt: skip
+            size = await self._to_file(proc, dom, path, header, argv, op=op, pause=True,
+                                       bypass_cache=bypass_cache, job=job)  # fmt: skip
             # The image is complete: the guest now lives in the file.
             await self.host.kill(dom.name)
         finally:
@@ -296,8 +343,8 @@ class SaveDriver:
                 "seconds": elapsed, "was_running": header.was_running}  # fmt: skip
 
     async def _to_file(self, proc: QemuProcess, dom: Domain, path: str, header: SaveHeader,
-                       argv: list[str] | None, *, op: str, pause: bool,
-                       bypass_cache: bool) -> int:  # fmt: skip
+                       argv: list[str] | None, *, op: str, pause: bool, bypass_cache: bool,
+                       job: Job) -> int:  # fmt: skip
         """Migrate qemu's state into ``path`` (header first); return the file's size.
 
         The guest is paused first when ``pause`` (and resumed if this fails).
@@ -310,6 +357,8 @@ class SaveDriver:
         try:
             run = await proc.qmp.query_status()
             if pause and run.running:
+                # Recorded first: an agent killed from here on resumes it at restart.
+                job.record(resume=True, path=path)
                 await proc.qmp.execute("stop")
                 stopped_here = True
             write_header(fd, header)
@@ -517,6 +566,7 @@ class SaveDriver:
         try:
             was_running = (await proc.qmp.query_status()).running
             if was_running and not args["live"]:
+                job.record(resume=not args["crash"], path=path)
                 await proc.qmp.execute("stop")
             try:
                 if memory_only:
@@ -528,7 +578,8 @@ class SaveDriver:
                                         compression=self.config.save.image_format, kind="dump",
                                         name=dom.name, uuid=dom.uuid)  # fmt: skip
                     size = await self._to_file(proc, dom, path, header, argv, op="dump",
-                                               pause=False, bypass_cache=args["bypass_cache"])
+                                               pause=False, bypass_cache=args["bypass_cache"],
+                                               job=job)  # fmt: skip
             finally:
                 if not args["crash"]:
                     with contextlib.suppress(FerryError):

@@ -185,6 +185,10 @@ def test_save_killed_midway_leaves_a_partial_image(
             assert save.returncode != 0
             a.write_config()
             a.start_agent("source")
+            # The restarted agent settles the interrupted save: the guest runs again.
+            wait_until(lambda: a.domain_state("g1") == "running", 30, "g1 to run again")
+            assert a.qemu_pids() == [qemu]
+            assert a.ctl_json("jobinfo", "g1").get("job") is None
         info = a.ctl_json("save-image-dumpxml", str(image))
         assert info["complete"] is False
         _fails(a.ferryctl("restore", str(image)), "is a partial save image",
