@@ -200,10 +200,14 @@ class SourceAgent:
 
     async def _watch(self, name: str, proc: QemuProcess) -> None:
         try:
-            with proc.qmp.events({"STOP", "RESUME", "SHUTDOWN", DISCONNECTED}) as events:
+            with proc.qmp.events({"STOP", "RESUME", "SHUTDOWN", "WATCHDOG",
+                                  DISCONNECTED}) as events:  # fmt: skip
                 async for event in events:
                     if event.name == DISCONNECTED:
                         break
+                    if event.name == "WATCHDOG":
+                        self.saves.on_watchdog(name, event.data)
+                        continue
                     status = self.host.load_status(name)
                     if status is None or status.pid != proc.pid:
                         continue

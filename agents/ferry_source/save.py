@@ -184,6 +184,7 @@ class SaveDriver:
         self.config = agent.config
         self.host = agent.host
         self.jobs = agent.jobs
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def handlers(self) -> dict[str, Handler]:
         """Ops for the agent's table."""
@@ -196,6 +197,48 @@ class SaveDriver:
             "managedsave_remove": self.op_managedsave_remove,
             "dump": self.op_dump,
         }
+
+    # -- watchdog action dump --------------------------------------------------------
+
+    def on_watchdog(self, name: str, data: dict[str, Any]) -> None:
+        """qemu's WATCHDOG event: with ``<watchdog action='dump'>``, dump then resume.
+
+        qemu was told ``-action watchdog=pause``; the dump goes to
+        ``state_dir/dump/NAME-TIME.core`` (memory-only ELF, as libvirt's
+        auto-dump), then the guest runs again.
+        """
+        live = self.host.live_definition(name)
+        if live is None or data.get("action") != "pause" or not any(
+                w.action == "dump" for w in live.watchdogs):
+            return
+        task = asyncio.create_task(self._watchdog_dump(live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog_dump(self, dom: Domain) -> None:
+        folder = self.config.paths.state_dir / "dump"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = folder / f"{dom.name}-{time.strftime('%Y-%m-%d-%H:%M:%S')}.core"
+        try:
+            job = await self.jobs.begin_async(dom.uuid, dom.name, AsyncJob.DUMP,
+                                              timeout=JOB_TIMEOUT)  # fmt: skip
+            try:
+                job.record(resume=True, path=str(path))
+                proc = await self.host.process(dom.name)
+                size = await self._memory_dump(proc, str(path), "elf", own=True)
+                await proc.qmp.execute("cont")
+            finally:
+                await self.jobs.end_async(job)
+        except (FerryError, OSError) as exc:
+            log_event(log, MessageID.DOMAIN_STOPPED,
+                      f"domain {dom.name}: watchdog fired; the dump to {path} failed: {exc}",
+                      level=logging.ERROR, domain=dom.name, uuid=dom.uuid,
+                      job="dump")  # fmt: skip
+            return
+        log_event(log, MessageID.DOMAIN_STARTED,
+                  f"domain {dom.name}: watchdog fired; memory dumped to {path} ({size} bytes), "
+                  "guest resumed", level=logging.WARNING, domain=dom.name, uuid=dom.uuid,
+                  job="dump")  # fmt: skip
 
     # -- recovery ----------------------------------------------------------------
 
@@ -602,8 +645,12 @@ class SaveDriver:
         return {"name": dom.name, "path": path, "bytes": size, "seconds": elapsed,
                 "memory_only": memory_only, "format": fmt or "save-image"}  # fmt: skip
 
-    async def _memory_dump(self, proc: QemuProcess, path: str, fmt: str) -> int:
-        fd = self._open(path, write=True, where="dump")
+    async def _memory_dump(self, proc: QemuProcess, path: str, fmt: str, *,
+                           own: bool = False) -> int:  # fmt: skip
+        if own:  # the agent's own dump folder (watchdog): not a user's path
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        else:
+            fd = self._open(path, write=True, where="dump")
         try:
             if fmt != "elf":
                 caps = await proc.qmp.execute("query-dump-guest-memory-capability")
