@@ -8,6 +8,7 @@ never booted again (boot_count == 1).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,24 @@ def test_save_restore_here_and_there(
             before = _saved(a, "g1", serial)
             assert a.ctl_json("restore", str(image))["state"] == "paused"
             _fails(a.ferryctl("restore", str(image)), "already running", "(domain-state)")
+            a.ferryctl("resume", "g1", check=True)
+            _resumed(serial, a, "g1", before)
+            # save-image-define: an XML that changes the guest's hardware is refused;
+            # --paused/--running rewrite the recorded state in place.
+            a.ferryctl("save", "g1", str(image), check=True)
+            before = _saved(a, "g1", serial)
+            xml = a.ctl_json("save-image-dumpxml", str(image))["xml"]
+            bigger = re.sub(r'<memory unit="(\w+)">(\d+)</memory>',
+                            lambda m: f'<memory unit="{m[1]}">{int(m[2]) * 2}</memory>', xml)
+            assert bigger != xml
+            (tmp_path / "bigger.xml").write_text(bigger)
+            (tmp_path / "same.xml").write_text(xml)
+            _fails(a.ferryctl("save-image-define", str(image), str(tmp_path / "bigger.xml")),
+                   "memory", "(abi-unstable)")  # fmt: skip
+            a.ferryctl("save-image-define", str(image), str(tmp_path / "same.xml"), "--paused",
+                       check=True)  # fmt: skip
+            assert a.ctl_json("save-image-dumpxml", str(image))["was_running"] is False
+            assert a.ctl_json("restore", str(image))["state"] == "paused"
             a.ferryctl("resume", "g1", check=True)
             _resumed(serial, a, "g1", before)
         a.ferryctl("destroy", "g1", check=True)
