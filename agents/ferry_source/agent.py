@@ -476,6 +476,7 @@ class SourceAgent:
             "pid": live.status.pid if live.status else None,
             "job": record.async_job if record else None,
             "snapshots": len(self._snapshots(dom.name)),
+            "managed_save": self.saves.has_managed(dom.name),
             "host": self.config.host.name,
         }
 

@@ -469,7 +469,14 @@ class SaveDriver:
 
     async def _restore(self, domain: Domain, header: SaveHeader, fd: int, *, path: str,
                        running: bool, paused: bool) -> dict[str, Any]:  # fmt: skip
+        if header.kind != "save":
+            # The domain ran on after its full dump: restoring it would make a second copy.
+            raise SaveImageError(f"'{path}' is a core dump of '{domain.name}', not a save "
+                                 "image: the domain kept running after it; restore refuses it",
+                                 kind=header.kind)  # fmt: skip
         check_domain(domain, self.config, where="restore")
+        # A domain that migrated away (or may have) must not run here again.
+        self.agent._check_fence(domain, "restore", force=False)
         existing = self.host.load_definition(domain.name)
         if existing is not None and existing.uuid != domain.uuid:
             raise DomainExists(f"domain '{domain.name}' already exists with uuid "

@@ -244,6 +244,7 @@ def test_managedsave_then_start_resumes(
         before = _saved(a, "g1", serial)
         managed = a.state_dir / "save" / "g1.save"
         assert managed.is_file()
+        assert a.ctl_json("dominfo", "g1")["managed_save"] is True
         result = a.ctl_json("start", "g1")
         assert result.get("restored") is True
         assert not managed.exists()
@@ -299,7 +300,12 @@ def test_memory_only_dump_has_elf_notes(
         info = a.ctl_json("save-image-dumpxml", str(full))
         assert info["complete"] is True and info["kind"] == "dump"
         assert a.domain_state("g1") == "running"
+        a.ferryctl("destroy", "g1", check=True)
+        _fails(a.ferryctl("restore", str(full)), "is a core dump", "(save-image)")
+        a.ferryctl("start", "g1", check=True)
         # --crash: the domain stops after the dump.
+        serial.reconnect(a.serial_socket("g1"))
+        serial.wait_for(lambda r: serial.boot_count == 2 and r.counter >= 1, timeout=60)
         a.ferryctl("dump", "g1", str(core), "--memory-only", "--crash", check=True)
         wait_until(lambda: not a.qemu_pids(), 10, "qemu to exit after dump --crash")
     finally:
