@@ -235,6 +235,8 @@ class SourceAgent:
         """(state, reason) in virsh's words."""
         fence = self.fences.get(live.domain.uuid)
         if live.status is None:
+            if fence is None and self.saves.has_managed(live.domain.name):
+                return "shut off", "saved"  # virsh's reason: start resumes it
             return "shut off", fence.describe() if fence is not None else None
         if live.status.run_state == "incoming":
             return "paused", "migrating in"

@@ -244,7 +244,8 @@ def test_managedsave_then_start_resumes(
         before = _saved(a, "g1", serial)
         managed = a.state_dir / "save" / "g1.save"
         assert managed.is_file()
-        assert a.ctl_json("dominfo", "g1")["managed_save"] is True
+        info = a.ctl_json("dominfo", "g1")
+        assert info["managed_save"] is True and info["reason"] == "saved"
         result = a.ctl_json("start", "g1")
         assert result.get("restored") is True
         assert not managed.exists()
