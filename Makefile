@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := qemu-system-x86 qemu-utils libsystemd-dev pkg-config iproute2 zstd \
             socat binutils gcc make systemd python3-venv python3-dev util-linux libssl-dev \
-            swtpm swtpm-tools ovmf
+            swtpm swtpm-tools ovmf bzip2 xz-utils lzop
 # Installed without their recommends: virtinst would pull in a libvirt daemon
 # (and a viewer) that the tests never use and that must not run on a CI host;
 # the tests run their own Open vSwitch daemons per test host.

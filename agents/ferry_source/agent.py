@@ -45,6 +45,7 @@ from ferry_source.context import SourceContext
 from ferry_source.migration import MigrationDriver
 from ferry_source.preflight import migrate_check
 from ferry_source.recovery import OutgoingRecovery
+from ferry_source.save import SaveDriver
 from ferry_source.snapshots import SnapshotOps
 
 __all__ = ["SourceAgent"]
@@ -76,6 +77,7 @@ class SourceAgent:
         self.migration = MigrationDriver(self.ctx, self.resolve)
         self.recovery = OutgoingRecovery(self.ctx)
         self.snapshot_ops = SnapshotOps(self)
+        self.saves = SaveDriver(self)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class SourceAgent:
         }
         table.update(self.migration.handlers())
         table.update(self.snapshot_ops.handlers())
+        table.update(self.saves.handlers())
         return table
 
     def check(self, ctx: RequestContext, op: str, domain: Domain | LiveDomain) -> None:
@@ -120,6 +123,8 @@ class SourceAgent:
         # that goes on in the background while we serve.
         await self.recovery.adopt_all()
         found = await self.host.reconnect_all()
+        # A save or dump a killed agent left: cancelled, the guest resumed.
+        await self.saves.recover_all()
         for name in found:
             self.watch(name)
         self.recovery.start()
@@ -192,10 +197,14 @@ class SourceAgent:
 
     async def _watch(self, name: str, proc: QemuProcess) -> None:
         try:
-            with proc.qmp.events({"STOP", "RESUME", "SHUTDOWN", DISCONNECTED}) as events:
+            with proc.qmp.events({"STOP", "RESUME", "SHUTDOWN", "WATCHDOG",
+                                  DISCONNECTED}) as events:  # fmt: skip
                 async for event in events:
                     if event.name == DISCONNECTED:
                         break
+                    if event.name == "WATCHDOG":
+                        self.saves.on_watchdog(name, event.data)
+                        continue
                     status = self.host.load_status(name)
                     if status is None or status.pid != proc.pid:
                         continue
@@ -223,6 +232,8 @@ class SourceAgent:
         """(state, reason) in virsh's words."""
         fence = self.fences.get(live.domain.uuid)
         if live.status is None:
+            if fence is None and self.saves.has_managed(live.domain.name):
+                return "shut off", "saved"  # virsh's reason: start resumes it
             return "shut off", fence.describe() if fence is not None else None
         if live.status.run_state == "incoming":
             return "paused", "migrating in"
@@ -303,6 +314,10 @@ class SourceAgent:
         """Start a defined domain."""
         live = self.resolve(ctx, "start", args["name"])
         dom = live.domain
+        if live.status is None and self.saves.has_managed(dom.name):
+            # libvirt's rule: a managed save image is resumed, not booted over.
+            self._check_fence(dom, "start", force=args["force"])
+            return await self.saves.start_managed(ctx, dom, paused=args["paused"])
         async with self.jobs.sync_job(dom.uuid, dom.name, JobType.MODIFY, timeout=JOB_TIMEOUT):
             if self.host.load_status(dom.name) is not None:
                 raise DomainState(f"domain '{dom.name}' is already running", name=dom.name)
@@ -460,6 +475,7 @@ class SourceAgent:
             "pid": live.status.pid if live.status else None,
             "job": record.async_job if record else None,
             "snapshots": len(self._snapshots(dom.name)),
+            "managed_save": self.saves.has_managed(dom.name),
             "host": self.config.host.name,
         }
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
+from ferry import allowed
+from ferry.allowed import unmigratable
 from ferry.domain import Domain
-from ferry.domain._filesystem import migration_blockers as fs_migration_blockers
-from ferry.domain._hostdev import migration_blockers
 from ferry.errors import MigrationRefused
 from ferry.flags import MigrationFlags
 from ferry.qemu import QemuProcess
@@ -78,25 +78,6 @@ def unsafe_disks(domain: Domain, copied: frozenset[str] = frozenset()) -> list[s
     return problems
 
 
-def unmigratable(domain: Domain) -> list[str]:
-    """What in ``domain`` cannot move to another host, each named with the reason.
-
-    Such a domain still defines and starts; only its migration is refused
-    (libvirt asks qemu for its migration blockers; these are the ones the
-    definition alone shows). Sound cards, USB redirection (spicevmc or tcp,
-    with a client connected or not), spice agent channels, watchdogs, panic
-    notifiers, iothreads, huge pages and memfd memory all migrate; host
-    devices (``<hostdev>``, :func:`~ferry.domain._hostdev.migration_blockers`)
-    and virtiofs filesystems do not.
-    """
-    found = migration_blockers(domain) + fs_migration_blockers(domain)
-    if domain.features.hyperv_mode == "passthrough":
-        found.append("<features><hyperv mode='passthrough'>: qemu blocks the migration of "
-                     "'hv-passthrough' (it copies this host's Hyper-V features); list the "
-                     "features with mode='custom' instead")
-    return found
-
-
 def is_allowed(
     domain: Domain, flags: MigrationFlags, snapshots: list[str], run_state: str | None,
     copied: frozenset[str] = frozenset(),
@@ -112,10 +93,12 @@ def is_allowed(
             f"cannot migrate domain '{domain.name}' with {len(snapshots)} snapshot(s)",
             snapshots=snapshots,
         )
-    blockers = unmigratable(domain)
+    # Shared with save, dump and snapshot (ferry.allowed: remote=True here).
+    blockers = allowed.is_allowed(domain, True)
     if blockers:
         raise MigrationRefused(
-            f"cannot migrate domain '{domain.name}': " + "; ".join(blockers), blockers=blockers,
+            allowed.refusal(domain.name, "migrate", blockers),
+            blockers=[p.message for p in blockers],
         )
     if not flags & MigrationFlags.UNSAFE:
         problems = unsafe_disks(domain, copied)

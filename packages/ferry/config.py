@@ -120,6 +120,7 @@ __all__ = [
     "PathsConfig",
     "PeersConfig",
     "QemuConfig",
+    "SaveConfig",
     "StorageConfig",
     "TLSConfig",
     "TestingConfig",
@@ -390,6 +391,14 @@ class OpenVSwitchConfig:
 
 
 @dataclass(frozen=True)
+class SaveConfig:
+    """``[save]``: how save, managedsave and full dumps write their images."""
+
+    #: raw, gzip, bzip2, xz, lzop or zstd (ferry.save_image.FORMATS).
+    image_format: str = "raw"
+
+
+@dataclass(frozen=True)
 class TestingConfig:
     """Fault injection used only by the test suite; all off by default."""
 
@@ -423,6 +432,7 @@ class AgentConfig:
     networks: Mapping[str, NetworkConfig] = field(default_factory=dict)
     openvswitch: OpenVSwitchConfig = field(default_factory=OpenVSwitchConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
     source_path: Path | None = None
 
 
@@ -678,6 +688,13 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         raise ConfigError("[openvswitch] vsctl and db must not be empty")
     ovs_s.finish()
 
+    save_s = _Section(top.get("save", dict, {}), "save")
+    save = SaveConfig(image_format=save_s.get("image_format", str, "raw"))
+    if save.image_format not in ("raw", "gzip", "bzip2", "xz", "lzop", "zstd"):
+        raise ConfigError(f"[save] image_format = {save.image_format!r}: not one of raw, "
+                          "gzip, bzip2, xz, lzop, zstd")
+    save_s.finish()
+
     testing_s = _Section(top.get("testing", dict, {}), "testing")
     faults = _str_tuple(testing_s, "faults", ())
     from ferry.faults import parse_faults
@@ -709,6 +726,7 @@ def parse_config(data: Mapping[str, Any], *, source_path: Path | None = None) ->
         networks=networks,
         openvswitch=openvswitch,
         testing=testing,
+        save=save,
         source_path=source_path,
     )
 

@@ -456,3 +456,30 @@ class NameInvalid(XMLError):
 
 
 __all__ += ["NameInvalid", "PathNotAllowed"]
+
+
+class SaveError(FerryError):
+    """A save, restore or dump failed (qemu, the compressor or the file)."""
+
+    code = "save"
+
+
+class SaveRefused(SaveError):
+    """The domain cannot be saved or dumped (``ferry.allowed``: a device qemu cannot serialise)."""
+
+    code = "save-refused"
+
+
+class SaveImageError(SaveError):
+    """A file that is not a Ferry save image, or one this host cannot read."""
+
+    code = "save-image"
+
+
+class SaveImagePartial(SaveImageError):
+    """A save image whose save never finished: restore refuses it."""
+
+    code = "save-image-partial"
+
+
+__all__ += ["SaveError", "SaveImageError", "SaveImagePartial", "SaveRefused"]

@@ -29,6 +29,9 @@ point              agent                reached
 ``src.switchover`` ferry-source         ``--copy-storage-*``: qemu waits at
                                         switchover, the mirrors ended in sync,
                                         before the device state is sent
+``src.save``       ferry-source         save/managedsave/full dump: qemu's migration
+                                        to the file was started, the header is still
+                                        marked partial
 =================  ===================  ============================================
 
 Actions:
@@ -60,7 +63,7 @@ log = logging.getLogger("ferry.faults")
 
 POINTS = frozenset(
     {"src.begin", "dst.prepare", "src.perform", "dst.finish.begin", "dst.finish", "src.confirm",
-     "src.postcopy", "src.mirror", "src.switchover"}
+     "src.postcopy", "src.mirror", "src.switchover", "src.save"}
 )
 ACTIONS = frozenset({"stop", "drop-reply"})
 

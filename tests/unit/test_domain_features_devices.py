@@ -370,7 +370,12 @@ def test_watchdogs_and_panic() -> None:
     assert "-device ib700,id=watchdog0 -action watchdog=reset" in argv_of(ib700)
     assert "part of the q35 machine" in str(refused(dom("<watchdog model='itco'/>",
                                                         machine="pc")))
-    assert "watchdog action 'dump'" in str(refused(dom("<watchdog model='ib700' action='dump'/>")))
+    # dump (issue 16): qemu pauses, ferry-source dumps and resumes (agents/ferry_source/save.py)
+    dump = round_trip(dom("<watchdog model='ib700' action='dump'/>", machine="pc"))
+    assert dump.watchdogs[0].action == "dump"
+    assert "-device ib700,id=watchdog0 -action watchdog=pause" in argv_of(dump)
+    assert "watchdog action 'explode'" in str(
+        refused(dom("<watchdog model='ib700' action='explode'/>")))
     with pytest.raises(ABIError):
         check_abi_stability(d, dataclasses.replace(d, panics=()))
 

@@ -809,6 +809,10 @@ def build_parser(*, with_pki: bool = True) -> argparse.ArgumentParser:
     _add_migration_options(p)
     p.set_defaults(live=True)
 
+    from ferryctl.save_cmds import add_save_commands
+
+    add_save_commands(verb)
+
     p = verb("journal", _journal, "show a domain's or a migration's story from the journal")
     p.add_argument("name", nargs="?")
     p.add_argument("--migration", metavar="ID", help="one migration, both hosts merged")

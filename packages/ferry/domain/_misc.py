@@ -206,8 +206,9 @@ def _tcp_source(ctx: Ctx, src: etree._Element | None, loc: Loc) -> tuple[str, in
 
 
 _WATCHDOG = "domain/devices/watchdog"
-#: libvirt's watchdog actions that qemu's ``-action watchdog=`` has.
-WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "none", "inject-nmi")
+#: libvirt's watchdog actions: those qemu's ``-action watchdog=`` has, and
+#: ``dump`` (qemu pauses; ferry-source writes a memory dump, then resumes).
+WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "none", "inject-nmi", "dump")
 
 
 def parse_watchdog(ctx: Ctx, el: etree._Element, env: DeviceEnv) -> Watchdog:

@@ -1132,7 +1132,9 @@ class _Builder:
             else:  # q35's built-in iTCO: let it reset the machine, as libvirt does
                 self.add("-global", "ICH9-LPC.noreboot=off")
         if actions:
-            self.add("-action", f"watchdog={actions.pop()}")
+            # dump: qemu pauses, ferry-source dumps and resumes (agents/ferry_source/save.py).
+            action = actions.pop()
+            self.add("-action", f"watchdog={'pause' if action == 'dump' else action}")
 
     def redirdevs(self) -> None:
         for i, r in enumerate(self.d.redirdevs):

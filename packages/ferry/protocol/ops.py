@@ -107,10 +107,37 @@ _REGISTRY: dict[str, OpSpec] = {
         last=FieldSpec(bool, default=False),
         current=FieldSpec(str, nullable=True, default=None, min_len=1, max_len=200),
     ),
-    # state files
-    "save": _spec("save a domain's state to a file and stop it", name=_NAME, path=_PATH),
-    "restore": _spec("start a domain from a saved state file", path=_PATH),
-    "dump": _spec("write a domain's memory to a file", name=_NAME, path=_PATH),
+    # state files (save/restore/dump: agents/ferry_source/save.py)
+    "save": _spec(
+        "save a domain's state to a file and stop it",
+        name=_NAME, path=_PATH, running=FieldSpec(bool, default=False),
+        paused=FieldSpec(bool, default=False), xml=FieldSpec(str, nullable=True, default=None),
+        bypass_cache=FieldSpec(bool, default=False),
+    ),
+    "restore": _spec(
+        "start a domain from a saved state file",
+        path=_PATH, running=FieldSpec(bool, default=False),
+        paused=FieldSpec(bool, default=False), xml=FieldSpec(str, nullable=True, default=None),
+    ),
+    "save_image_dumpxml": _spec("the domain XML a save image records", path=_PATH),
+    "save_image_define": _spec(
+        "replace the domain XML a save image records (ABI-checked)",
+        path=_PATH, xml=_XML, running=FieldSpec(bool, default=False),
+        paused=FieldSpec(bool, default=False),
+    ),
+    "managedsave": _spec(
+        "save a domain to its managed image; start resumes from it",
+        name=_NAME, running=FieldSpec(bool, default=False),
+        paused=FieldSpec(bool, default=False), bypass_cache=FieldSpec(bool, default=False),
+    ),
+    "managedsave_remove": _spec("remove a domain's managed save image", name=_NAME),
+    "dump": _spec(
+        "write a domain's memory (or whole state) to a file",
+        name=_NAME, path=_PATH, memory_only=FieldSpec(bool, default=False),
+        format=FieldSpec(str, nullable=True, default=None, max_len=32),
+        live=FieldSpec(bool, default=False), crash=FieldSpec(bool, default=False),
+        reset=FieldSpec(bool, default=False), bypass_cache=FieldSpec(bool, default=False),
+    ),
     # jobs
     "job_info": _spec("progress of the domain's job", name=_NAME),
     "job_abort": _spec("abort the domain's job", name=_NAME),
