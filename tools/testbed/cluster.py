@@ -210,18 +210,23 @@ class HostEnv:
         log.close()
         self.procs[agent] = proc
         if wait:
-            sock = self.source_socket if agent == "source" else self.destination_socket
-            wait_until(
-                lambda: self._accepts(sock) or proc.poll() is not None,
-                30,
-                f"ferry-{agent} on {self.label} to listen",
-            )
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"ferry-{agent} on {self.label} exited with {proc.returncode}:\n"
-                    + self.agent_log(agent)
-                )
+            self.wait_agent(agent)
         return proc
+
+    def wait_agent(self, agent: str) -> None:
+        """Wait until ``agent`` (started) listens on its admin socket; raise if it exited."""
+        proc = self.procs[agent]
+        sock = self.source_socket if agent == "source" else self.destination_socket
+        wait_until(
+            lambda: self._accepts(sock) or proc.poll() is not None,
+            30,
+            f"ferry-{agent} on {self.label} to listen",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"ferry-{agent} on {self.label} exited with {proc.returncode}:\n"
+                + self.agent_log(agent)
+            )
 
     @staticmethod
     def _accepts(path: Path) -> bool:
@@ -390,10 +395,14 @@ class Cluster:
         return host.ns.exec_argv([*env, *host.ferryctl_argv(*args)])
 
     def start(self, agents: Sequence[str] = ("source", "destination")) -> Cluster:
-        """Start the agents on both hosts."""
+        """Start the agents on both hosts (all at once: each spends most of its
+        start-up importing, which overlaps)."""
         for host in (self.a, self.b):
             for agent in agents:
-                host.start_agent(agent)
+                host.start_agent(agent, wait=False)
+        for host in (self.a, self.b):
+            for agent in agents:
+                host.wait_agent(agent)
         return self
 
     def logs(self) -> str:
