@@ -56,6 +56,11 @@ The second table (unless ``--no-busy``) is the same while the guest writes
 ``dwrite`` workload, which reads back every block it wrote): a migration
 cut off at ``--timeout`` counts as "did not converge".
 
+qemu 7.2 generates Diffie-Hellman parameters whenever a
+``tls-creds-x509`` server object is added without a ``dh-params.pem`` in
+its directory (0.2-1.6 s of CPU here); Ferry's directory has none, so the
+floor's has none either, and its ``tls objects`` step shows that cost.
+
 Clean-up: the test bed (agents, every qemu in the namespaces, the
 namespaces, the temporary tree with the images) and this process's qemus
 go on success, failure, Ctrl-C and SIGTERM (``FERRY_KEEP_TESTBED=1`` keeps
