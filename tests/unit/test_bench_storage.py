@@ -86,7 +86,7 @@ def test_report_rows_ratios_refusals_and_verdict() -> None:
         print_report(report)
     text = out.getvalue()
     assert "refused: --tunnelled cannot copy" in text
-    assert "did not converge 1/2" in text
+    assert "converged 1/2, did not converge 1/2" in text
     assert "NOT MET" in text
 
 

@@ -172,10 +172,10 @@ def _mmm(s: Mapping[str, float | None] | None, scale: float = 1.0, fmt: str = ".
     return f"{_s(s['median'], scale, fmt)} [{_s(s['min'], scale, fmt)}..{_s(s['max'], scale, fmt)}]"
 
 
-def _state(row: Mapping[str, Any]) -> str:
+def _state(row: Mapping[str, Any], busy: bool) -> str:
     if row["refused"]:
         return f"refused: {row['refused']}"
-    parts = []
+    parts = [f"converged {row['ok']}/{row['attempts']}"] if busy else []
     if row["not_converged"]:
         parts.append(f"did not converge {row['not_converged']}/{row['attempts']}")
     if row["failures"]:
@@ -212,7 +212,7 @@ def print_report(report: Mapping[str, Any]) -> None:
                 f"{v:<16}{row['ok']:>4}  {_mmm(row['wall_ms'], 1000, '.2f'):<22}{rtext:<24}"
                 f"{_mmm(row['disk_ms'], 1000, '.2f'):<22}{_mmm(row['disk_mib_s'], fmt='.0f'):<22}"
                 f"{_mmm(row['memory_ms'], fmt='.0f'):<20}"
-                f"{_mmm(row['downtime_ms'], fmt='.0f'):<16}{_state(row)}"
+                f"{_mmm(row['downtime_ms'], fmt='.0f'):<16}{_state(row, workload == 'busy')}"
             )
         verdict = table["verdict"]
         if verdict is not None:
