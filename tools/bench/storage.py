@@ -295,9 +295,11 @@ class Bench:
             disk_bytes=int(storage[-1].get("disk_total") or 0) if storage else 0,
             steps={k: round(v, 1) for k, v in fr.phase_ms().items()},
         )
+        disks = storage[-1].get("disks", {}).values() if storage else []
         log(
             f"{variant} {rnd} a->b: wall {wall:.0f} ms, disk {rep.disk_ms} ms, "
-            f"memory {rep.memory_ms} ms ({len(storage)} storage events)"
+            f"memory {rep.memory_ms} ms ({len(storage)} storage events, the last with "
+            f"every disk ready: {bool(storage) and all(d.get('ready') for d in disks)})"
         )
         return rep
 
