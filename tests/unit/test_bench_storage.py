@@ -30,9 +30,10 @@ CONFIG = {"disk_mib": 64, "mem_mib": 256, "virt": "kvm", "reps": 3, "cpus": 2,
 
 def rep(variant: str, rnd: int, wall: float, *, workload: str = "idle",
         disk_ms: float | None = 500.0) -> StorageRep:  # fmt: skip
+    agent = wall - 200 if variant.startswith("ferry") else None
     return StorageRep(variant=variant, workload=workload, round=rnd, wall_ms=wall,
                       disk_ms=disk_ms, memory_ms=200.0, downtime_ms=50.0,
-                      disk_bytes=64 * MIB, steps={"launch": 100.0})  # fmt: skip
+                      disk_bytes=64 * MIB, steps={"launch": 100.0}, agent_ms=agent)  # fmt: skip
 
 
 def test_ratio_is_of_the_medians_and_min_max_of_the_per_round_pairs() -> None:
@@ -70,6 +71,8 @@ def test_report_rows_ratios_refusals_and_verdict() -> None:
     assert idle["rows"]["ferry"]["ratio_to_floor"]["median"] == pytest.approx(1175 / 1000)
     assert idle["rows"]["ferry"]["floor"] == "floor-tls"
     assert idle["rows"]["ferry"]["disk_mib_s"]["median"] == pytest.approx(128.0)
+    assert idle["rows"]["ferry"]["agent_ratio_to_floor"] == pytest.approx(975 / 1000)
+    assert idle["rows"]["floor-tls"]["agent_ratio_to_floor"] is None
     assert idle["rows"]["ferry-tunnelled"]["refused"] == "--tunnelled cannot copy"
     assert idle["rows"]["ferry-tunnelled"]["wall_ms"] is None
     assert idle["verdict"] == {"ferry_over_floor": pytest.approx(1.175), "target": 1.10,

@@ -586,14 +586,18 @@ class FerryGuest:
         self.serial: testguest.SerialReader | None = None
         self.last: testguest.Report | None = None
 
-    def start(self, host: HostEnv) -> None:
-        """(Re)start the guest on ``host`` and wait until it has filled its RAM."""
+    def start(self, host: HostEnv, *, force: bool = False) -> None:
+        """(Re)start the guest on ``host`` and wait until it has filled its RAM.
+
+        ``force``: also when it migrated away from ``host`` (it was destroyed
+        on the other host just before: ``ferryctl start --force``).
+        """
         for other in (self.cluster.a, self.cluster.b):
             if other.qemu_pids():
                 other.ferryctl("destroy", self.name, timeout=60)
         if self.serial is not None:
             self.serial.close()
-        host.ferryctl("start", self.name, check=True)
+        host.ferryctl("start", self.name, *(["--force"] if force else []), check=True)
         self.serial = testguest.SerialReader(host.serial_socket(self.name))
         self.serial.wait_for_boot(timeout=120)
         self.last = self.serial.wait_for(lambda r: r.counter >= 2, timeout=300)  # RAM filled

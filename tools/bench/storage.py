@@ -243,7 +243,8 @@ class Bench:
         a, b, args = self.a, self.b, self.args
         self.setup_agents(variant == "ferry-plain")
         guest = self.guest(workload)
-        guest.start(a)
+        # It moved to B last time (destroyed there since): A must be told to run it again.
+        guest.start(a, force=True)
         assert guest.serial is not None
         guest.last = wait_workload(guest.serial, workload == "busy")  # booted: the writes
         prepare_memory(args)
@@ -294,6 +295,7 @@ class Bench:
             downtime_ms=fr.downtime_ms or None,
             disk_bytes=int(storage[-1].get("disk_total") or 0) if storage else 0,
             steps={k: round(v, 1) for k, v in fr.phase_ms().items()},
+            agent_ms=fr.agent_wall_ms or None,
         )
         disks = storage[-1].get("disks", {}).values() if storage else []
         log(

@@ -55,6 +55,9 @@ class StorageRep:
     disk_bytes: int
     #: The floor's steps, or Ferry's phases (ms).
     steps: dict[str, float] = field(default_factory=dict)
+    #: Ferry: the source agent's ``wall_time_ms`` (Begin to Confirm, without
+    #: ferryctl's own start-up and connect).
+    agent_ms: float | None = None
 
     @property
     def disk_mib_s(self) -> float | None:
@@ -100,6 +103,12 @@ def ratio_summary(
     }
 
 
+def _agent_ratio(reps: Sequence[StorageRep], floor: Sequence[StorageRep]) -> float | None:
+    """Median agent wall time over the floor's median wall time (None: either missing)."""
+    ma, mf = _med([r.agent_ms for r in reps if r.agent_ms]), _med([r.wall_ms for r in floor])
+    return None if ma is None or mf is None or mf <= 0 else ma / mf
+
+
 def _floor_for(variant: str, by_variant: Mapping[str, Sequence[StorageRep]]) -> str | None:
     for name in FLOOR_OF.get(variant, ()):
         if by_variant.get(name):
@@ -142,6 +151,8 @@ def build_report(
                 "ratio_to_floor": (
                     ratio_summary(rs, by_variant[floor]) if floor is not None else None
                 ),
+                "agent_ms": _summ([r.agent_ms for r in rs]),
+                "agent_ratio_to_floor": _agent_ratio(rs, by_variant[floor] if floor else []),
                 "steps_ms": {k: _summ([r.steps.get(k) for r in rs]) for k in step_names},
             }
         ferry = rows.get("ferry", {}).get("ratio_to_floor")
@@ -220,6 +231,12 @@ def print_report(report: Mapping[str, Any]) -> None:
                 f"ferry / floor-tls (median wall): {verdict['ferry_over_floor']:.2f}x; target "
                 f"<= {verdict['target']:.2f}x: {'MET' if verdict['met'] else 'NOT MET'}"
             )
+        for v, row in table["rows"].items():
+            if row["agent_ratio_to_floor"] is not None:
+                print(
+                    f"  {v}: agent wall_time_ms (without ferryctl's start-up) / {row['floor']} "
+                    f"wall: {row['agent_ratio_to_floor']:.2f}x"
+                )
         for v, row in table["rows"].items():
             if row["steps_ms"]:
                 steps = ", ".join(
