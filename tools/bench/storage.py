@@ -31,13 +31,16 @@ A variant this Ferry does not have (refused at once, a config key unknown)
 is shown as ``refused: <error>`` and skipped for the rest of the run; the
 others go on. A later failure is listed and the round goes on.
 
-Each repetition starts from the same state, always A -> B: the guest is
-(re)started on A, on the source image made once (the guest never writes
-outside its workload region, and A's image is left as it was by every
-migration), it is migrated to B with its disk, checked on B (no reboot, no
-bad page, with the workload no bad disk block and no I/O error), then
-destroyed, and B's copy deleted (Ferry refuses to write over a file). All of
-that is outside the timed part; so is ``--memory`` (see ``migration.py``).
+Each repetition starts from the same state, always A -> B ("destroy and
+restart", not back and forth): the guest is booted on A (Ferry's with
+``ferryctl start --force``, as it moved to B last time), on the source
+image made once (the guest never writes outside its workload region, and
+A's image is left as it was by every migration, so no per-rep copy is
+needed), it is migrated to B with its disk, checked on B (no reboot, no bad
+page, with the workload no bad disk block and no I/O error), then destroyed,
+and B's copy deleted (Ferry refuses to write over a file; a failed Ferry
+copy that left one is reported). All of that is outside the timed part; so
+is ``--memory`` (see ``migration.py``).
 Each round runs every variant once, in an order rotated per round
 (``client_driven.schedule``), the guest booted for every repetition.
 
