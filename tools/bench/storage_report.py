@@ -210,7 +210,7 @@ def print_report(report: Mapping[str, Any]) -> None:
         )
         print(f"\n== {title} ==")
         head = (
-            f"{'variant':<16}{'ok':>4}  {'wall s':<22}{'ratio to floor':<24}"
+            f"{'variant':<16}{'ok':>4}  {'wall s':<22}{'ratio to floor':<36}"
             f"{'disk copy s':<22}{'disk MiB/s':<22}{'memory ms':<20}{'downtime ms':<16}"
             "status"
         )
@@ -218,9 +218,9 @@ def print_report(report: Mapping[str, Any]) -> None:
         print("-" * len(head))
         for v, row in table["rows"].items():
             ratio = row["ratio_to_floor"]
-            rtext = "-" if ratio is None else f"{_mmm(ratio, fmt='.2f')} /{row['floor']}"
+            rtext = "-" if ratio is None else f"{_mmm(ratio, fmt='.2f')} vs {row['floor']}"
             print(
-                f"{v:<16}{row['ok']:>4}  {_mmm(row['wall_ms'], 1000, '.2f'):<22}{rtext:<24}"
+                f"{v:<16}{row['ok']:>4}  {_mmm(row['wall_ms'], 1000, '.2f'):<22}{rtext:<36}"
                 f"{_mmm(row['disk_ms'], 1000, '.2f'):<22}{_mmm(row['disk_mib_s'], fmt='.0f'):<22}"
                 f"{_mmm(row['memory_ms'], fmt='.0f'):<20}"
                 f"{_mmm(row['downtime_ms'], fmt='.0f'):<16}{_state(row, workload == 'busy')}"
