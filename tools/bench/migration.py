@@ -465,9 +465,15 @@ class LaunchWatcher:
 
 
 def run_migrate(
-    argv: Sequence[str], timeout: float
+    argv: Sequence[str],
+    timeout: float,
+    events: list[tuple[float, dict[str, Any]]] | None = None,
 ) -> tuple[float, float, dict[str, float], dict[str, Any], float | None]:
-    """ferryctl migrate --json; returns (t0, wall ms, event marks, result data, launch ms)."""
+    """ferryctl migrate --json; returns (t0, wall ms, event marks, result data, launch ms).
+
+    ``events``, when given, receives every JSON event with its arrival (ms
+    after the start), e.g. the ``storage`` progress of a storage copy.
+    """
     marks: dict[str, float] = {"start": 0.0}
     result: dict[str, Any] | None = None
     with tempfile.TemporaryFile() as errfile, LaunchWatcher() as watcher:
@@ -484,6 +490,8 @@ def run_migrate(
                     continue
                 ev = json.loads(raw)
                 kind = ev.get("event")
+                if events is not None:
+                    events.append((now, ev))
                 if kind == "phase":
                     marks.setdefault(str(ev["data"]["phase"]), now)
                 elif kind == "result":
@@ -546,19 +554,29 @@ def journal_timeline(
 class FerryGuest:
     """The benchmark's guest under Ferry: defined (same UUID) on both hosts, running on one."""
 
-    def __init__(self, cluster: Cluster, kernel: Path, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        kernel: Path,
+        args: argparse.Namespace,
+        *,
+        name: str = "bench1",
+        xml: str | None = None,
+    ) -> None:
+        """``xml``: the domain (named ``name``); default the plain test guest of ``args``."""
         self.cluster = cluster
-        self.name = "bench1"
-        xml = guest_xml(
-            self.name,
-            kernel,
-            virt_type=args.virt,
-            mem_mib=args.mem_mib,
-            wss_mib=args.wss_mib,
-            rate_mib_s=args.rate_mib_s,
-            prealloc=args.prealloc,
-            uuid=str(uuidlib.uuid4()),
-        )
+        self.name = name
+        if xml is None:
+            xml = guest_xml(
+                self.name,
+                kernel,
+                virt_type=args.virt,
+                mem_mib=args.mem_mib,
+                wss_mib=args.wss_mib,
+                rate_mib_s=args.rate_mib_s,
+                prealloc=args.prealloc,
+                uuid=str(uuidlib.uuid4()),
+            )
         path = cluster.tmp / f"{self.name}.xml"
         path.write_text(xml)
         # Defined on both hosts, so that after a failed migration it can be
@@ -568,14 +586,18 @@ class FerryGuest:
         self.serial: testguest.SerialReader | None = None
         self.last: testguest.Report | None = None
 
-    def start(self, host: HostEnv) -> None:
-        """(Re)start the guest on ``host`` and wait until it has filled its RAM."""
+    def start(self, host: HostEnv, *, force: bool = False) -> None:
+        """(Re)start the guest on ``host`` and wait until it has filled its RAM.
+
+        ``force``: also when it migrated away from ``host`` (it was destroyed
+        on the other host just before: ``ferryctl start --force``).
+        """
         for other in (self.cluster.a, self.cluster.b):
             if other.qemu_pids():
                 other.ferryctl("destroy", self.name, timeout=60)
         if self.serial is not None:
             self.serial.close()
-        host.ferryctl("start", self.name, check=True)
+        host.ferryctl("start", self.name, *(["--force"] if force else []), check=True)
         self.serial = testguest.SerialReader(host.serial_socket(self.name))
         self.serial.wait_for_boot(timeout=120)
         self.last = self.serial.wait_for(lambda r: r.counter >= 2, timeout=300)  # RAM filled
@@ -732,22 +754,32 @@ def ferry_phase(
 class MinimalDriver:
     """Launch qemus with Ferry's argv in the namespaces; migrate them over QMP directly."""
 
-    def __init__(self, cluster: Cluster, kernel: Path, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        kernel: Path,
+        args: argparse.Namespace,
+        *,
+        xml: str | None = None,
+        root: str = "minimal",
+    ) -> None:
+        """``xml``: the domain; default the plain test guest of ``args``."""
         from ferry.domain import parse_domain
 
         self.cluster = cluster
         self.args = args
-        self.root = cluster.tmp / "minimal"
+        self.root = cluster.tmp / root
         self.root.mkdir(exist_ok=True)
-        xml = guest_xml(
-            "bench2",
-            kernel,
-            virt_type=args.virt,
-            mem_mib=args.mem_mib,
-            wss_mib=args.wss_mib,
-            rate_mib_s=args.rate_mib_s,
-            prealloc=args.prealloc,
-        )
+        if xml is None:
+            xml = guest_xml(
+                "bench2",
+                kernel,
+                virt_type=args.virt,
+                mem_mib=args.mem_mib,
+                wss_mib=args.wss_mib,
+                rate_mib_s=args.rate_mib_s,
+                prealloc=args.prealloc,
+            )
         self.domain = parse_domain(xml, where="bench")
         self.procs: list[Any] = []  # every QemuProcess we launched and did not kill yet
         self.seq = 0
@@ -774,6 +806,8 @@ class MinimalDriver:
             "-mon",
             "chardev=monitor-dst,mode=control",
         ]
+        if host.local_storage:  # the host's own disks, as its agents see them
+            argv = host.local_view(argv)
         argv = ["nsenter", f"--net=/run/netns/{host.ns.name}", *argv]
         proc = await launch(argv, pidfile=paths.pidfile, qmp_socket=paths.qmp_socket, timeout=120)
         self.procs.append(proc)
