@@ -59,7 +59,10 @@ __all__ = [
 log = logging.getLogger("ferry.source.migration")
 
 QEMU_IMG_TIMEOUT = 30.0
-POLL_INTERVAL = 0.1
+#: How often the mirrors are looked at (memory starts at most this late after
+#: they are in sync), and how often their progress is shown.
+POLL_INTERVAL = 0.02
+EMIT_INTERVAL = 0.1
 #: The id of the TLS client object of a migration's NBD clients.
 TLS_OBJECT = "ferry-nbd-tls"
 
@@ -149,7 +152,7 @@ async def start_mirrors(
                 speed=_speed(out.params)))  # fmt: skip
             out.mirror_jobs.append(c.job)
     stall_s = ctx.config.migration.stall_timeout_s
-    last_copied, last_move = -1, time.monotonic()
+    last_copied, last_move, last_emit = -1, time.monotonic(), 0.0
     fault_hit = False
     started, ram = time.monotonic(), out.domain.memory_kib * 1024
     while True:
@@ -173,7 +176,9 @@ async def start_mirrors(
         now = time.monotonic()
         if progress.copied != last_copied:
             last_copied, last_move = progress.copied, now
-            emit("storage", dict(snap))
+            if now - last_emit >= EMIT_INTERVAL or progress.ready:
+                last_emit = now
+                emit("storage", dict(snap))
             if progress.copied and not fault_hit and not progress.ready:
                 fault_hit = True
                 # Tests: freeze (or lose a reply) while the disks are mirrored.
@@ -191,6 +196,10 @@ async def start_mirrors(
                                    f"{out.peer} looks down; the migration was cancelled",
                                    peer=out.peer)  # fmt: skip
         if progress.ready:
+            if last_emit != now:
+                # qemu reports ready after flushing the target, with no new
+                # bytes: say it, or the last event would show the disks not ready.
+                emit("storage", dict(snap))
             out.disk_bytes = progress.total
             log.info("storage of %s in sync on %s: %d disk(s), %.1f MiB", out.name, out.peer,
                      len(copies), progress.total / MIB)

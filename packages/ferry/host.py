@@ -65,7 +65,7 @@ from ferry.swtpm import (
 from ferry.virtiofs import Virtiofsd, find_virtiofsd, kill_recorded, start_virtiofsd
 from ferry.virtiofs import attach_to_scope as attach_virtiofsd
 
-__all__ = ["AgentName", "Host", "LiveDomain"]
+__all__ = ["FFDHE2048_PEM", "AgentName", "Host", "LiveDomain", "write_dh_params"]
 
 log = logging.getLogger("ferry.host")
 
@@ -85,6 +85,32 @@ class LiveDomain:
     def active(self) -> bool:
         """True when a qemu for it exists on this host."""
         return self.status is not None
+
+
+#: RFC 7919's ffdhe2048 group (public, standard). qemu 7.2's server-side
+#: ``tls-creds-x509`` generates DH parameters at every ``object-add`` when its
+#: directory has no ``dh-params.pem`` (0.2-1 s on this machine, in Prepare of
+#: every storage copy); TLS 1.3 does not even use them.
+FFDHE2048_PEM = """\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
+def write_dh_params(directory: Path) -> Path:
+    """Put :data:`FFDHE2048_PEM` in ``directory`` as qemu's ``dh-params.pem`` (once)."""
+    path = directory / "dh-params.pem"
+    if not path.exists():
+        tmp = directory / ".dh-params.pem.tmp"
+        tmp.write_text(FFDHE2048_PEM)
+        tmp.replace(path)
+    return path
 
 
 class Host:
@@ -678,6 +704,7 @@ class Host:
                     tmp.unlink()
                 tmp.symlink_to(target.resolve())
                 tmp.replace(link)
+        write_dh_params(out)
         return out
 
     def cleanup(self, name: str) -> None:

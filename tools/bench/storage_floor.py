@@ -39,6 +39,7 @@ from storage_report import StorageRep
 
 import testguest
 from cluster import Cluster, HostEnv
+from ferry.host import write_dh_params
 
 __all__ = ["FloorDriver", "GuestBroken", "check_disk_report", "wait_workload"]
 
@@ -91,6 +92,7 @@ def qemu_tls_dir(cluster: Cluster, host: HostEnv) -> Path:
     for name, target in links.items():
         if not (out / name).is_symlink():
             (out / name).symlink_to(target.resolve())
+    write_dh_params(out)
     return out
 
 
