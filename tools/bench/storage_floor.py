@@ -219,7 +219,7 @@ class FloorDriver(MinimalDriver):
                 {"qom-type": "authz-simple", "id": AUTHZ_OBJECT, "identity": f"CN={sh.label}"},
             )
         t_creds = time.monotonic()
-        start = nbd_server_start_args(dh.ns.address, NBD_PORT, creds)
+        start = nbd_server_start_args((dh.ns.address, NBD_PORT), creds)
         if tls:
             start["tls-authz"] = AUTHZ_OBJECT
         await dst.qmp.execute("nbd-server-start", start)
@@ -238,7 +238,7 @@ class FloorDriver(MinimalDriver):
                     "verify-peer": True,
                 },
             )
-        node_args = nbd_client_args(self.copy, dh.ns.address, NBD_PORT, creds)
+        node_args = nbd_client_args(self.copy, (dh.ns.address, NBD_PORT), creds)
         if tls:
             node_args["tls-hostname"] = dh.ns.address
         await src.qmp.execute("blockdev-add", node_args)
