@@ -53,6 +53,14 @@ def _local(cluster: Cluster, *plaintext: HostEnv) -> tuple[HostEnv, HostEnv]:
     return a, b
 
 
+def _lease_holders(cluster: Cluster) -> dict[str, str]:
+    """Disk path -> the host whose agent holds its lease (the lockspace both hosts share)."""
+    from ferry.lease import LeaseManager
+
+    return {str(e["disk"]): str((e["owner"] or {}).get("host_name"))
+            for e in LeaseManager(cluster.lockspace).inspect() if e["held"]}  # fmt: skip
+
+
 def _as_seen_by(host: HostEnv, argv: list[str]) -> None:
     """Run ``argv`` with ``host``'s local storage where its agents see it (backing paths)."""
     subprocess.run(host.local_view(argv), check=True, capture_output=True)
@@ -88,6 +96,7 @@ def test_copy_storage_all_moves_raw_and_qcow2_disks_with_the_vm(
     serial = testguest.SerialReader(a.serial_socket("cs1"))
     try:
         first = serial.wait_for(lambda r: r.counter >= 1, timeout=60)
+        assert _lease_holders(cluster) == {str(LOCAL_STORAGE / n): "a" for n in before}
         moved = a.ferryctl("migrate", "cs1", b.uri, "--live", "--copy-storage-all", "--json",
                            timeout=300)  # fmt: skip
         assert moved.returncode == 0, moved.stderr + cluster.logs()
@@ -105,6 +114,8 @@ def test_copy_storage_all_moves_raw_and_qcow2_disks_with_the_vm(
                    for e in memory), memory[-1:]
         assert b.domain_state("cs1") == "running"
         assert a.domain_state("cs1") == "shut off" and not a.qemu_pids()
+        # The disks' leases moved with them: B holds those of its new images.
+        assert _lease_holders(cluster) == {str(LOCAL_STORAGE / n): "b" for n in before}
         # B's images are A's, byte for byte (raw) and by content (qcow2); A's untouched.
         assert _sha(b.local_dir / "data.raw") == before["data.raw"]
         same = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2",
