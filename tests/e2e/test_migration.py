@@ -272,7 +272,9 @@ def test_dirtying_guest_needs_auto_converge(
     dirtying_guest: testguest.SerialReader, two_hosts: Cluster
 ) -> None:
     a, b = two_hosts.a, two_hosts.b
-    result = migrate(a, "g1", b, "--bandwidth", "32", "--timeout", "10", "--timeout-abort")
+    # 15 s: the first pass alone takes ~8 s at 32 MiB/s, and the verdict "not
+    # converging" needs a window of samples after it (10 s was too close in CI).
+    result = migrate(a, "g1", b, "--bandwidth", "32", "--timeout", "15", "--timeout-abort")
     refused(result, "migration-timeout", "not converging")
     warnings = [e for e in events(result) if e["event"] == "warning"]
     assert any("not converging" in str(w["data"]) for w in warnings), result.stdout

@@ -549,12 +549,6 @@ def _json_of(host: HostEnv, *args: str, agent: str = "source") -> tuple[Any, str
 def observe_host(host: HostEnv) -> HostView:
     """Everything the safety rule looks at on one host."""
     problems: list[str] = []
-    # The fence file is read before dominfo: the agent writes the fence and then
-    # reports it, so a fence seen here is in the dominfo reason read after it
-    # (read the other way round, a fence written in between looked unreported).
-    fence = None
-    with contextlib.suppress(OSError, ValueError):
-        fence = json.loads((host.state_dir / "fences" / f"{UUID}.json").read_text())
     listing, list_err = _json_of(host, "list", "--all")
     domains: dict[str, str] = {}
     if list_err:
@@ -576,6 +570,11 @@ def observe_host(host: HostEnv) -> HostView:
     jobs = sorted(p.name for p in (host.run_dir / "jobs").glob("*.job"))
     if jobs:
         problems.append(f"{host.label}: job records left: {jobs}")
+    # Read after the state: an agent fences before it stops its copy, so a
+    # copy seen stopped here has its fence on disk by now.
+    fence = None
+    with contextlib.suppress(OSError, ValueError):
+        fence = json.loads((host.state_dir / "fences" / f"{UUID}.json").read_text())
     agent_state: dict[str, Any] = {}
     for agent in ("source", "destination"):
         if agent not in host.procs:
@@ -1108,6 +1107,13 @@ class CellRun:
                     obs = observe(self.cluster)
                     continue
             elif obs.postcopy_fenced_on_a and not self.record.postcopy_resumed:
+                if "paused in post-copy" not in (obs.a.reason or "") \
+                        and time.monotonic() < deadline:
+                    # dominfo was read a moment before the fence was written:
+                    # look again (CI of stop 20 caught that race).
+                    time.sleep(0.3)
+                    obs = observe(self.cluster)
+                    continue
                 self.note(f"A: {obs.a.reason}")
                 self.check_postcopy_fenced(obs)
                 self.postcopy_resume()
