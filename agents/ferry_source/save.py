@@ -157,6 +157,34 @@ async def _spawn(argv: list[str], stdin: int, stdout: int) -> asyncio.subprocess
     )  # fmt: skip
 
 
+async def _hand_to_qemu(
+    proc: QemuProcess, fd: int, argv: list[str] | None, fdname: str, *, qemu_writes: bool
+) -> asyncio.subprocess.Process | None:
+    """Give qemu the file ``fd`` as ``fdname``, or, with a (de)compressor ``argv``, a
+    pipe to it, the child between the pipe and the file; the child, if any.
+
+    ``qemu_writes``: qemu writes the stream (save: pipe → compressor → file),
+    else reads it (restore: file → decompressor → pipe). Our ends of the pipe
+    are closed on return: qemu and the child hold their own, so each sees EOF
+    when the other ends. A child started before a failure is killed.
+    """
+    if argv is None:
+        await _pass_fd(proc, fd, fdname)
+        return None
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child: asyncio.subprocess.Process | None = None
+    try:
+        child = await (_spawn(argv, r, fd) if qemu_writes else _spawn(argv, fd, w))
+        await _pass_fd(proc, w if qemu_writes else r, fdname)
+    except BaseException:
+        await _kill_child(child)
+        raise
+    finally:
+        os.close(r)
+        os.close(w)
+    return child
+
+
 async def _finish_child(child: asyncio.subprocess.Process | None, what: str) -> None:
     if child is None:
         return
@@ -406,16 +434,7 @@ class SaveDriver:
                 stopped_here = True
             write_header(fd, header)
             await set_params(proc.qmp, {"max-bandwidth": MAX_BANDWIDTH})
-            if argv is None:
-                await _pass_fd(proc, fd, "ferry-save")
-            else:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                try:
-                    child = await _spawn(argv, r, fd)
-                    await _pass_fd(proc, w, "ferry-save")
-                finally:
-                    os.close(r)
-                    os.close(w)  # qemu holds its own copy: EOF for the compressor when it ends
+            child = await _hand_to_qemu(proc, fd, argv, "ferry-save", qemu_writes=True)
             await proc.qmp.execute("migrate", {"uri": "fd:ferry-save"})
             # Tests freeze the agent here (kill qemu or the agent mid-save).
             self.agent.ctx.faults.hit("src.save")
@@ -495,16 +514,7 @@ class SaveDriver:
             child: asyncio.subprocess.Process | None = None
             try:
                 os.lseek(fd, header.data_offset, os.SEEK_SET)
-                if argv is None:
-                    await _pass_fd(proc, fd, "ferry-restore")
-                else:
-                    r, w = os.pipe2(os.O_CLOEXEC)
-                    try:
-                        child = await _spawn(argv, fd, w)
-                        await _pass_fd(proc, r, "ferry-restore")
-                    finally:
-                        os.close(r)
-                        os.close(w)
+                child = await _hand_to_qemu(proc, fd, argv, "ferry-restore", qemu_writes=False)
                 await proc.qmp.execute("migrate-incoming", {"uri": "fd:ferry-restore"})
                 await _wait_migration(proc, "restore")
                 await _finish_child(child, f"the decompressor '{argv[0] if argv else ''}'")
