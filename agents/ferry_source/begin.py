@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from ferry.cpu_probe import source_cpu
-from ferry.domain import check_abi_stability, format_domain, parse_domain
+from ferry.domain import Domain, check_abi_stability, format_domain, parse_domain
 from ferry.domain.argv import unplaced_sockets
 from ferry.errors import DomainState
 from ferry.fences import POSTCOPY
-from ferry.flags import MigrationFlags, flag_names
+from ferry.flags import MigrationFlags, MigrationParams, flag_names
 from ferry.jobs import AsyncJob
 from ferry.journal import MessageID, log_event
 from ferry.protocol.cookie import Cookie, Identity, LockState, Persistent, StorageCopy
@@ -18,11 +18,21 @@ from ferry_source.context import Emit, SourceContext
 from ferry_source.mirror import copied_targets, copy_mode, plan_storage
 from ferry_source.outgoing import Outgoing
 
-__all__ = ["JOB_TIMEOUT", "begin"]
+__all__ = ["JOB_TIMEOUT", "begin", "destination_xml"]
 
 log = logging.getLogger("ferry.source.migration")
 
 JOB_TIMEOUT = 30.0
+
+
+def destination_xml(domain: Domain, params: MigrationParams) -> Domain:
+    """The definition the destination gets: ``domain``, or ``--xml`` once it is
+    checked to present the same virtual hardware (a rename only with ``--dname``)."""
+    if not params.dest_xml:
+        return domain
+    supplied = parse_domain(params.dest_xml, where="--xml")
+    check_abi_stability(domain, supplied, allow_rename=bool(params.dest_name))
+    return supplied
 
 
 async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, str]:
@@ -58,11 +68,7 @@ async def begin(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[Cookie, 
     out.storage = await plan_storage(domain, flags, params)
     is_allowed(domain, flags, snapshots, status.run_state if status else None,
                copied_targets(out.storage))  # fmt: skip
-    xml_domain = domain
-    if params.dest_xml:
-        supplied = parse_domain(params.dest_xml, where="--xml")
-        check_abi_stability(domain, supplied, allow_rename=bool(params.dest_name))
-        xml_domain = supplied
+    xml_domain = destination_xml(domain, params)
     log_event(log, MessageID.MIGRATION_STARTED,
               f"migrating {domain.name} to {out.host}:{out.port} "
               f"(flags {', '.join(flag_names(flags))})",

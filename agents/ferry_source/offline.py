@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-from ferry.domain import check_abi_stability, format_domain, parse_domain
+from ferry.domain import format_domain
 from ferry.errors import FerryError, MigrationFailed, ReplyLost
 from ferry.flags import MigrationFlags, flag_names
 from ferry.jobs import AsyncJob, Job, JobRecord
@@ -28,10 +28,10 @@ from ferry.journal import MessageID, log_event
 from ferry.offline import ConfirmAction, confirm_action, source_refusal
 from ferry.protocol.cookie import Cookie, Identity, Persistent
 from ferry.rpc import RequestContext
-from ferry_source.begin import JOB_TIMEOUT, begin
+from ferry_source.begin import JOB_TIMEOUT, begin, destination_xml
 from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
-from ferry_source.p2p import enter_phase
+from ferry_source.p2p import enter_phase, send_prepare
 from ferry_source.peer import close_session, connect_peer, request
 
 __all__ = ["begin_offline", "confirm_offline", "migrate_offline", "recover_offline"]
@@ -59,11 +59,7 @@ async def begin_offline(ctx: SourceContext, out: Outgoing, emit: Emit) -> tuple[
     source_refusal(domain.name, definition, snapshots=snapshots,
                    fenced=fence.describe() if fence is not None else None)  # fmt: skip
     assert definition is not None
-    xml_domain = definition
-    if params.dest_xml:
-        supplied = parse_domain(params.dest_xml, where="--xml")
-        check_abi_stability(definition, supplied, allow_rename=bool(params.dest_name))
-        xml_domain = supplied
+    xml_domain = destination_xml(definition, params)
     running = ctx.host.load_status(domain.name) is not None
     log_event(log, MessageID.MIGRATION_STARTED,
               f"migrating the definition of {domain.name} to {out.host}:{out.port} offline "
@@ -170,16 +166,7 @@ async def migrate_offline(
     try:
         out.session = session = await connect_peer(ctx.config, out.host, out.port)
         enter_phase(out, emit, "prepare")
-        prep = await request(session, "prepare", {
-            "xml": xml, "cookie": cookie.encode(), "flags": int(out.flags),
-            "params": out.params.to_wire(),
-        }, timeout=timeout, peer=out.host)  # fmt: skip
-        out.dest_name = str(prep.get("name") or out.name)
-        job.record(dest_name=out.dest_name)
-        dest_cookie = Cookie.decode(prep["cookie"])
-        if dest_cookie.identity is not None and dest_cookie.identity.hostname:
-            out.peer_name = dest_cookie.identity.hostname
-            job.record(peer=out.peer_name)
+        await send_prepare(ctx, out, session, cookie, xml)
         enter_phase(out, emit, "finish")
         finish, dest_host = "completed", out.peer
         error: FerryError | None = None

@@ -27,7 +27,7 @@ from ferry.errors import (
 from ferry.flags import MigrationFlags
 from ferry.journal import MessageID, log_event
 from ferry.protocol.cookie import Cookie
-from ferry.rpc import RequestContext
+from ferry.rpc import RequestContext, Session
 from ferry.tunnel.channel import make_endpoint
 from ferry_source.begin import begin
 from ferry_source.confirm import resume_source, stop_source
@@ -41,7 +41,7 @@ from ferry_source.snapshot_move import check_peer, send_snapshots, snapshot_fram
 from ferry_source.summary import summary
 from ferry_source.tunnel import SourceTunnel
 
-__all__ = ["enter_phase", "migrate_p2p", "open_tunnel", "subject_of"]
+__all__ = ["enter_phase", "migrate_p2p", "open_tunnel", "send_prepare", "subject_of"]
 
 log = logging.getLogger("ferry.source.migration")
 
@@ -88,17 +88,7 @@ async def migrate_p2p(ctx: SourceContext, out: Outgoing, req: RequestContext) ->
         out.session = session = await connect_peer(ctx.config, out.host, out.port)
         check_peer(session, out, frames)
         enter_phase(out, emit, "prepare")
-        reply_timeout = ctx.config.migration.reply_timeout_s
-        prep = await request(session, "prepare", {
-            "xml": xml, "cookie": cookie.encode(), "flags": int(out.flags),
-            "params": out.params.to_wire(),
-        }, timeout=reply_timeout, peer=out.host)  # fmt: skip
-        out.dest_name = str(prep.get("name") or out.name)
-        job.record(dest_name=out.dest_name)
-        dest_cookie = Cookie.decode(prep["cookie"])
-        if dest_cookie.identity is not None and dest_cookie.identity.hostname:
-            out.peer_name = dest_cookie.identity.hostname
-            job.record(peer=out.peer_name)
+        prep, dest_cookie = await send_prepare(ctx, out, session, cookie, xml)
         uri = str(prep["uri"])
         if out.flags & MigrationFlags.TUNNELLED:
             out.tunnel = open_tunnel(ctx, out, prep)
@@ -265,6 +255,29 @@ def subject_of(out: Outgoing) -> Subject:
                    leases_released=out.leases_released,
                    undefine=bool(out.flags & MigrationFlags.UNDEFINE_SOURCE),
                    saved=job.saved_migration if job is not None else None)  # fmt: skip
+
+
+async def send_prepare(
+    ctx: SourceContext, out: Outgoing, session: Session, cookie: Cookie, xml: str
+) -> tuple[dict[str, Any], Cookie]:
+    """Prepare at the destination (p2p, live or offline): its answer and its cookie.
+
+    The domain's name there and the destination's host name go into
+    ``out`` and the job record (recovery asks that host by name).
+    """
+    job = out.job
+    assert job is not None
+    prep = await request(session, "prepare", {
+        "xml": xml, "cookie": cookie.encode(), "flags": int(out.flags),
+        "params": out.params.to_wire(),
+    }, timeout=ctx.config.migration.reply_timeout_s, peer=out.host)  # fmt: skip
+    out.dest_name = str(prep.get("name") or out.name)
+    job.record(dest_name=out.dest_name)
+    dest_cookie = Cookie.decode(prep["cookie"])
+    if dest_cookie.identity is not None and dest_cookie.identity.hostname:
+        out.peer_name = dest_cookie.identity.hostname
+        job.record(peer=out.peer_name)
+    return prep, dest_cookie
 
 
 def open_tunnel(ctx: SourceContext, out: Outgoing, prep: dict[str, Any]) -> SourceTunnel:
