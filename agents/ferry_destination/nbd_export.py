@@ -32,6 +32,7 @@ from ferry.storage_copy import (
     block_export_add_args,
     create_image_argv,
     nbd_server_start_args,
+    tls_creds_args,
 )
 from ferry.storage_policy import DomainPath, StoragePolicy
 from ferry_destination.context import DestinationContext
@@ -179,9 +180,8 @@ async def start_nbd(
     """
     creds = None
     if tls:
-        await proc.qmp.execute("object-add", {
-            "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": "server",
-            "dir": str(dst.host.qemu_tls_dir()), "verify-peer": True})  # fmt: skip
+        await proc.qmp.execute("object-add", tls_creds_args(TLS_OBJECT, "server",
+                                                            str(dst.host.qemu_tls_dir())))
         await proc.qmp.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_OBJECT,
                                               "identity": f"CN={client}"})  # fmt: skip
         creds = TLS_OBJECT

@@ -43,6 +43,7 @@ from ferry.storage_copy import (
     mirror_progress,
     nbd_client_args,
     select_disks,
+    tls_creds_args,
 )
 from ferry_source.context import Emit, SourceContext
 from ferry_source.outgoing import Outgoing
@@ -137,9 +138,8 @@ async def start_mirrors(
     async with ctx.jobs.nested(out.job):
         await clear_stale_mirrors(proc)
         if use_tls:
-            await proc.qmp.execute("object-add", {
-                "qom-type": "tls-creds-x509", "id": TLS_OBJECT, "endpoint": "client",
-                "dir": str(ctx.host.qemu_tls_dir()), "verify-peer": True})  # fmt: skip
+            await proc.qmp.execute("object-add", tls_creds_args(TLS_OBJECT, "client",
+                                                                str(ctx.host.qemu_tls_dir())))
         for c in copies:
             node_args = nbd_client_args(c, server, TLS_OBJECT if use_tls else None)
             if use_tls:

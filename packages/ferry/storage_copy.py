@@ -47,6 +47,7 @@ __all__ = [
     "nbd_client_args",
     "nbd_server_start_args",
     "select_disks",
+    "tls_creds_args",
 ]
 
 CopyMode = Literal["all", "inc"]
@@ -265,6 +266,13 @@ def nbd_server_start_args(listen: NbdAddress, tls_creds: str | None) -> dict[str
     if tls_creds is not None:
         args["tls-creds"] = tls_creds
     return args
+
+
+def tls_creds_args(object_id: str, endpoint: str, directory: str) -> dict[str, Any]:
+    """``object-add`` of qemu's x509 credentials (``endpoint`` "server" or "client")
+    from ``directory`` (:meth:`ferry.host.Host.qemu_tls_dir`), peers verified."""
+    return {"qom-type": "tls-creds-x509", "id": object_id, "endpoint": endpoint,
+            "dir": directory, "verify-peer": True}  # fmt: skip
 
 
 def block_export_add_args(copy: DiskCopy, node: str) -> dict[str, Any]:

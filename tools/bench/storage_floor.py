@@ -36,10 +36,10 @@ from typing import Any
 
 from migration import UNLIMITED_BANDWIDTH, MinimalDriver, log, wait_guest_on
 from storage_report import StorageRep
+from tunnel import qemu_tls_dir
 
 import testguest
 from cluster import Cluster, HostEnv
-from ferry.host import write_dh_params
 
 __all__ = ["FloorDriver", "GuestBroken", "check_disk_report", "wait_workload"]
 
@@ -78,22 +78,6 @@ def wait_workload(serial: testguest.SerialReader, busy: bool) -> testguest.Repor
         )
     check_disk_report(rep, "the source")
     return rep
-
-
-def qemu_tls_dir(cluster: Cluster, host: HostEnv) -> Path:
-    """``host``'s certificate and key under the names ``tls-creds-x509`` reads, as Ferry
-    lays them out (``ferry.host.Host.qemu_tls_dir``)."""
-    out = cluster.tmp / f"floor-tls-{host.label}"
-    out.mkdir(mode=0o700, exist_ok=True)
-    links = {"ca-cert.pem": host.pki_dir / "ca.pem"}
-    for role in ("server", "client"):
-        links[f"{role}-cert.pem"] = host.pki_dir / f"{host.label}.pem"
-        links[f"{role}-key.pem"] = host.pki_dir / f"{host.label}-key.pem"
-    for name, target in links.items():
-        if not (out / name).is_symlink():
-            (out / name).symlink_to(target.resolve())
-    write_dh_params(out)
-    return out
 
 
 class FloorDriver(MinimalDriver):
@@ -189,6 +173,7 @@ class FloorDriver(MinimalDriver):
             mirror_args,
             nbd_client_args,
             nbd_server_start_args,
+            tls_creds_args,
         )
 
         src, creds = self.src, TLS_OBJECT if tls else None
@@ -206,13 +191,7 @@ class FloorDriver(MinimalDriver):
         if tls:
             await dst.qmp.execute(
                 "object-add",
-                {
-                    "qom-type": "tls-creds-x509",
-                    "id": TLS_OBJECT,
-                    "endpoint": "server",
-                    "dir": str(qemu_tls_dir(self.cluster, dh)),
-                    "verify-peer": True,
-                },
+                tls_creds_args(TLS_OBJECT, "server", str(qemu_tls_dir(self.cluster, dh))),
             )
             await dst.qmp.execute(
                 "object-add",
@@ -230,13 +209,7 @@ class FloorDriver(MinimalDriver):
         if tls:
             await src.qmp.execute(
                 "object-add",
-                {
-                    "qom-type": "tls-creds-x509",
-                    "id": TLS_OBJECT,
-                    "endpoint": "client",
-                    "dir": str(qemu_tls_dir(self.cluster, sh)),
-                    "verify-peer": True,
-                },
+                tls_creds_args(TLS_OBJECT, "client", str(qemu_tls_dir(self.cluster, sh))),
             )
         node_args = nbd_client_args(self.copy, (dh.ns.address, NBD_PORT), creds)
         if tls:

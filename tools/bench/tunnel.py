@@ -117,6 +117,8 @@ def ferry_once(src: HostEnv, dst: HostEnv, name: str, extra: list[str]) -> dict[
 
 def qemu_tls_dir(cluster: Cluster, host: HostEnv) -> Path:
     """The layout qemu's tls-creds-x509 wants, from the host's Ferry files."""
+    from ferry.host import write_dh_params
+
     out = cluster.tmp / "qemu-tls" / host.label
     if not out.exists():
         out.mkdir(parents=True)
@@ -125,6 +127,9 @@ def qemu_tls_dir(cluster: Cluster, host: HostEnv) -> Path:
         for role in ("server", "client"):
             shutil.copy(pki / f"{host.label}.pem", out / f"{role}-cert.pem")
             shutil.copy(pki / f"{host.label}-key.pem", out / f"{role}-key.pem")
+        # As Ferry's own layout (ferry.host.Host.qemu_tls_dir): without it
+        # qemu 7.2 generates DH parameters at every server object.
+        write_dh_params(out)
     return out
 
 
@@ -144,10 +149,10 @@ class RawDriver(MinimalDriver):
     async def _tls_object(self, proc: Any, host: HostEnv, endpoint: str) -> str:
         self.objects += 1
         oid = f"tls{self.objects}"
-        await proc.qmp.execute("object-add", {
-            "qom-type": "tls-creds-x509", "id": oid, "endpoint": endpoint,
-            "dir": str(qemu_tls_dir(self.cluster, host)), "verify-peer": True,
-        })  # fmt: skip
+        from ferry.storage_copy import tls_creds_args
+
+        await proc.qmp.execute("object-add", tls_creds_args(oid, endpoint,
+                                                            str(qemu_tls_dir(self.cluster, host))))
         return oid
 
     def _socat(self, host: HostEnv, *addresses: str) -> subprocess.Popen[bytes]:
